@@ -1,0 +1,222 @@
+//! Map keys and values shared by the eBPF programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding and contains no
+//! `bool`, enum or `Option`, so the kernel, the BTF that describes it and
+//! the agent all agree on its layout. Addresses are kept in network byte
+//! order (as the kernel hands them to the programs); ports are in host byte
+//! order unless a field says otherwise.
+#![no_std]
+
+/// Version of the map layout below. The agent stores it in the `META` map
+/// and refuses to adopt pinned maps that carry another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Capacities. The agent reports fill levels against these and refuses an
+/// entry that does not fit instead of letting the kernel evict anything.
+pub const MAX_WORKLOADS: u32 = 4096;
+pub const MAX_PORT_RULES: u32 = 65536;
+pub const MAX_CIDR_RULES: u32 = 65536;
+pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
+
+/// Names of the maps, as pinned under the pin directory.
+pub mod map_names {
+    pub const META: &str = "RDR_META";
+    pub const WORKLOADS: &str = "RDR_WORKLOADS";
+    pub const PORTS: &str = "RDR_PORTS";
+    pub const CIDRS4: &str = "RDR_CIDRS4";
+    pub const ORIG_BY_TUPLE: &str = "RDR_ORIG_TUPLE";
+    pub const SOCK_ORIG: &str = "RDR_SOCK_ORIG";
+    pub const COUNTERS: &str = "RDR_COUNTERS";
+    /// Every map the agent pins, in a stable order.
+    pub const PINNED: [&str; 6] = [META, WORKLOADS, PORTS, CIDRS4, ORIG_BY_TUPLE, COUNTERS];
+}
+
+/// Names of the programs (ELF symbol names).
+pub mod prog_names {
+    pub const CONNECT4: &str = "rdr_connect4";
+    pub const GETPEERNAME4: &str = "rdr_getpeername4";
+    pub const SOCKOPS: &str = "rdr_sockops";
+    pub const GETSOCKOPT: &str = "rdr_getsockopt";
+}
+
+/// `WorkloadPolicy::flags` bits.
+pub mod flags {
+    /// The outbound inclusion list is non-empty: only destinations in it are
+    /// redirected (after the exclusions).
+    pub const OUT_INCLUSION_SET: u32 = 1 << 0;
+    /// Redirect outbound traffic at all (a workload can be listed but paused).
+    pub const OUT_ENABLED: u32 = 1 << 1;
+    /// Also bypass when the socket's GID is `proxy_gid` (Istio's `-g`).
+    pub const MATCH_PROXY_GID: u32 = 1 << 2;
+}
+
+/// Value of the `WORKLOADS` map, keyed by the workload's network namespace
+/// cookie (`u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadPolicy {
+    /// Generation id that keys this workload's entries in the list maps. A
+    /// policy change writes the lists under a fresh id, then switches this
+    /// value in one update, so a connection never sees half a list.
+    pub policy_id: u32,
+    pub flags: u32,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    /// Outbound listener port of the proxy (host order).
+    pub outbound_port: u16,
+    /// Inbound listener port of the proxy (host order).
+    pub inbound_port: u16,
+    /// Address outbound connections are sent to (network order), 127.0.0.1.
+    pub redirect_ip4: u32,
+}
+
+/// Kinds of port rules in the `PORTS` map.
+pub mod port_kind {
+    pub const OUTBOUND_EXCLUDE: u8 = 1;
+    pub const INBOUND_EXCLUDE: u8 = 2;
+}
+
+/// Key of the `PORTS` hash map (value: `u8`, always 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub policy_id: u32,
+    pub port: u16,
+    pub kind: u8,
+    pub _pad: u8,
+}
+
+/// Kinds of CIDR rules in the `CIDRS4`/`CIDRS6` tries.
+pub mod cidr_kind {
+    pub const OUTBOUND_EXCLUDE: u8 = 1;
+    pub const OUTBOUND_INCLUDE: u8 = 2;
+}
+
+/// Data part of the IPv4 LPM trie key. The trie matches
+/// `32 + 8 + prefix` leading bits: policy id and kind exactly, then the
+/// address prefix. The policy id is stored big-endian so the bit order in
+/// the trie is well defined.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Cidr4Data {
+    pub policy_id_be: [u8; 4],
+    pub kind: u8,
+    pub addr: [u8; 4],
+    pub _pad: [u8; 3],
+}
+
+/// Number of key bits before the address in the CIDR tries.
+pub const CIDR_KEY_PREFIX_BITS: u32 = 40;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `OrigDst::flags` bits.
+pub mod orig_flags {
+    /// Stored on the application's socket at connect time.
+    pub const APP_SIDE: u32 = 1;
+    /// Copied onto the proxy's accepted socket when the handshake completes.
+    pub const PROXY_SIDE: u32 = 2;
+}
+
+/// The destination an application dialed before it was redirected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Port, network byte order (as in `sockaddr_in`).
+    pub port_be: u16,
+    /// `orig_flags` bits: which end of the connection this socket is.
+    pub flags: u32,
+    /// Address, network order; IPv4 uses the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Key of the `ORIG_BY_TUPLE` map: one established redirected connection,
+/// as seen from the application's end. The proxy's accepted socket sees the
+/// same four values the other way round.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TupleKey {
+    pub netns_cookie: u64,
+    pub family: u16,
+    /// Application (client) port, host order.
+    pub client_port: u16,
+    /// Proxy listener port, host order.
+    pub proxy_port: u16,
+    pub _pad: u16,
+    pub client_addr: [u8; 16],
+    pub proxy_addr: [u8; 16],
+}
+
+/// Value of the `META` array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub layout_version: u32,
+    /// Last policy id handed out (the agent allocates ids above it).
+    pub last_policy_id: u32,
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    pub const REDIRECTED: u32 = 0;
+    pub const BYPASS_PROXY_UID: u32 = 1;
+    pub const BYPASS_LOCALHOST: u32 = 2;
+    pub const BYPASS_PORT: u32 = 3;
+    pub const BYPASS_CIDR: u32 = 4;
+    pub const BYPASS_NOT_INCLUDED: u32 = 5;
+    pub const ORIG_DST_SERVED: u32 = 6;
+    pub const ORIG_DST_MISS: u32 = 7;
+    pub const TUPLE_INSERT_FAILED: u32 = 8;
+    pub const SK_STORAGE_FAILED: u32 = 9;
+    pub const PEERNAME_REWRITTEN: u32 = 10;
+    pub const TUPLE_RELEASED: u32 = 11;
+    pub const COUNT: u32 = 16;
+    /// Names for `redirector inspect`, indexed like the constants above.
+    pub const NAMES: [&str; 12] = [
+        "redirected",
+        "bypass_proxy_uid",
+        "bypass_localhost",
+        "bypass_port",
+        "bypass_cidr",
+        "bypass_not_included",
+        "orig_dst_served",
+        "orig_dst_miss",
+        "tuple_insert_failed",
+        "sk_storage_failed",
+        "peername_rewritten",
+        "tuple_released",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no padding that is
+    // not an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for WorkloadPolicy {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for Cidr4Data {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for Meta {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<WorkloadPolicy>(), 24);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<Cidr4Data>(), 12);
+        assert_eq!(size_of::<OrigDst>(), 24);
+        assert_eq!(size_of::<TupleKey>(), 48);
+        assert_eq!(size_of::<Meta>(), 8);
+        assert!(counter::NAMES.len() as u32 <= counter::COUNT);
+    }
+}

@@ -1,0 +1,19 @@
+//! eBPF side of redirector: one module per hook, maps in `maps`.
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod getpeername4;
+mod getsockopt;
+mod maps;
+mod sockops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,72 @@
+//! The maps, as BTF map definitions so `bpftool map dump` prints typed keys
+//! and values. The agent pins them by name under its pin directory.
+use aya_ebpf::{
+    bindings::{bpf_sock, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    helpers::generated::bpf_sk_storage_get,
+    macros::btf_map,
+};
+use redirector_common::{
+    Cidr4Data, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy, counter, MAX_CIDR_RULES,
+    MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Layout version and id allocator state; written by the agent only.
+#[btf_map]
+pub static RDR_META: Array<Meta, 1> = Array::new();
+
+/// Per-workload policy, keyed by network namespace cookie.
+#[btf_map]
+pub static RDR_WORKLOADS: HashMap<u64, WorkloadPolicy, { MAX_WORKLOADS as usize }> = HashMap::new();
+
+/// Excluded ports per policy id and direction.
+#[btf_map]
+pub static RDR_PORTS: HashMap<PortKey, u8, { MAX_PORT_RULES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// IPv4 CIDR rules per policy id and kind (exclude/include).
+#[btf_map]
+pub static RDR_CIDRS4: LpmTrie<Cidr4Data, u8, { MAX_CIDR_RULES as usize }> = LpmTrie::new();
+
+/// Original destination of each established redirected connection, keyed
+/// by its 4-tuple and netns; removed when the application's socket closes.
+#[btf_map]
+pub static RDR_ORIG_TUPLE: HashMap<
+    TupleKey,
+    OrigDst,
+    { MAX_TRACKED_CONNECTIONS as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// Original destination attached to the socket itself; freed with it.
+#[btf_map]
+pub static RDR_SOCK_ORIG: SkStorage<OrigDst> = SkStorage::new();
+
+/// Per-CPU event counters (see `redirector_common::counter`).
+#[btf_map]
+pub static RDR_COUNTERS: PerCpuArray<u64, { counter::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(ptr) = RDR_COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *ptr += 1 };
+    }
+}
+
+/// `bpf_sk_storage_get` on the socket-storage map for any socket pointer
+/// (aya's wrapper only takes a sock_addr context).
+#[inline(always)]
+pub unsafe fn sock_orig(sk: *mut bpf_sock, init: Option<&mut OrigDst>) -> *mut OrigDst {
+    let map = core::ptr::addr_of!(RDR_SOCK_ORIG).cast_mut().cast();
+    let (value, flags) = match init {
+        Some(v) => (core::ptr::from_mut(v).cast(), 1u64 /* BPF_SK_STORAGE_GET_F_CREATE */),
+        None => (core::ptr::null_mut(), 0),
+    };
+    unsafe { bpf_sk_storage_get(map, sk.cast(), value, flags) }.cast()
+}
+
+pub const IPPROTO_TCP: u32 = 6;
+pub const LOCALHOST4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

@@ -1,0 +1,160 @@
+//! The standalone agent: load the data plane, program the workloads of the
+//! config file, and re-apply on SIGHUP or when the file changes.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use log::{error, info, warn};
+
+use crate::{
+    config::{load_config, Config},
+    dataplane::{ApplyReport, Dataplane, Desired},
+    netns::netns_cookie,
+    policy::compile,
+};
+
+pub struct RunOptions {
+    pub config: PathBuf,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub poll_interval: Duration,
+}
+
+/// What the agent remembers between passes: the netns cookie of each
+/// workload it has programmed, so a workload whose new input is bad keeps
+/// its last good policy.
+#[derive(Default)]
+pub struct AgentState {
+    cookies: BTreeMap<String, u64>,
+}
+
+/// One reconcile pass from a parsed config.
+pub fn reconcile(dp: &mut Dataplane, cfg: &Config, state: &mut AgentState) -> ApplyReport {
+    let mut keep = BTreeSet::new();
+    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
+    for (name, err) in &cfg.rejected {
+        if let Some(c) = state.cookies.get(name) {
+            keep.insert(*c);
+        }
+        failed.push((name.clone(), anyhow::anyhow!("{err:#}")));
+    }
+    let mut desired = Vec::new();
+    for w in &cfg.workloads {
+        let path = w.netns.path();
+        match netns_cookie(&path) {
+            Ok(cookie) => desired.push(Desired {
+                name: w.name.clone(),
+                cookie,
+                policy: compile(&cfg.mesh, &w.annotations),
+            }),
+            Err(e) => {
+                if let Some(c) = state.cookies.get(&w.name) {
+                    keep.insert(*c);
+                }
+                let key = match w.netns {
+                    crate::config::NetnsRef::Path(_) => "netns",
+                    crate::config::NetnsRef::Pid(_) => "pid",
+                };
+                failed.push((
+                    w.name.clone(),
+                    e.context(format!(
+                        "workload `{}`: key `{key}`: value {}: network namespace not usable",
+                        w.name,
+                        path.display()
+                    )),
+                ));
+            }
+        }
+    }
+    let mut report = dp.apply(&desired, &keep);
+    for d in &desired {
+        if report.programmed.contains(&d.name) || report.unchanged.contains(&d.name) {
+            state.cookies.insert(d.name.clone(), d.cookie);
+        }
+    }
+    let listed: BTreeSet<&String> = cfg
+        .workloads
+        .iter()
+        .map(|w| &w.name)
+        .chain(cfg.rejected.iter().map(|(n, _)| n))
+        .collect();
+    state.cookies.retain(|name, _| listed.contains(name));
+    failed.append(&mut report.errors);
+    report.errors = failed;
+    report
+}
+
+fn log_report(report: &ApplyReport) {
+    for (name, e) in &report.errors {
+        error!("{name}: {e:#}");
+    }
+    info!(
+        "applied: {} programmed {:?}, {} unchanged, {} removed, {} stale entries swept, {} errors",
+        report.programmed.len(),
+        report.programmed,
+        report.unchanged.len(),
+        report.removed,
+        report.swept,
+        report.errors.len()
+    );
+}
+
+/// Runs until SIGTERM/SIGINT. Programs stay attached after exit (their
+/// links are pinned); `redirector cleanup` removes them.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let cfg = load_config(&opts.config)?;
+    let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
+    let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
+    info!(
+        "attached to cgroup {}, maps and links pinned in {}",
+        opts.cgroup.display(),
+        opts.pin_dir.display()
+    );
+    let mut state = AgentState::default();
+    log_report(&reconcile(&mut dp, &cfg, &mut state));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut tick = tokio::time::interval(opts.poll_interval);
+    loop {
+        let forced = tokio::select! {
+            _ = hup.recv() => { info!("SIGHUP: re-reading {}", opts.config.display()); true }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => false,
+        };
+        let text = match std::fs::read_to_string(&opts.config) {
+            Ok(t) => t,
+            Err(e) => {
+                if forced {
+                    error!("reading {}: {e}; keeping the current configuration", opts.config.display());
+                }
+                continue;
+            }
+        };
+        if !forced && text == last_text {
+            continue;
+        }
+        if !forced {
+            info!("{} changed: re-applying", opts.config.display());
+        }
+        last_text = text;
+        match crate::config::parse_config(&last_text) {
+            Ok(cfg) => log_report(&reconcile(&mut dp, &cfg, &mut state)),
+            Err(e) => error!(
+                "config file {}: {e:#}; keeping the last good configuration",
+                opts.config.display()
+            ),
+        }
+    }
+    warn!(
+        "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
+        opts.pin_dir.display()
+    );
+    Ok(())
+}

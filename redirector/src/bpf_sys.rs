@@ -1,0 +1,76 @@
+//! The few bpf(2) commands we issue ourselves: creating cgroup links (aya
+//! 0.14 cannot turn every cgroup link into a pinnable `FdLink`), pinning
+//! them, and reading a link's attach information.
+use std::{
+    ffi::CString,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// Kernel attach types we use (enum bpf_attach_type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum AttachType {
+    SockOps = 3,
+    Inet4Connect = 10,
+    GetSockopt = 21,
+    Inet4Getpeername = 29,
+}
+
+const ATTR_SIZE: usize = 128;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> std::io::Result<libc::c_long> {
+    // SAFETY: attr is a zero-padded bpf_attr of ATTR_SIZE bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), ATTR_SIZE as u32) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn put_u32(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u32) {
+    attr[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
+}
+
+fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u64) {
+    attr[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// `BPF_LINK_CREATE` for a cgroup attach type.
+pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, ty: AttachType) -> Result<OwnedFd> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, ty as u32);
+    // cgroup links always coexist with other programs (multi-attach); flags must be 0.
+    let fd = bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("BPF_LINK_CREATE {ty:?}"))?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_PIN`: pins `fd` at `path` on a bpffs.
+pub fn obj_pin(fd: impl AsFd, path: &Path) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u64(&mut attr, 0, c.as_ptr() as u64);
+    put_u32(&mut attr, 8, fd.as_fd().as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("pinning at {}", path.display()))?;
+    Ok(())
+}
+
+/// `BPF_OBJ_GET`: opens a pinned object.
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u64(&mut attr, 0, c.as_ptr() as u64);
+    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
+    // SAFETY: new fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,440 @@
+//! Applying: the only code that loads programs and writes maps.
+//!
+//! Layout under the pin directory:
+//! `<pin>/RDR_*` — the maps (BTF-typed, `bpftool map dump pinned …`),
+//! `<pin>/links/<program>` — the cgroup links; while a link's pin exists
+//! the program stays attached, with or without a running agent.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    fs::File,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
+    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    Ebpf, EbpfLoader,
+};
+use redirector_common::{
+    counter, map_names, prog_names, Cidr4Data, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy,
+    LAYOUT_VERSION, MAX_CIDR_RULES, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+};
+
+use crate::{
+    bpf_sys::{self, AttachType},
+    policy::{map_entries, MapEntries, Policy},
+    sysfs,
+};
+
+/// The eBPF object built by build.rs (empty with AYA_BUILD_SKIP=1).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
+
+/// Programs in attach order: the data path's helpers first, connect4 (which
+/// starts redirecting) last, so a redirected connection always finds them.
+pub const PROGRAMS: [(&str, AttachType); 4] = [
+    (prog_names::SOCKOPS, AttachType::SockOps),
+    (prog_names::GETSOCKOPT, AttachType::GetSockopt),
+    (prog_names::GETPEERNAME4, AttachType::Inet4Getpeername),
+    (prog_names::CONNECT4, AttachType::Inet4Connect),
+];
+
+pub fn link_pin_path(pin_dir: &Path, prog: &str) -> PathBuf {
+    pin_dir.join("links").join(prog)
+}
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    meta: Array<MapData, Meta>,
+    workloads: HashMap<MapData, u64, WorkloadPolicy>,
+    ports: HashMap<MapData, PortKey, u8>,
+    cidrs4: LpmTrie<MapData, Cidr4Data, u8>,
+    tuples: HashMap<MapData, TupleKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening pinned map {} (is the agent running, with this --pin-dir?)", path.display())
+    })?;
+    Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+}
+
+impl Maps {
+    /// Opens the maps an agent pinned (for `inspect`, `wait-ready`, tests).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let m = |name| open_pinned(pin_dir, name);
+        let maps = Self {
+            meta: Array::try_from(m(map_names::META)?)?,
+            workloads: HashMap::try_from(m(map_names::WORKLOADS)?)?,
+            ports: HashMap::try_from(m(map_names::PORTS)?)?,
+            cidrs4: LpmTrie::try_from(m(map_names::CIDRS4)?)?,
+            tuples: HashMap::try_from(m(map_names::ORIG_BY_TUPLE)?)?,
+            counters: PerCpuArray::try_from(m(map_names::COUNTERS)?)?,
+        };
+        maps.check_layout()?;
+        Ok(maps)
+    }
+
+    fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut t = |name: &str| {
+            ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+        };
+        Ok(Self {
+            meta: Array::try_from(t(map_names::META)?)?,
+            workloads: HashMap::try_from(t(map_names::WORKLOADS)?)?,
+            ports: HashMap::try_from(t(map_names::PORTS)?)?,
+            cidrs4: LpmTrie::try_from(t(map_names::CIDRS4)?)?,
+            tuples: HashMap::try_from(t(map_names::ORIG_BY_TUPLE)?)?,
+            counters: PerCpuArray::try_from(t(map_names::COUNTERS)?)?,
+        })
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        Ok(self.meta.get(&0, 0)?)
+    }
+
+    fn check_layout(&self) -> Result<()> {
+        let meta = self.meta()?;
+        if meta.layout_version != LAYOUT_VERSION {
+            bail!(
+                "pinned maps have layout version {} but this agent uses version {}; \
+                 run `redirector cleanup` with the old agent's version (or remove the pin directory) first",
+                meta.layout_version,
+                LAYOUT_VERSION
+            );
+        }
+        Ok(())
+    }
+
+    pub fn workloads(&self) -> Result<BTreeMap<u64, WorkloadPolicy>> {
+        let mut out = BTreeMap::new();
+        for item in self.workloads.iter() {
+            let (k, v) = item?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    pub fn workload(&self, cookie: u64) -> Result<Option<WorkloadPolicy>> {
+        match self.workloads.get(&cookie, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn port_keys(&self) -> Result<Vec<PortKey>> {
+        Ok(self.ports.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn cidr4_keys(&self) -> Result<Vec<(u32, Cidr4Data)>> {
+        let mut out = Vec::new();
+        for k in self.cidrs4.keys() {
+            let k = k?;
+            out.push((k.prefix_len(), k.data()));
+        }
+        Ok(out)
+    }
+
+    pub fn tracked_connections(&self) -> Result<Vec<(TupleKey, OrigDst)>> {
+        Ok(self.tuples.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Sum over CPUs of each counter, by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let v = self.counters.get(&(i as u32), 0)?;
+                Ok((*name, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    fn alloc_policy_id(&mut self) -> Result<u32> {
+        let mut meta = self.meta()?;
+        meta.last_policy_id = meta.last_policy_id.wrapping_add(1).max(1);
+        self.meta.set(0, meta, 0).context("writing RDR_META")?;
+        Ok(meta.last_policy_id)
+    }
+
+    fn insert_entries(&mut self, e: &MapEntries) -> Result<()> {
+        for (n, key) in e.ports.iter().enumerate() {
+            self.ports.insert(key, 1, 0).map_err(|err| {
+                full_or(err, map_names::PORTS, MAX_PORT_RULES, e.ports.len() - n)
+            })?;
+        }
+        for (n, (bits, data)) in e.cidrs4.iter().enumerate() {
+            self.cidrs4.insert(&Key::new(*bits, *data), 1, 0).map_err(|err| {
+                full_or(err, map_names::CIDRS4, MAX_CIDR_RULES, e.cidrs4.len() - n)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Deletes list entries whose policy id no workload refers to (entries
+    /// of replaced policies, of removed workloads, or of an agent that died
+    /// mid-update).
+    fn sweep(&mut self) -> Result<usize> {
+        let live: BTreeSet<u32> = self.workloads()?.values().map(|w| w.policy_id).collect();
+        let mut removed = 0;
+        for key in self.port_keys()? {
+            if !live.contains(&key.policy_id) {
+                self.ports.remove(&key).or_else(ignore_missing)?;
+                removed += 1;
+            }
+        }
+        for (bits, data) in self.cidr4_keys()? {
+            if !live.contains(&u32::from_be_bytes(data.policy_id_be)) {
+                self.cidrs4.remove(&Key::new(bits, data)).or_else(ignore_missing)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Programs one workload's policy make-before-break: its lists go in
+    /// under a fresh policy id, then its `WORKLOADS` entry switches to that
+    /// id in one update. On any failure the new entries are removed and the
+    /// old policy stays in force.
+    pub fn program_workload(&mut self, cookie: u64, policy: &Policy) -> Result<u32> {
+        let id = self.alloc_policy_id()?;
+        let entries = map_entries(policy, id);
+        let result = self.insert_entries(&entries).and_then(|()| {
+            self.workloads
+                .insert(cookie, entries.workload, 0)
+                .map_err(|e| full_or(e, map_names::WORKLOADS, MAX_WORKLOADS, 1))
+        });
+        if let Err(e) = result {
+            // Roll back whatever went in under the new id.
+            for key in &entries.ports {
+                let _ = self.ports.remove(key);
+            }
+            for (bits, data) in &entries.cidrs4 {
+                let _ = self.cidrs4.remove(&Key::new(*bits, *data));
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {
+        self.workloads.remove(&cookie).or_else(ignore_missing)?;
+        Ok(())
+    }
+}
+
+fn ignore_missing(e: MapError) -> Result<(), MapError> {
+    match e {
+        MapError::KeyNotFound => Ok(()),
+        MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        e => Err(e),
+    }
+}
+
+fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyhow::Error {
+    let full = matches!(
+        &err,
+        MapError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM))
+    );
+    if full {
+        anyhow!(
+            "map {map} is full (capacity {capacity}); {still_needed} more entries did not fit, nothing was evicted"
+        )
+    } else {
+        anyhow::Error::new(err).context(format!("writing map {map}"))
+    }
+}
+
+/// What one apply pass did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub programmed: Vec<String>,
+    pub unchanged: Vec<String>,
+    pub removed: usize,
+    pub swept: usize,
+    pub errors: Vec<(String, anyhow::Error)>,
+}
+
+/// One workload the agent wants programmed.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    pub name: String,
+    pub cookie: u64,
+    pub policy: Policy,
+}
+
+/// The agent's data plane: the loaded object, the maps, and what it last
+/// programmed (so unchanged workloads are left alone).
+pub struct Dataplane {
+    pub pin_dir: PathBuf,
+    pub maps: Maps,
+    programmed: StdHashMap<u64, Policy>,
+    _ebpf: Ebpf,
+}
+
+impl Dataplane {
+    /// Loads the object, adopting maps already pinned in `pin_dir` (same
+    /// layout version only), attaches every program to `cgroup` through
+    /// pinned links, and replaces links left by a previous agent only after
+    /// the new ones are attached (never a moment with nothing attached).
+    pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP=1); rebuild with `cargo xtask build`");
+        }
+        sysfs::prepare_pin_dir(pin_dir)?;
+        if pin_dir.join(map_names::META).exists() {
+            // Refuse before anything is changed if the pinned layout differs
+            // (0 means a previous agent died before it stamped the maps).
+            let meta: Array<MapData, Meta> = Array::try_from(open_pinned(pin_dir, map_names::META)?)?;
+            let version = meta.get(&0, 0)?.layout_version;
+            if version != 0 && version != LAYOUT_VERSION {
+                bail!(
+                    "pinned maps in {} have layout version {version} but this agent uses version {LAYOUT_VERSION}; \
+                     run `redirector cleanup` with the agent that created them (or remove the pin directory) first",
+                    pin_dir.display()
+                );
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> =
+            map_names::PINNED.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let cgroup_file = File::open(cgroup)
+            .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
+        for (name, ty) in PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+            let fd = match ty {
+                AttachType::SockOps => {
+                    let p: &mut SockOps = prog.try_into()?;
+                    p.load().with_context(|| format!("loading program {name}"))?;
+                    p.fd()?.as_fd().try_clone_to_owned()?
+                }
+                AttachType::GetSockopt => {
+                    let p: &mut CgroupSockopt = prog.try_into()?;
+                    p.load().with_context(|| format!("loading program {name}"))?;
+                    p.fd()?.as_fd().try_clone_to_owned()?
+                }
+                AttachType::Inet4Connect | AttachType::Inet4Getpeername => {
+                    let p: &mut CgroupSockAddr = prog.try_into()?;
+                    p.load().with_context(|| format!("loading program {name}"))?;
+                    p.fd()?.as_fd().try_clone_to_owned()?
+                }
+            };
+            let link = bpf_sys::link_create(fd.as_fd(), cgroup_file.as_fd(), ty)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            let final_path = link_pin_path(pin_dir, name);
+            // bpffs rejects names with dots.
+            let tmp_path = pin_dir.join("links").join(format!("{name}-next"));
+            let _ = std::fs::remove_file(&tmp_path);
+            bpf_sys::obj_pin(&link, &tmp_path)?;
+            // Atomically replaces the previous agent's link pin; the old
+            // link detaches once nothing refers to it.
+            std::fs::rename(&tmp_path, &final_path)
+                .with_context(|| format!("renaming {} to {}", tmp_path.display(), final_path.display()))?;
+        }
+        let mut maps = Maps::take(&mut ebpf)?;
+        let meta = maps.meta()?;
+        if meta.layout_version == 0 {
+            maps.meta.set(0, Meta { layout_version: LAYOUT_VERSION, last_policy_id: meta.last_policy_id }, 0)?;
+        }
+        maps.check_layout()?;
+        Ok(Self { pin_dir: pin_dir.to_owned(), maps, programmed: StdHashMap::new(), _ebpf: ebpf })
+    }
+
+    /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,
+    /// whose last good policy stays while their new input is bad).
+    pub fn apply(&mut self, desired: &[Desired], keep: &BTreeSet<u64>) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let wanted: BTreeSet<u64> = desired.iter().map(|d| d.cookie).collect();
+        let current = match self.maps.workloads() {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(("maps".into(), e));
+                return report;
+            }
+        };
+        for d in desired {
+            if self.programmed.get(&d.cookie) == Some(&d.policy) && current.contains_key(&d.cookie) {
+                report.unchanged.push(d.name.clone());
+                continue;
+            }
+            match self.maps.program_workload(d.cookie, &d.policy) {
+                Ok(_) => {
+                    self.programmed.insert(d.cookie, d.policy.clone());
+                    report.programmed.push(d.name.clone());
+                }
+                Err(e) => report.errors.push((
+                    d.name.clone(),
+                    e.context(format!("workload `{}`: policy not applied, previous policy kept", d.name)),
+                )),
+            }
+        }
+        for cookie in current.keys() {
+            if !wanted.contains(cookie) && !keep.contains(cookie) {
+                match self.maps.remove_workload(*cookie) {
+                    Ok(()) => {
+                        self.programmed.remove(cookie);
+                        report.removed += 1;
+                    }
+                    Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
+                }
+            }
+        }
+        match self.maps.sweep() {
+            Ok(n) => report.swept = n,
+            Err(e) => report.errors.push(("sweep".into(), e)),
+        }
+        report
+    }
+}
+
+/// Detaches and unpins everything under `pin_dir`. Returns what it removed.
+pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    let links = pin_dir.join("links");
+    if links.exists() {
+        for e in std::fs::read_dir(&links)? {
+            let p = e?.path();
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
+    }
+    for e in std::fs::read_dir(pin_dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            bail!("unexpected directory {} in the pin directory; not removing it", p.display());
+        }
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        removed.push(p);
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(removed)
+}
+
+/// Whether every program's link is pinned (i.e. attached).
+pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
+    PROGRAMS
+        .iter()
+        .map(|(name, _)| (*name, bpf_sys::obj_get(&link_pin_path(pin_dir, name)).is_ok()))
+        .collect()
+}
+
+pub const CAPACITIES: [(&str, u32); 4] = [
+    (map_names::WORKLOADS, MAX_WORKLOADS),
+    (map_names::PORTS, MAX_PORT_RULES),
+    (map_names::CIDRS4, MAX_CIDR_RULES),
+    (map_names::ORIG_BY_TUPLE, MAX_TRACKED_CONNECTIONS),
+];

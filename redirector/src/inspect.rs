@@ -1,0 +1,178 @@
+//! `redirector inspect`: the programmed state read back from the pinned
+//! maps, with names put on netns cookies where /run/netns has them.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::Result;
+use redirector_common::{cidr_kind, flags, port_kind, CIDR_KEY_PREFIX_BITS};
+use serde::Serialize;
+
+use crate::{
+    dataplane::{links_pinned, Maps, CAPACITIES},
+    netns,
+};
+
+#[derive(Serialize)]
+pub struct Snapshot {
+    pub pin_dir: String,
+    pub layout_version: u32,
+    pub programs: BTreeMap<String, bool>,
+    pub workloads: Vec<WorkloadView>,
+    pub maps: Vec<MapFill>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+pub struct WorkloadView {
+    pub netns_cookie: u64,
+    pub netns: Option<String>,
+    pub policy_id: u32,
+    pub proxy_uid: u32,
+    pub proxy_gid: Option<u32>,
+    pub outbound_redirect: String,
+    pub inbound_port: u16,
+    pub outbound_enabled: bool,
+    pub outbound_port_exclusions: Vec<u16>,
+    pub inbound_port_exclusions: Vec<u16>,
+    pub outbound_ip_range_exclusions: Vec<String>,
+    pub outbound_ip_range_inclusions: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
+    let maps = Maps::open(pin_dir)?;
+    let meta = maps.meta()?;
+    let ports = maps.port_keys()?;
+    let cidrs = maps.cidr4_keys()?;
+    let mut names = BTreeMap::new();
+    for p in netns::named_namespaces() {
+        if let Ok(c) = netns::netns_cookie(&p) {
+            names.insert(c, p.display().to_string());
+        }
+    }
+    let workloads_map = maps.workloads()?;
+    let workloads = workloads_map
+        .iter()
+        .map(|(cookie, w)| {
+            let port_list = |kind| {
+                let mut v: Vec<u16> = ports
+                    .iter()
+                    .filter(|k| k.policy_id == w.policy_id && k.kind == kind)
+                    .map(|k| k.port)
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let out_ports = port_list(port_kind::OUTBOUND_EXCLUDE);
+            let in_ports = port_list(port_kind::INBOUND_EXCLUDE);
+            let cidr_list = |kind| {
+                let mut v: Vec<(Ipv4Addr, u32)> = cidrs
+                    .iter()
+                    .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id && d.kind == kind)
+                    .map(|(bits, d)| (Ipv4Addr::from(d.addr), bits - CIDR_KEY_PREFIX_BITS))
+                    .collect();
+                v.sort();
+                v.into_iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>()
+            };
+            WorkloadView {
+                netns_cookie: *cookie,
+                netns: names.get(cookie).cloned(),
+                policy_id: w.policy_id,
+                proxy_uid: w.proxy_uid,
+                proxy_gid: (w.flags & flags::MATCH_PROXY_GID != 0).then_some(w.proxy_gid),
+                outbound_redirect: SocketAddrV4::new(
+                    Ipv4Addr::from(w.redirect_ip4.to_ne_bytes()),
+                    w.outbound_port,
+                )
+                .to_string(),
+                inbound_port: w.inbound_port,
+                outbound_enabled: w.flags & flags::OUT_ENABLED != 0,
+                outbound_port_exclusions: out_ports,
+                inbound_port_exclusions: in_ports,
+                outbound_ip_range_exclusions: cidr_list(cidr_kind::OUTBOUND_EXCLUDE),
+                outbound_ip_range_inclusions: cidr_list(cidr_kind::OUTBOUND_INCLUDE),
+            }
+        })
+        .collect();
+    let tracked = maps.tracked_connections()?.len();
+    let fills = CAPACITIES
+        .iter()
+        .map(|(name, capacity)| MapFill {
+            name: name.to_string(),
+            entries: match *name {
+                n if n == redirector_common::map_names::WORKLOADS => workloads_map.len(),
+                n if n == redirector_common::map_names::PORTS => ports.len(),
+                n if n == redirector_common::map_names::CIDRS4 => cidrs.len(),
+                _ => tracked,
+            },
+            capacity: *capacity,
+        })
+        .collect();
+    Ok(Snapshot {
+        pin_dir: pin_dir.display().to_string(),
+        layout_version: meta.layout_version,
+        programs: links_pinned(pin_dir).into_iter().map(|(n, a)| (n.to_string(), a)).collect(),
+        workloads,
+        maps: fills,
+        counters: maps.counters()?.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+    })
+}
+
+fn list<T: ToString>(v: &[T]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.iter().map(T::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
+pub fn render_text(s: &Snapshot) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "pin directory: {} (map layout v{})", s.pin_dir, s.layout_version);
+    let _ = writeln!(o, "programs:");
+    for (name, attached) in &s.programs {
+        let _ = writeln!(o, "  {name:<18} {}", if *attached { "attached (link pinned)" } else { "NOT attached" });
+    }
+    let _ = writeln!(o, "workloads: {}", s.workloads.len());
+    for w in &s.workloads {
+        let _ = writeln!(
+            o,
+            "  netns cookie {} ({}): policy #{}{}",
+            w.netns_cookie,
+            w.netns.as_deref().unwrap_or("unnamed"),
+            w.policy_id,
+            if w.outbound_enabled { "" } else { " [outbound disabled]" }
+        );
+        let _ = writeln!(
+            o,
+            "    proxy uid {}{}, outbound -> {}, inbound port {}",
+            w.proxy_uid,
+            w.proxy_gid.map(|g| format!(" gid {g}")).unwrap_or_default(),
+            w.outbound_redirect,
+            w.inbound_port
+        );
+        let _ = writeln!(o, "    outbound port exclusions:     {}", list(&w.outbound_port_exclusions));
+        let _ = writeln!(o, "    outbound IP range exclusions: {}", list(&w.outbound_ip_range_exclusions));
+        let _ = writeln!(o, "    outbound IP range inclusions: {}", list(&w.outbound_ip_range_inclusions));
+        let _ = writeln!(o, "    inbound port exclusions:      {}", list(&w.inbound_port_exclusions));
+    }
+    let _ = writeln!(o, "maps:");
+    for m in &s.maps {
+        let _ = writeln!(o, "  {:<16} {:>7} / {:<7} entries", m.name, m.entries, m.capacity);
+    }
+    let _ = writeln!(o, "counters:");
+    for (name, v) in &s.counters {
+        let _ = writeln!(o, "  {name:<20} {v}");
+    }
+    o
+}

@@ -1,0 +1,17 @@
+//! redirector: eBPF transparent redirection for service-mesh sidecars.
+//!
+//! - [`config`]: parsing (config file, annotations) into typed values;
+//! - [`policy`]: pure desired state and a reference evaluator;
+//! - [`iptables`]: the osm-init rule set, as the oracle;
+//! - [`dataplane`]: the only code that loads programs and writes maps;
+//! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back.
+pub mod agent;
+pub mod bpf_sys;
+pub mod config;
+pub mod dataplane;
+pub mod inspect;
+pub mod iptables;
+pub mod netns;
+pub mod policy;
+pub mod sysfs;
+pub mod testkit;

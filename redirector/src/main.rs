@@ -1,0 +1,199 @@
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use redirector::{agent, config, dataplane, inspect, netns, sysfs};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "redirector", version, about = "eBPF transparent redirection for service-mesh sidecars (replaces osm-init/istio-init iptables rules)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the programs, program the config's workloads, and keep
+    /// them in sync (SIGHUP or a change of the file re-applies it).
+    Run {
+        /// YAML config file (see README: Config reference).
+        #[arg(long)]
+        config: PathBuf,
+        /// cgroup-v2 directory to attach to (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// How often the config file is checked for changes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        poll_interval: Duration,
+    },
+    /// Validate a config file without touching the kernel.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Exit 0 once the workload in this network namespace is programmed
+    /// (the init-container gate); non-zero on timeout.
+    WaitReady {
+        /// Network namespace path (/run/netns/NAME or /proc/PID/ns/net);
+        /// default: this process's own.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Show the programmed state: programs, workloads, lists, map fill, counters.
+    Inspect {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach every program and remove every pin this agent owns.
+    Cleanup {
+        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Accepted for symmetry with `run`; links are found through their pins.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// A self-contained live demonstration in throwaway namespaces.
+    Demo,
+}
+
+/// `30s`, `500ms`, `2m`, or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((t, "s"), |i| (&t[..i], &t[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Run { config, cgroup, pin_dir, poll_interval } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => sysfs::cgroup2_root()?,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(agent::run(agent::RunOptions { config, cgroup, pin_dir, poll_interval }))
+        }
+        Cmd::Check { config } => {
+            let cfg = config::load_config(&config)?;
+            for w in &cfg.workloads {
+                let p = redirector::policy::compile(&cfg.mesh, &w.annotations);
+                println!(
+                    "workload `{}` ({}): {} outbound port exclusions, {} outbound IP range exclusions, {} inclusions, {} inbound port exclusions",
+                    w.name,
+                    w.netns,
+                    p.outbound_port_exclusion.len(),
+                    p.outbound_ip_range_exclusion.len(),
+                    p.outbound_ip_range_inclusion.len(),
+                    p.inbound_port_exclusion.len()
+                );
+            }
+            if !cfg.rejected.is_empty() {
+                for (_, e) in &cfg.rejected {
+                    eprintln!("error: {e:#}");
+                }
+                bail!("{} workload(s) rejected", cfg.rejected.len());
+            }
+            println!("config {} is valid", config.display());
+            Ok(())
+        }
+        Cmd::WaitReady { netns: ns, pin_dir, timeout } => wait_ready(ns, &pin_dir, timeout),
+        Cmd::Inspect { json, pin_dir } => {
+            let s = inspect::snapshot(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", inspect::render_text(&s));
+            }
+            Ok(())
+        }
+        Cmd::Cleanup { pin_dir, cgroup: _ } => {
+            let removed = dataplane::cleanup(&pin_dir)?;
+            println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+            Ok(())
+        }
+        Cmd::Demo => demo::run(),
+    }
+}
+
+fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration) -> Result<()> {
+    let (cookie, shown) = match &ns {
+        Some(p) => (netns::netns_cookie(p)?, p.display().to_string()),
+        None => (netns::current_netns_cookie()?, "this process's network namespace".to_string()),
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let last_err;
+        match dataplane::Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
+            Ok(Some(w)) => {
+                let missing: Vec<&str> = dataplane::links_pinned(pin_dir)
+                    .into_iter()
+                    .filter(|(_, ok)| !ok)
+                    .map(|(n, _)| n)
+                    .collect();
+                if missing.is_empty() {
+                    println!("ready: {shown} (netns cookie {cookie}) is programmed with policy #{}", w.policy_id);
+                    return Ok(());
+                }
+                last_err = format!("programs not attached: {}", missing.join(", "));
+            }
+            Ok(None) => last_err = "the agent has no policy for this namespace yet".into(),
+            Err(e) => last_err = format!("{e:#}"),
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "{shown} (netns cookie {cookie}) not programmed after {timeout:?}: {last_err}; \
+                 is the agent running with --pin-dir {} and is this workload in its config?",
+                pin_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,456 @@
+//! Throwaway network namespaces, a test cgroup, tiny servers, a demo proxy
+//! and a probing client: shared by the kernel tests and `redirector demo`.
+//!
+//! Everything here talks only to loopback or to documentation addresses
+//! inside namespaces it created, and removes what it created on drop.
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::netns::enter_netns;
+
+/// Runs a command, failing with its stderr.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call (interface names ≤ 15).
+pub fn unique(prefix: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique(prefix);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    pub fn exec(&self, argv: &[&str]) -> Result<String> {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(argv);
+        sh("ip", &args)
+    }
+
+    pub fn shell(&self, script: &str) -> Result<String> {
+        self.exec(&["sh", "-c", script])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Addresses of the standard topology (documentation ranges only).
+pub mod addrs {
+    pub const POD_IP: &str = "198.18.0.1";
+    pub const PEER_IP: &str = "198.18.0.2";
+    /// Remote "services", on the peer's loopback.
+    pub const REMOTES: [&str; 4] = ["192.0.2.10", "198.51.100.10", "203.0.113.10", "203.0.113.200"];
+    /// TCP ports the remote servers listen on.
+    pub const REMOTE_PORTS: [u16; 5] = [80, 7070, 6379, 8080, 15000];
+    /// UDP echo port on the remotes.
+    pub const UDP_PORT: u16 = 5353;
+    /// A server inside the workload itself (loopback and pod IP).
+    pub const LOCAL_PORT: u16 = 8080;
+}
+
+/// A workload namespace joined to a "rest of the world" namespace by a
+/// veth pair, with servers on the far side.
+pub struct Topology {
+    pub app: Netns,
+    pub peer: Netns,
+    _servers: Vec<Server>,
+}
+
+impl Topology {
+    pub fn new(tag: &str) -> Result<Self> {
+        let app = Netns::new(&format!("rdr{tag}a"))?;
+        let peer = Netns::new(&format!("rdr{tag}p"))?;
+        let va = unique("rva");
+        let vb = unique("rvb");
+        sh("ip", &["link", "add", &va, "netns", &app.name, "type", "veth", "peer", "name", &vb, "netns", &peer.name])?;
+        app.exec(&["ip", "addr", "add", &format!("{}/24", addrs::POD_IP), "dev", &va])?;
+        app.exec(&["ip", "link", "set", &va, "up"])?;
+        app.exec(&["ip", "route", "add", "default", "via", addrs::PEER_IP])?;
+        peer.exec(&["ip", "addr", "add", &format!("{}/24", addrs::PEER_IP), "dev", &vb])?;
+        peer.exec(&["ip", "link", "set", &vb, "up"])?;
+        for ip in addrs::REMOTES {
+            peer.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"])?;
+        }
+        let mut servers = Vec::new();
+        for port in addrs::REMOTE_PORTS {
+            servers.push(Server::tcp(&peer.path(), SocketAddr::from(([0, 0, 0, 0], port)))?);
+        }
+        servers.push(Server::udp(&peer.path(), SocketAddr::from(([0, 0, 0, 0], addrs::UDP_PORT)))?);
+        servers.push(Server::tcp(&app.path(), SocketAddr::from(([0, 0, 0, 0], addrs::LOCAL_PORT)))?);
+        Ok(Self { app, peer, _servers: servers })
+    }
+}
+
+/// A cgroup-v2 directory for the test; the current process joins it and
+/// goes back to where it was on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    original: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> Result<Self> {
+        let root = crate::sysfs::cgroup2_root()?;
+        let rel = std::fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .ok_or_else(|| anyhow!("this process is in no cgroup-v2 group"))?;
+        let original = root.join(rel.trim_start_matches('/'));
+        let path = root.join(unique("redirector-test-"));
+        std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        let cg = Self { path, original };
+        std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cg.path.display()))?;
+        Ok(cg)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let back = std::fs::write(self.original.join("cgroup.procs"), std::process::id().to_string());
+        if back.is_err() {
+            // The original group may not accept processes; fall back to the root.
+            if let Ok(root) = crate::sysfs::cgroup2_root() {
+                let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `f` on a thread inside `netns` with the given uid/gid (thread-local
+/// credentials, raw setresuid/setresgid so other threads keep theirs).
+pub fn in_netns_as<T: Send + 'static>(
+    netns: &Path,
+    uid: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    std::thread::spawn(move || -> Result<T> {
+        enter_netns(&file)?;
+        if uid != 0 {
+            // SAFETY: raw syscalls change only this thread's credentials.
+            unsafe {
+                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error()).context("setresuid");
+                }
+            }
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("probe thread panicked"))?
+}
+
+/// A server thread that answers every connection or datagram with one line.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(
+        netns: &Path,
+        bind: impl FnOnce() -> Result<Box<dyn FnMut() -> bool + Send>> + Send + 'static,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let file = File::open(netns)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut poll = match enter_netns(&file).and_then(|()| bind()) {
+                Ok(p) => {
+                    let _ = tx.send(Ok(()));
+                    p
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            while !s2.load(Ordering::Relaxed) {
+                if !poll() {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        rx.recv().map_err(|_| anyhow!("server thread died"))??;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+
+    /// Answers `direct <local address>`.
+    pub fn tcp(netns: &Path, addr: SocketAddr) -> Result<Self> {
+        Self::start(netns, move || {
+            let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(Box::new(move || match l.accept() {
+                Ok((mut s, _)) => {
+                    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    let _ = s.write_all(format!("direct {local}\n").as_bytes());
+                    true
+                }
+                Err(_) => false,
+            }))
+        })
+    }
+
+    pub fn udp(netns: &Path, addr: SocketAddr) -> Result<Self> {
+        Self::start(netns, move || {
+            let u = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+            u.set_nonblocking(true)?;
+            Ok(Box::new(move || {
+                let mut buf = [0u8; 64];
+                match u.recv_from(&mut buf) {
+                    Ok((_, from)) => {
+                        // Reply from the address the datagram was sent to.
+                        let local = u.local_addr().map(|a| a.port()).unwrap_or(0);
+                        let dst = std::str::from_utf8(&buf).unwrap_or("").trim_end_matches('\0').trim();
+                        let _ = u.send_to(format!("direct udp {dst} port {local}\n").as_bytes(), from);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }))
+        })
+    }
+
+    /// The demo proxy: answers `proxy <original destination>` read with
+    /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`, as Envoy does.
+    pub fn proxy(netns: &Path, addr: SocketAddr) -> Result<Self> {
+        Self::start(netns, move || {
+            let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(Box::new(move || match l.accept() {
+                Ok((mut s, _)) => {
+                    let line = match original_dst(&s) {
+                        Ok(a) => format!("proxy {a}\n"),
+                        Err(e) => format!("proxy no-original-dst ({e})\n"),
+                    };
+                    let _ = s.write_all(line.as_bytes());
+                    true
+                }
+                Err(_) => false,
+            }))
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` on an accepted socket.
+pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddrV4> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: getsockopt into a properly sized sockaddr_in.
+    unsafe {
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SocketAddrV4::new(
+            u32::from_be(sa.sin_addr.s_addr).into(),
+            u16::from_be(sa.sin_port),
+        ))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Connects from inside `netns` as `uid` and reports who answered and
+/// what `getpeername()` said: `"<reply> | peer <addr>"`.
+pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddrV4) -> Result<String> {
+    in_netns_as(netns, uid, move || -> String {
+        let r = match proto {
+            Proto::Tcp => (|| -> std::io::Result<String> {
+                let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let peer = s.peer_addr()?;
+                let mut reply = String::new();
+                s.read_to_string(&mut reply)?;
+                Ok(format!("{} | peer {peer}", reply.trim()))
+            })(),
+            Proto::Udp => (|| -> std::io::Result<String> {
+                let u = UdpSocket::bind("0.0.0.0:0")?;
+                u.set_read_timeout(Some(Duration::from_secs(2)))?;
+                u.connect(dst)?;
+                u.send(dst.ip().to_string().as_bytes())?;
+                let mut buf = [0u8; 128];
+                let n = u.recv(&mut buf)?;
+                Ok(format!("{} | peer {}", String::from_utf8_lossy(&buf[..n]).trim(), u.peer_addr()?))
+            })(),
+        };
+        r.unwrap_or_else(|e| format!("error: {e}"))
+    })
+}
+
+/// A running `redirector run` process; stopped (SIGTERM) on drop. The
+/// caller cleans the pin directory up separately.
+pub struct AgentProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn start(bin: &Path, config: &Path, cgroup: &Path, pin_dir: &Path, log: &Path) -> Result<Self> {
+        let out = File::create(log)?;
+        let child = Command::new(bin)
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(["--poll-interval", "100ms"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self { child, log: log.to_owned() })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `redirector wait-ready` would succeed for `netns`.
+    pub fn wait_ready(&mut self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
+        let out = Command::new(bin)
+            .args(["wait-ready", "--timeout", "20s", "--netns"])
+            .arg(netns)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "wait-ready failed: {}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_text()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A pin directory for a test on /sys/fs/bpf (mounted if needed), cleaned
+/// (links detached, pins removed) on drop.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Result<Self> {
+        ensure_bpffs()?;
+        let path = PathBuf::from("/sys/fs/bpf").join(unique("redirector-test-"));
+        Ok(Self { path })
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = crate::dataplane::cleanup(&self.path);
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not there yet.
+pub fn ensure_bpffs() -> Result<()> {
+    let p = Path::new("/sys/fs/bpf");
+    if crate::sysfs::is_bpffs(p) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(p)?;
+    sh("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
+    Ok(())
+}
