@@ -344,13 +344,13 @@ fn parse_list<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Re
         .into_iter()
         .map(|s| {
             if s.is_empty() {
-                Err(anyhow!("value {value:?} has an empty item"))
+                Err(anyhow!("empty item between commas"))
             } else {
                 item(s)
             }
         })
         .collect::<Result<Vec<_>>>()
-        .with_context(|| format!("annotation `{key}`"))
+        .with_context(|| format!("annotation `{key}`: value {value:?}"))
 }
 
 /// Parses the OSM annotations of one workload. Keys outside the four list

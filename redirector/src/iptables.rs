@@ -349,3 +349,114 @@ mod tests {
         assert!(matches!(evaluate(&p, &conn("192.0.2.9:80")), Verdict::Redirect(_)));
     }
 }
+
+/// Property tests: for random policies and connections, the osm-init rule
+/// set (run through the nat interpreter), the policy evaluator and the map
+/// encoding all agree.
+#[cfg(test)]
+mod properties {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        config::{osm_annotations, parse_annotations, MeshConfig, WorkloadAnnotations},
+        policy::{compile, evaluate, evaluate_entries, map_entries, Verdict},
+    };
+
+    const BASES: [[u8; 4]; 5] = [[192, 0, 2, 0], [198, 51, 100, 0], [203, 0, 113, 0], [198, 18, 0, 0], [127, 0, 0, 0]];
+    const PORTS: [u16; 8] = [22, 80, 443, 6379, 7070, 15000, 15001, 65535];
+
+    fn addr() -> impl Strategy<Value = Ipv4Addr> {
+        (0..BASES.len(), any::<u8>()).prop_map(|(b, low)| {
+            let o = BASES[b];
+            Ipv4Addr::new(o[0], o[1], o[2], low)
+        })
+    }
+
+    fn net() -> impl Strategy<Value = Ipv4Net> {
+        (addr(), 0u8..=32).prop_map(|(a, len)| Ipv4Net::new(a, len).unwrap().trunc())
+    }
+
+    fn ports() -> impl Strategy<Value = Vec<u16>> {
+        prop::collection::vec(prop::sample::select(PORTS.to_vec()), 0..4)
+    }
+
+    fn lists() -> impl Strategy<Value = WorkloadAnnotations> {
+        (ports(), prop::collection::vec(net(), 0..3), prop::collection::vec(net(), 0..3), ports()).prop_map(
+            |(op, ex, inc, ip)| WorkloadAnnotations {
+                outbound_port_exclusion: op,
+                outbound_ip_range_exclusion: ex,
+                outbound_ip_range_inclusion: inc,
+                inbound_port_exclusion: ip,
+            },
+        )
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        (lists(), lists(), prop::sample::select(vec![1500u32, 1337]), prop::option::of(Just(1337u32)))
+            .prop_map(|(mesh, pod, uid, gid)| {
+                let mesh = MeshConfig {
+                    proxy_uid: uid,
+                    proxy_gid: gid,
+                    outbound_ip_range_exclusion: mesh.outbound_ip_range_exclusion,
+                    outbound_ip_range_inclusion: mesh.outbound_ip_range_inclusion,
+                    outbound_port_exclusion: mesh.outbound_port_exclusion,
+                    inbound_port_exclusion: mesh.inbound_port_exclusion,
+                    ..MeshConfig::default()
+                };
+                compile(&mesh, &pod)
+            })
+    }
+
+    fn conn() -> impl Strategy<Value = OutboundConn> {
+        (
+            prop::bool::weighted(0.9),
+            prop::sample::select(vec![0u32, 1000, 1337, 1500]),
+            prop::sample::select(vec![0u32, 1000, 1337]),
+            prop_oneof![addr(), Just(Ipv4Addr::LOCALHOST)],
+            prop::sample::select(PORTS.to_vec()),
+        )
+            .prop_map(|(tcp, uid, gid, ip, port)| OutboundConn {
+                protocol: if tcp { Protocol::Tcp } else { Protocol::Udp },
+                uid,
+                gid,
+                dst: SocketAddrV4::new(ip, port),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn osm_init_rules_policy_and_maps_agree(p in policy(), c in conn(), id in 1u32..u32::MAX) {
+            let table = NatTable::from_commands(&osm_init_commands(&p)).unwrap();
+            let oracle = table.output(&c);
+            let verdict = evaluate(&p, &c);
+            match (oracle, verdict) {
+                (NatOutcome::Redirect(a), Verdict::Redirect(b)) => prop_assert_eq!(a, b),
+                (NatOutcome::Unchanged, Verdict::Pass(_)) => {}
+                (o, v) => prop_assert!(false, "iptables {:?} but policy {:?}", o, v),
+            }
+            prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
+        }
+
+        #[test]
+        fn annotation_parser_never_panics(s in ".{0,40}") {
+            let mut a = BTreeMap::new();
+            for k in osm_annotations::ALL {
+                a.insert(k.to_string(), s.clone());
+            }
+            let _ = parse_annotations(&a);
+        }
+
+        #[test]
+        fn port_lists_round_trip(ps in prop::collection::vec(1u16..=65535, 0..20)) {
+            let mut a = BTreeMap::new();
+            let text = ps.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+            a.insert(osm_annotations::OUTBOUND_PORT_EXCLUSION.to_string(), text);
+            prop_assert_eq!(parse_annotations(&a).unwrap().outbound_port_exclusion, ps);
+        }
+    }
+}

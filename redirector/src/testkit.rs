@@ -342,13 +342,14 @@ pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddrV4) -> Result<
                 Ok(format!("{} | peer {peer}", reply.trim()))
             })(),
             Proto::Udp => (|| -> std::io::Result<String> {
+                // Unconnected: the server's reply comes from its routed
+                // source address, not necessarily the one we sent to.
                 let u = UdpSocket::bind("0.0.0.0:0")?;
                 u.set_read_timeout(Some(Duration::from_secs(2)))?;
-                u.connect(dst)?;
-                u.send(dst.ip().to_string().as_bytes())?;
+                u.send_to(dst.ip().to_string().as_bytes(), dst)?;
                 let mut buf = [0u8; 128];
-                let n = u.recv(&mut buf)?;
-                Ok(format!("{} | peer {}", String::from_utf8_lossy(&buf[..n]).trim(), u.peer_addr()?))
+                let (n, from) = u.recv_from(&mut buf)?;
+                Ok(format!("{} | from {from}", String::from_utf8_lossy(&buf[..n]).trim()))
             })(),
         };
         r.unwrap_or_else(|e| format!("error: {e}"))

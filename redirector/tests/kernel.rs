@@ -1,0 +1,359 @@
+//! Kernel integration tests: real sockets, real programs, real iptables.
+//! Run as root with `--test-threads=1` (they move the test process into a
+//! test cgroup). Each test uses its own namespaces, cgroup and pin dir and
+//! removes them on the way out, also when it fails.
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use redirector::{
+    config::parse_config,
+    dataplane::Maps,
+    iptables::osm_init_script,
+    policy::compile,
+    testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_redirector");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+fn require_root() {
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(unsafe { libc::getuid() }, 0, "kernel tests need root (run `cargo xtask test`)");
+    testkit::ensure_bpffs().expect("bpffs");
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(testkit::unique(&format!("redirector-{tag}-")));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A workload managed by a running agent.
+struct Managed {
+    topo: Topology,
+    agent: AgentProcess,
+    pins: PinDir,
+    config: PathBuf,
+    _proxy: Server,
+    _cgroup: TestCgroup,
+    dir: PathBuf,
+}
+
+impl Managed {
+    fn start(tag: &str, config_template: &str) -> Managed {
+        let topo = Topology::new(tag).unwrap();
+        let cgroup = TestCgroup::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+        let dir = tmpdir(tag);
+        let config = dir.join("config.yaml");
+        std::fs::write(&config, render(config_template, &topo.app.path())).unwrap();
+        let mut agent =
+            AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
+        agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
+        Managed { topo, agent, pins, config, _proxy: proxy, _cgroup: cgroup, dir }
+    }
+
+    fn write_config(&self, template: &str) {
+        std::fs::write(&self.config, render(template, &self.topo.app.path())).unwrap();
+    }
+
+    fn probe(&self, uid: u32, dst: &str) -> String {
+        testkit::probe(&self.topo.app.path(), uid, Proto::Tcp, dst.parse().unwrap()).unwrap()
+    }
+
+    /// Probes until `pred` holds (the agent polls its file every 100 ms).
+    fn probe_until(&self, uid: u32, dst: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.probe(uid, dst);
+            if pred(&got) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.agent.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn render(template: &str, netns: &Path) -> String {
+    template.replace("{netns}", &netns.display().to_string())
+}
+
+/// A namespace programmed with the osm-init command line for the same
+/// config (the seed's behaviour), with the same servers and proxy.
+struct IptablesWorkload {
+    topo: Topology,
+    _proxy: Server,
+}
+
+impl IptablesWorkload {
+    fn start(tag: &str, config_template: &str) -> Self {
+        let topo = Topology::new(tag).unwrap();
+        let cfg = parse_config(&render(config_template, &topo.app.path())).unwrap();
+        assert!(cfg.rejected.is_empty(), "{:?}", cfg.rejected);
+        let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
+        topo.app.shell(&osm_init_script(&policy)).expect("osm-init rules");
+        let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+        Self { topo, _proxy: proxy }
+    }
+}
+
+struct Case {
+    name: &'static str,
+    /// Run from the workload (true) or from the unmanaged peer namespace.
+    from_workload: bool,
+    uid: u32,
+    proto: Proto,
+    dst: &'static str,
+    /// Expected start of the answer: "proxy <dst>" or "direct …".
+    expect: &'static str,
+}
+
+fn case(name: &'static str, uid: u32, dst: &'static str, expect: &'static str) -> Case {
+    Case { name, from_workload: true, uid, proto: Proto::Tcp, dst, expect }
+}
+
+fn differential(config: &str, cases: &[Case]) {
+    require_root();
+    let ipt = IptablesWorkload::start("i", config);
+    let bpf = Managed::start("b", config);
+    let mut failures = Vec::new();
+    for c in cases {
+        let dst: SocketAddrV4 = c.dst.parse().unwrap();
+        let run = |topo: &Topology| {
+            let ns = if c.from_workload { topo.app.path() } else { topo.peer.path() };
+            testkit::probe(&ns, c.uid, c.proto, dst).unwrap()
+        };
+        let want = run(&ipt.topo);
+        let got = run(&bpf.topo);
+        let line = format!("{:<34} iptables: {want:<52} redirector: {got}", c.name);
+        println!("{line}");
+        if want != got || !got.starts_with(c.expect) {
+            failures.push(format!("{line}   (expected to start with {:?})", c.expect));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "redirector differs from the osm-init rules:\n{}\nagent log:\n{}",
+        failures.join("\n"),
+        bpf.agent.log_text()
+    );
+    // Every redirected connection has closed: no original-destination
+    // entry may be left behind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = Maps::open(&bpf.pins.path).unwrap().tracked_connections().unwrap().len();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} original-destination entries outlived their sockets");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const EXCLUSIONS: &str = r#"
+mesh:
+  proxyUID: 1500
+  outboundPort: 15001
+  inboundPort: 15003
+  outboundIPRangeExclusionList: ["198.51.100.0/24"]
+  outboundPortExclusionList: [6379]
+  inboundPortExclusionList: [9090]
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      openservicemesh.io/outbound-port-exclusion-list: "7070"
+      openservicemesh.io/outbound-ip-range-exclusion-list: "203.0.113.0/25"
+      openservicemesh.io/outbound-ip-range-inclusion-list: ""
+      openservicemesh.io/inbound-port-exclusion-list: ""
+"#;
+
+#[test]
+fn differential_exclusions_match_osm_init() {
+    differential(
+        EXCLUSIONS,
+        &[
+            case("default (uid 1000)", 1000, "192.0.2.10:80", "proxy 192.0.2.10:80"),
+            case("other uid (root)", 0, "192.0.2.10:8080", "proxy 192.0.2.10:8080"),
+            case("proxy uid 1500", 1500, "192.0.2.10:80", "direct 192.0.2.10:80"),
+            case("mesh excluded CIDR", 1000, "198.51.100.10:80", "direct 198.51.100.10:80"),
+            case("annotation excluded CIDR", 1000, "203.0.113.10:80", "direct 203.0.113.10:80"),
+            case("outside annotation CIDR", 1000, "203.0.113.200:80", "proxy 203.0.113.200:80"),
+            case("mesh excluded port", 1000, "192.0.2.10:6379", "direct 192.0.2.10:6379"),
+            case("annotation excluded port", 1000, "198.51.100.10:7070", "direct"),
+            case("annotation excluded port (2)", 1000, "203.0.113.200:7070", "direct 203.0.113.200:7070"),
+            case("admin port 15000 still redirected", 1000, "192.0.2.10:15000", "proxy 192.0.2.10:15000"),
+            case("127.0.0.1", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+            case("127.0.0.2 (only /32 exempt)", 1000, "127.0.0.2:8080", "proxy 127.0.0.2:8080"),
+            case("own pod IP", 1000, "198.18.0.1:8080", "proxy 198.18.0.1:8080"),
+            Case {
+                name: "UDP untouched",
+                from_workload: true,
+                uid: 1000,
+                proto: Proto::Udp,
+                dst: "192.0.2.10:5353",
+                expect: "direct udp",
+            },
+            Case {
+                name: "unlisted netns",
+                from_workload: false,
+                uid: 1000,
+                proto: Proto::Tcp,
+                dst: "192.0.2.10:80",
+                expect: "direct 192.0.2.10:80",
+            },
+        ],
+    );
+}
+
+#[test]
+fn differential_inclusion_list_matches_osm_init() {
+    differential(
+        r#"
+mesh:
+  outboundIPRangeInclusionList: ["192.0.2.0/24", "203.0.113.128/25"]
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      openservicemesh.io/outbound-ip-range-exclusion-list: "203.0.113.200"
+"#,
+        &[
+            case("included", 1000, "192.0.2.10:80", "proxy 192.0.2.10:80"),
+            case("not included", 1000, "198.51.100.10:80", "direct 198.51.100.10:80"),
+            case("not included (2)", 1000, "203.0.113.10:80", "direct 203.0.113.10:80"),
+            case("included but excluded: exclusion wins", 1000, "203.0.113.200:80", "direct 203.0.113.200:80"),
+            case("proxy uid", 1500, "192.0.2.10:80", "direct 192.0.2.10:80"),
+        ],
+    );
+}
+
+#[test]
+fn live_annotation_change_and_bad_input_keep_last_good_state() {
+    require_root();
+    let m = Managed::start("l", EXCLUSIONS);
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+
+    // Exclude port 80 by annotation: the next connection follows, no restart.
+    m.write_config(&EXCLUSIONS.replace("\"7070\"", "\"7070,80\""));
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct 192.0.2.10:80"), "{got}\n{}", m.agent.log_text());
+
+    // A bad annotation value: named in the log, the last good policy stays.
+    m.write_config(&EXCLUSIONS.replace("\"7070\"", "\"7070,http\""));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.agent.log_text().contains("\"7070,http\"") {
+        assert!(Instant::now() < deadline, "bad value not reported:\n{}", m.agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = m.agent.log_text();
+    assert!(log.contains("workload `app`") && log.contains("outbound-port-exclusion-list"), "{log}");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct"), "last good policy lost");
+    assert!(m.probe(1000, "192.0.2.10:8080").starts_with("proxy"), "last good policy lost");
+
+    // Broken YAML: rejected as a whole, state untouched.
+    m.write_config("mesh: [not, a, map");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.agent.log_text().contains("keeping the last good configuration") {
+        assert!(Instant::now() < deadline, "bad YAML not reported:\n{}", m.agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(m.probe(1000, "192.0.2.10:8080").starts_with("proxy"));
+
+    // Fixed again: back to the original policy.
+    m.write_config(EXCLUSIONS);
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}");
+
+    // Workload removed from the config: no longer redirected.
+    m.write_config("mesh: {}\nworkloads: []\n");
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "{got}");
+    let maps = Maps::open(&m.pins.path).unwrap();
+    assert!(maps.workloads().unwrap().is_empty());
+    assert!(maps.port_keys().unwrap().is_empty(), "stale port entries left");
+    assert!(maps.cidr4_keys().unwrap().is_empty(), "stale CIDR entries left");
+}
+
+#[test]
+fn restart_keeps_redirecting_and_cleanup_removes_everything() {
+    require_root();
+    let mut m = Managed::start("r", EXCLUSIONS);
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy"));
+
+    // SIGKILL: pinned links keep the programs attached and the maps alive.
+    m.agent.child.kill().unwrap();
+    m.agent.child.wait().unwrap();
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    assert!(m.probe(1000, "192.0.2.10:6379").starts_with("direct"));
+
+    // A new agent adopts the pinned maps and replaces the links.
+    let mut agent2 = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &m.dir.join("agent2.log"))
+        .unwrap();
+    agent2.wait_ready(bin(), &m.pins.path, &m.topo.app.path()).unwrap();
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    agent2.stop();
+
+    // `inspect` reads the state back.
+    let out = std::process::Command::new(bin())
+        .args(["inspect", "--json", "--pin-dir"])
+        .arg(&m.pins.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["workloads"].as_array().unwrap().len(), 1);
+    assert_eq!(v["workloads"][0]["outbound_port_exclusions"], serde_json::json!([6379, 7070]));
+    assert!(v["counters"]["redirected"].as_u64().unwrap() >= 3);
+
+    // Cleanup: nothing redirected, nothing left pinned.
+    let out = std::process::Command::new(bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(&m.pins.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!m.pins.path.exists(), "pin directory left behind");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct 192.0.2.10:80"));
+}
+
+#[test]
+fn wait_ready_fails_closed_with_a_clear_message() {
+    require_root();
+    let m = Managed::start("w", EXCLUSIONS);
+    // The peer namespace is not a workload: the gate must not open.
+    let out = std::process::Command::new(bin())
+        .args(["wait-ready", "--timeout", "1s", "--netns"])
+        .arg(m.topo.peer.path())
+        .arg("--pin-dir")
+        .arg(&m.pins.path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not programmed after"), "{err}");
+    // No agent state at all (wrong pin dir): also a clear failure.
+    let out = std::process::Command::new(bin())
+        .args(["wait-ready", "--timeout", "300ms", "--pin-dir", "/sys/fs/bpf/redirector-nonexistent"])
+        .arg("--netns")
+        .arg(m.topo.app.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the agent running"), "{err}");
+}
