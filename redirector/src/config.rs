@@ -516,3 +516,14 @@ workloads:
         assert!(parse_cidr("192.0.2").is_err());
     }
 }
+
+#[cfg(test)]
+mod example_file {
+    #[test]
+    fn deploy_example_parses() {
+        let text = include_str!("../../deploy/config.example.yaml");
+        let c = super::parse_config(text).unwrap();
+        assert!(c.rejected.is_empty(), "{:?}", c.rejected);
+        assert_eq!(c.workloads.len(), 1);
+    }
+}
