@@ -150,6 +150,26 @@ pub struct TupleKey {
     pub proxy_addr: [u8; 16],
 }
 
+impl TupleKey {
+    /// An IPv4 connection; addresses as the kernel hands them (network
+    /// order in a `u32`), ports in host order.
+    #[inline(always)]
+    pub fn v4(netns_cookie: u64, client: u32, client_port: u16, proxy: u32, proxy_port: u16) -> Self {
+        let mut key = TupleKey {
+            netns_cookie,
+            family: AF_INET,
+            client_port,
+            proxy_port,
+            ..TupleKey::default()
+        };
+        let c = client.to_ne_bytes();
+        let p = proxy.to_ne_bytes();
+        key.client_addr = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        key.proxy_addr = [p[0], p[1], p[2], p[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        key
+    }
+}
+
 /// Value of the `META` array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

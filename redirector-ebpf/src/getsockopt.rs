@@ -37,15 +37,13 @@ fn lookup(ctx: &SockoptContext) -> Option<OrigDst> {
     if s.family != u32::from(AF_INET) {
         return None;
     }
-    let mut key = TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        family: AF_INET,
-        client_port: u16::from_be(s.dst_port),
-        proxy_port: s.src_port as u16,
-        ..TupleKey::default()
-    };
-    key.client_addr[..4].copy_from_slice(&s.dst_ip4.to_ne_bytes());
-    key.proxy_addr[..4].copy_from_slice(&s.src_ip4.to_ne_bytes());
+    let key = TupleKey::v4(
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        s.dst_ip4,
+        u16::from_be(s.dst_port),
+        s.src_ip4,
+        s.src_port as u16,
+    );
     unsafe { RDR_ORIG_TUPLE.get(&key) }.copied()
 }
 

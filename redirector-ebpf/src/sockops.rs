@@ -44,18 +44,13 @@ fn remote_port(ctx: &SockOpsContext) -> u16 {
 /// Key as seen from the application's socket (local = application).
 #[inline(always)]
 fn app_side_key(ctx: &SockOpsContext) -> TupleKey {
-    let mut key = TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        family: AF_INET,
-        client_port: ctx.local_port() as u16,
-        proxy_port: remote_port(ctx),
-        ..TupleKey::default()
-    };
-    let c = ctx.local_ip4().to_ne_bytes();
-    let p = ctx.remote_ip4().to_ne_bytes();
-    key.client_addr[..4].copy_from_slice(&c);
-    key.proxy_addr[..4].copy_from_slice(&p);
-    key
+    TupleKey::v4(
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        ctx.remote_ip4(),
+        remote_port(ctx),
+    )
 }
 
 #[inline(always)]
@@ -83,17 +78,14 @@ fn active_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn passive_established(ctx: &SockOpsContext) {
-    let mut key = TupleKey {
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        family: AF_INET,
-        client_port: remote_port(ctx),
-        proxy_port: ctx.local_port() as u16,
-        ..TupleKey::default()
-    };
-    let c = ctx.remote_ip4().to_ne_bytes();
-    let p = ctx.local_ip4().to_ne_bytes();
-    key.client_addr[..4].copy_from_slice(&c);
-    key.proxy_addr[..4].copy_from_slice(&p);
+    // On the proxy's accepted socket local = proxy, remote = application.
+    let key = TupleKey::v4(
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        ctx.remote_ip4(),
+        remote_port(ctx),
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+    );
     let mut orig = match unsafe { RDR_ORIG_TUPLE.get(&key) } {
         Some(o) => *o,
         None => return,

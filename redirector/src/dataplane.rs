@@ -65,30 +65,23 @@ fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
 impl Maps {
     /// Opens the maps an agent pinned (for `inspect`, `wait-ready`, tests).
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let m = |name| open_pinned(pin_dir, name);
-        let maps = Self {
-            meta: Array::try_from(m(map_names::META)?)?,
-            workloads: HashMap::try_from(m(map_names::WORKLOADS)?)?,
-            ports: HashMap::try_from(m(map_names::PORTS)?)?,
-            cidrs4: LpmTrie::try_from(m(map_names::CIDRS4)?)?,
-            tuples: HashMap::try_from(m(map_names::ORIG_BY_TUPLE)?)?,
-            counters: PerCpuArray::try_from(m(map_names::COUNTERS)?)?,
-        };
+        let maps = Self::from_source(|name| open_pinned(pin_dir, name))?;
         maps.check_layout()?;
         Ok(maps)
     }
 
     fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        let mut t = |name: &str| {
-            ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object has no map {name}"))
-        };
+        Self::from_source(|name| ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object has no map {name}")))
+    }
+
+    fn from_source(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
         Ok(Self {
-            meta: Array::try_from(t(map_names::META)?)?,
-            workloads: HashMap::try_from(t(map_names::WORKLOADS)?)?,
-            ports: HashMap::try_from(t(map_names::PORTS)?)?,
-            cidrs4: LpmTrie::try_from(t(map_names::CIDRS4)?)?,
-            tuples: HashMap::try_from(t(map_names::ORIG_BY_TUPLE)?)?,
-            counters: PerCpuArray::try_from(t(map_names::COUNTERS)?)?,
+            meta: Array::try_from(get(map_names::META)?)?,
+            workloads: HashMap::try_from(get(map_names::WORKLOADS)?)?,
+            ports: HashMap::try_from(get(map_names::PORTS)?)?,
+            cidrs4: LpmTrie::try_from(get(map_names::CIDRS4)?)?,
+            tuples: HashMap::try_from(get(map_names::ORIG_BY_TUPLE)?)?,
+            counters: PerCpuArray::try_from(get(map_names::COUNTERS)?)?,
         })
     }
 
