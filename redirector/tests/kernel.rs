@@ -248,6 +248,18 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
     let m = Managed::start("l", EXCLUSIONS);
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
 
+    // A workload whose namespace does not exist is rejected by name; the
+    // others are unaffected.
+    m.write_config(&format!("{EXCLUSIONS}  - name: ghost\n    netns: /run/netns/redirector-no-such-ns\n"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.agent.log_text().contains("workload `ghost`") {
+        assert!(Instant::now() < deadline, "missing netns not reported:\n{}", m.agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = m.agent.log_text();
+    assert!(log.contains("key `netns`: value /run/netns/redirector-no-such-ns"), "{log}");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+
     // Exclude port 80 by annotation: the next connection follows, no restart.
     m.write_config(&EXCLUSIONS.replace("\"7070\"", "\"7070,80\""));
     let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
@@ -356,4 +368,34 @@ fn wait_ready_fails_closed_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is the agent running"), "{err}");
+}
+
+#[test]
+fn workload_given_by_pid_is_redirected() {
+    require_root();
+    let topo = Topology::new("p").unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let _proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+    // A process living in the workload namespace (like a pod's pause container).
+    let mut holder = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.app.name, "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let dir = tmpdir("p");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, format!("workloads:\n  - name: by-pid\n    pid: {}\n", holder.id())).unwrap();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut agent =
+            AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
+        agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
+        let got = testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
+        assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}\n{}", agent.log_text());
+    }));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }
