@@ -365,6 +365,18 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub fn start(bin: &Path, config: &Path, cgroup: &Path, pin_dir: &Path, log: &Path) -> Result<Self> {
+        Self::start_polling(bin, config, cgroup, pin_dir, log, "100ms")
+    }
+
+    /// Like [`AgentProcess::start`] with the config file checked every `poll`.
+    pub fn start_polling(
+        bin: &Path,
+        config: &Path,
+        cgroup: &Path,
+        pin_dir: &Path,
+        log: &Path,
+        poll: &str,
+    ) -> Result<Self> {
         let out = File::create(log)?;
         let child = Command::new(bin)
             .args(["run", "--config"])
@@ -373,7 +385,7 @@ impl AgentProcess {
             .arg(cgroup)
             .arg("--pin-dir")
             .arg(pin_dir)
-            .args(["--poll-interval", "100ms"])
+            .args(["--poll-interval", poll])
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))

@@ -399,3 +399,34 @@ fn workload_given_by_pid_is_redirected() {
         std::panic::resume_unwind(e);
     }
 }
+
+#[test]
+fn sighup_reapplies_the_config() {
+    require_root();
+    let topo = Topology::new("h").unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let _proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+    let dir = tmpdir("h");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
+    // File polling effectively off: only SIGHUP can make the agent re-read.
+    let mut agent = AgentProcess::start_polling(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log"), "60m")
+        .unwrap();
+    agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
+    let probe = || testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
+    assert!(probe().starts_with("proxy"));
+    std::fs::write(&config, render(&EXCLUSIONS.replace("\"7070\"", "\"80\""), &topo.app.path())).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = probe();
+    while !got.starts_with("direct") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        got = probe();
+    }
+    assert!(got.starts_with("direct 192.0.2.10:80"), "{got}\n{}", agent.log_text());
+    assert!(agent.log_text().contains("SIGHUP"));
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
