@@ -70,14 +70,25 @@ impl Managed {
 
     /// Probes until `pred` holds (the agent polls its file every 100 ms).
     fn probe_until(&self, uid: u32, dst: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let got = self.probe(uid, dst);
-            if pred(&got) || Instant::now() > deadline {
-                return got;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        poll_until(|| self.probe(uid, dst), |g| pred(g))
+    }
+
+    /// Waits until the agent's log mentions `needle`; fails with the log.
+    fn wait_for_log(&self, needle: &str, what: &str) {
+        let log = poll_until(|| self.agent.log_text(), |l| l.contains(needle));
+        assert!(log.contains(needle), "{what} not reported:\n{log}");
+    }
+}
+
+/// Calls `f` every 50 ms until `done` holds or 10 s pass; returns the last value.
+fn poll_until<T>(f: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = f();
+        if done(&v) || Instant::now() > deadline {
+            return v;
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -153,16 +164,11 @@ fn differential(config: &str, cases: &[Case]) {
     );
     // Every redirected connection has closed: no original-destination
     // entry may be left behind.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let left = Maps::open(&bpf.pins.path).unwrap().tracked_connections().unwrap().len();
-        if left == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{left} original-destination entries outlived their sockets");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+    let left = poll_until(
+        || Maps::open(&bpf.pins.path).unwrap().tracked_connections().unwrap().len(),
+        |n| *n == 0,
+    );
+    assert_eq!(left, 0, "original-destination entries outlived their sockets");
 
 const EXCLUSIONS: &str = r#"
 mesh:
@@ -251,11 +257,7 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
     // A workload whose namespace does not exist is rejected by name; the
     // others are unaffected.
     m.write_config(&format!("{EXCLUSIONS}  - name: ghost\n    netns: /run/netns/redirector-no-such-ns\n"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !m.agent.log_text().contains("workload `ghost`") {
-        assert!(Instant::now() < deadline, "missing netns not reported:\n{}", m.agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    m.wait_for_log("workload `ghost`", "missing netns");
     let log = m.agent.log_text();
     assert!(log.contains("key `netns`: value /run/netns/redirector-no-such-ns"), "{log}");
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
@@ -267,11 +269,7 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
 
     // A bad annotation value: named in the log, the last good policy stays.
     m.write_config(&EXCLUSIONS.replace("\"7070\"", "\"7070,http\""));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !m.agent.log_text().contains("\"7070,http\"") {
-        assert!(Instant::now() < deadline, "bad value not reported:\n{}", m.agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    m.wait_for_log("\"7070,http\"", "bad value");
     let log = m.agent.log_text();
     assert!(log.contains("workload `app`") && log.contains("outbound-port-exclusion-list"), "{log}");
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct"), "last good policy lost");
@@ -279,11 +277,7 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
 
     // Broken YAML: rejected as a whole, state untouched.
     m.write_config("mesh: [not, a, map");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !m.agent.log_text().contains("keeping the last good configuration") {
-        assert!(Instant::now() < deadline, "bad YAML not reported:\n{}", m.agent.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    m.wait_for_log("keeping the last good configuration", "bad YAML");
     assert!(m.probe(1000, "192.0.2.10:8080").starts_with("proxy"));
 
     // Fixed again: back to the original policy.
@@ -419,12 +413,7 @@ fn sighup_reapplies_the_config() {
     std::fs::write(&config, render(&EXCLUSIONS.replace("\"7070\"", "\"80\""), &topo.app.path())).unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut got = probe();
-    while !got.starts_with("direct") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        got = probe();
-    }
+    let got = poll_until(probe, |g| g.starts_with("direct"));
     assert!(got.starts_with("direct 192.0.2.10:80"), "{got}\n{}", agent.log_text());
     assert!(agent.log_text().contains("SIGHUP"));
     agent.stop();
