@@ -169,6 +169,7 @@ fn differential(config: &str, cases: &[Case]) {
         |n| *n == 0,
     );
     assert_eq!(left, 0, "original-destination entries outlived their sockets");
+}
 
 const EXCLUSIONS: &str = r#"
 mesh:
