@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. The agent stores it in the `META` map
 /// and refuses to adopt pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -17,24 +17,31 @@ pub const MAX_WORKLOADS: u32 = 4096;
 pub const MAX_PORT_RULES: u32 = 65536;
 pub const MAX_CIDR_RULES: u32 = 65536;
 pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
+/// Proxy inbound listeners: one per workload and address family.
+pub const MAX_LISTENERS: u32 = 2 * MAX_WORKLOADS;
 
 /// Names of the maps, as pinned under the pin directory.
 pub mod map_names {
     pub const META: &str = "RDR_META";
     pub const WORKLOADS: &str = "RDR_WORKLOADS";
     pub const PORTS: &str = "RDR_PORTS";
-    pub const CIDRS4: &str = "RDR_CIDRS4";
+    pub const CIDRS: &str = "RDR_CIDRS";
     pub const ORIG_BY_TUPLE: &str = "RDR_ORIG_TUPLE";
     pub const SOCK_ORIG: &str = "RDR_SOCK_ORIG";
     pub const COUNTERS: &str = "RDR_COUNTERS";
+    pub const LISTENERS: &str = "RDR_LISTENERS";
     /// Every map the agent pins, in a stable order.
-    pub const PINNED: [&str; 6] = [META, WORKLOADS, PORTS, CIDRS4, ORIG_BY_TUPLE, COUNTERS];
+    pub const PINNED: [&str; 7] = [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, COUNTERS, LISTENERS];
 }
 
 /// Names of the programs (ELF symbol names).
 pub mod prog_names {
     pub const CONNECT4: &str = "rdr_connect4";
+    pub const CONNECT6: &str = "rdr_connect6";
     pub const GETPEERNAME4: &str = "rdr_getpeername4";
+    pub const GETPEERNAME6: &str = "rdr_getpeername6";
+    /// Attached to each workload's network namespace (not to the cgroup).
+    pub const SK_LOOKUP: &str = "rdr_sk_lookup";
     pub const SOCKOPS: &str = "rdr_sockops";
     pub const GETSOCKOPT: &str = "rdr_getsockopt";
 }
@@ -48,6 +55,21 @@ pub mod flags {
     pub const OUT_ENABLED: u32 = 1 << 1;
     /// Also bypass when the socket's GID is `proxy_gid` (Istio's `-g`).
     pub const MATCH_PROXY_GID: u32 = 1 << 2;
+    /// Deliver inbound TCP to the proxy's inbound listener.
+    pub const IN_ENABLED: u32 = 1 << 3;
+    /// Only the inbound ports listed as `INBOUND_INCLUDE` are redirected
+    /// (Istio's `-b` with a list instead of `*`).
+    pub const IN_PORT_INCLUSION_SET: u32 = 1 << 4;
+    /// Only the outbound ports listed as `OUTBOUND_INCLUDE` are redirected
+    /// (Istio's `-q` / includeOutboundPorts).
+    pub const OUT_PORT_INCLUSION_SET: u32 = 1 << 5;
+    /// Istio's `-o lo ! -d 127.0.0.1/32 -j ISTIO_IN_REDIRECT`: a connection
+    /// to one of the workload's own addresses (other than 127.0.0.1), from
+    /// any user, goes to the inbound listener; `-s 127.0.0.6 -o lo` returns.
+    pub const LOCAL_TO_INBOUND: u32 = 1 << 6;
+    /// Linkerd's `-o lo -j RETURN`: connections routed through loopback
+    /// (127/8, ::1, the workload's own addresses) are never redirected.
+    pub const LOCAL_BYPASS: u32 = 1 << 7;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace
@@ -66,14 +88,18 @@ pub struct WorkloadPolicy {
     pub outbound_port: u16,
     /// Inbound listener port of the proxy (host order).
     pub inbound_port: u16,
-    /// Address outbound connections are sent to (network order), 127.0.0.1.
+    /// Address IPv4 connections are sent to (network order), 127.0.0.1.
     pub redirect_ip4: u32,
+    /// Address IPv6 connections are sent to (network order), ::1.
+    pub redirect_ip6: [u8; 16],
 }
 
 /// Kinds of port rules in the `PORTS` map.
 pub mod port_kind {
     pub const OUTBOUND_EXCLUDE: u8 = 1;
     pub const INBOUND_EXCLUDE: u8 = 2;
+    pub const OUTBOUND_INCLUDE: u8 = 3;
+    pub const INBOUND_INCLUDE: u8 = 4;
 }
 
 /// Key of the `PORTS` hash map (value: `u8`, always 1).
@@ -86,27 +112,50 @@ pub struct PortKey {
     pub _pad: u8,
 }
 
-/// Kinds of CIDR rules in the `CIDRS4`/`CIDRS6` tries.
+/// Kinds of entries in the `CIDRS` trie.
 pub mod cidr_kind {
     pub const OUTBOUND_EXCLUDE: u8 = 1;
     pub const OUTBOUND_INCLUDE: u8 = 2;
+    /// An address of the workload itself (host route: "-o lo").
+    pub const LOCAL_ADDRESS: u8 = 3;
 }
 
-/// Data part of the IPv4 LPM trie key. The trie matches
-/// `32 + 8 + prefix` leading bits: policy id and kind exactly, then the
-/// address prefix. The policy id is stored big-endian so the bit order in
-/// the trie is well defined.
+/// Data part of the CIDR LPM trie key, for both families. IPv4 addresses and
+/// prefixes are stored IPv4-mapped (`::ffff:a.b.c.d`, prefix 96 + n), so an
+/// IPv4-mapped IPv6 destination matches exactly the rules of the IPv4
+/// address it carries. The trie matches `32 + 8 + prefix` leading bits:
+/// policy id and kind exactly, then the address prefix. The policy id is
+/// stored big-endian so the bit order in the trie is well defined.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Cidr4Data {
+pub struct CidrData {
     pub policy_id_be: [u8; 4],
     pub kind: u8,
-    pub addr: [u8; 4],
+    pub addr: [u8; 16],
     pub _pad: [u8; 3],
 }
 
-/// Number of key bits before the address in the CIDR tries.
+/// Number of key bits before the address in the CIDR trie.
 pub const CIDR_KEY_PREFIX_BITS: u32 = 40;
+
+/// Prefix bits of an IPv4 address inside the mapped form.
+pub const V4_MAPPED_PREFIX_BITS: u32 = 96;
+
+/// `::ffff:a.b.c.d` for an IPv4 address in network order.
+#[inline(always)]
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Key of the `LISTENERS` sockhash: the proxy's inbound listening socket of
+/// one workload for one address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub family: u32,
+    pub _pad: u32,
+}
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -117,6 +166,9 @@ pub mod orig_flags {
     pub const APP_SIDE: u32 = 1;
     /// Copied onto the proxy's accepted socket when the handshake completes.
     pub const PROXY_SIDE: u32 = 2;
+    /// An inbound connection delivered to the proxy by `sk_lookup`: the
+    /// original destination is the accepted socket's own local address.
+    pub const INBOUND: u32 = 4;
 }
 
 /// The destination an application dialed before it was redirected.
@@ -170,6 +222,12 @@ impl TupleKey {
     }
 }
 
+/// Whether 16 address bytes are `::ffff:a.b.c.d`.
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0 && a[10] == 0xff && a[11] == 0xff
+}
+
 /// Value of the `META` array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -193,9 +251,14 @@ pub mod counter {
     pub const SK_STORAGE_FAILED: u32 = 9;
     pub const PEERNAME_REWRITTEN: u32 = 10;
     pub const TUPLE_RELEASED: u32 = 11;
-    pub const COUNT: u32 = 16;
+    pub const INBOUND_REDIRECTED: u32 = 12;
+    pub const INBOUND_BYPASS_PORT: u32 = 13;
+    pub const INBOUND_NO_LISTENER: u32 = 14;
+    pub const LISTENER_REGISTERED: u32 = 15;
+    pub const LOCAL_TO_INBOUND: u32 = 16;
+    pub const COUNT: u32 = 24;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 12] = [
+    pub const NAMES: [&str; 17] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -208,6 +271,11 @@ pub mod counter {
         "sk_storage_failed",
         "peername_rewritten",
         "tuple_released",
+        "inbound_redirected",
+        "inbound_bypass_port",
+        "inbound_dropped_no_listener",
+        "listener_registered",
+        "local_to_inbound",
     ];
 }
 
@@ -218,7 +286,8 @@ mod pod {
     // not an explicit field, so any bit pattern is valid.
     unsafe impl aya::Pod for WorkloadPolicy {}
     unsafe impl aya::Pod for PortKey {}
-    unsafe impl aya::Pod for Cidr4Data {}
+    unsafe impl aya::Pod for CidrData {}
+    unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for Meta {}
@@ -231,9 +300,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<WorkloadPolicy>(), 24);
+        assert_eq!(size_of::<WorkloadPolicy>(), 40);
+        assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<PortKey>(), 8);
-        assert_eq!(size_of::<Cidr4Data>(), 12);
+        assert_eq!(size_of::<CidrData>(), 24);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<Meta>(), 8);

@@ -3,9 +3,13 @@
 #![no_main]
 
 mod connect4;
+mod connect6;
+mod decide;
 mod getpeername4;
+mod getpeername6;
 mod getsockopt;
 mod maps;
+mod sk_lookup;
 mod sockops;
 
 #[cfg(not(test))]

@@ -2,13 +2,13 @@
 //! and values. The agent pins them by name under its pin directory.
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, SockHash},
     helpers::generated::bpf_sk_storage_get,
     macros::btf_map,
 };
 use redirector_common::{
-    Cidr4Data, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy, counter, MAX_CIDR_RULES,
-    MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    CidrData, ListenerKey, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy, counter,
+    MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -26,9 +26,13 @@ pub static RDR_WORKLOADS: HashMap<u64, WorkloadPolicy, { MAX_WORKLOADS as usize 
 pub static RDR_PORTS: HashMap<PortKey, u8, { MAX_PORT_RULES as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// IPv4 CIDR rules per policy id and kind (exclude/include).
+/// CIDR rules per policy id and kind, both families (IPv4 stored mapped).
 #[btf_map]
-pub static RDR_CIDRS4: LpmTrie<Cidr4Data, u8, { MAX_CIDR_RULES as usize }> = LpmTrie::new();
+pub static RDR_CIDRS: LpmTrie<CidrData, u8, { MAX_CIDR_RULES as usize }> = LpmTrie::new();
+
+/// The proxy's inbound listening sockets, per workload and family.
+#[btf_map]
+pub static RDR_LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> = SockHash::new();
 
 /// Original destination of each established redirected connection, keyed
 /// by its 4-tuple and netns; removed when the application's socket closes.
@@ -69,4 +73,31 @@ pub unsafe fn sock_orig(sk: *mut bpf_sock, init: Option<&mut OrigDst>) -> *mut O
 }
 
 pub const IPPROTO_TCP: u32 = 6;
-pub const LOCALHOST4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+pub const LOCALHOST6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Address words as the kernel hands them (network order in each `u32`)
+/// to bytes.
+#[inline(always)]
+pub fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+pub fn bytes_to_words(b: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}

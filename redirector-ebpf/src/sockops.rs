@@ -1,28 +1,37 @@
 //! `sockops`: publish the original destination of a redirected connection
 //! under its 4-tuple when the handshake completes, hand it to the proxy's
-//! accepted socket, and drop it when the application's socket closes.
+//! accepted socket, drop it when the application's socket closes; register
+//! the proxy's inbound listener; and mark inbound connections that
+//! `sk_lookup` delivered to the proxy.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use redirector_common::{counter, orig_flags, TupleKey, AF_INET};
+use redirector_common::{
+    counter, flags, is_v4_mapped, orig_flags, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6,
+};
 
-use crate::maps::{count, sock_orig, RDR_ORIG_TUPLE};
+use crate::{
+    decide::{inbound_redirected, is_local_peer},
+    maps::{count, sock_orig, words_to_bytes, RDR_LISTENERS, RDR_ORIG_TUPLE, RDR_WORKLOADS},
+};
 
 const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
 pub fn rdr_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() == u32::from(AF_INET) {
+    let family = ctx.family();
+    if family == u32::from(AF_INET) || family == u32::from(AF_INET6) {
         match ctx.op() {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
             BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
+            BPF_SOCK_OPS_TCP_LISTEN_CB => listening(&ctx),
             BPF_SOCK_OPS_STATE_CB => {
                 if ctx.arg(1) == TCP_CLOSE {
                     released(&ctx);
@@ -34,23 +43,65 @@ pub fn rdr_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// The connection's addresses, IPv4 (also IPv4-mapped on an AF_INET6
+/// socket) in the first four bytes.
+struct Ends {
+    family: u16,
+    local: [u8; 16],
+    local_port: u16,
+    remote: [u8; 16],
+    remote_port: u16,
+}
+
 #[inline(always)]
-fn remote_port(ctx: &SockOpsContext) -> u16 {
-    // Network order in the upper half of the field on little-endian hosts;
-    // ntohl yields the port.
-    u32::from_be(ctx.remote_port()) as u16
+fn ends(ctx: &SockOpsContext) -> Ends {
+    // remote_port: network order in the upper half of the field on
+    // little-endian hosts; ntohl yields the port. local_port: host order.
+    let remote_port = u32::from_be(ctx.remote_port()) as u16;
+    let local_port = ctx.local_port() as u16;
+    if ctx.family() == u32::from(AF_INET) {
+        let l = ctx.local_ip4().to_ne_bytes();
+        let r = ctx.remote_ip4().to_ne_bytes();
+        return Ends {
+            family: AF_INET,
+            local: [l[0], l[1], l[2], l[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port,
+            remote: [r[0], r[1], r[2], r[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_port,
+        };
+    }
+    let l = words_to_bytes(ctx.local_ip6());
+    let r = words_to_bytes(ctx.remote_ip6());
+    if is_v4_mapped(&l) && is_v4_mapped(&r) {
+        return Ends {
+            family: AF_INET,
+            local: [l[12], l[13], l[14], l[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port,
+            remote: [r[12], r[13], r[14], r[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote_port,
+        };
+    }
+    Ends { family: AF_INET6, local: l, local_port, remote: r, remote_port }
+}
+
+#[inline(always)]
+fn netns(ctx: &SockOpsContext) -> u64 {
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }
 
 /// Key as seen from the application's socket (local = application).
 #[inline(always)]
 fn app_side_key(ctx: &SockOpsContext) -> TupleKey {
-    TupleKey::v4(
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-        ctx.remote_ip4(),
-        remote_port(ctx),
-    )
+    let e = ends(ctx);
+    TupleKey {
+        netns_cookie: netns(ctx),
+        family: e.family,
+        client_port: e.local_port,
+        proxy_port: e.remote_port,
+        _pad: 0,
+        client_addr: e.local,
+        proxy_addr: e.remote,
+    }
 }
 
 #[inline(always)]
@@ -78,26 +129,69 @@ fn active_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn passive_established(ctx: &SockOpsContext) {
-    // On the proxy's accepted socket local = proxy, remote = application.
-    let key = TupleKey::v4(
-        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        ctx.remote_ip4(),
-        remote_port(ctx),
-        ctx.local_ip4(),
-        ctx.local_port() as u16,
-    );
-    let mut orig = match unsafe { RDR_ORIG_TUPLE.get(&key) } {
-        Some(o) => *o,
-        None => return,
-    };
-    orig.flags = orig_flags::PROXY_SIDE;
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return;
     }
+    // On an accepted socket local = proxy (or server), remote = client.
+    let e = ends(ctx);
+    let cookie = netns(ctx);
+    let key = TupleKey {
+        netns_cookie: cookie,
+        family: e.family,
+        client_port: e.remote_port,
+        proxy_port: e.local_port,
+        _pad: 0,
+        client_addr: e.remote,
+        proxy_addr: e.local,
+    };
+    let mut orig = match unsafe { RDR_ORIG_TUPLE.get(&key) } {
+        Some(o) => {
+            let mut o = *o;
+            o.flags = orig_flags::PROXY_SIDE;
+            o
+        }
+        None => {
+            // Not an outbound redirect: an inbound connection from outside
+            // the workload that sk_lookup handed to the proxy keeps the
+            // address the client dialed as its local address.
+            let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
+                Some(p) => *p,
+                None => return,
+            };
+            if policy.flags & flags::IN_ENABLED == 0
+                || !inbound_redirected(&policy, e.local_port)
+                || is_local_peer(e.family, &e.local, &e.remote)
+            {
+                return;
+            }
+            OrigDst {
+                family: e.family,
+                port_be: e.local_port.to_be(),
+                flags: orig_flags::PROXY_SIDE | orig_flags::INBOUND,
+                addr: e.local,
+            }
+        }
+    };
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };
     if slot.is_null() {
         count(counter::SK_STORAGE_FAILED);
+    }
+}
+
+#[inline(always)]
+fn listening(ctx: &SockOpsContext) {
+    let cookie = netns(ctx);
+    let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
+        Some(p) => *p,
+        None => return,
+    };
+    if ctx.local_port() as u16 != policy.inbound_port {
+        return;
+    }
+    let key = ListenerKey { netns_cookie: cookie, family: ctx.family(), _pad: 0 };
+    if RDR_LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+        count(counter::LISTENER_REGISTERED);
     }
 }
 

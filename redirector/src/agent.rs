@@ -12,7 +12,7 @@ use log::{error, info, warn};
 use crate::{
     config::{load_config, Config},
     dataplane::{ApplyReport, Dataplane, Desired},
-    netns::netns_cookie,
+    netns::{local_addresses, netns_cookie},
     policy::compile,
 };
 
@@ -44,11 +44,22 @@ pub fn reconcile(dp: &mut Dataplane, cfg: &Config, state: &mut AgentState) -> Ap
     let mut desired = Vec::new();
     for w in &cfg.workloads {
         let path = w.netns.path();
-        match netns_cookie(&path) {
-            Ok(cookie) => desired.push(Desired {
+        let found = netns_cookie(&path).and_then(|cookie| {
+            // The workload's own addresses matter only where connections
+            // routed through loopback are treated specially (Istio, Kuma,
+            // Linkerd); they are re-read on every pass.
+            let mut policy = compile(&cfg.mesh, &w.annotations);
+            if policy.loopback != crate::config::LoopbackMode::Osm {
+                policy = policy.with_local_addresses(local_addresses(&path)?);
+            }
+            Ok((cookie, policy))
+        });
+        match found {
+            Ok((cookie, policy)) => desired.push(Desired {
                 name: w.name.clone(),
                 cookie,
-                policy: compile(&cfg.mesh, &w.annotations),
+                netns: path.clone(),
+                policy,
             }),
             Err(e) => {
                 if let Some(c) = state.cookies.get(&w.name) {

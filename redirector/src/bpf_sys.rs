@@ -19,8 +19,12 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 pub enum AttachType {
     SockOps = 3,
     Inet4Connect = 10,
+    Inet6Connect = 11,
     GetSockopt = 21,
     Inet4Getpeername = 29,
+    Inet6Getpeername = 30,
+    /// Target is a network namespace fd, not a cgroup.
+    SkLookup = 36,
 }
 
 const ATTR_SIZE: usize = 128;
@@ -43,11 +47,12 @@ fn put_u64(attr: &mut [u8; ATTR_SIZE], offset: usize, v: u64) {
     attr[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
-/// `BPF_LINK_CREATE` for a cgroup attach type.
-pub fn link_create(prog: BorrowedFd<'_>, cgroup: BorrowedFd<'_>, ty: AttachType) -> Result<OwnedFd> {
+/// `BPF_LINK_CREATE` for a cgroup attach type (or, for `SkLookup`, a
+/// network namespace).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, ty: AttachType) -> Result<OwnedFd> {
     let mut attr = [0u8; ATTR_SIZE];
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
-    put_u32(&mut attr, 4, cgroup.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, target.as_raw_fd() as u32);
     put_u32(&mut attr, 8, ty as u32);
     // cgroup links always coexist with other programs (multi-attach); flags must be 0.
     let fd = bpf(BPF_LINK_CREATE, &mut attr).with_context(|| format!("BPF_LINK_CREATE {ty:?}"))?;

@@ -4,12 +4,19 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ipnet::{IpNet, Ipv4Net};
+
+/// A pod-level include setting that replaces the mesh's (Istio `*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inclusion<T> {
+    All,
+    Only(Vec<T>),
+}
 use serde::Deserialize;
 
 /// OSM's annotation keys (pod scoped lists, merged with the mesh lists).
@@ -28,6 +35,130 @@ pub mod osm_annotations {
     ];
 }
 
+/// Istio's pod annotations (traffic.sidecar.istio.io/*).
+pub mod istio_annotations {
+    pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+    pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+    pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+}
+
+/// Linkerd's pod annotations (config.linkerd.io/*). Port lists accept
+/// ranges (`4000-4100`) as Linkerd's do.
+pub mod linkerd_annotations {
+    pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
+    pub const SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
+    pub const SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
+}
+
+/// Kuma's pod annotations (traffic.kuma.io/*).
+pub mod kuma_annotations {
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.kuma.io/exclude-outbound-ports";
+    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.kuma.io/exclude-inbound-ports";
+    pub const EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
+    pub const EXCLUDE_INBOUND_IPS: &str = "traffic.kuma.io/exclude-inbound-ips";
+}
+
+/// What happens to a connection whose route is the loopback device
+/// (127.0.0.0/8, ::1, or one of the workload's own addresses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopbackMode {
+    /// osm-init: only 127.0.0.1/32 returns; everything else is outbound.
+    Osm,
+    /// istio-iptables / Kuma: `-o lo -s 127.0.0.6 RETURN`, then
+    /// `-o lo ! -d 127.0.0.1 → inbound listener` for every user.
+    ToInbound,
+    /// Linkerd proxy-init: `-o lo -j RETURN`.
+    Bypass,
+}
+
+/// The mesh dialect: proxy identity, ports, reserved ports and the pod
+/// annotation vocabulary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Preset {
+    #[default]
+    Osm,
+    Istio,
+    Linkerd,
+    Kuma,
+}
+
+pub struct PresetDefaults {
+    pub proxy_uid: u32,
+    pub proxy_gid: Option<u32>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    /// Inbound ports never redirected (the proxy's own admin/health ports).
+    pub reserved_inbound_ports: &'static [u16],
+    pub loopback: LoopbackMode,
+}
+
+impl Preset {
+    pub const ALL: [Preset; 4] = [Preset::Osm, Preset::Istio, Preset::Linkerd, Preset::Kuma];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Osm => "osm",
+            Preset::Istio => "istio",
+            Preset::Linkerd => "linkerd",
+            Preset::Kuma => "kuma",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| anyhow!("value {s:?} is not a mesh preset (osm, istio, linkerd, kuma)"))
+    }
+
+    pub fn defaults(self) -> PresetDefaults {
+        match self {
+            // seed 004 (osm-init) and seed 000 (15904: osm-healthcheck).
+            Preset::Osm => PresetDefaults {
+                proxy_uid: 1500,
+                proxy_gid: None,
+                outbound_port: 15001,
+                inbound_port: 15003,
+                reserved_inbound_ports: &[15010, 15901, 15902, 15903, 15904],
+                loopback: LoopbackMode::Osm,
+            },
+            // seed 001 (istio-iptables -u 1337, gid = uid, ssh 22) and the
+            // injector's -d 15090,15021,15020.
+            Preset::Istio => PresetDefaults {
+                proxy_uid: 1337,
+                proxy_gid: Some(1337),
+                outbound_port: 15001,
+                inbound_port: 15006,
+                reserved_inbound_ports: &[22, 15020, 15021, 15090],
+                loopback: LoopbackMode::ToInbound,
+            },
+            // linkerd2-proxy-init: proxy UID 2102, outbound 4140, inbound
+            // 4143; the injector skips the proxy's control (4190) and admin
+            // (4191) ports inbound.
+            Preset::Linkerd => PresetDefaults {
+                proxy_uid: 2102,
+                proxy_gid: None,
+                outbound_port: 4140,
+                inbound_port: 4143,
+                reserved_inbound_ports: &[4190, 4191],
+                loopback: LoopbackMode::Bypass,
+            },
+            // kuma-dp transparent proxy: UID 5678, outbound 15001, inbound 15006.
+            Preset::Kuma => PresetDefaults {
+                proxy_uid: 5678,
+                proxy_gid: None,
+                outbound_port: 15001,
+                inbound_port: 15006,
+                reserved_inbound_ports: &[],
+                loopback: LoopbackMode::ToInbound,
+            },
+        }
+    }
+}
+
 /// OSM defaults (seed 004: UID 1500, outbound 15001, inbound 15003).
 pub const DEFAULT_PROXY_UID: u32 = 1500;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -36,38 +167,66 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15003;
 /// Mesh-wide settings (OSM's MeshConfig `spec.traffic` vocabulary).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshConfig {
+    pub preset: Preset,
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
     pub outbound_port: u16,
     pub inbound_port: u16,
-    pub outbound_ip_range_exclusion: Vec<Ipv4Net>,
-    pub outbound_ip_range_inclusion: Vec<Ipv4Net>,
+    /// Redirect inbound connections at all.
+    pub inbound: bool,
+    pub loopback: LoopbackMode,
+    pub reserved_inbound_ports: Vec<u16>,
+    /// Empty: every destination (osm-init's behaviour).
+    pub outbound_ip_range_exclusion: Vec<IpNet>,
+    pub outbound_ip_range_inclusion: Vec<IpNet>,
     pub outbound_port_exclusion: Vec<u16>,
+    /// None: every port.
+    pub outbound_port_inclusion: Option<Vec<u16>>,
     pub inbound_port_exclusion: Vec<u16>,
+    /// None: every port (Istio's `-b *`).
+    pub inbound_port_inclusion: Option<Vec<u16>>,
 }
 
-impl Default for MeshConfig {
-    fn default() -> Self {
+impl MeshConfig {
+    pub fn for_preset(preset: Preset) -> Self {
+        let d = preset.defaults();
         Self {
-            proxy_uid: DEFAULT_PROXY_UID,
-            proxy_gid: None,
-            outbound_port: DEFAULT_OUTBOUND_PORT,
-            inbound_port: DEFAULT_INBOUND_PORT,
+            preset,
+            proxy_uid: d.proxy_uid,
+            proxy_gid: d.proxy_gid,
+            outbound_port: d.outbound_port,
+            inbound_port: d.inbound_port,
+            inbound: true,
+            loopback: d.loopback,
+            reserved_inbound_ports: d.reserved_inbound_ports.to_vec(),
             outbound_ip_range_exclusion: Vec::new(),
             outbound_ip_range_inclusion: Vec::new(),
             outbound_port_exclusion: Vec::new(),
+            outbound_port_inclusion: None,
             inbound_port_exclusion: Vec::new(),
+            inbound_port_inclusion: None,
         }
     }
 }
 
-/// Pod-scoped lists from annotations.
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self::for_preset(Preset::Osm)
+    }
+}
+
+/// Pod-scoped settings from annotations. Exclusion lists (and OSM's
+/// inclusion list) are merged with the mesh's; Istio's `include*` settings
+/// replace the mesh's, as istio-injector does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkloadAnnotations {
     pub outbound_port_exclusion: Vec<u16>,
-    pub outbound_ip_range_exclusion: Vec<Ipv4Net>,
-    pub outbound_ip_range_inclusion: Vec<Ipv4Net>,
+    pub outbound_ip_range_exclusion: Vec<IpNet>,
+    pub outbound_ip_range_inclusion: Vec<IpNet>,
     pub inbound_port_exclusion: Vec<u16>,
+    pub outbound_ip_range_inclusion_override: Option<Inclusion<IpNet>>,
+    pub outbound_port_inclusion: Option<Inclusion<u16>>,
+    pub inbound_port_inclusion: Option<Inclusion<u16>>,
 }
 
 /// Where a workload's network namespace is.
@@ -123,6 +282,8 @@ struct RawConfig {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawMesh {
+    preset: Option<String>,
+    inbound: Option<bool>,
     #[serde(rename = "proxyUID")]
     proxy_uid: Option<i64>,
     #[serde(rename = "proxyGID")]
@@ -137,6 +298,8 @@ struct RawMesh {
     outbound_port_exclusion_list: Vec<serde_yaml::Value>,
     #[serde(default)]
     inbound_port_exclusion_list: Vec<serde_yaml::Value>,
+    outbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
+    inbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -163,13 +326,14 @@ pub fn parse_config(text: &str) -> Result<Config> {
     let mesh = parse_mesh(raw.mesh).context("in `mesh`")?;
     let mut workloads: Vec<WorkloadSpec> = Vec::new();
     let mut rejected = Vec::new();
+    let preset = mesh.preset;
     for (index, value) in raw.workloads.into_iter().enumerate() {
         let fallback_name = value
             .get("name")
             .and_then(|n| n.as_str())
             .map(str::to_owned)
             .unwrap_or_else(|| format!("workloads[{index}]"));
-        match parse_workload(value) {
+        match parse_workload(preset, value) {
             Ok(w) => {
                 if workloads.iter().any(|o| o.name == w.name) {
                     rejected.push((
@@ -199,7 +363,7 @@ pub fn parse_config(text: &str) -> Result<Config> {
     Ok(Config { mesh, workloads, rejected })
 }
 
-fn parse_workload(value: serde_yaml::Value) -> Result<WorkloadSpec> {
+fn parse_workload(preset: Preset, value: serde_yaml::Value) -> Result<WorkloadSpec> {
     let raw: RawWorkload = serde_yaml::from_value(value).map_err(|e| anyhow!("{e}"))?;
     if raw.name.trim().is_empty() {
         bail!("key `name`: value \"\" is empty");
@@ -221,12 +385,16 @@ fn parse_workload(value: serde_yaml::Value) -> Result<WorkloadSpec> {
         (Some(_), Some(_)) => bail!("keys `netns` and `pid`: give one of them, not both"),
         (None, None) => bail!("key `netns`: missing (give `netns: PATH` or `pid: N`)"),
     };
-    let annotations = parse_annotations(&raw.annotations)?;
+    let annotations = parse_annotations(preset, &raw.annotations)?;
     Ok(WorkloadSpec { name: raw.name, netns, annotations })
 }
 
 fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
-    let d = MeshConfig::default();
+    let preset = match &raw.preset {
+        None => Preset::Osm,
+        Some(s) => Preset::parse(s).context("key `preset`")?,
+    };
+    let d = MeshConfig::for_preset(preset);
     let id = |key: &str, v: Option<i64>, default: u32| -> Result<u32> {
         match v {
             None => Ok(default),
@@ -253,7 +421,7 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("key `{key}`"))
     };
-    let cidrs = |key: &str, v: &[String]| -> Result<Vec<Ipv4Net>> {
+    let cidrs = |key: &str, v: &[String]| -> Result<Vec<IpNet>> {
         v.iter()
             .map(|s| parse_cidr(s))
             .collect::<Result<Vec<_>>>()
@@ -267,11 +435,23 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
     Ok(MeshConfig {
         proxy_uid: id("proxyUID", raw.proxy_uid, d.proxy_uid)?,
         proxy_gid: match raw.proxy_gid {
-            None => None,
+            None => d.proxy_gid,
             Some(g) => Some(id("proxyGID", Some(g), 0)?),
         },
         outbound_port,
         inbound_port,
+        inbound: raw.inbound.unwrap_or(true),
+        outbound_port_inclusion: match &raw.outbound_port_inclusion_list {
+            None => None,
+            Some(v) => Some(ports("outboundPortInclusionList", v)?),
+        },
+        inbound_port_inclusion: match &raw.inbound_port_inclusion_list {
+            None => None,
+            Some(v) => Some(ports("inboundPortInclusionList", v)?),
+        },
+        preset,
+        loopback: d.loopback,
+        reserved_inbound_ports: d.reserved_inbound_ports,
         outbound_ip_range_exclusion: cidrs(
             "outboundIPRangeExclusionList",
             &raw.outbound_ip_range_exclusion_list,
@@ -301,33 +481,54 @@ pub fn parse_port(s: &str) -> Result<u16> {
     port_from_i64(v).map_err(|_| anyhow!("value {s:?} is not a port (1-65535)"))
 }
 
-/// One IPv4 range: `a.b.c.d/len`, or a bare address meaning /32 (as
-/// `iptables -d` takes it). Host bits are cleared, as iptables does.
-pub fn parse_cidr(s: &str) -> Result<Ipv4Net> {
+/// One address range, IPv4 or IPv6: `a.b.c.d/len`, `2001:db8::/32`, or a
+/// bare address meaning a host route (as `iptables -d` takes it). Host bits
+/// are cleared, as iptables does. An IPv4-mapped IPv6 range
+/// (`::ffff:192.0.2.0/120`) is the IPv4 range it denotes.
+pub fn parse_cidr(s: &str) -> Result<IpNet> {
     let t = s.trim();
     if t.is_empty() {
-        bail!("value {s:?} is empty, expected an IPv4 CIDR such as 192.0.2.0/24");
+        bail!("value {s:?} is empty, expected a CIDR such as 192.0.2.0/24 or 2001:db8::/32");
     }
-    if let Ok(net) = t.parse::<IpNet>() {
-        return match net {
-            IpNet::V4(n) => Ok(n.trunc()),
-            IpNet::V6(_) => Err(anyhow!(
-                "value {s:?} is an IPv6 range; IPv6 redirection (connect6) is not supported yet"
-            )),
-        };
-    }
-    if let Ok(addr) = t.parse::<Ipv4Addr>() {
-        return Ok(Ipv4Net::new(addr, 32).expect("/32 is valid"));
-    }
-    if t.parse::<std::net::Ipv6Addr>().is_ok() {
-        bail!("value {s:?} is an IPv6 address; IPv6 redirection (connect6) is not supported yet");
-    }
-    if let Some((_, len)) = t.split_once('/') {
-        if len.parse::<u8>().map_or(true, |l| l > 32) {
-            bail!("value {s:?} has an invalid prefix length {len:?} (0-32)");
+    let net = if let Ok(net) = t.parse::<IpNet>() {
+        net
+    } else if let Ok(addr) = t.parse::<IpAddr>() {
+        IpNet::from(addr)
+    } else {
+        if let Some((addr, len)) = t.split_once('/') {
+            let max = if addr.contains(':') { 128 } else { 32 };
+            if len.parse::<u8>().map_or(true, |l| l > max) {
+                bail!("value {s:?} has an invalid prefix length {len:?} (0-{max})");
+            }
         }
+        bail!("value {s:?} is not a CIDR (expected e.g. 192.0.2.0/24 or 2001:db8::/32)");
+    };
+    Ok(canonical_net(net))
+}
+
+/// Host bits cleared; IPv4-mapped IPv6 ranges as IPv4.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    match net.trunc() {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.network().to_ipv4_mapped() {
+            Some(v4) => IpNet::V4(Ipv4Net::new(v4, n.prefix_len() - 96).expect("<= 32")),
+            None => IpNet::V6(n),
+        },
+        n => n,
     }
-    bail!("value {s:?} is not an IPv4 CIDR (expected e.g. 192.0.2.0/24)")
+}
+
+/// One port or, where the dialect allows it, a range `a-b` (Linkerd).
+fn parse_port_or_range(s: &str) -> Result<Vec<u16>> {
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (parse_port(a)?, parse_port(b)?);
+            if a > b {
+                bail!("value {s:?} is not a port range (first port above the last)");
+            }
+            Ok((a..=b).collect())
+        }
+        None => Ok(vec![parse_port(s)?]),
+    }
 }
 
 /// A comma-separated list, as in OSM's annotations. An empty or blank
@@ -353,26 +554,86 @@ fn parse_list<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Re
         .with_context(|| format!("annotation `{key}`: value {value:?}"))
 }
 
-/// Parses the OSM annotations of one workload. Keys outside the four list
-/// annotations are ignored (pods carry many other annotations).
-pub fn parse_annotations(annotations: &BTreeMap<String, String>) -> Result<WorkloadAnnotations> {
-    use osm_annotations::*;
+/// An Istio include value: `*` for everything, else a list.
+fn parse_inclusion<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Inclusion<T>> {
+    if value.trim() == "*" {
+        return Ok(Inclusion::All);
+    }
+    Ok(Inclusion::Only(parse_list(key, value, item)?))
+}
+
+fn flatten_ranges(key: &str, value: &str) -> Result<Vec<u16>> {
+    Ok(parse_list(key, value, parse_port_or_range)?.into_iter().flatten().collect())
+}
+
+/// Parses the annotations of one workload in the vocabulary of `preset`.
+/// Keys of other vocabularies are ignored (pods carry many annotations).
+pub fn parse_annotations(
+    preset: Preset,
+    annotations: &BTreeMap<String, String>,
+) -> Result<WorkloadAnnotations> {
     let mut out = WorkloadAnnotations::default();
     for (key, value) in annotations {
-        match key.as_str() {
-            OUTBOUND_PORT_EXCLUSION => {
-                out.outbound_port_exclusion = parse_list(key, value, parse_port)?
+        let k = key.as_str();
+        match preset {
+            Preset::Osm => {
+                use osm_annotations::*;
+                match k {
+                    OUTBOUND_PORT_EXCLUSION => out.outbound_port_exclusion = parse_list(k, value, parse_port)?,
+                    INBOUND_PORT_EXCLUSION => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
+                    OUTBOUND_IP_RANGE_EXCLUSION => {
+                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
+                    }
+                    OUTBOUND_IP_RANGE_INCLUSION => {
+                        out.outbound_ip_range_inclusion = parse_list(k, value, parse_cidr)?
+                    }
+                    _ => {}
+                }
             }
-            INBOUND_PORT_EXCLUSION => {
-                out.inbound_port_exclusion = parse_list(key, value, parse_port)?
+            Preset::Istio => {
+                use istio_annotations::*;
+                match k {
+                    INCLUDE_OUTBOUND_IP_RANGES => {
+                        out.outbound_ip_range_inclusion_override = Some(parse_inclusion(k, value, parse_cidr)?)
+                    }
+                    EXCLUDE_OUTBOUND_IP_RANGES => {
+                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
+                    }
+                    INCLUDE_INBOUND_PORTS => {
+                        out.inbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?)
+                    }
+                    EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
+                    INCLUDE_OUTBOUND_PORTS => {
+                        out.outbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?)
+                    }
+                    EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = parse_list(k, value, parse_port)?,
+                    _ => {}
+                }
             }
-            OUTBOUND_IP_RANGE_EXCLUSION => {
-                out.outbound_ip_range_exclusion = parse_list(key, value, parse_cidr)?
+            Preset::Linkerd => {
+                use linkerd_annotations::*;
+                match k {
+                    SKIP_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
+                    SKIP_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
+                    SKIP_SUBNETS => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
+                    _ => {}
+                }
             }
-            OUTBOUND_IP_RANGE_INCLUSION => {
-                out.outbound_ip_range_inclusion = parse_list(key, value, parse_cidr)?
+            Preset::Kuma => {
+                use kuma_annotations::*;
+                match k {
+                    EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
+                    EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
+                    EXCLUDE_OUTBOUND_IPS => {
+                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
+                    }
+                    EXCLUDE_INBOUND_IPS if !value.trim().is_empty() => bail!(
+                        "annotation `{k}`: value {value:?}: excluding inbound traffic by source address is not supported; \
+                         refusing rather than redirecting differently than Kuma would"
+                    ),
+                    _ => {}
+                }
             }
-            _ => {}
         }
     }
     Ok(out)
@@ -491,7 +752,7 @@ workloads:
             "192.0.2.0/24,198.51.100.7".into(),
         );
         a.insert("openservicemesh.io/sidecar-injection".into(), "enabled".into());
-        let p = parse_annotations(&a).unwrap();
+        let p = parse_annotations(Preset::Osm, &a).unwrap();
         assert_eq!(p.outbound_port_exclusion, vec![6379, 7070]);
         assert_eq!(
             p.outbound_ip_range_inclusion,
@@ -500,7 +761,7 @@ workloads:
         for bad in ["7070,", ",", "65536", "-1", "1.5", "http"] {
             let mut a = BTreeMap::new();
             a.insert(osm_annotations::INBOUND_PORT_EXCLUSION.into(), bad.to_string());
-            let e = parse_annotations(&a).unwrap_err();
+            let e = parse_annotations(Preset::Osm, &a).unwrap_err();
             let t = err_text(&e);
             assert!(t.contains("inbound-port-exclusion-list"), "{bad}: {t}");
         }
@@ -511,7 +772,11 @@ workloads:
         assert_eq!(parse_cidr("192.0.2.77/24").unwrap(), "192.0.2.0/24".parse().unwrap());
         assert_eq!(parse_cidr("0.0.0.0/0").unwrap(), "0.0.0.0/0".parse().unwrap());
         assert!(err_text(&parse_cidr("192.0.2.0/33").unwrap_err()).contains("prefix length"));
-        assert!(err_text(&parse_cidr("2001:db8::/32").unwrap_err()).contains("IPv6"));
+        assert_eq!(parse_cidr("2001:db8::1/32").unwrap(), "2001:db8::/32".parse().unwrap());
+        assert_eq!(parse_cidr("::ffff:192.0.2.0/120").unwrap(), "192.0.2.0/24".parse().unwrap());
+        assert_eq!(parse_cidr("::ffff:192.0.2.9").unwrap(), "192.0.2.9/32".parse().unwrap());
+        assert_eq!(parse_cidr("2001:db8::5").unwrap(), "2001:db8::5/128".parse().unwrap());
+        assert!(err_text(&parse_cidr("2001:db8::/129").unwrap_err()).contains("0-128"));
         assert!(err_text(&parse_cidr("").unwrap_err()).contains("empty"));
         assert!(parse_cidr("192.0.2").is_err());
     }

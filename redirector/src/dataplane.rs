@@ -4,6 +4,8 @@
 //! `<pin>/RDR_*` — the maps (BTF-typed, `bpftool map dump pinned …`),
 //! `<pin>/links/<program>` — the cgroup links; while a link's pin exists
 //! the program stays attached, with or without a running agent.
+//! `<pin>/netns/<cookie>` — one `sk_lookup` link per workload network
+//! namespace (inbound redirection).
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     fs::File,
@@ -13,13 +15,14 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray},
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    counter, map_names, prog_names, Cidr4Data, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy,
-    LAYOUT_VERSION, MAX_CIDR_RULES, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    counter, map_names, prog_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, TupleKey,
+    WorkloadPolicy, LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES,
+    MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 use crate::{
@@ -33,12 +36,19 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// Programs in attach order: the data path's helpers first, connect4 (which
 /// starts redirecting) last, so a redirected connection always finds them.
-pub const PROGRAMS: [(&str, AttachType); 4] = [
+pub const PROGRAMS: [(&str, AttachType); 6] = [
     (prog_names::SOCKOPS, AttachType::SockOps),
     (prog_names::GETSOCKOPT, AttachType::GetSockopt),
     (prog_names::GETPEERNAME4, AttachType::Inet4Getpeername),
+    (prog_names::GETPEERNAME6, AttachType::Inet6Getpeername),
     (prog_names::CONNECT4, AttachType::Inet4Connect),
+    (prog_names::CONNECT6, AttachType::Inet6Connect),
 ];
+
+/// Pin of the `sk_lookup` link of the workload with netns `cookie`.
+pub fn netns_link_pin_path(pin_dir: &Path, cookie: u64) -> PathBuf {
+    pin_dir.join("netns").join(cookie.to_string())
+}
 
 pub fn link_pin_path(pin_dir: &Path, prog: &str) -> PathBuf {
     pin_dir.join("links").join(prog)
@@ -49,9 +59,10 @@ pub struct Maps {
     meta: Array<MapData, Meta>,
     workloads: HashMap<MapData, u64, WorkloadPolicy>,
     ports: HashMap<MapData, PortKey, u8>,
-    cidrs4: LpmTrie<MapData, Cidr4Data, u8>,
+    cidrs: LpmTrie<MapData, CidrData, u8>,
     tuples: HashMap<MapData, TupleKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
+    listeners: SockHash<MapData, ListenerKey>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -79,9 +90,10 @@ impl Maps {
             meta: Array::try_from(get(map_names::META)?)?,
             workloads: HashMap::try_from(get(map_names::WORKLOADS)?)?,
             ports: HashMap::try_from(get(map_names::PORTS)?)?,
-            cidrs4: LpmTrie::try_from(get(map_names::CIDRS4)?)?,
+            cidrs: LpmTrie::try_from(get(map_names::CIDRS)?)?,
             tuples: HashMap::try_from(get(map_names::ORIG_BY_TUPLE)?)?,
             counters: PerCpuArray::try_from(get(map_names::COUNTERS)?)?,
+            listeners: SockHash::try_from(get(map_names::LISTENERS)?)?,
         })
     }
 
@@ -123,9 +135,21 @@ impl Maps {
         Ok(self.ports.keys().collect::<Result<Vec<_>, _>>()?)
     }
 
-    pub fn cidr4_keys(&self) -> Result<Vec<(u32, Cidr4Data)>> {
+    /// Registered inbound listeners (netns cookie, family).
+    pub fn listener_keys(&self) -> Result<Vec<ListenerKey>> {
+        Ok(self.listeners.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Puts a listening socket (an fd we hold) into `LISTENERS`.
+    pub fn register_listener(&mut self, key: ListenerKey, fd: &impl std::os::fd::AsRawFd) -> Result<()> {
+        self.listeners
+            .insert(key, fd.as_raw_fd(), 0)
+            .map_err(|e| full_or(e, map_names::LISTENERS, MAX_LISTENERS, 1))
+    }
+
+    pub fn cidr_keys(&self) -> Result<Vec<(u32, CidrData)>> {
         let mut out = Vec::new();
-        for k in self.cidrs4.keys() {
+        for k in self.cidrs.keys() {
             let k = k?;
             out.push((k.prefix_len(), k.data()));
         }
@@ -161,9 +185,9 @@ impl Maps {
                 full_or(err, map_names::PORTS, MAX_PORT_RULES, e.ports.len() - n)
             })?;
         }
-        for (n, (bits, data)) in e.cidrs4.iter().enumerate() {
-            self.cidrs4.insert(&Key::new(*bits, *data), 1, 0).map_err(|err| {
-                full_or(err, map_names::CIDRS4, MAX_CIDR_RULES, e.cidrs4.len() - n)
+        for (n, (bits, data)) in e.cidrs.iter().enumerate() {
+            self.cidrs.insert(&Key::new(*bits, *data), 1, 0).map_err(|err| {
+                full_or(err, map_names::CIDRS, MAX_CIDR_RULES, e.cidrs.len() - n)
             })?;
         }
         Ok(())
@@ -181,9 +205,9 @@ impl Maps {
                 removed += 1;
             }
         }
-        for (bits, data) in self.cidr4_keys()? {
+        for (bits, data) in self.cidr_keys()? {
             if !live.contains(&u32::from_be_bytes(data.policy_id_be)) {
-                self.cidrs4.remove(&Key::new(bits, data)).or_else(ignore_missing)?;
+                self.cidrs.remove(&Key::new(bits, data)).or_else(ignore_missing)?;
                 removed += 1;
             }
         }
@@ -207,8 +231,8 @@ impl Maps {
             for key in &entries.ports {
                 let _ = self.ports.remove(key);
             }
-            for (bits, data) in &entries.cidrs4 {
-                let _ = self.cidrs4.remove(&Key::new(*bits, *data));
+            for (bits, data) in &entries.cidrs {
+                let _ = self.cidrs.remove(&Key::new(*bits, *data));
             }
             return Err(e);
         }
@@ -217,6 +241,10 @@ impl Maps {
 
     pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {
         self.workloads.remove(&cookie).or_else(ignore_missing)?;
+        for family in [redirector_common::AF_INET, redirector_common::AF_INET6] {
+            let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
+            self.listeners.remove(&key).or_else(ignore_missing)?;
+        }
         Ok(())
     }
 }
@@ -251,6 +279,7 @@ pub struct ApplyReport {
     pub unchanged: Vec<String>,
     pub removed: usize,
     pub swept: usize,
+    pub removed_links: usize,
     pub errors: Vec<(String, anyhow::Error)>,
 }
 
@@ -259,6 +288,9 @@ pub struct ApplyReport {
 pub struct Desired {
     pub name: String,
     pub cookie: u64,
+    /// The workload's network namespace (for its sk_lookup link and for
+    /// finding a proxy that was listening before the agent started).
+    pub netns: PathBuf,
     pub policy: Policy,
 }
 
@@ -316,11 +348,15 @@ impl Dataplane {
                     p.load().with_context(|| format!("loading program {name}"))?;
                     p.fd()?.as_fd().try_clone_to_owned()?
                 }
-                AttachType::Inet4Connect | AttachType::Inet4Getpeername => {
+                AttachType::Inet4Connect
+                | AttachType::Inet4Getpeername
+                | AttachType::Inet6Connect
+                | AttachType::Inet6Getpeername => {
                     let p: &mut CgroupSockAddr = prog.try_into()?;
                     p.load().with_context(|| format!("loading program {name}"))?;
                     p.fd()?.as_fd().try_clone_to_owned()?
                 }
+                AttachType::SkLookup => bail!("{name} is attached per network namespace"),
             };
             let link = bpf_sys::link_create(fd.as_fd(), cgroup_file.as_fd(), ty)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
@@ -356,12 +392,28 @@ impl Dataplane {
             }
         };
         for d in desired {
-            if self.programmed.get(&d.cookie) == Some(&d.policy) && current.contains_key(&d.cookie) {
+            if d.policy.inbound {
+                // Cheap when already registered; catches a proxy that
+                // (re)started listening while sockops could not see it.
+                if let Err(e) = self.capture_listeners(d) {
+                    report.errors.push((d.name.clone(), e.context("finding the proxy's inbound listener")));
+                }
+            }
+            if self.programmed.get(&d.cookie) == Some(&d.policy)
+                && current.contains_key(&d.cookie)
+                && (!d.policy.inbound || netns_link_pin_path(&self.pin_dir, d.cookie).exists())
+            {
                 report.unchanged.push(d.name.clone());
                 continue;
             }
             match self.maps.program_workload(d.cookie, &d.policy) {
                 Ok(_) => {
+                    if let Err(e) = self.ensure_inbound(d) {
+                        report.errors.push((
+                            d.name.clone(),
+                            e.context(format!("workload `{}`: inbound redirection not attached", d.name)),
+                        ));
+                    }
                     self.programmed.insert(d.cookie, d.policy.clone());
                     report.programmed.push(d.name.clone());
                 }
@@ -386,7 +438,74 @@ impl Dataplane {
             Ok(n) => report.swept = n,
             Err(e) => report.errors.push(("sweep".into(), e)),
         }
+        // sk_lookup links of workloads that are gone (or no longer inbound).
+        let inbound: BTreeSet<u64> =
+            desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
+        if let Ok(dir) = std::fs::read_dir(self.pin_dir.join("netns")) {
+            for e in dir.flatten() {
+                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).map_or(true, |c| !inbound.contains(&c));
+                if stale {
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => report.removed_links += 1,
+                        Err(err) => report.errors.push((e.path().display().to_string(), err.into())),
+                    }
+                }
+            }
+        }
         report
+    }
+
+    /// Attaches an `sk_lookup` instance bound to this workload's netns
+    /// cookie to its network namespace, unless one is pinned already.
+    fn ensure_inbound(&mut self, d: &Desired) -> Result<()> {
+        let pin = netns_link_pin_path(&self.pin_dir, d.cookie);
+        if !d.policy.inbound || bpf_sys::obj_get(&pin).is_ok() {
+            return Ok(());
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> =
+            map_names::PINNED.iter().map(|n| (*n, self.pin_dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        loader.override_global("RDR_SELF_NETNS", &d.cookie, true);
+        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object for sk_lookup")?;
+        let prog: &mut SkLookup = ebpf
+            .program_mut(prog_names::SK_LOOKUP)
+            .ok_or_else(|| anyhow!("eBPF object has no program {}", prog_names::SK_LOOKUP))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading program {}", prog_names::SK_LOOKUP))?;
+        let netns = File::open(&d.netns)
+            .with_context(|| format!("opening network namespace {}", d.netns.display()))?;
+        let link = bpf_sys::link_create(prog.fd()?.as_fd(), netns.as_fd(), AttachType::SkLookup)
+            .with_context(|| format!("attaching {} to {}", prog_names::SK_LOOKUP, d.netns.display()))?;
+        std::fs::create_dir_all(self.pin_dir.join("netns"))?;
+        bpf_sys::obj_pin(&link, &pin)?;
+        Ok(())
+    }
+
+    /// Registers a proxy inbound listener that already existed when the
+    /// workload was programmed (sockops sees only new `listen()` calls).
+    fn capture_listeners(&mut self, d: &Desired) -> Result<()> {
+        let have: BTreeSet<u32> = self
+            .maps
+            .listener_keys()?
+            .into_iter()
+            .filter(|k| k.netns_cookie == d.cookie)
+            .map(|k| k.family)
+            .collect();
+        if have.contains(&u32::from(redirector_common::AF_INET))
+            && have.contains(&u32::from(redirector_common::AF_INET6))
+        {
+            return Ok(());
+        }
+        for (family, fd) in crate::listeners::find_listeners(&d.netns, d.policy.inbound_port)? {
+            if !have.contains(&u32::from(family)) {
+                let key = ListenerKey { netns_cookie: d.cookie, family: u32::from(family), _pad: 0 };
+                self.maps.register_listener(key, &fd)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -396,14 +515,16 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     if !pin_dir.exists() {
         return Ok(removed);
     }
-    let links = pin_dir.join("links");
-    if links.exists() {
-        for e in std::fs::read_dir(&links)? {
-            let p = e?.path();
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            removed.push(p);
+    for sub in ["links", "netns"] {
+        let links = pin_dir.join(sub);
+        if links.exists() {
+            for e in std::fs::read_dir(&links)? {
+                let p = e?.path();
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                removed.push(p);
+            }
+            std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
         }
-        std::fs::remove_dir(&links).with_context(|| format!("removing {}", links.display()))?;
     }
     for e in std::fs::read_dir(pin_dir)? {
         let p = e?.path();
@@ -425,9 +546,10 @@ pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
         .collect()
 }
 
-pub const CAPACITIES: [(&str, u32); 4] = [
+pub const CAPACITIES: [(&str, u32); 5] = [
     (map_names::WORKLOADS, MAX_WORKLOADS),
     (map_names::PORTS, MAX_PORT_RULES),
-    (map_names::CIDRS4, MAX_CIDR_RULES),
+    (map_names::CIDRS, MAX_CIDR_RULES),
     (map_names::ORIG_BY_TUPLE, MAX_TRACKED_CONNECTIONS),
+    (map_names::LISTENERS, MAX_LISTENERS),
 ];

@@ -53,7 +53,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
     let maps = Maps::open(pin_dir)?;
     let meta = maps.meta()?;
     let ports = maps.port_keys()?;
-    let cidrs = maps.cidr4_keys()?;
+    let cidrs = maps.cidr_keys()?;
     let mut names = BTreeMap::new();
     for p in netns::named_namespaces() {
         if let Ok(c) = netns::netns_cookie(&p) {
@@ -76,13 +76,16 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             let out_ports = port_list(port_kind::OUTBOUND_EXCLUDE);
             let in_ports = port_list(port_kind::INBOUND_EXCLUDE);
             let cidr_list = |kind| {
-                let mut v: Vec<(Ipv4Addr, u32)> = cidrs
+                let mut v: Vec<ipnet::IpNet> = cidrs
                     .iter()
                     .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id && d.kind == kind)
-                    .map(|(bits, d)| (Ipv4Addr::from(d.addr), bits - CIDR_KEY_PREFIX_BITS))
+                    .filter_map(|(bits, d)| {
+                        let net = ipnet::IpNet::new(std::net::Ipv6Addr::from(d.addr).into(), (bits - CIDR_KEY_PREFIX_BITS) as u8).ok()?;
+                        Some(crate::config::canonical_net(net))
+                    })
                     .collect();
                 v.sort();
-                v.into_iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>()
+                v.into_iter().map(|n| n.to_string()).collect::<Vec<_>>()
             };
             WorkloadView {
                 netns_cookie: *cookie,
@@ -112,7 +115,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             entries: match *name {
                 n if n == redirector_common::map_names::WORKLOADS => workloads_map.len(),
                 n if n == redirector_common::map_names::PORTS => ports.len(),
-                n if n == redirector_common::map_names::CIDRS4 => cidrs.len(),
+                n if n == redirector_common::map_names::CIDRS => cidrs.len(),
                 _ => tracked,
             },
             capacity: *capacity,

@@ -4,14 +4,28 @@
 //! test runs these commands for real; the property tests run them through
 //! the interpreter against [`crate::policy::evaluate`].
 use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 
 use crate::policy::{OutboundConn, Policy, Protocol};
+
+/// osm-init programs IPv4 only (no ip6tables).
+fn v4_nets<'a>(nets: impl IntoIterator<Item = &'a IpNet>) -> Vec<Ipv4Net> {
+    nets.into_iter()
+        .filter_map(|n| match n {
+            IpNet::V4(v4) => Some(*v4),
+            IpNet::V6(_) => None,
+        })
+        .collect()
+}
+
+/// osm-healthcheck's port (seed 000), reserved by our OSM preset but not
+/// part of seed 004's static rules.
+pub const OSM_HEALTHCHECK_PORT: u16 = 15904;
 
 /// Inbound ports osm-init never redirects (Prometheus, probe ports).
 pub const OSM_INBOUND_RESERVED: [u16; 4] = [15010, 15901, 15902, 15903];
@@ -38,11 +52,12 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
         c.push(ipt(format!("-A PROXY_OUTPUT -m owner --gid-owner {gid} -j RETURN")));
     }
     c.push(ipt("-A PROXY_OUTPUT -d 127.0.0.1/32 -j RETURN".into()));
-    if policy.outbound_ip_range_inclusion.is_empty() {
-        c.push(ipt("-A PROXY_OUTPUT -j PROXY_REDIRECT".into()));
-    } else {
-        for net in &policy.outbound_ip_range_inclusion {
-            c.push(ipt(format!("-A PROXY_OUTPUT -d {net} -j PROXY_REDIRECT")));
+    match &policy.outbound_ip_range_inclusion {
+        None => c.push(ipt("-A PROXY_OUTPUT -j PROXY_REDIRECT".into())),
+        Some(nets) => {
+            for net in v4_nets(nets) {
+                c.push(ipt(format!("-A PROXY_OUTPUT -d {net} -j PROXY_REDIRECT")));
+            }
         }
     }
     c.push(ipt(format!(
@@ -54,7 +69,7 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
         c.push(ipt(format!("-A PROXY_INBOUND -p tcp --dport {port} -j RETURN")));
     }
     c.push(ipt("-A PROXY_INBOUND -p tcp -j PROXY_IN_REDIRECT".into()));
-    for net in &policy.outbound_ip_range_exclusion {
+    for net in v4_nets(&policy.outbound_ip_range_exclusion) {
         c.push(ipt(format!("-I PROXY_OUTPUT -d {net} -j RETURN")));
     }
     let ports: Vec<u16> = policy.outbound_port_exclusion.iter().copied().collect();
@@ -64,7 +79,13 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
             join(chunk)
         )));
     }
-    let ports: Vec<u16> = policy.inbound_port_exclusion.iter().copied().collect();
+    // The reserved ports are static rules above (15904 is ours, not seed 004's).
+    let ports: Vec<u16> = policy
+        .inbound_port_exclusion
+        .iter()
+        .copied()
+        .filter(|p| !OSM_INBOUND_RESERVED.contains(p) && *p != OSM_HEALTHCHECK_PORT)
+        .collect();
     for chunk in ports.chunks(MULTIPORT_MAX) {
         c.push(ipt(format!(
             "-I PROXY_INBOUND -p tcp --match multiport --dports {} -j RETURN",
@@ -83,6 +104,109 @@ pub fn osm_init_script(policy: &Policy) -> String {
     osm_init_commands(policy).join(" && ")
 }
 
+/// The options of istio-iptables (seed 001) that shape the nat table in
+/// REDIRECT mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IstioOptions {
+    /// -p
+    pub proxy_port: u16,
+    /// -z
+    pub inbound_capture_port: u16,
+    /// -u
+    pub proxy_uid: u32,
+    /// -g (defaults to the uid)
+    pub proxy_gid: u32,
+    /// -b: None is `*`.
+    pub inbound_ports_include: Option<Vec<u16>>,
+    /// -d
+    pub inbound_ports_exclude: Vec<u16>,
+    /// -o
+    pub outbound_ports_exclude: Vec<u16>,
+    /// -i: None is `*`.
+    pub ipv4_ranges_include: Option<Vec<Ipv4Net>>,
+    /// -x
+    pub ipv4_ranges_exclude: Vec<Ipv4Net>,
+}
+
+impl IstioOptions {
+    /// The command line istio-injector would write for `policy` (the
+    /// istio preset: 22 is built into istio-iptables, the rest is `-d`).
+    pub fn from_policy(policy: &Policy) -> Self {
+        Self {
+            proxy_port: policy.outbound_port,
+            inbound_capture_port: policy.inbound_port,
+            proxy_uid: policy.proxy_uid,
+            proxy_gid: policy.proxy_gid.unwrap_or(policy.proxy_uid),
+            inbound_ports_include: policy.inbound_port_inclusion.as_ref().map(|s| s.iter().copied().collect()),
+            inbound_ports_exclude: policy.inbound_port_exclusion.iter().copied().filter(|p| *p != 22).collect(),
+            outbound_ports_exclude: policy.outbound_port_exclusion.iter().copied().collect(),
+            ipv4_ranges_include: policy.outbound_ip_range_inclusion.as_ref().map(v4_nets),
+            ipv4_ranges_exclude: v4_nets(&policy.outbound_ip_range_exclusion),
+        }
+    }
+}
+
+/// The nat table istio-iptables builds, as `iptables -t nat -S` lists it
+/// (the form seed 001 shows).
+pub fn istio_nat_listing(o: &IstioOptions) -> Vec<String> {
+    let mut l: Vec<String> = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]
+        .iter()
+        .map(|c| format!("-P {c} ACCEPT"))
+        .collect();
+    for c in ["ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT"] {
+        l.push(format!("-N {c}"));
+    }
+    l.push("-A PREROUTING -p tcp -j ISTIO_INBOUND".into());
+    l.push("-A OUTPUT -p tcp -j ISTIO_OUTPUT".into());
+    match &o.inbound_ports_include {
+        None => {
+            l.push("-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN".into());
+            for p in &o.inbound_ports_exclude {
+                l.push(format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN"));
+            }
+            l.push("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT".into());
+        }
+        Some(ports) => {
+            for p in ports {
+                l.push(format!("-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j ISTIO_IN_REDIRECT"));
+            }
+        }
+    }
+    // (seed 001 sends a listed-ports inbound capture to -p; modern
+    // istio-iptables and redirector use -z in both modes)
+    l.push(format!("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {}", o.inbound_capture_port));
+    for p in &o.outbound_ports_exclude {
+        l.push(format!("-A ISTIO_OUTPUT -p tcp -m tcp --dport {p} -j RETURN"));
+    }
+    l.push("-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN".into());
+    l.push("-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -j ISTIO_IN_REDIRECT".into());
+    l.push(format!("-A ISTIO_OUTPUT -m owner --uid-owner {} -j RETURN", o.proxy_uid));
+    l.push(format!("-A ISTIO_OUTPUT -m owner --gid-owner {} -j RETURN", o.proxy_gid));
+    l.push("-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN".into());
+    for net in &o.ipv4_ranges_exclude {
+        l.push(format!("-A ISTIO_OUTPUT -d {net} -j RETURN"));
+    }
+    match &o.ipv4_ranges_include {
+        None => l.push("-A ISTIO_OUTPUT -j ISTIO_REDIRECT".into()),
+        Some(nets) => {
+            for net in nets {
+                l.push(format!("-A ISTIO_OUTPUT -d {net} -j ISTIO_REDIRECT"));
+            }
+        }
+    }
+    l.push(format!("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {}", o.proxy_port));
+    l
+}
+
+/// `iptables -t nat …` commands that build `listing` (policies skipped).
+pub fn listing_to_commands(listing: &[String]) -> Vec<String> {
+    listing
+        .iter()
+        .filter(|r| !r.starts_with("-P "))
+        .map(|r| format!("iptables -t nat {r}"))
+        .collect()
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Target {
     Jump(String),
@@ -95,6 +219,11 @@ enum Target {
 struct Rule {
     tcp_only: bool,
     dst: Option<Ipv4Net>,
+    /// `! -d`
+    dst_negated: bool,
+    src: Option<Ipv4Net>,
+    /// `-o lo`
+    out_lo: bool,
     dports: Option<Vec<u16>>,
     uid_owner: Option<u32>,
     gid_owner: Option<u32>,
@@ -162,9 +291,10 @@ impl NatTable {
         }
     }
 
-    /// Walks nat OUTPUT for a connection's first packet.
-    pub fn output(&self, conn: &OutboundConn) -> NatOutcome {
-        match self.walk("OUTPUT", conn, 0) {
+    /// Walks nat OUTPUT for a connection's first packet. `local` are the
+    /// workload's own addresses (a route through `lo`).
+    pub fn output(&self, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> NatOutcome {
+        match self.walk("OUTPUT", conn, local, 0) {
             Some(Walk::Redirect(port)) => {
                 NatOutcome::Redirect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
             }
@@ -172,10 +302,20 @@ impl NatTable {
         }
     }
 
-    fn walk(&self, chain: &str, conn: &OutboundConn, depth: usize) -> Option<Walk> {
+    /// Walks nat PREROUTING for an inbound connection's first packet
+    /// (REDIRECT keeps the address and changes the port).
+    pub fn prerouting(&self, dst: SocketAddrV4) -> NatOutcome {
+        let conn = OutboundConn::tcp(u32::MAX, SocketAddr::V4(dst));
+        match self.walk("PREROUTING", &conn, &BTreeSet::new(), 0) {
+            Some(Walk::Redirect(port)) => NatOutcome::Redirect(SocketAddrV4::new(*dst.ip(), port)),
+            _ => NatOutcome::Unchanged,
+        }
+    }
+
+    fn walk(&self, chain: &str, conn: &OutboundConn, local: &BTreeSet<IpAddr>, depth: usize) -> Option<Walk> {
         assert!(depth < 16, "jump loop");
         for rule in self.chains.get(chain)? {
-            if !matches(rule, conn) {
+            if !matches(rule, conn, local) {
                 continue;
             }
             match &rule.target {
@@ -184,7 +324,7 @@ impl NatTable {
                 Some(Target::Accept) => return Some(Walk::Accept),
                 Some(Target::Redirect(p)) => return Some(Walk::Redirect(*p)),
                 Some(Target::Jump(to)) => {
-                    if let Some(w) = self.walk(to, conn, depth + 1) {
+                    if let Some(w) = self.walk(to, conn, local, depth + 1) {
                         return Some(w);
                     }
                 }
@@ -199,14 +339,38 @@ enum Walk {
     Redirect(u16),
 }
 
-fn matches(rule: &Rule, conn: &OutboundConn) -> bool {
+fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
     if rule.tcp_only && conn.protocol != Protocol::Tcp {
         return false;
     }
+    let dst = match conn.dst.ip() {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            // The IPv4 table never sees IPv6 packets.
+            None => return false,
+        },
+    };
     if let Some(net) = rule.dst {
-        if !net.contains(conn.dst.ip()) {
+        if net.contains(&dst) == rule.dst_negated {
             return false;
         }
+    }
+    if let Some(net) = rule.src {
+        let src = match conn.src {
+            Some(IpAddr::V4(v4)) => v4,
+            // Unbound: the kernel picks the source; for a local route that
+            // is the route's preferred source (127.0.0.1 for 127/8) or the
+            // destination itself.
+            _ if dst.is_loopback() => Ipv4Addr::LOCALHOST,
+            _ => dst,
+        };
+        if !net.contains(&src) {
+            return false;
+        }
+    }
+    if rule.out_lo && !(dst.is_loopback() || local.contains(&IpAddr::V4(dst))) {
+        return false;
     }
     if let Some(ports) = &rule.dports {
         if !ports.contains(&conn.dst.port()) {
@@ -239,7 +403,19 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
                 "tcp" => r.tcp_only = true,
                 p => bail!("protocol {p} not modelled"),
             },
+            "!" => match next(&mut i)? {
+                "-d" => {
+                    r.dst = Some(next(&mut i)?.parse().context("! -d")?);
+                    r.dst_negated = true;
+                }
+                o => bail!("negation of {o} not modelled"),
+            },
             "-d" => r.dst = Some(next(&mut i)?.parse().context("-d")?),
+            "-s" => r.src = Some(next(&mut i)?.parse().context("-s")?),
+            "-o" => match next(&mut i)? {
+                "lo" => r.out_lo = true,
+                o => bail!("output interface {o} not modelled"),
+            },
             "--dport" => r.dports = Some(vec![next(&mut i)?.parse().context("--dport")?]),
             "--dports" => {
                 r.dports = Some(
@@ -250,7 +426,7 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
                 )
             }
             "-m" | "--match" => match next(&mut i)? {
-                "owner" | "multiport" => {}
+                "owner" | "multiport" | "tcp" => {}
                 m => bail!("match {m} not modelled"),
             },
             "--uid-owner" => r.uid_owner = Some(next(&mut i)?.parse().context("--uid-owner")?),
@@ -300,20 +476,73 @@ mod tests {
     fn interpreter_runs_the_seed_rules() {
         let cmds: Vec<String> = SEED_004.trim().split(" && ").map(str::to_owned).collect();
         let t = NatTable::from_commands(&cmds).unwrap();
-        let c = |uid, dst: &str| OutboundConn {
-            protocol: Protocol::Tcp,
-            uid,
-            gid: uid,
-            dst: dst.parse().unwrap(),
-        };
+        let c = |uid, dst: &str| OutboundConn::tcp(uid, dst.parse().unwrap());
+        let none = BTreeSet::new();
         let proxy = NatOutcome::Redirect("127.0.0.1:15001".parse().unwrap());
-        assert_eq!(t.output(&c(0, "192.0.2.1:80")), proxy);
-        assert_eq!(t.output(&c(0, "192.0.2.1:15000")), proxy);
-        assert_eq!(t.output(&c(1500, "192.0.2.1:80")), NatOutcome::Unchanged);
-        assert_eq!(t.output(&c(0, "127.0.0.1:80")), NatOutcome::Unchanged);
-        assert_eq!(t.output(&c(0, "54.91.118.50:443")), NatOutcome::Unchanged);
+        assert_eq!(t.output(&c(0, "192.0.2.1:80"), &none), proxy);
+        assert_eq!(t.output(&c(0, "192.0.2.1:15000"), &none), proxy);
+        assert_eq!(t.output(&c(1500, "192.0.2.1:80"), &none), NatOutcome::Unchanged);
+        assert_eq!(t.output(&c(0, "127.0.0.1:80"), &none), NatOutcome::Unchanged);
+        assert_eq!(t.output(&c(0, "54.91.118.50:443"), &none), NatOutcome::Unchanged);
         let udp = OutboundConn { protocol: Protocol::Udp, ..c(0, "192.0.2.1:53") };
-        assert_eq!(t.output(&udp), NatOutcome::Unchanged);
+        assert_eq!(t.output(&udp, &none), NatOutcome::Unchanged);
+        let inbound = |d: &str| t.prerouting(d.parse().unwrap());
+        assert_eq!(inbound("198.18.0.1:8080"), NatOutcome::Redirect("198.18.0.1:15003".parse().unwrap()));
+        for reserved in OSM_INBOUND_RESERVED {
+            assert_eq!(inbound(&format!("198.18.0.1:{reserved}")), NatOutcome::Unchanged);
+        }
+    }
+
+    /// seed 001's `iptables -t nat -S` after
+    /// `istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x "" -b * -d 15020`.
+    const SEED_001: &str = include_str!("../tests/fixtures/istio-iptables-seed-001.txt");
+
+    fn seed_001_options() -> IstioOptions {
+        IstioOptions {
+            proxy_port: 15001,
+            inbound_capture_port: 15006,
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            inbound_ports_include: None,
+            inbound_ports_exclude: vec![15020],
+            outbound_ports_exclude: vec![],
+            ipv4_ranges_include: None,
+            ipv4_ranges_exclude: vec![],
+        }
+    }
+
+    #[test]
+    fn reproduces_the_istio_seed_listing_exactly() {
+        let want: Vec<String> = SEED_001.lines().map(str::to_owned).collect();
+        assert_eq!(istio_nat_listing(&seed_001_options()), want);
+    }
+
+    #[test]
+    fn istio_seed_traffic_types() {
+        // The six traffic types of seed 002 under the seed 001 rules.
+        let t = NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&seed_001_options()))).unwrap();
+        let pod: BTreeSet<IpAddr> = ["198.18.0.1".parse().unwrap()].into();
+        let c = |uid, dst: &str| OutboundConn::tcp(uid, dst.parse().unwrap());
+        let outbound = NatOutcome::Redirect("127.0.0.1:15001".parse().unwrap());
+        let inbound = NatOutcome::Redirect("127.0.0.1:15006".parse().unwrap());
+        // 1: remote pod -> local pod: PREROUTING to 15006; Envoy then
+        //    reaches the app from 127.0.0.6 (RULE 1).
+        assert_eq!(t.prerouting("198.18.0.1:8080".parse().unwrap()), NatOutcome::Redirect("198.18.0.1:15006".parse().unwrap()));
+        let from_passthrough = OutboundConn { src: Some("127.0.0.6".parse().unwrap()), ..c(1337, "198.18.0.1:8080") };
+        assert_eq!(t.output(&from_passthrough, &pod), NatOutcome::Unchanged);
+        // 2: local pod -> remote pod: app to 15001, Envoy out untouched.
+        assert_eq!(t.output(&c(1000, "192.0.2.10:80"), &pod), outbound);
+        assert_eq!(t.output(&c(1337, "192.0.2.10:80"), &pod), NatOutcome::Unchanged);
+        // 3: Prometheus -> the excluded port.
+        assert_eq!(t.prerouting("198.18.0.1:15020".parse().unwrap()), NatOutcome::Unchanged);
+        assert_eq!(t.prerouting("198.18.0.1:22".parse().unwrap()), NatOutcome::Unchanged);
+        // 4: local pod -> local pod through its service: app to 15001,
+        //    Envoy's upstream (own pod IP) to 15006, then 127.0.0.6.
+        assert_eq!(t.output(&c(1337, "198.18.0.1:8080"), &pod), inbound);
+        // 5: Envoy's own loopback traffic.
+        assert_eq!(t.output(&c(1337, "127.0.0.1:15000"), &pod), NatOutcome::Unchanged);
+        // 6: sidecar -> istiod.
+        assert_eq!(t.output(&c(1337, "192.0.2.20:15012"), &pod), NatOutcome::Unchanged);
     }
 
     #[test]
@@ -338,14 +567,10 @@ mod tests {
         assert!(s.contains("-A PROXY_OUTPUT -d 192.0.2.0/24 -j PROXY_REDIRECT"));
         assert!(!s.contains("-A PROXY_OUTPUT -j PROXY_REDIRECT"));
         let t = NatTable::from_commands(&osm_init_commands(&p)).unwrap();
-        let conn = |dst: &str| OutboundConn {
-            protocol: Protocol::Tcp,
-            uid: 0,
-            gid: 0,
-            dst: dst.parse().unwrap(),
-        };
-        assert!(matches!(t.output(&conn("192.0.2.9:80")), NatOutcome::Redirect(_)));
-        assert_eq!(t.output(&conn("198.51.100.9:80")), NatOutcome::Unchanged);
+        let conn = |dst: &str| OutboundConn::tcp(0, dst.parse().unwrap());
+        let none = BTreeSet::new();
+        assert!(matches!(t.output(&conn("192.0.2.9:80"), &none), NatOutcome::Redirect(_)));
+        assert_eq!(t.output(&conn("198.51.100.9:80"), &none), NatOutcome::Unchanged);
         assert!(matches!(evaluate(&p, &conn("192.0.2.9:80")), Verdict::Redirect(_)));
     }
 }
@@ -361,9 +586,11 @@ mod properties {
 
     use super::*;
     use crate::{
-        config::{osm_annotations, parse_annotations, MeshConfig, WorkloadAnnotations},
-        policy::{compile, evaluate, evaluate_entries, map_entries, Verdict},
+        config::{osm_annotations, parse_annotations, MeshConfig, Preset, WorkloadAnnotations},
+        policy::{compile, evaluate, evaluate_entries, evaluate_inbound, map_entries, InboundConn, Verdict},
     };
+
+    const POD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
     const BASES: [[u8; 4]; 5] = [[192, 0, 2, 0], [198, 51, 100, 0], [203, 0, 113, 0], [198, 18, 0, 0], [127, 0, 0, 0]];
     const PORTS: [u16; 8] = [22, 80, 443, 6379, 7070, 15000, 15001, 65535];
@@ -387,27 +614,33 @@ mod properties {
         (ports(), prop::collection::vec(net(), 0..3), prop::collection::vec(net(), 0..3), ports()).prop_map(
             |(op, ex, inc, ip)| WorkloadAnnotations {
                 outbound_port_exclusion: op,
-                outbound_ip_range_exclusion: ex,
-                outbound_ip_range_inclusion: inc,
+                outbound_ip_range_exclusion: ex.into_iter().map(IpNet::V4).collect(),
+                outbound_ip_range_inclusion: inc.into_iter().map(IpNet::V4).collect(),
                 inbound_port_exclusion: ip,
+                ..WorkloadAnnotations::default()
             },
         )
     }
 
-    fn policy() -> impl Strategy<Value = Policy> {
+    fn policy_for(preset: Preset) -> impl Strategy<Value = Policy> {
         (lists(), lists(), prop::sample::select(vec![1500u32, 1337]), prop::option::of(Just(1337u32)))
-            .prop_map(|(mesh, pod, uid, gid)| {
+            .prop_map(move |(mesh, pod, uid, gid)| {
                 let mesh = MeshConfig {
                     proxy_uid: uid,
-                    proxy_gid: gid,
+                    // istio-iptables always has a GID rule (-g defaults to -u).
+                    proxy_gid: if preset == Preset::Istio { Some(uid) } else { gid },
                     outbound_ip_range_exclusion: mesh.outbound_ip_range_exclusion,
                     outbound_ip_range_inclusion: mesh.outbound_ip_range_inclusion,
                     outbound_port_exclusion: mesh.outbound_port_exclusion,
                     inbound_port_exclusion: mesh.inbound_port_exclusion,
-                    ..MeshConfig::default()
+                    ..MeshConfig::for_preset(preset)
                 };
-                compile(&mesh, &pod)
+                compile(&mesh, &pod).with_local_addresses([IpAddr::V4(POD_IP)])
             })
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        policy_for(Preset::Osm)
     }
 
     fn conn() -> impl Strategy<Value = OutboundConn> {
@@ -415,15 +648,42 @@ mod properties {
             prop::bool::weighted(0.9),
             prop::sample::select(vec![0u32, 1000, 1337, 1500]),
             prop::sample::select(vec![0u32, 1000, 1337]),
-            prop_oneof![addr(), Just(Ipv4Addr::LOCALHOST)],
+            prop_oneof![addr(), Just(Ipv4Addr::LOCALHOST), Just(POD_IP), Just(Ipv4Addr::new(127, 0, 0, 6))],
             prop::sample::select(PORTS.to_vec()),
+            prop::option::of(Just(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))),
+            any::<bool>(),
         )
-            .prop_map(|(tcp, uid, gid, ip, port)| OutboundConn {
+            .prop_map(|(tcp, uid, gid, ip, port, src, mapped)| OutboundConn {
                 protocol: if tcp { Protocol::Tcp } else { Protocol::Udp },
                 uid,
                 gid,
-                dst: SocketAddrV4::new(ip, port),
+                // The same destination written IPv4-mapped on an AF_INET6
+                // socket must be decided identically.
+                dst: if mapped {
+                    SocketAddr::new(ip.to_ipv6_mapped().into(), port)
+                } else {
+                    SocketAddr::V4(SocketAddrV4::new(ip, port))
+                },
+                src,
             })
+    }
+
+    /// Compares an iptables outcome with a verdict; the proxy address of an
+    /// IPv4-mapped connection is ::ffff:127.0.0.1.
+    fn same(oracle: NatOutcome, verdict: Verdict) -> Result<(), TestCaseError> {
+        match (oracle, verdict) {
+            (NatOutcome::Redirect(a), Verdict::Redirect(b)) => {
+                let b_ip = match b.ip() {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(b.ip()),
+                    v4 => v4,
+                };
+                prop_assert_eq!(IpAddr::V4(*a.ip()), b_ip);
+                prop_assert_eq!(a.port(), b.port());
+            }
+            (NatOutcome::Unchanged, Verdict::Pass(_)) => {}
+            (o, v) => prop_assert!(false, "iptables {:?} but policy {:?}", o, v),
+        }
+        Ok(())
     }
 
     proptest! {
@@ -432,14 +692,41 @@ mod properties {
         #[test]
         fn osm_init_rules_policy_and_maps_agree(p in policy(), c in conn(), id in 1u32..u32::MAX) {
             let table = NatTable::from_commands(&osm_init_commands(&p)).unwrap();
-            let oracle = table.output(&c);
             let verdict = evaluate(&p, &c);
-            match (oracle, verdict) {
-                (NatOutcome::Redirect(a), Verdict::Redirect(b)) => prop_assert_eq!(a, b),
-                (NatOutcome::Unchanged, Verdict::Pass(_)) => {}
-                (o, v) => prop_assert!(false, "iptables {:?} but policy {:?}", o, v),
-            }
+            same(table.output(&c, &p.local_addresses), verdict)?;
             prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
+        }
+
+        #[test]
+        fn istio_rules_policy_and_maps_agree(p in policy_for(Preset::Istio), c in conn(), id in 1u32..u32::MAX) {
+            let table = NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&p)))).unwrap();
+            let verdict = evaluate(&p, &c);
+            same(table.output(&c, &p.local_addresses), verdict)?;
+            prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
+        }
+
+        #[test]
+        fn inbound_rules_and_policy_agree(p in policy(), q in policy_for(Preset::Istio), port in prop::sample::select(vec![22u16, 80, 8080, 9090, 15003, 15006, 15010, 15020, 15021, 15090, 15901, 15903, 6379])) {
+            let dst = SocketAddrV4::new(POD_IP, port);
+            let conn = InboundConn { dst: SocketAddr::V4(dst), local_client: false };
+            for (policy, table) in [
+                (&p, NatTable::from_commands(&osm_init_commands(&p)).unwrap()),
+                (&q, NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&q)))).unwrap()),
+            ] {
+                let oracle = table.prerouting(dst);
+                let verdict = evaluate_inbound(policy, &conn);
+                match (oracle, verdict) {
+                    // The proxy accepts on its inbound port and reads `dst` back.
+                    (NatOutcome::Redirect(a), Verdict::Redirect(b)) => {
+                        prop_assert_eq!(a.port(), policy.inbound_port);
+                        prop_assert_eq!(b, SocketAddr::V4(dst));
+                    }
+                    (NatOutcome::Unchanged, Verdict::Pass(_)) => {}
+                    // A connection to the inbound port itself reaches the proxy either way.
+                    (NatOutcome::Redirect(a), Verdict::Pass(_)) if port == policy.inbound_port => prop_assert_eq!(a.port(), port),
+                    (o, v) => prop_assert!(false, "iptables {:?} but policy {:?}", o, v),
+                }
+            }
         }
 
         #[test]
@@ -448,7 +735,7 @@ mod properties {
             for k in osm_annotations::ALL {
                 a.insert(k.to_string(), s.clone());
             }
-            let _ = parse_annotations(&a);
+            let _ = parse_annotations(Preset::Osm, &a);
         }
 
         #[test]
@@ -456,7 +743,7 @@ mod properties {
             let mut a = BTreeMap::new();
             let text = ps.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
             a.insert(osm_annotations::OUTBOUND_PORT_EXCLUSION.to_string(), text);
-            prop_assert_eq!(parse_annotations(&a).unwrap().outbound_port_exclusion, ps);
+            prop_assert_eq!(parse_annotations(Preset::Osm, &a).unwrap().outbound_port_exclusion, ps);
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dataplane;
 pub mod inspect;
 pub mod iptables;
+pub mod listeners;
 pub mod netns;
 pub mod policy;
 pub mod sysfs;

@@ -110,7 +110,7 @@ fn real_main() -> Result<()> {
                     w.netns,
                     p.outbound_port_exclusion.len(),
                     p.outbound_ip_range_exclusion.len(),
-                    p.outbound_ip_range_inclusion.len(),
+                    p.outbound_ip_range_inclusion.as_ref().map_or(0, |s| s.len()),
                     p.inbound_port_exclusion.len()
                 );
             }

@@ -78,3 +78,39 @@ pub fn named_namespaces() -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// The addresses configured on the interfaces of the network namespace at
+/// `path` (what "routed through lo" means for that workload).
+pub fn local_addresses(path: &Path) -> Result<Vec<std::net::IpAddr>> {
+    run_in_netns(path, || {
+        let mut out = Vec::new();
+        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills a list we free below; its netlink socket
+        // is created on this thread, inside the namespace.
+        if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("getifaddrs");
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            // SAFETY: cur points into the list getifaddrs returned.
+            let ifa = unsafe { &*cur };
+            if !ifa.ifa_addr.is_null() {
+                // SAFETY: ifa_addr is a sockaddr of the family it says.
+                let fam = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+                if fam == libc::AF_INET {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    out.push(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                } else if fam == libc::AF_INET6 {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+        // SAFETY: list from getifaddrs.
+        unsafe { libc::freeifaddrs(ifap) };
+        out.sort();
+        out.dedup();
+        Ok(out)
+    })
+}

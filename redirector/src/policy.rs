@@ -3,55 +3,99 @@
 //! No kernel, no I/O: unit- and property-tested.
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use redirector_common::{
-    cidr_kind, flags, port_kind, Cidr4Data, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
+    cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
+    V4_MAPPED_PREFIX_BITS,
 };
 
-use crate::config::{MeshConfig, WorkloadAnnotations};
+use crate::config::{canonical_net, Inclusion, LoopbackMode, MeshConfig, WorkloadAnnotations};
 
-/// The merged policy of one workload: mesh lists ∪ pod annotations, as
-/// osm-injector merges them before it writes the osm-init command line.
+/// The merged policy of one workload: mesh settings ∪ pod annotations, as
+/// the mesh's injector merges them before it writes the init container's
+/// command line.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
     pub outbound_port: u16,
     pub inbound_port: u16,
-    pub redirect_ip: Ipv4Addr,
+    pub redirect_ip4: Ipv4Addr,
+    pub redirect_ip6: Ipv6Addr,
+    pub inbound: bool,
+    pub loopback: LoopbackMode,
     pub outbound_port_exclusion: BTreeSet<u16>,
-    pub outbound_ip_range_exclusion: BTreeSet<Ipv4Net>,
-    pub outbound_ip_range_inclusion: BTreeSet<Ipv4Net>,
+    /// None: every port.
+    pub outbound_port_inclusion: Option<BTreeSet<u16>>,
+    pub outbound_ip_range_exclusion: BTreeSet<IpNet>,
+    /// None: every destination.
+    pub outbound_ip_range_inclusion: Option<BTreeSet<IpNet>>,
+    /// Includes the preset's reserved ports.
     pub inbound_port_exclusion: BTreeSet<u16>,
+    /// None: every port.
+    pub inbound_port_inclusion: Option<BTreeSet<u16>>,
+    /// The workload's own addresses (the "-o lo" test of `LoopbackMode`);
+    /// filled in by the agent from the network namespace.
+    pub local_addresses: BTreeSet<IpAddr>,
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
     let union_ports = |a: &[u16], b: &[u16]| a.iter().chain(b).copied().collect::<BTreeSet<_>>();
-    let union_nets = |a: &[Ipv4Net], b: &[Ipv4Net]| {
-        a.iter().chain(b).map(|n| n.trunc()).collect::<BTreeSet<_>>()
+    let union_nets = |a: &[IpNet], b: &[IpNet]| {
+        a.iter().chain(b).map(|n| canonical_net(*n)).collect::<BTreeSet<_>>()
     };
+    let outbound_ip_range_inclusion = match &pod.outbound_ip_range_inclusion_override {
+        Some(Inclusion::All) => None,
+        Some(Inclusion::Only(v)) => Some(union_nets(v, &[])),
+        None => {
+            let u = union_nets(&mesh.outbound_ip_range_inclusion, &pod.outbound_ip_range_inclusion);
+            (!u.is_empty()).then_some(u)
+        }
+    };
+    let over = |pod: &Option<Inclusion<u16>>, mesh: &Option<Vec<u16>>| match pod {
+        Some(Inclusion::All) => None,
+        Some(Inclusion::Only(v)) => Some(v.iter().copied().collect()),
+        None => mesh.as_ref().map(|v| v.iter().copied().collect()),
+    };
+    let mut inbound_port_exclusion = union_ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion);
+    inbound_port_exclusion.extend(mesh.reserved_inbound_ports.iter().copied());
     Policy {
         proxy_uid: mesh.proxy_uid,
         proxy_gid: mesh.proxy_gid,
         outbound_port: mesh.outbound_port,
         inbound_port: mesh.inbound_port,
-        redirect_ip: Ipv4Addr::LOCALHOST,
-        outbound_port_exclusion: union_ports(
-            &mesh.outbound_port_exclusion,
-            &pod.outbound_port_exclusion,
-        ),
+        redirect_ip4: Ipv4Addr::LOCALHOST,
+        redirect_ip6: Ipv6Addr::LOCALHOST,
+        inbound: mesh.inbound,
+        loopback: mesh.loopback,
+        outbound_port_exclusion: union_ports(&mesh.outbound_port_exclusion, &pod.outbound_port_exclusion),
+        outbound_port_inclusion: over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion),
         outbound_ip_range_exclusion: union_nets(
             &mesh.outbound_ip_range_exclusion,
             &pod.outbound_ip_range_exclusion,
         ),
-        outbound_ip_range_inclusion: union_nets(
-            &mesh.outbound_ip_range_inclusion,
-            &pod.outbound_ip_range_inclusion,
-        ),
-        inbound_port_exclusion: union_ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion),
+        outbound_ip_range_inclusion,
+        inbound_port_exclusion,
+        inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
+        local_addresses: BTreeSet::new(),
+    }
+}
+
+impl Policy {
+    /// The same policy knowing the workload's own addresses.
+    pub fn with_local_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.local_addresses = addrs.into_iter().map(canonical_ip).collect();
+        self
     }
 }
 
@@ -67,7 +111,16 @@ pub struct OutboundConn {
     pub protocol: Protocol,
     pub uid: u32,
     pub gid: u32,
-    pub dst: SocketAddrV4,
+    /// As the application wrote it (IPv4-mapped allowed).
+    pub dst: SocketAddr,
+    /// The address the socket is bound to, if any (127.0.0.6 matters).
+    pub src: Option<IpAddr>,
+}
+
+impl OutboundConn {
+    pub fn tcp(uid: u32, dst: SocketAddr) -> Self {
+        Self { protocol: Protocol::Tcp, uid, gid: uid, dst, src: None }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,39 +131,119 @@ pub enum Bypass {
     ExcludedPort,
     ExcludedCidr,
     NotIncluded,
+    /// Inbound: the client is inside the workload (never inbound-redirected).
+    LocalClient,
+    InboundDisabled,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Sent to the proxy; the proxy reads `dst` as the original destination.
-    Redirect(SocketAddrV4),
+    /// Sent to the proxy at this address; the proxy reads the original
+    /// destination back.
+    Redirect(SocketAddr),
     Pass(Bypass),
 }
 
-/// What connect4 does with `conn` under `policy` (the same order of checks).
+/// The destination as the data path decides on it: IPv4 for IPv4-mapped.
+fn effective(dst: SocketAddr) -> (IpAddr, u16, bool) {
+    let ip = canonical_ip(dst.ip());
+    (ip, dst.port(), ip.is_ipv4())
+}
+
+fn in_nets(nets: &BTreeSet<IpNet>, ip: IpAddr) -> bool {
+    nets.iter().any(|n| n.contains(&ip))
+}
+
+/// What connect4/connect6 do with `conn` under `policy` (same order of
+/// checks). The redirect target keeps the socket's family: an AF_INET6
+/// socket dialing an IPv4-mapped address is sent to ::ffff:127.0.0.1.
 pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
     if conn.protocol != Protocol::Tcp {
         return Verdict::Pass(Bypass::NotTcp);
     }
+    let (ip, port, is_v4) = effective(conn.dst);
+    let localhost = ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if policy.outbound_port_exclusion.contains(&port) {
+        return Verdict::Pass(Bypass::ExcludedPort);
+    }
+    let target = |p: u16| -> SocketAddr {
+        match conn.dst {
+            SocketAddr::V4(_) => SocketAddr::new(policy.redirect_ip4.into(), p),
+            SocketAddr::V6(_) if is_v4 => SocketAddr::new(policy.redirect_ip4.to_ipv6_mapped().into(), p),
+            SocketAddr::V6(_) => SocketAddr::new(policy.redirect_ip6.into(), p),
+        }
+    };
+    let to_lo = match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback(),
+    } || policy.local_addresses.contains(&ip);
+    match policy.loopback {
+        LoopbackMode::ToInbound if to_lo => {
+            if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
+                return Verdict::Pass(Bypass::Localhost);
+            }
+            if !localhost {
+                return Verdict::Redirect(target(policy.inbound_port));
+            }
+        }
+        LoopbackMode::Bypass if to_lo => return Verdict::Pass(Bypass::Localhost),
+        _ => {}
+    }
     if conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid) {
         return Verdict::Pass(Bypass::ProxyUid);
     }
-    let ip = *conn.dst.ip();
-    if ip == Ipv4Addr::LOCALHOST {
+    if localhost {
         return Verdict::Pass(Bypass::Localhost);
     }
-    if policy.outbound_port_exclusion.contains(&conn.dst.port()) {
-        return Verdict::Pass(Bypass::ExcludedPort);
-    }
-    if policy.outbound_ip_range_exclusion.iter().any(|n| n.contains(&ip)) {
+    if in_nets(&policy.outbound_ip_range_exclusion, ip) {
         return Verdict::Pass(Bypass::ExcludedCidr);
     }
-    if !policy.outbound_ip_range_inclusion.is_empty()
-        && !policy.outbound_ip_range_inclusion.iter().any(|n| n.contains(&ip))
-    {
-        return Verdict::Pass(Bypass::NotIncluded);
+    if let Some(ports) = &policy.outbound_port_inclusion {
+        if !ports.contains(&port) {
+            return Verdict::Pass(Bypass::NotIncluded);
+        }
     }
-    Verdict::Redirect(SocketAddrV4::new(policy.redirect_ip, policy.outbound_port))
+    if let Some(nets) = &policy.outbound_ip_range_inclusion {
+        if !in_nets(nets, ip) {
+            return Verdict::Pass(Bypass::NotIncluded);
+        }
+    }
+    let _ = is_v4;
+    Verdict::Redirect(target(policy.outbound_port))
+}
+
+/// An inbound TCP connection arriving in the workload's namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundConn {
+    /// The address and port the client dialed (a local address).
+    pub dst: SocketAddr,
+    /// The client is inside the workload (loopback or its own address).
+    pub local_client: bool,
+}
+
+/// What sk_lookup does with an inbound connection: `Redirect(dst)` means
+/// the proxy's inbound listener accepts it and reads `dst` back as the
+/// original destination.
+pub fn evaluate_inbound(policy: &Policy, conn: &InboundConn) -> Verdict {
+    if !policy.inbound {
+        return Verdict::Pass(Bypass::InboundDisabled);
+    }
+    if conn.local_client {
+        return Verdict::Pass(Bypass::LocalClient);
+    }
+    let port = conn.dst.port();
+    if port == policy.inbound_port {
+        return Verdict::Pass(Bypass::ExcludedPort);
+    }
+    if policy.inbound_port_exclusion.contains(&port) {
+        return Verdict::Pass(Bypass::ExcludedPort);
+    }
+    if let Some(ports) = &policy.inbound_port_inclusion {
+        if !ports.contains(&port) {
+            return Verdict::Pass(Bypass::NotIncluded);
+        }
+    }
+    Verdict::Redirect(conn.dst)
 }
 
 /// The map entries that express one workload's policy under `policy_id`.
@@ -119,28 +252,42 @@ pub struct MapEntries {
     pub workload: WorkloadPolicy,
     pub ports: Vec<PortKey>,
     /// (prefix length in trie bits, data).
-    pub cidrs4: Vec<(u32, Cidr4Data)>,
+    pub cidrs: Vec<(u32, CidrData)>,
 }
 
-pub fn cidr4_entry(policy_id: u32, kind: u8, net: &Ipv4Net) -> (u32, Cidr4Data) {
+/// A CIDR trie entry; IPv4 in mapped form.
+pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
+    let (addr, bits) = match canonical_net(*net) {
+        IpNet::V4(n) => (v4_mapped(n.network().octets()), V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len())),
+        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    };
     (
-        CIDR_KEY_PREFIX_BITS + u32::from(net.prefix_len()),
-        Cidr4Data {
-            policy_id_be: policy_id.to_be_bytes(),
-            kind,
-            addr: net.network().octets(),
-            _pad: [0; 3],
-        },
+        CIDR_KEY_PREFIX_BITS + bits,
+        CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] },
     )
 }
 
 pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     let mut f = flags::OUT_ENABLED;
-    if !policy.outbound_ip_range_inclusion.is_empty() {
+    if policy.outbound_ip_range_inclusion.is_some() {
         f |= flags::OUT_INCLUSION_SET;
+    }
+    if policy.outbound_port_inclusion.is_some() {
+        f |= flags::OUT_PORT_INCLUSION_SET;
     }
     if policy.proxy_gid.is_some() {
         f |= flags::MATCH_PROXY_GID;
+    }
+    if policy.inbound {
+        f |= flags::IN_ENABLED;
+    }
+    if policy.inbound_port_inclusion.is_some() {
+        f |= flags::IN_PORT_INCLUSION_SET;
+    }
+    match policy.loopback {
+        LoopbackMode::Osm => {}
+        LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
+        LoopbackMode::Bypass => f |= flags::LOCAL_BYPASS,
     }
     let workload = WorkloadPolicy {
         policy_id,
@@ -149,78 +296,99 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
         proxy_gid: policy.proxy_gid.unwrap_or(u32::MAX),
         outbound_port: policy.outbound_port,
         inbound_port: policy.inbound_port,
-        redirect_ip4: u32::from_ne_bytes(policy.redirect_ip.octets()),
+        redirect_ip4: u32::from_ne_bytes(policy.redirect_ip4.octets()),
+        redirect_ip6: policy.redirect_ip6.octets(),
     };
-    let port = |kind: u8| {
-        move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 }
-    };
-    let mut ports: Vec<PortKey> = policy
-        .outbound_port_exclusion
-        .iter()
-        .map(port(port_kind::OUTBOUND_EXCLUDE))
-        .collect();
+    let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
+    let mut ports: Vec<PortKey> =
+        policy.outbound_port_exclusion.iter().map(port(port_kind::OUTBOUND_EXCLUDE)).collect();
     ports.extend(policy.inbound_port_exclusion.iter().map(port(port_kind::INBOUND_EXCLUDE)));
-    let mut cidrs4: Vec<(u32, Cidr4Data)> = policy
+    for p in policy.outbound_port_inclusion.iter().flatten() {
+        ports.push(port(port_kind::OUTBOUND_INCLUDE)(p));
+    }
+    for p in policy.inbound_port_inclusion.iter().flatten() {
+        ports.push(port(port_kind::INBOUND_INCLUDE)(p));
+    }
+    let mut cidrs: Vec<(u32, CidrData)> = policy
         .outbound_ip_range_exclusion
         .iter()
-        .map(|n| cidr4_entry(policy_id, cidr_kind::OUTBOUND_EXCLUDE, n))
+        .map(|n| cidr_entry(policy_id, cidr_kind::OUTBOUND_EXCLUDE, n))
         .collect();
-    cidrs4.extend(
-        policy
-            .outbound_ip_range_inclusion
-            .iter()
-            .map(|n| cidr4_entry(policy_id, cidr_kind::OUTBOUND_INCLUDE, n)),
-    );
-    MapEntries { workload, ports, cidrs4 }
+    for n in policy.outbound_ip_range_inclusion.iter().flatten() {
+        cidrs.push(cidr_entry(policy_id, cidr_kind::OUTBOUND_INCLUDE, n));
+    }
+    if policy.loopback != LoopbackMode::Osm {
+        for a in &policy.local_addresses {
+            cidrs.push(cidr_entry(policy_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
+        }
+    }
+    MapEntries { workload, ports, cidrs }
 }
 
-/// Evaluates a connection against map *entries* the way the eBPF program
-/// does (exact port lookup, longest-prefix lookups in one trie). Used to
+/// Evaluates a connection against map *entries* the way the eBPF programs
+/// do (exact port lookups, longest-prefix lookups in one trie). Used to
 /// prove that `map_entries` encodes `evaluate` faithfully.
 pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
     let w = &e.workload;
     if conn.protocol != Protocol::Tcp {
         return Verdict::Pass(Bypass::NotTcp);
     }
-    if conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid)
-    {
-        return Verdict::Pass(Bypass::ProxyUid);
-    }
-    let ip = *conn.dst.ip();
-    if ip == Ipv4Addr::LOCALHOST {
-        return Verdict::Pass(Bypass::Localhost);
-    }
-    let key = PortKey {
-        policy_id: w.policy_id,
-        port: conn.dst.port(),
-        kind: port_kind::OUTBOUND_EXCLUDE,
-        _pad: 0,
+    let (ip, port, is_v4) = effective(conn.dst);
+    let addr = match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
     };
-    if e.ports.contains(&key) {
-        return Verdict::Pass(Bypass::ExcludedPort);
-    }
+    let has_port = |kind: u8| e.ports.contains(&PortKey { policy_id: w.policy_id, port, kind, _pad: 0 });
     let trie_hit = |kind: u8| {
-        let probe = cidr4_entry(w.policy_id, kind, &Ipv4Net::new(ip, 32).unwrap()).1;
-        e.cidrs4.iter().any(|(bits, data)| {
+        let probe = CidrData { policy_id_be: w.policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] };
+        e.cidrs.iter().any(|(bits, data)| {
             let bits = *bits as usize;
-            let a = trie_bits(data);
-            let b = trie_bits(&probe);
-            a[..bits] == b[..bits]
+            trie_bits(data)[..bits] == trie_bits(&probe)[..bits]
         })
     };
+    let localhost = if is_v4 { addr[12..] == [127, 0, 0, 1] } else { ip == IpAddr::V6(Ipv6Addr::LOCALHOST) };
+    if has_port(port_kind::OUTBOUND_EXCLUDE) {
+        return Verdict::Pass(Bypass::ExcludedPort);
+    }
+    let to_lo = (is_v4 && addr[12] == 127) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) || trie_hit(cidr_kind::LOCAL_ADDRESS);
+    let target = |p: u16| -> SocketAddr {
+        let v4 = Ipv4Addr::from(w.redirect_ip4.to_ne_bytes());
+        match conn.dst {
+            SocketAddr::V4(_) => SocketAddr::new(v4.into(), p),
+            SocketAddr::V6(_) if is_v4 => SocketAddr::new(v4.to_ipv6_mapped().into(), p),
+            SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::from(w.redirect_ip6).into(), p),
+        }
+    };
+    if w.flags & flags::LOCAL_TO_INBOUND != 0 && to_lo {
+        if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
+            return Verdict::Pass(Bypass::Localhost);
+        }
+        if !localhost {
+            return Verdict::Redirect(target(w.inbound_port));
+        }
+    }
+    if w.flags & flags::LOCAL_BYPASS != 0 && to_lo {
+        return Verdict::Pass(Bypass::Localhost);
+    }
+    if conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid) {
+        return Verdict::Pass(Bypass::ProxyUid);
+    }
+    if localhost {
+        return Verdict::Pass(Bypass::Localhost);
+    }
     if trie_hit(cidr_kind::OUTBOUND_EXCLUDE) {
         return Verdict::Pass(Bypass::ExcludedCidr);
+    }
+    if w.flags & flags::OUT_PORT_INCLUSION_SET != 0 && !has_port(port_kind::OUTBOUND_INCLUDE) {
+        return Verdict::Pass(Bypass::NotIncluded);
     }
     if w.flags & flags::OUT_INCLUSION_SET != 0 && !trie_hit(cidr_kind::OUTBOUND_INCLUDE) {
         return Verdict::Pass(Bypass::NotIncluded);
     }
-    Verdict::Redirect(SocketAddrV4::new(
-        Ipv4Addr::from(w.redirect_ip4.to_ne_bytes()),
-        w.outbound_port,
-    ))
+    Verdict::Redirect(target(w.outbound_port))
 }
 
-fn trie_bits(d: &Cidr4Data) -> Vec<bool> {
+fn trie_bits(d: &CidrData) -> Vec<bool> {
     let bytes: Vec<u8> =
         d.policy_id_be.iter().chain([d.kind].iter()).chain(d.addr.iter()).copied().collect();
     bytes.iter().flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1)).collect()
@@ -232,7 +400,7 @@ mod tests {
     use crate::config::parse_config;
 
     fn conn(uid: u32, dst: &str) -> OutboundConn {
-        OutboundConn { protocol: Protocol::Tcp, uid, gid: uid, dst: dst.parse().unwrap() }
+        OutboundConn::tcp(uid, dst.parse().unwrap())
     }
 
     fn policy(doc: &str) -> Policy {
@@ -302,9 +470,10 @@ workloads:
         let p = policy(DOC);
         let e = map_entries(&p, 7);
         assert_eq!(e.workload.policy_id, 7);
-        assert_eq!(e.ports.len(), 2);
-        assert_eq!(e.cidrs4.len(), 2);
-        assert!(e.cidrs4.iter().all(|(bits, d)| *bits >= 40 && d.policy_id_be == 7u32.to_be_bytes()));
+        // 6379, 7070 outbound; OSM's five reserved inbound ports.
+        assert_eq!(e.ports.len(), 2 + 5);
+        assert_eq!(e.cidrs.len(), 2);
+        assert!(e.cidrs.iter().all(|(bits, d)| *bits >= 40 + 96 && d.policy_id_be == 7u32.to_be_bytes()));
         for dst in ["192.0.2.10:80", "198.51.100.9:80", "203.0.113.10:80", "203.0.113.200:7070"] {
             let c = conn(1000, dst);
             assert_eq!(evaluate_entries(&e, &c), evaluate(&p, &c), "{dst}");

@@ -274,7 +274,8 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
     let log = m.agent.log_text();
     assert!(log.contains("workload `app`") && log.contains("outbound-port-exclusion-list"), "{log}");
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct"), "last good policy lost");
-    assert!(m.probe(1000, "192.0.2.10:8080").starts_with("proxy"), "last good policy lost");
+    let got = m.probe(1000, "192.0.2.10:8080");
+    assert!(got.starts_with("proxy"), "last good policy lost: {got}\n{}", m.agent.log_text());
 
     // Broken YAML: rejected as a whole, state untouched.
     m.write_config("mesh: [not, a, map");
@@ -293,7 +294,7 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
     let maps = Maps::open(&m.pins.path).unwrap();
     assert!(maps.workloads().unwrap().is_empty());
     assert!(maps.port_keys().unwrap().is_empty(), "stale port entries left");
-    assert!(maps.cidr4_keys().unwrap().is_empty(), "stale CIDR entries left");
+    assert!(maps.cidr_keys().unwrap().is_empty(), "stale CIDR entries left");
 }
 
 #[test]
