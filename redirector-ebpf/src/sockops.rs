@@ -159,8 +159,10 @@ fn passive_established(ctx: &SockOpsContext) {
                 Some(p) => *p,
                 None => return,
             };
+            // (a client dialing the inbound port itself reaches the proxy
+            // directly; iptables would report that port, so do we.)
             if policy.flags & flags::IN_ENABLED == 0
-                || !inbound_redirected(&policy, e.local_port)
+                || !(e.local_port == policy.inbound_port || inbound_redirected(&policy, e.local_port))
                 || is_local_peer(e.family, &e.local, &e.remote)
             {
                 return;

@@ -34,7 +34,7 @@ fn run_cases(netns: &Path, cases: &[Case]) -> Result<()> {
     let mut failed = 0;
     for c in cases {
         let dst: SocketAddrV4 = c.dst.parse()?;
-        let got = testkit::probe(netns, c.uid, Proto::Tcp, dst)?;
+        let got = testkit::probe(netns, c.uid, Proto::Tcp, dst.into())?;
         let via_proxy = got.starts_with("proxy ");
         let ok = via_proxy == c.expect_proxy && !got.starts_with("error");
         if !ok {

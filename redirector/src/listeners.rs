@@ -56,21 +56,27 @@ pub fn find_listeners(netns: &Path, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
     let procs = std::fs::read_dir("/proc").context("reading /proc")?;
     for entry in procs.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/net")) else { continue };
-        if ns.dev() != target.dev() || ns.ino() != target.ino() {
-            continue;
-        }
+        // A thread can sit in another namespace than its process leader
+        // (setns), so look at every task.
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         let mut inodes: BTreeMap<u64, u16> = BTreeMap::new();
-        for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
-            if let Ok(t) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-                for ino in listening_inodes(&t, port) {
-                    inodes.insert(ino, family);
+        for task in tasks.flatten() {
+            let t = task.path();
+            let Ok(ns) = std::fs::metadata(t.join("ns/net")) else { continue };
+            if ns.dev() != target.dev() || ns.ino() != target.ino() {
+                continue;
+            }
+            for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+                if let Ok(table) = std::fs::read_to_string(t.join("net").join(file)) {
+                    for ino in listening_inodes(&table, port) {
+                        inodes.insert(ino, family);
+                    }
                 }
             }
+            break;
         }
         if inodes.is_empty() {
-            // Every process of the namespace sees the same table.
-            return Ok(found.into_iter().collect());
+            continue;
         }
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         for fd in fds.flatten() {
@@ -85,9 +91,6 @@ pub fn find_listeners(netns: &Path, port: u16) -> Result<Vec<(u16, OwnedFd)>> {
             if let Ok(owned) = pidfd_getfd(pid, n) {
                 found.insert(*family, owned);
             }
-        }
-        if found.len() == inodes.values().collect::<std::collections::BTreeSet<_>>().len() {
-            break;
         }
     }
     Ok(found.into_iter().collect())

@@ -276,7 +276,7 @@ impl Server {
             l.set_nonblocking(true)?;
             Ok(Box::new(move || match l.accept() {
                 Ok((mut s, _)) => {
-                    let line = match original_dst(&s) {
+                    let line = match original_dst_any(&s) {
                         Ok(a) => format!("proxy {a}\n"),
                         Err(e) => format!("proxy no-original-dst ({e})\n"),
                     };
@@ -295,6 +295,32 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The original destination of an accepted socket, asked the way Envoy
+/// does: `SOL_IPV6, IP6T_SO_ORIGINAL_DST` on an IPv6 connection,
+/// `SOL_IP, SO_ORIGINAL_DST` otherwise.
+pub fn original_dst_any(s: &TcpStream) -> std::io::Result<SocketAddr> {
+    let v6 = matches!(s.local_addr()?, SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_none());
+    if !v6 {
+        return original_dst(s).map(SocketAddr::V4);
+    }
+    // SAFETY: getsockopt into a properly sized sockaddr_in6.
+    unsafe {
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IPV6,
+            80,
+            (&mut sa as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SocketAddr::from((std::net::Ipv6Addr::from(sa.sin6_addr.s6_addr), u16::from_be(sa.sin6_port))))
     }
 }
 
@@ -330,7 +356,7 @@ pub enum Proto {
 
 /// Connects from inside `netns` as `uid` and reports who answered and
 /// what `getpeername()` said: `"<reply> | peer <addr>"`.
-pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddrV4) -> Result<String> {
+pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddr) -> Result<String> {
     in_netns_as(netns, uid, move || -> String {
         let r = match proto {
             Proto::Tcp => (|| -> std::io::Result<String> {
@@ -344,7 +370,7 @@ pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddrV4) -> Result<
             Proto::Udp => (|| -> std::io::Result<String> {
                 // Unconnected: the server's reply comes from its routed
                 // source address, not necessarily the one we sent to.
-                let u = UdpSocket::bind("0.0.0.0:0")?;
+                let u = UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
                 u.set_read_timeout(Some(Duration::from_secs(2)))?;
                 u.send_to(dst.ip().to_string().as_bytes(), dst)?;
                 let mut buf = [0u8; 128];

@@ -41,14 +41,27 @@ struct Managed {
     pins: PinDir,
     config: PathBuf,
     _proxy: Server,
+    _early: Vec<Server>,
     _cgroup: TestCgroup,
     dir: PathBuf,
 }
 
 impl Managed {
     fn start(tag: &str, config_template: &str) -> Managed {
-        let topo = Topology::new(tag).unwrap();
+        Self::start_on(Topology::new(tag).unwrap(), config_template)
+    }
+
+    fn start_on(topo: Topology, config_template: &str) -> Managed {
+        Self::start_with(topo, config_template, |_| Vec::new())
+    }
+
+    /// `before_agent` starts servers inside the workload's cgroup (as a
+    /// pod's processes are) but before the agent runs.
+    fn start_with(topo: Topology, config_template: &str, before_agent: impl FnOnce(&Topology) -> Vec<Server>) -> Managed {
+        let tag = topo.app.name.clone();
+        let tag = tag.as_str();
         let cgroup = TestCgroup::new().unwrap();
+        let early = before_agent(&topo);
         let pins = PinDir::new().unwrap();
         let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
         let dir = tmpdir(tag);
@@ -57,7 +70,7 @@ impl Managed {
         let mut agent =
             AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
-        Managed { topo, agent, pins, config, _proxy: proxy, _cgroup: cgroup, dir }
+        Managed { topo, agent, pins, config, _proxy: proxy, _early: early, _cgroup: cgroup, dir }
     }
 
     fn write_config(&self, template: &str) {
@@ -146,7 +159,7 @@ fn differential(config: &str, cases: &[Case]) {
         let dst: SocketAddrV4 = c.dst.parse().unwrap();
         let run = |topo: &Topology| {
             let ns = if c.from_workload { topo.app.path() } else { topo.peer.path() };
-            testkit::probe(&ns, c.uid, c.proto, dst).unwrap()
+            testkit::probe(&ns, c.uid, c.proto, dst.into()).unwrap()
         };
         let want = run(&ipt.topo);
         let got = run(&bpf.topo);
@@ -420,4 +433,129 @@ fn sighup_reapplies_the_config() {
     assert!(agent.log_text().contains("SIGHUP"));
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+const INBOUND: &str = r#"
+mesh:
+  inboundPortExclusionList: [9090]
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      openservicemesh.io/inbound-port-exclusion-list: "7070"
+"#;
+
+/// Extra servers in the workload for the inbound cases: the application's
+/// own ports (which the proxy must stand in front of, or not).
+fn app_servers(topo: &Topology) -> Vec<Server> {
+    [7070u16, 9090, 15010, 15903]
+        .into_iter()
+        .map(|p| Server::tcp(&topo.app.path(), std::net::SocketAddr::from(([0, 0, 0, 0], p))).unwrap())
+        .collect()
+}
+
+#[test]
+fn differential_inbound_matches_osm_init() {
+    require_root();
+    // Reference: osm-init's PREROUTING rules in one namespace...
+    let reference = IptablesWorkload::start("ri", INBOUND);
+    let _ref_in = Server::proxy(&reference.topo.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap();
+    let _ref_apps = app_servers(&reference.topo);
+    // ...redirector in another, the inbound proxy listening before the
+    // agent starts (found in /proc, not by sockops).
+    let m = Managed::start_with(Topology::new("mi").unwrap(), INBOUND, |t| {
+        let mut v = app_servers(t);
+        v.push(Server::proxy(&t.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap());
+        v
+    });
+    let pod = testkit::addrs::POD_IP;
+    let cases: &[(&str, u16, bool)] = &[
+        ("application port, from the peer", 8080, true),
+        ("mesh inboundPortExclusionList", 9090, true),
+        ("pod annotation inbound-port-exclusion-list", 7070, true),
+        ("reserved 15010", 15010, true),
+        ("reserved 15903", 15903, true),
+        ("the inbound port itself", 15003, true),
+        ("nothing listening", 4444, true),
+    ];
+    let mut failures = Vec::new();
+    for (name, port, _) in cases {
+        let dst: std::net::SocketAddr = format!("{pod}:{port}").parse().unwrap();
+        let want = testkit::probe(&reference.topo.peer.path(), 0, Proto::Tcp, dst).unwrap();
+        let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, dst).unwrap();
+        // Peers differ only in the client port; compare the reply.
+        let reply = |s: &str| s.split(" | ").next().unwrap_or("").to_string();
+        if reply(&want) != reply(&got) {
+            failures.push(format!("{name}: iptables {want:?}, redirector {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}\n{}", m.agent.log_text());
+    // The headline case explicitly: the proxy saw the pod address and port.
+    let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, format!("{pod}:8080").parse().unwrap()).unwrap();
+    assert!(got.starts_with(&format!("proxy {pod}:8080")), "{got}");
+    // The proxy forwarding to the application (proxy UID, own pod IP) is
+    // neither outbound- nor inbound-redirected: no loop.
+    let got = m.probe(1500, &format!("{pod}:8080"));
+    assert!(got.starts_with(&format!("direct {pod}:8080")), "{got}");
+    let maps = Maps::open(&m.pins.path).unwrap();
+    assert_eq!(maps.listener_keys().unwrap().len(), 1, "pre-existing listener not captured");
+}
+
+const DUAL_STACK: &str = r#"
+mesh:
+  outboundIPRangeExclusionList: ["2001:db8:2::/64", "203.0.113.0/25"]
+workloads:
+  - name: app
+    netns: {netns}
+"#;
+
+#[test]
+fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
+    require_root();
+    let topo = Topology::new("v6").unwrap();
+    // IPv6 on the veth (no DAD wait), remotes on the peer's lo.
+    let link = topo.app.exec(&["sh", "-c", "ip -o link show type veth | cut -d: -f2 | cut -d@ -f1"]).unwrap();
+    let plink = topo.peer.exec(&["sh", "-c", "ip -o link show type veth | cut -d: -f2 | cut -d@ -f1"]).unwrap();
+    topo.app.exec(&["ip", "addr", "add", "2001:db8::1/64", "dev", link.trim(), "nodad"]).unwrap();
+    topo.app.exec(&["ip", "-6", "route", "add", "default", "via", "2001:db8::2"]).unwrap();
+    topo.peer.exec(&["ip", "addr", "add", "2001:db8::2/64", "dev", plink.trim(), "nodad"]).unwrap();
+    for a in ["2001:db8:1::10/128", "2001:db8:2::10/128"] {
+        topo.peer.exec(&["ip", "addr", "add", a, "dev", "lo"]).unwrap();
+    }
+    let ap = topo.app.path();
+    let _remote = Server::tcp(&topo.peer.path(), "[::]:9443".parse().unwrap()).unwrap();
+    let m = Managed::start_with(topo, DUAL_STACK, |t| {
+        vec![
+            Server::tcp(&t.app.path(), "[::1]:8081".parse().unwrap()).unwrap(),
+            Server::proxy(&t.app.path(), "[::1]:15001".parse().unwrap()).unwrap(),
+        ]
+    });
+    // The inbound proxy starts after the agent: sockops registers it.
+    let _in6 = Server::proxy(&ap, "[::]:15003".parse().unwrap()).unwrap();
+
+    let got = m.probe(1000, "[2001:db8:1::10]:9443");
+    assert!(got.starts_with("proxy [2001:db8:1::10]:9443 | peer [2001:db8:1::10]:9443"), "IPv6 outbound: {got}");
+    let got = m.probe(1000, "[2001:db8:2::10]:9443");
+    assert!(got.starts_with("direct [2001:db8:2::10]:9443"), "IPv6 CIDR exclusion: {got}");
+    // IPv4-mapped: decided as the IPv4 address, sent to ::ffff:127.0.0.1,
+    // the proxy asks SOL_IP; the application still sees what it dialed.
+    let got = m.probe(1000, "[::ffff:192.0.2.10]:80");
+    assert!(got.starts_with("proxy 192.0.2.10:80 | peer [::ffff:192.0.2.10]:80"), "v4-mapped: {got}");
+    let got = m.probe(1000, "[::ffff:203.0.113.10]:80");
+    assert!(got.starts_with("direct"), "v4-mapped must not bypass... nor be redirected when excluded: {got}");
+    let got = m.probe(1000, "[::ffff:127.0.0.1]:8080");
+    assert!(got.starts_with("direct"), "v4-mapped 127.0.0.1 is 127.0.0.1: {got}");
+    let got = m.probe(1000, "[::1]:8081");
+    assert!(got.starts_with("direct [::1]:8081"), "::1 is like 127.0.0.1: {got}");
+    let got = m.probe(1500, "[2001:db8:1::10]:9443");
+    assert!(got.starts_with("direct"), "proxy UID over IPv6: {got}");
+    // Inbound over IPv6 and (dual-stack listener) IPv4.
+    let got = poll_until(
+        || testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, "[2001:db8::1]:8080".parse().unwrap()).unwrap(),
+        |g| g.starts_with("proxy"),
+    );
+    assert!(got.starts_with("proxy [2001:db8::1]:8080"), "IPv6 inbound: {got}\n{}", m.agent.log_text());
+    let pod = testkit::addrs::POD_IP;
+    let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, format!("{pod}:8080").parse().unwrap()).unwrap();
+    assert!(got.starts_with(&format!("proxy {pod}:8080")), "IPv4 inbound to a [::] proxy: {got}");
 }
