@@ -792,3 +792,90 @@ mod example_file {
         assert_eq!(c.workloads.len(), 1);
     }
 }
+
+#[cfg(test)]
+mod dialects {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn presets_set_identity_ports_and_reserved_ports() {
+        for (name, uid, out, inb) in
+            [("osm", 1500, 15001, 15003), ("istio", 1337, 15001, 15006), ("linkerd", 2102, 4140, 4143), ("kuma", 5678, 15001, 15006)]
+        {
+            let c = parse_config(&format!("mesh:\n  preset: {name}\n")).unwrap();
+            assert_eq!((c.mesh.proxy_uid, c.mesh.outbound_port, c.mesh.inbound_port), (uid, out, inb), "{name}");
+        }
+        let istio = parse_config("mesh:\n  preset: istio\n").unwrap().mesh;
+        assert_eq!(istio.proxy_gid, Some(1337));
+        assert_eq!(istio.reserved_inbound_ports, vec![22, 15020, 15021, 15090]);
+        assert_eq!(istio.loopback, LoopbackMode::ToInbound);
+        // Explicit fields override the preset.
+        let c = parse_config("mesh:\n  preset: istio\n  proxyUID: 1400\n  inboundPort: 15106\n").unwrap();
+        assert_eq!((c.mesh.proxy_uid, c.mesh.inbound_port, c.mesh.proxy_gid), (1400, 15106, Some(1337)));
+        let e = parse_config("mesh:\n  preset: consul\n").unwrap_err();
+        let t = format!("{e:#}");
+        assert!(t.contains("preset") && t.contains("consul") && t.contains("osm, istio, linkerd, kuma"), "{t}");
+    }
+
+    #[test]
+    fn istio_annotations() {
+        use istio_annotations::*;
+        let a = parse_annotations(
+            Preset::Istio,
+            &ann(&[
+                (INCLUDE_OUTBOUND_IP_RANGES, "*"),
+                (EXCLUDE_OUTBOUND_IP_RANGES, "192.0.2.0/24,2001:db8::/32"),
+                (INCLUDE_INBOUND_PORTS, "8080,9090"),
+                (EXCLUDE_OUTBOUND_PORTS, "6379"),
+                // another dialect's key is ignored
+                (osm_annotations::OUTBOUND_PORT_EXCLUSION, "not-a-port"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(a.outbound_ip_range_inclusion_override, Some(Inclusion::All));
+        assert_eq!(a.outbound_ip_range_exclusion.len(), 2);
+        assert_eq!(a.inbound_port_inclusion, Some(Inclusion::Only(vec![8080, 9090])));
+        assert_eq!(a.outbound_port_exclusion, vec![6379]);
+        let none = parse_annotations(Preset::Istio, &ann(&[(INCLUDE_OUTBOUND_IP_RANGES, "")])).unwrap();
+        assert_eq!(none.outbound_ip_range_inclusion_override, Some(Inclusion::Only(vec![])));
+        for (k, bad) in [(INCLUDE_INBOUND_PORTS, "80,x"), (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/40"), (INCLUDE_OUTBOUND_PORTS, "*,80")] {
+            let t = format!("{:#}", parse_annotations(Preset::Istio, &ann(&[(k, bad)])).unwrap_err());
+            assert!(t.contains(k) && t.contains(bad), "{t}");
+        }
+    }
+
+    #[test]
+    fn linkerd_and_kuma_annotations() {
+        let a = parse_annotations(
+            Preset::Linkerd,
+            &ann(&[
+                (linkerd_annotations::SKIP_OUTBOUND_PORTS, "25,4000-4002"),
+                (linkerd_annotations::SKIP_INBOUND_PORTS, "9999"),
+                (linkerd_annotations::SKIP_SUBNETS, "198.51.100.0/24"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(a.outbound_port_exclusion, vec![25, 4000, 4001, 4002]);
+        assert_eq!(a.inbound_port_exclusion, vec![9999]);
+        let t = format!(
+            "{:#}",
+            parse_annotations(Preset::Linkerd, &ann(&[(linkerd_annotations::SKIP_OUTBOUND_PORTS, "5-2")])).unwrap_err()
+        );
+        assert!(t.contains("skip-outbound-ports") && t.contains("5-2"), "{t}");
+        let k = parse_annotations(
+            Preset::Kuma,
+            &ann(&[(kuma_annotations::EXCLUDE_OUTBOUND_PORTS, "5432"), (kuma_annotations::EXCLUDE_INBOUND_PORTS, "8081")]),
+        )
+        .unwrap();
+        assert_eq!((k.outbound_port_exclusion, k.inbound_port_exclusion), (vec![5432], vec![8081]));
+        let t = format!(
+            "{:#}",
+            parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.1")])).unwrap_err()
+        );
+        assert!(t.contains("exclude-inbound-ips") && t.contains("not supported"), "{t}");
+    }
+}
