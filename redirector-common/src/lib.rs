@@ -147,6 +147,13 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
+/// An IPv4 address in the 16-byte fields of `OrigDst` and `TupleKey`
+/// (first four bytes, rest zero).
+#[inline(always)]
+pub const fn v4_in16(v4: [u8; 4]) -> [u8; 16] {
+    [v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
 /// Key of the `LISTENERS` sockhash: the proxy's inbound listening socket of
 /// one workload for one address family.
 #[repr(C)]
@@ -200,26 +207,6 @@ pub struct TupleKey {
     pub _pad: u16,
     pub client_addr: [u8; 16],
     pub proxy_addr: [u8; 16],
-}
-
-impl TupleKey {
-    /// An IPv4 connection; addresses as the kernel hands them (network
-    /// order in a `u32`), ports in host order.
-    #[inline(always)]
-    pub fn v4(netns_cookie: u64, client: u32, client_port: u16, proxy: u32, proxy_port: u16) -> Self {
-        let mut key = TupleKey {
-            netns_cookie,
-            family: AF_INET,
-            client_port,
-            proxy_port,
-            ..TupleKey::default()
-        };
-        let c = client.to_ne_bytes();
-        let p = proxy.to_ne_bytes();
-        key.client_addr = [c[0], c[1], c[2], c[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        key.proxy_addr = [p[0], p[1], p[2], p[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        key
-    }
 }
 
 /// Whether 16 address bytes are `::ffff:a.b.c.d`.

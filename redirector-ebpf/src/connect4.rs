@@ -5,7 +5,8 @@ use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirector_common::{counter, flags, orig_flags, v4_mapped, OrigDst, AF_INET};
+use redirector_common::{
+    v4_in16,counter, flags, orig_flags, v4_mapped, OrigDst, AF_INET};
 
 use crate::{
     decide::{decide, Action, Dst},
@@ -56,7 +57,7 @@ fn try_connect4(ctx: &SockAddrContext) {
         family: AF_INET,
         port_be: sa.user_port as u16,
         flags: orig_flags::APP_SIDE,
-        addr: [v4[0], v4[1], v4[2], v4[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        addr: v4_in16([v4[0], v4[1], v4[2], v4[3]]),
     };
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };
     if slot.is_null() {

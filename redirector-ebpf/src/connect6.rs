@@ -7,6 +7,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirector_common::{
+    v4_in16,
     counter, flags, is_v4_mapped, orig_flags, v4_mapped, OrigDst, AF_INET, AF_INET6,
 };
 
@@ -65,7 +66,7 @@ fn try_connect6(ctx: &SockAddrContext) {
     };
     if is_v4 {
         orig.family = AF_INET;
-        orig.addr = [addr[12], addr[13], addr[14], addr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        orig.addr = v4_in16([addr[12], addr[13], addr[14], addr[15]]);
     }
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };
     if slot.is_null() {

@@ -8,7 +8,8 @@
 //! sk_lookup programs cannot ask for their network namespace, so the agent
 //! loads one instance per workload with `RDR_SELF_NETNS` set to its cookie.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use redirector_common::{counter, flags, ListenerKey, AF_INET, AF_INET6};
+use redirector_common::{
+    v4_in16,counter, flags, ListenerKey, AF_INET, AF_INET6};
 
 use crate::{
     decide::{inbound_redirected, is_local_peer},
@@ -47,8 +48,8 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         let b = l.remote_ip4.to_ne_bytes();
         (
             AF_INET,
-            [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            v4_in16([a[0], a[1], a[2], a[3]]),
+            v4_in16([b[0], b[1], b[2], b[3]]),
         )
     } else if l.family == u32::from(AF_INET6) {
         // One field load each: the verifier refuses a derived context pointer.

@@ -14,6 +14,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use redirector_common::{
+    v4_in16,
     counter, flags, is_v4_mapped, orig_flags, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6,
 };
 
@@ -64,9 +65,9 @@ fn ends(ctx: &SockOpsContext) -> Ends {
         let r = ctx.remote_ip4().to_ne_bytes();
         return Ends {
             family: AF_INET,
-            local: [l[0], l[1], l[2], l[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local: v4_in16([l[0], l[1], l[2], l[3]]),
             local_port,
-            remote: [r[0], r[1], r[2], r[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: v4_in16([r[0], r[1], r[2], r[3]]),
             remote_port,
         };
     }
@@ -75,9 +76,9 @@ fn ends(ctx: &SockOpsContext) -> Ends {
     if is_v4_mapped(&l) && is_v4_mapped(&r) {
         return Ends {
             family: AF_INET,
-            local: [l[12], l[13], l[14], l[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local: v4_in16([l[12], l[13], l[14], l[15]]),
             local_port,
-            remote: [r[12], r[13], r[14], r[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: v4_in16([r[12], r[13], r[14], r[15]]),
             remote_port,
         };
     }

@@ -391,10 +391,19 @@ impl Dataplane {
                 return report;
             }
         };
+        // One read of the listener map per pass, not one per workload.
+        let registered: BTreeSet<u64> = match self.maps.listener_keys() {
+            Ok(keys) => keys.into_iter().map(|k| k.netns_cookie).collect(),
+            Err(e) => {
+                report.errors.push(("maps".into(), e));
+                return report;
+            }
+        };
         for d in desired {
-            if d.policy.inbound {
-                // Cheap when already registered; catches a proxy that
-                // (re)started listening while sockops could not see it.
+            if d.policy.inbound && !registered.contains(&d.cookie) {
+                // Only when nothing is registered for the workload: catches
+                // a proxy that was listening before sockops could see it,
+                // without rescanning /proc for a family the proxy never uses.
                 if let Err(e) = self.capture_listeners(d) {
                     report.errors.push((d.name.clone(), e.context("finding the proxy's inbound listener")));
                 }
@@ -487,23 +496,9 @@ impl Dataplane {
     /// Registers a proxy inbound listener that already existed when the
     /// workload was programmed (sockops sees only new `listen()` calls).
     fn capture_listeners(&mut self, d: &Desired) -> Result<()> {
-        let have: BTreeSet<u32> = self
-            .maps
-            .listener_keys()?
-            .into_iter()
-            .filter(|k| k.netns_cookie == d.cookie)
-            .map(|k| k.family)
-            .collect();
-        if have.contains(&u32::from(redirector_common::AF_INET))
-            && have.contains(&u32::from(redirector_common::AF_INET6))
-        {
-            return Ok(());
-        }
         for (family, fd) in crate::listeners::find_listeners(&d.netns, d.policy.inbound_port)? {
-            if !have.contains(&u32::from(family)) {
-                let key = ListenerKey { netns_cookie: d.cookie, family: u32::from(family), _pad: 0 };
-                self.maps.register_listener(key, &fd)?;
-            }
+            let key = ListenerKey { netns_cookie: d.cookie, family: u32::from(family), _pad: 0 };
+            self.maps.register_listener(key, &fd)?;
         }
         Ok(())
     }
