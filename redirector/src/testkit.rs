@@ -180,20 +180,26 @@ pub fn in_netns_as<T: Send + 'static>(
     let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     std::thread::spawn(move || -> Result<T> {
         enter_netns(&file)?;
-        if uid != 0 {
-            // SAFETY: raw syscalls change only this thread's credentials.
-            unsafe {
-                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
-                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error()).context("setresuid");
-                }
-            }
-        }
+        become_thread(uid)?;
         Ok(f())
     })
     .join()
     .map_err(|_| anyhow!("probe thread panicked"))?
+}
+
+/// Switches the calling thread (only) to `uid`/`gid` = `uid`; 0 is a no-op.
+fn become_thread(uid: u32) -> Result<()> {
+    if uid != 0 {
+        // SAFETY: raw syscalls change only this thread's credentials.
+        unsafe {
+            if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                return Err(std::io::Error::last_os_error()).context("setresuid");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A server thread that answers every connection or datagram with one line.
@@ -286,6 +292,113 @@ impl Server {
                 Err(_) => false,
             }))
         })
+    }
+}
+
+/// Which of Envoy's listeners a [`Server::forwarder`] plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// 15001: forwards to the original destination (or the endpoint a
+    /// service address resolves to) as the proxy user.
+    Outbound,
+    /// 15006: forwards to the original destination from 127.0.0.6, the
+    /// inbound passthrough source of istio-iptables.
+    Inbound,
+}
+
+impl Server {
+    /// A proxy that behaves like Envoy's listeners in REDIRECT mode: reads
+    /// the original destination, connects onwards as `uid`, and answers
+    /// `"<outbound|inbound> <original dst> > <upstream's answer>"`.
+    /// `services` maps a service address to its endpoint (kube-proxy and
+    /// Envoy's load balancing in one line).
+    pub fn forwarder(
+        netns: &Path,
+        addr: SocketAddr,
+        uid: u32,
+        hop: Hop,
+        services: Vec<(SocketAddr, SocketAddr)>,
+    ) -> Result<Self> {
+        Self::start(netns, move || {
+            become_thread(uid)?;
+            let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            l.set_nonblocking(true)?;
+            Ok(Box::new(move || match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let line = match original_dst_any(&s) {
+                        Err(e) => format!("{} no-original-dst ({e})", hop_name(hop)),
+                        Ok(orig) => {
+                            let target = services.iter().find(|(svc, _)| *svc == orig).map_or(orig, |(_, ep)| *ep);
+                            let source = (hop == Hop::Inbound).then(|| SocketAddr::from(([127, 0, 0, 6], 0)));
+                            let upstream = connect_from(source, target).and_then(|mut u| {
+                                u.set_read_timeout(Some(Duration::from_secs(1)))?;
+                                let mut r = String::new();
+                                u.read_to_string(&mut r)?;
+                                Ok(r)
+                            });
+                            match upstream {
+                                Ok(r) => format!("{} {orig} > {}", hop_name(hop), r.trim()),
+                                Err(e) => format!("{} {orig} > error: {e}", hop_name(hop)),
+                            }
+                        }
+                    };
+                    let _ = s.write_all(format!("{line}\n").as_bytes());
+                    true
+                }
+                Err(_) => false,
+            }))
+        })
+    }
+}
+
+fn hop_name(h: Hop) -> &'static str {
+    match h {
+        Hop::Outbound => "outbound",
+        Hop::Inbound => "inbound",
+    }
+}
+
+/// `connect()` with an optional `bind()` first (IPv4), 1 s timeout.
+fn connect_from(source: Option<SocketAddr>, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(SocketAddr::V4(src)) = source else {
+        return TcpStream::connect_timeout(&dst, Duration::from_secs(1));
+    };
+    let SocketAddr::V4(dst) = dst else {
+        return Err(std::io::Error::other("an IPv4 source needs an IPv4 destination"));
+    };
+    let sin = |a: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a fresh socket owned by OwnedFd; sockaddr_in values live
+    // across the calls that read them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let s = sin(src);
+        if libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let d = sin(dst);
+        if libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(TcpStream::from(owned))
     }
 }
 

@@ -11,7 +11,7 @@ use std::{
 use redirector::{
     config::parse_config,
     dataplane::Maps,
-    iptables::osm_init_script,
+    iptables::{istio_nat_listing, listing_to_commands, osm_init_script, IstioOptions},
     policy::compile,
     testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
 };
@@ -40,7 +40,7 @@ struct Managed {
     agent: AgentProcess,
     pins: PinDir,
     config: PathBuf,
-    _proxy: Server,
+    _proxy: Option<Server>,
     _early: Vec<Server>,
     _cgroup: TestCgroup,
     dir: PathBuf,
@@ -58,12 +58,24 @@ impl Managed {
     /// `before_agent` starts servers inside the workload's cgroup (as a
     /// pod's processes are) but before the agent runs.
     fn start_with(topo: Topology, config_template: &str, before_agent: impl FnOnce(&Topology) -> Vec<Server>) -> Managed {
+        Self::start_full(topo, config_template, before_agent, true)
+    }
+
+    /// `default_proxy`: start the answering proxy on 127.0.0.1:15001
+    /// (tests with their own proxies pass false).
+    fn start_full(
+        topo: Topology,
+        config_template: &str,
+        before_agent: impl FnOnce(&Topology) -> Vec<Server>,
+        default_proxy: bool,
+    ) -> Managed {
         let tag = topo.app.name.clone();
         let tag = tag.as_str();
         let cgroup = TestCgroup::new().unwrap();
         let early = before_agent(&topo);
         let pins = PinDir::new().unwrap();
-        let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+        let proxy = default_proxy
+            .then(|| Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap());
         let dir = tmpdir(tag);
         let config = dir.join("config.yaml");
         std::fs::write(&config, render(config_template, &topo.app.path())).unwrap();
@@ -141,13 +153,13 @@ struct Case {
     from_workload: bool,
     uid: u32,
     proto: Proto,
-    dst: &'static str,
+    dst: String,
     /// Expected start of the answer: "proxy <dst>" or "direct …".
-    expect: &'static str,
+    expect: String,
 }
 
-fn case(name: &'static str, uid: u32, dst: &'static str, expect: &'static str) -> Case {
-    Case { name, from_workload: true, uid, proto: Proto::Tcp, dst, expect }
+fn case(name: &'static str, uid: u32, dst: impl Into<String>, expect: impl Into<String>) -> Case {
+    Case { name, from_workload: true, uid, proto: Proto::Tcp, dst: dst.into(), expect: expect.into() }
 }
 
 fn differential(config: &str, cases: &[Case]) {
@@ -165,7 +177,7 @@ fn differential(config: &str, cases: &[Case]) {
         let got = run(&bpf.topo);
         let line = format!("{:<34} iptables: {want:<52} redirector: {got}", c.name);
         println!("{line}");
-        if want != got || !got.starts_with(c.expect) {
+        if want != got || !got.starts_with(&c.expect) {
             failures.push(format!("{line}   (expected to start with {:?})", c.expect));
         }
     }
@@ -220,22 +232,8 @@ fn differential_exclusions_match_osm_init() {
             case("127.0.0.1", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
             case("127.0.0.2 (only /32 exempt)", 1000, "127.0.0.2:8080", "proxy 127.0.0.2:8080"),
             case("own pod IP", 1000, "198.18.0.1:8080", "proxy 198.18.0.1:8080"),
-            Case {
-                name: "UDP untouched",
-                from_workload: true,
-                uid: 1000,
-                proto: Proto::Udp,
-                dst: "192.0.2.10:5353",
-                expect: "direct udp",
-            },
-            Case {
-                name: "unlisted netns",
-                from_workload: false,
-                uid: 1000,
-                proto: Proto::Tcp,
-                dst: "192.0.2.10:80",
-                expect: "direct 192.0.2.10:80",
-            },
+            Case { proto: Proto::Udp, ..case("UDP untouched", 1000, "192.0.2.10:5353", "direct udp") },
+            Case { from_workload: false, ..case("unlisted netns", 1000, "192.0.2.10:80", "direct 192.0.2.10:80") },
         ],
     );
 }
@@ -558,4 +556,94 @@ fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
     let pod = testkit::addrs::POD_IP;
     let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, format!("{pod}:8080").parse().unwrap()).unwrap();
     assert!(got.starts_with(&format!("proxy {pod}:8080")), "IPv4 inbound to a [::] proxy: {got}");
+}
+
+const ISTIO: &str = r#"
+mesh:
+  preset: istio
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      traffic.sidecar.istio.io/excludeOutboundPorts: "6379"
+      traffic.sidecar.istio.io/excludeOutboundIPRanges: "203.0.113.0/25"
+      traffic.sidecar.istio.io/excludeInboundPorts: "7070"
+"#;
+
+/// The pod's service address in the Istio suite (a ClusterIP stand-in).
+const SERVICE: &str = "192.0.2.50:80";
+
+/// An Istio pod: application servers, pilot-agent and ssh ports, Envoy's
+/// admin port on loopback, and Envoy's two listeners as forwarders that
+/// run as UID 1337 (outbound resolves SERVICE to this pod).
+fn istio_pod(t: &Topology) -> Vec<Server> {
+    use testkit::Hop;
+    let app = t.app.path();
+    let pod = testkit::addrs::POD_IP;
+    let mut v: Vec<Server> = [15020u16, 22, 7070]
+        .into_iter()
+        .map(|p| Server::tcp(&app, std::net::SocketAddr::from(([0, 0, 0, 0], p))).unwrap())
+        .collect();
+    v.push(Server::tcp(&app, "127.0.0.1:15000".parse().unwrap()).unwrap());
+    let services = vec![(SERVICE.parse().unwrap(), format!("{pod}:8080").parse().unwrap())];
+    v.push(Server::forwarder(&app, "0.0.0.0:15001".parse().unwrap(), 1337, Hop::Outbound, services).unwrap());
+    v.push(Server::forwarder(&app, "0.0.0.0:15006".parse().unwrap(), 1337, Hop::Inbound, Vec::new()).unwrap());
+    v.push(Server::tcp(&t.peer.path(), "0.0.0.0:15012".parse().unwrap()).unwrap());
+    v
+}
+
+/// Istio differential suite: the exact istio-iptables rule set of seed 001
+/// (REDIRECT mode, generated for the same options) in one namespace, the
+/// agent with `preset: istio` in another, Envoy-like forwarders in both,
+/// and the six traffic types of seed 002 walked end to end.
+#[test]
+fn differential_istio_six_traffic_types() {
+    require_root();
+    let cfg = parse_config(&render(ISTIO, Path::new("/unused"))).unwrap();
+    let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
+    let rules = listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&policy)));
+    let reference = Topology::new("si").unwrap();
+    reference.app.shell(&rules.join(" && ")).expect("istio-iptables rules");
+    let _ref_servers = istio_pod(&reference);
+    let m = Managed::start_full(Topology::new("sb").unwrap(), ISTIO, istio_pod, false);
+
+    let pod = testkit::addrs::POD_IP;
+    let peer = |name, dst: String, expect: &str| Case { from_workload: false, ..case(name, 0, dst, expect) };
+    let to_app = format!("inbound {pod}:8080 > direct {pod}:8080");
+    let cases = [
+        peer("1 remote pod -> local pod", format!("{pod}:8080"), &to_app),
+        case("2 local pod -> remote pod", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+        peer("3 prometheus -> pilot-agent 15020", format!("{pod}:15020"), "direct"),
+        peer("3' ssh 22 (built into istio-iptables)", format!("{pod}:22"), "direct"),
+        case("4 local pod -> own service", 1000, SERVICE, "outbound 192.0.2.50:80 > inbound"),
+        case("4' local pod -> own pod IP", 1000, format!("{pod}:8080"), &to_app),
+        case("5 envoy -> envoy on localhost", 1337, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
+        case("6 sidecar -> istiod", 1337, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+        case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+        case("excludeOutboundPorts", 1000, "192.0.2.10:6379", "direct"),
+        case("excludeOutboundIPRanges", 1000, "203.0.113.10:80", "direct"),
+        case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
+        peer("excludeInboundPorts", format!("{pod}:7070"), "direct"),
+    ];
+    let mut failures = Vec::new();
+    for c in &cases {
+        let dst: std::net::SocketAddr = c.dst.parse().unwrap();
+        let run = |topo: &Topology| {
+            let ns = if c.from_workload { topo.app.path() } else { topo.peer.path() };
+            poll_until(|| testkit::probe(&ns, c.uid, c.proto, dst).unwrap(), |g| !g.starts_with("error"))
+        };
+        let want = run(&reference);
+        let got = run(&m.topo);
+        let line = format!("{:<40} iptables: {want:<70} redirector: {got}", c.name);
+        println!("{line}");
+        if want != got || !got.starts_with(&c.expect) {
+            failures.push(format!("{line}   (expected to start with {:?})", c.expect));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "redirector differs from istio-iptables:\n{}\nagent log:\n{}",
+        failures.join("\n"),
+        m.agent.log_text()
+    );
 }
