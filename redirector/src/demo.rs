@@ -55,6 +55,18 @@ fn run_cases(netns: &Path, cases: &[Case]) -> Result<()> {
     Ok(())
 }
 
+/// Polls `done` every 100 ms for up to 10 s; the error carries the agent log.
+fn wait_for(agent: &AgentProcess, done: impl Fn() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done()? {
+        if std::time::Instant::now() > deadline {
+            bail!("the change did not take effect within 10s; agent log:\n{}", agent.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     let bin = std::env::current_exe()?;
     println!("== redirector demo: workload netns + peer netns (documentation addresses only)");
@@ -82,19 +94,24 @@ pub fn run() -> Result<()> {
                 Case { what: "127.0.0.1 (never redirected)", uid: 1000, dst: "127.0.0.1:8080", expect_proxy: false },
             ],
         )?;
+        println!("-- inbound: the proxy listens on 0.0.0.0:15003 (sockops registers it); connections from the peer netns over the veth:");
+        let _inbound = Server::proxy(&topo.app.path(), "0.0.0.0:15003".parse()?)?;
+        let _reserved = Server::tcp(&topo.app.path(), "0.0.0.0:15010".parse()?)?;
+        wait_for(&agent, || {
+            Ok(testkit::probe(&topo.peer.path(), 0, Proto::Tcp, "198.18.0.1:8080".parse()?)?.starts_with("proxy"))
+        })?;
+        run_cases(
+            &topo.peer.path(),
+            &[
+                Case { what: "peer -> pod :8080 (to the inbound proxy)", uid: 0, dst: "198.18.0.1:8080", expect_proxy: true },
+                Case { what: "peer -> pod :15010 (reserved, not redirected)", uid: 0, dst: "198.18.0.1:15010", expect_proxy: false },
+            ],
+        )?;
         println!("-- live change: annotation now also excludes port 80 (no restart)");
         std::fs::write(&cfg_path, config(&topo.app.path(), ",80"))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let got = testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse()?)?;
-            if got.starts_with("direct") {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("the changed annotation did not take effect within 10s:\n{}", agent.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(&agent, || {
+            Ok(testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse()?)?.starts_with("direct"))
+        })?;
         run_cases(
             &topo.app.path(),
             &[

@@ -40,6 +40,15 @@ pub struct WorkloadView {
     pub inbound_port_exclusions: Vec<u16>,
     pub outbound_ip_range_exclusions: Vec<String>,
     pub outbound_ip_range_inclusions: Vec<String>,
+    /// Only these outbound ports are redirected (None: every port).
+    pub outbound_port_inclusions: Option<Vec<u16>>,
+    /// Only these inbound ports are redirected (None: every port).
+    pub inbound_port_inclusions: Option<Vec<u16>>,
+    pub inbound_enabled: bool,
+    /// The workload's sk_lookup link is pinned (inbound capture attached).
+    pub sk_lookup_attached: bool,
+    /// Address families of the proxy's registered inbound listeners.
+    pub inbound_listeners: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -61,6 +70,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
         }
     }
     let workloads_map = maps.workloads()?;
+    let listeners = maps.listener_keys()?;
     let workloads = workloads_map
         .iter()
         .map(|(cookie, w)| {
@@ -75,6 +85,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             };
             let out_ports = port_list(port_kind::OUTBOUND_EXCLUDE);
             let in_ports = port_list(port_kind::INBOUND_EXCLUDE);
+            let inclusion = |flag, kind| (w.flags & flag != 0).then(|| port_list(kind));
             let cidr_list = |kind| {
                 let mut v: Vec<ipnet::IpNet> = cidrs
                     .iter()
@@ -104,6 +115,15 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 inbound_port_exclusions: in_ports,
                 outbound_ip_range_exclusions: cidr_list(cidr_kind::OUTBOUND_EXCLUDE),
                 outbound_ip_range_inclusions: cidr_list(cidr_kind::OUTBOUND_INCLUDE),
+                outbound_port_inclusions: inclusion(flags::OUT_PORT_INCLUSION_SET, port_kind::OUTBOUND_INCLUDE),
+                inbound_port_inclusions: inclusion(flags::IN_PORT_INCLUSION_SET, port_kind::INBOUND_INCLUDE),
+                inbound_enabled: w.flags & flags::IN_ENABLED != 0,
+                sk_lookup_attached: crate::dataplane::netns_link_pin_path(pin_dir, *cookie).exists(),
+                inbound_listeners: listeners
+                    .iter()
+                    .filter(|k| k.netns_cookie == *cookie)
+                    .map(|k| if k.family == libc::AF_INET6 as u32 { "IPv6 (dual-stack)" } else { "IPv4" })
+                    .collect(),
             }
         })
         .collect();
@@ -116,6 +136,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 n if n == redirector_common::map_names::WORKLOADS => workloads_map.len(),
                 n if n == redirector_common::map_names::PORTS => ports.len(),
                 n if n == redirector_common::map_names::CIDRS => cidrs.len(),
+                n if n == redirector_common::map_names::LISTENERS => listeners.len(),
                 _ => tracked,
             },
             capacity: *capacity,
@@ -168,6 +189,19 @@ pub fn render_text(s: &Snapshot) -> String {
         let _ = writeln!(o, "    outbound IP range exclusions: {}", list(&w.outbound_ip_range_exclusions));
         let _ = writeln!(o, "    outbound IP range inclusions: {}", list(&w.outbound_ip_range_inclusions));
         let _ = writeln!(o, "    inbound port exclusions:      {}", list(&w.inbound_port_exclusions));
+        let only = |v: &Option<Vec<u16>>| v.as_ref().map_or("every port".to_string(), |v| list(v));
+        let _ = writeln!(o, "    outbound ports redirected:    {}", only(&w.outbound_port_inclusions));
+        let _ = writeln!(o, "    inbound ports redirected:     {}", only(&w.inbound_port_inclusions));
+        let _ = writeln!(
+            o,
+            "    inbound capture:              {}",
+            match (w.inbound_enabled, w.sk_lookup_attached, w.inbound_listeners.is_empty()) {
+                (false, _, _) => "off".to_string(),
+                (true, false, _) => "NOT attached (sk_lookup link missing)".to_string(),
+                (true, true, true) => "sk_lookup attached; no proxy listener yet (inbound SYNs dropped)".to_string(),
+                (true, true, false) => format!("sk_lookup attached; proxy listening ({})", w.inbound_listeners.join(", ")),
+            }
+        );
     }
     let _ = writeln!(o, "maps:");
     for m in &s.maps {

@@ -497,6 +497,13 @@ fn differential_inbound_matches_osm_init() {
     assert!(got.starts_with(&format!("direct {pod}:8080")), "{got}");
     let maps = Maps::open(&m.pins.path).unwrap();
     assert_eq!(maps.listener_keys().unwrap().len(), 1, "pre-existing listener not captured");
+    let snap = redirector::inspect::snapshot(&m.pins.path).unwrap();
+    let w = &snap.workloads[0];
+    assert!(w.inbound_enabled && w.sk_lookup_attached, "inspect: inbound capture not shown as attached");
+    assert_eq!(w.inbound_listeners, vec!["IPv4"]);
+    let fill = snap.maps.iter().find(|f| f.name == "RDR_LISTENERS").unwrap();
+    assert_eq!(fill.entries, 1, "inspect counts listeners");
+    assert_eq!(w.inbound_port_exclusions, vec![7070, 9090, 15010, 15901, 15902, 15903, 15904]);
 }
 
 const DUAL_STACK: &str = r#"
