@@ -68,7 +68,13 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    // At run time: `cargo run` sets it for the checkout being run, while
+    // the compile-time value names whichever checkout last built the
+    // binary (several clones may share one target directory).
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().expect("workspace root").to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
