@@ -70,6 +70,12 @@ pub mod flags {
     /// Linkerd's `-o lo -j RETURN`: connections routed through loopback
     /// (127/8, ::1, the workload's own addresses) are never redirected.
     pub const LOCAL_BYPASS: u32 = 1 << 7;
+    /// With `LOCAL_TO_INBOUND`: only the proxy's own loopback connections
+    /// go to the inbound listener; everyone else's return (Kuma's
+    /// `-o lo -m owner --uid-owner 5678` / `! --uid-owner 5678 RETURN`,
+    /// also Istio from 1.10). The outbound CIDR exclusions, which Kuma
+    /// places in OUTPUT ahead of its chain, are checked first.
+    pub const LOCAL_PROXY_ONLY: u32 = 1 << 8;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace
@@ -118,6 +124,9 @@ pub mod cidr_kind {
     pub const OUTBOUND_INCLUDE: u8 = 2;
     /// An address of the workload itself (host route: "-o lo").
     pub const LOCAL_ADDRESS: u8 = 3;
+    /// Inbound connections *from* these sources are not redirected
+    /// (Linkerd's `--subnets-to-ignore`, Kuma's `exclude-inbound-ips`).
+    pub const INBOUND_SOURCE_EXCLUDE: u8 = 4;
 }
 
 /// Data part of the CIDR LPM trie key, for both families. IPv4 addresses and
@@ -243,9 +252,10 @@ pub mod counter {
     pub const INBOUND_NO_LISTENER: u32 = 14;
     pub const LISTENER_REGISTERED: u32 = 15;
     pub const LOCAL_TO_INBOUND: u32 = 16;
+    pub const INBOUND_BYPASS_SOURCE: u32 = 17;
     pub const COUNT: u32 = 24;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 17] = [
+    pub const NAMES: [&str; 18] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -263,6 +273,7 @@ pub mod counter {
         "inbound_dropped_no_listener",
         "listener_registered",
         "local_to_inbound",
+        "inbound_bypass_source",
     ];
 }
 

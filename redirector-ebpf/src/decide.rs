@@ -60,6 +60,10 @@ pub fn decide(policy: &WorkloadPolicy, dst: &Dst) -> Action {
         count(counter::BYPASS_PORT);
         return Action::Pass;
     }
+    if policy.flags & flags::LOCAL_PROXY_ONLY != 0 && cidr_hit(id, cidr_kind::OUTBOUND_EXCLUDE, a) {
+        count(counter::BYPASS_CIDR);
+        return Action::Pass;
+    }
     if policy.flags & (flags::LOCAL_TO_INBOUND | flags::LOCAL_BYPASS) != 0 {
         // "-o lo": the route goes through loopback (127/8, ::1 or one of
         // the workload's own addresses).
@@ -69,6 +73,10 @@ pub fn decide(policy: &WorkloadPolicy, dst: &Dst) -> Action {
             return Action::Pass;
         }
         if to_lo && dst.from_passthrough {
+            count(counter::BYPASS_LOCALHOST);
+            return Action::Pass;
+        }
+        if to_lo && policy.flags & flags::LOCAL_PROXY_ONLY != 0 && !is_proxy(policy) {
             count(counter::BYPASS_LOCALHOST);
             return Action::Pass;
         }

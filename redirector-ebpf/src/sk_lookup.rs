@@ -8,11 +8,10 @@
 //! sk_lookup programs cannot ask for their network namespace, so the agent
 //! loads one instance per workload with `RDR_SELF_NETNS` set to its cookie.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use redirector_common::{
-    v4_in16,counter, flags, ListenerKey, AF_INET, AF_INET6};
+use redirector_common::{cidr_kind, counter, flags, v4_in16, v4_mapped, ListenerKey, AF_INET, AF_INET6};
 
 use crate::{
-    decide::{inbound_redirected, is_local_peer},
+    decide::{cidr_hit, inbound_redirected, is_local_peer},
     maps::{count, words_to_bytes, IPPROTO_TCP, RDR_LISTENERS, RDR_WORKLOADS},
 };
 
@@ -78,6 +77,13 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     }
     if !inbound_redirected(&policy, l.local_port as u16) {
         count(counter::INBOUND_BYPASS_PORT);
+        return SK_PASS;
+    }
+    // Source exclusions live in the CIDR trie, IPv4 in mapped form.
+    let remote_key =
+        if family == AF_INET { v4_mapped([remote[0], remote[1], remote[2], remote[3]]) } else { remote };
+    if cidr_hit(policy.policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, &remote_key) {
+        count(counter::INBOUND_BYPASS_SOURCE);
         return SK_PASS;
     }
     let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };

@@ -70,8 +70,36 @@ pub enum LoopbackMode {
     /// istio-iptables / Kuma: `-o lo -s 127.0.0.6 RETURN`, then
     /// `-o lo ! -d 127.0.0.1 → inbound listener` for every user.
     ToInbound,
+    /// Kuma (and istio-iptables from 1.10): `-o lo -s 127.0.0.6 RETURN`,
+    /// the proxy's `-o lo ! -d 127.0.0.1` to the inbound listener, every
+    /// other user's `-o lo` returns; outbound IP exclusions come first.
+    ProxyToInbound,
     /// Linkerd proxy-init: `-o lo -j RETURN`.
     Bypass,
+}
+
+impl LoopbackMode {
+    pub const ALL: [LoopbackMode; 4] =
+        [LoopbackMode::Osm, LoopbackMode::ToInbound, LoopbackMode::ProxyToInbound, LoopbackMode::Bypass];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoopbackMode::Osm => "osm",
+            LoopbackMode::ToInbound => "to-inbound",
+            LoopbackMode::ProxyToInbound => "proxy-to-inbound",
+            LoopbackMode::Bypass => "bypass",
+        }
+    }
+}
+
+impl std::str::FromStr for LoopbackMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| anyhow!("value {s:?} is not a loopback mode (osm, to-inbound, proxy-to-inbound, bypass)"))
+    }
 }
 
 /// The mesh dialect: proxy identity, ports, reserved ports and the pod
@@ -93,6 +121,9 @@ pub struct PresetDefaults {
     /// Inbound ports never redirected (the proxy's own admin/health ports).
     pub reserved_inbound_ports: &'static [u16],
     pub loopback: LoopbackMode,
+    /// Mesh-wide port exclusions (both directions) of a default install,
+    /// used when the config gives no `outbound/inboundPortExclusionList`.
+    pub port_exclusions: &'static [u16],
 }
 
 impl Preset {
@@ -124,6 +155,7 @@ impl Preset {
                 inbound_port: 15003,
                 reserved_inbound_ports: &[15010, 15901, 15902, 15903, 15904],
                 loopback: LoopbackMode::Osm,
+                port_exclusions: &[],
             },
             // seed 001 (istio-iptables -u 1337, gid = uid, ssh 22) and the
             // injector's -d 15090,15021,15020.
@@ -134,10 +166,13 @@ impl Preset {
                 inbound_port: 15006,
                 reserved_inbound_ports: &[22, 15020, 15021, 15090],
                 loopback: LoopbackMode::ToInbound,
+                port_exclusions: &[],
             },
-            // linkerd2-proxy-init: proxy UID 2102, outbound 4140, inbound
-            // 4143; the injector skips the proxy's control (4190) and admin
-            // (4191) ports inbound.
+            // linkerd2-proxy-init (docs "IPTables Reference"): proxy UID
+            // 2102, outbound 4140, inbound 4143, `-o lo -j RETURN`; the
+            // injector always skips the proxy's control (4190) and admin
+            // (4191) ports inbound, and the chart's proxyInit
+            // ignoreInboundPorts/ignoreOutboundPorts default to 4567,4568.
             Preset::Linkerd => PresetDefaults {
                 proxy_uid: 2102,
                 proxy_gid: None,
@@ -145,15 +180,20 @@ impl Preset {
                 inbound_port: 4143,
                 reserved_inbound_ports: &[4190, 4191],
                 loopback: LoopbackMode::Bypass,
+                port_exclusions: &[4567, 4568],
             },
-            // kuma-dp transparent proxy: UID 5678, outbound 15001, inbound 15006.
+            // kuma-dp transparent proxy (kuma's iptables builder, nat
+            // table): UID 5678, outbound 15001, inbound 15006, the
+            // 127.0.0.6 passthrough, only kuma-dp's loopback connections to
+            // the inbound listener; no inbound ports reserved on Kubernetes.
             Preset::Kuma => PresetDefaults {
                 proxy_uid: 5678,
                 proxy_gid: None,
                 outbound_port: 15001,
                 inbound_port: 15006,
                 reserved_inbound_ports: &[],
-                loopback: LoopbackMode::ToInbound,
+                loopback: LoopbackMode::ProxyToInbound,
+                port_exclusions: &[],
             },
         }
     }
@@ -183,6 +223,8 @@ pub struct MeshConfig {
     /// None: every port.
     pub outbound_port_inclusion: Option<Vec<u16>>,
     pub inbound_port_exclusion: Vec<u16>,
+    /// Inbound connections from these sources are not redirected.
+    pub inbound_source_exclusion: Vec<IpNet>,
     /// None: every port (Istio's `-b *`).
     pub inbound_port_inclusion: Option<Vec<u16>>,
 }
@@ -201,9 +243,10 @@ impl MeshConfig {
             reserved_inbound_ports: d.reserved_inbound_ports.to_vec(),
             outbound_ip_range_exclusion: Vec::new(),
             outbound_ip_range_inclusion: Vec::new(),
-            outbound_port_exclusion: Vec::new(),
+            outbound_port_exclusion: d.port_exclusions.to_vec(),
             outbound_port_inclusion: None,
-            inbound_port_exclusion: Vec::new(),
+            inbound_port_exclusion: d.port_exclusions.to_vec(),
+            inbound_source_exclusion: Vec::new(),
             inbound_port_inclusion: None,
         }
     }
@@ -224,6 +267,8 @@ pub struct WorkloadAnnotations {
     pub outbound_ip_range_exclusion: Vec<IpNet>,
     pub outbound_ip_range_inclusion: Vec<IpNet>,
     pub inbound_port_exclusion: Vec<u16>,
+    /// Inbound connections from these sources are not redirected.
+    pub inbound_source_exclusion: Vec<IpNet>,
     pub outbound_ip_range_inclusion_override: Option<Inclusion<IpNet>>,
     pub outbound_port_inclusion: Option<Inclusion<u16>>,
     pub inbound_port_inclusion: Option<Inclusion<u16>>,
@@ -283,6 +328,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawMesh {
     preset: Option<String>,
+    loopback: Option<String>,
     inbound: Option<bool>,
     #[serde(rename = "proxyUID")]
     proxy_uid: Option<i64>,
@@ -294,10 +340,10 @@ struct RawMesh {
     outbound_ip_range_exclusion_list: Vec<String>,
     #[serde(rename = "outboundIPRangeInclusionList", default)]
     outbound_ip_range_inclusion_list: Vec<String>,
-    #[serde(default)]
-    outbound_port_exclusion_list: Vec<serde_yaml::Value>,
-    #[serde(default)]
-    inbound_port_exclusion_list: Vec<serde_yaml::Value>,
+    outbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
+    inbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
+    #[serde(rename = "inboundSourceIPRangeExclusionList", default)]
+    inbound_source_ip_range_exclusion_list: Vec<String>,
     outbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
     inbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
 }
@@ -450,7 +496,10 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
             Some(v) => Some(ports("inboundPortInclusionList", v)?),
         },
         preset,
-        loopback: d.loopback,
+        loopback: match &raw.loopback {
+            None => d.loopback,
+            Some(s) => s.parse().context("key `loopback`")?,
+        },
         reserved_inbound_ports: d.reserved_inbound_ports,
         outbound_ip_range_exclusion: cidrs(
             "outboundIPRangeExclusionList",
@@ -460,8 +509,18 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
             "outboundIPRangeInclusionList",
             &raw.outbound_ip_range_inclusion_list,
         )?,
-        outbound_port_exclusion: ports("outboundPortExclusionList", &raw.outbound_port_exclusion_list)?,
-        inbound_port_exclusion: ports("inboundPortExclusionList", &raw.inbound_port_exclusion_list)?,
+        inbound_source_exclusion: cidrs(
+            "inboundSourceIPRangeExclusionList",
+            &raw.inbound_source_ip_range_exclusion_list,
+        )?,
+        outbound_port_exclusion: match &raw.outbound_port_exclusion_list {
+            None => d.outbound_port_exclusion,
+            Some(v) => ports("outboundPortExclusionList", v)?,
+        },
+        inbound_port_exclusion: match &raw.inbound_port_exclusion_list {
+            None => d.inbound_port_exclusion,
+            Some(v) => ports("inboundPortExclusionList", v)?,
+        },
     })
 }
 
@@ -615,7 +674,8 @@ pub fn parse_annotations(
                 match k {
                     SKIP_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
                     SKIP_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
-                    SKIP_SUBNETS => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
+                    // proxy-init's --subnets-to-ignore: `-A PROXY_INIT_REDIRECT -s <subnet> -j RETURN`.
+                    SKIP_SUBNETS => out.inbound_source_exclusion = parse_list(k, value, parse_cidr)?,
                     _ => {}
                 }
             }
@@ -627,10 +687,8 @@ pub fn parse_annotations(
                     EXCLUDE_OUTBOUND_IPS => {
                         out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
                     }
-                    EXCLUDE_INBOUND_IPS if !value.trim().is_empty() => bail!(
-                        "annotation `{k}`: value {value:?}: excluding inbound traffic by source address is not supported; \
-                         refusing rather than redirecting differently than Kuma would"
-                    ),
+                    // `-A KUMA_MESH_INBOUND -s <address> -j RETURN`.
+                    EXCLUDE_INBOUND_IPS => out.inbound_source_exclusion = parse_list(k, value, parse_cidr)?,
                     _ => {}
                 }
             }
@@ -861,6 +919,9 @@ mod dialects {
         .unwrap();
         assert_eq!(a.outbound_port_exclusion, vec![25, 4000, 4001, 4002]);
         assert_eq!(a.inbound_port_exclusion, vec![9999]);
+        // proxy-init's --subnets-to-ignore matches the *source* of inbound traffic.
+        assert_eq!(a.inbound_source_exclusion, vec!["198.51.100.0/24".parse::<IpNet>().unwrap()]);
+        assert!(a.outbound_ip_range_exclusion.is_empty());
         let t = format!(
             "{:#}",
             parse_annotations(Preset::Linkerd, &ann(&[(linkerd_annotations::SKIP_OUTBOUND_PORTS, "5-2")])).unwrap_err()
@@ -868,14 +929,38 @@ mod dialects {
         assert!(t.contains("skip-outbound-ports") && t.contains("5-2"), "{t}");
         let k = parse_annotations(
             Preset::Kuma,
-            &ann(&[(kuma_annotations::EXCLUDE_OUTBOUND_PORTS, "5432"), (kuma_annotations::EXCLUDE_INBOUND_PORTS, "8081")]),
+            &ann(&[
+                (kuma_annotations::EXCLUDE_OUTBOUND_PORTS, "5432"),
+                (kuma_annotations::EXCLUDE_INBOUND_PORTS, "8081"),
+                (kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.1,2001:db8::/64"),
+                (kuma_annotations::EXCLUDE_OUTBOUND_IPS, "203.0.113.0/24"),
+            ]),
         )
         .unwrap();
         assert_eq!((k.outbound_port_exclusion, k.inbound_port_exclusion), (vec![5432], vec![8081]));
+        assert_eq!(
+            k.inbound_source_exclusion,
+            vec!["192.0.2.1/32".parse::<IpNet>().unwrap(), "2001:db8::/64".parse().unwrap()]
+        );
+        assert_eq!(k.outbound_ip_range_exclusion, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
         let t = format!(
             "{:#}",
-            parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.1")])).unwrap_err()
+            parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.300")])).unwrap_err()
         );
-        assert!(t.contains("exclude-inbound-ips") && t.contains("not supported"), "{t}");
+        assert!(t.contains("exclude-inbound-ips") && t.contains("192.0.2.300"), "{t}");
+    }
+
+    #[test]
+    fn loopback_mode_and_preset_port_defaults() {
+        let m = parse_config("mesh:\n  preset: linkerd\n").unwrap().mesh;
+        assert_eq!((m.outbound_port_exclusion.clone(), m.inbound_port_exclusion.clone()), (vec![4567, 4568], vec![4567, 4568]));
+        assert_eq!(m.loopback, LoopbackMode::Bypass);
+        let m = parse_config("mesh:\n  preset: linkerd\n  outboundPortExclusionList: []\n").unwrap().mesh;
+        assert!(m.outbound_port_exclusion.is_empty(), "an explicit list replaces the preset's");
+        assert_eq!(parse_config("mesh:\n  preset: kuma\n").unwrap().mesh.loopback, LoopbackMode::ProxyToInbound);
+        let m = parse_config("mesh:\n  preset: istio\n  loopback: proxy-to-inbound\n").unwrap().mesh;
+        assert_eq!(m.loopback, LoopbackMode::ProxyToInbound);
+        let t = format!("{:#}", parse_config("mesh:\n  loopback: sometimes\n").unwrap_err());
+        assert!(t.contains("loopback") && t.contains("sometimes") && t.contains("proxy-to-inbound"), "{t}");
     }
 }

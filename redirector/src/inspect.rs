@@ -40,6 +40,7 @@ pub struct WorkloadView {
     pub inbound_port_exclusions: Vec<u16>,
     pub outbound_ip_range_exclusions: Vec<String>,
     pub outbound_ip_range_inclusions: Vec<String>,
+    pub inbound_source_exclusions: Vec<String>,
     /// Only these outbound ports are redirected (None: every port).
     pub outbound_port_inclusions: Option<Vec<u16>>,
     /// Only these inbound ports are redirected (None: every port).
@@ -115,6 +116,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 inbound_port_exclusions: in_ports,
                 outbound_ip_range_exclusions: cidr_list(cidr_kind::OUTBOUND_EXCLUDE),
                 outbound_ip_range_inclusions: cidr_list(cidr_kind::OUTBOUND_INCLUDE),
+                inbound_source_exclusions: cidr_list(cidr_kind::INBOUND_SOURCE_EXCLUDE),
                 outbound_port_inclusions: inclusion(flags::OUT_PORT_INCLUSION_SET, port_kind::OUTBOUND_INCLUDE),
                 inbound_port_inclusions: inclusion(flags::IN_PORT_INCLUSION_SET, port_kind::INBOUND_INCLUDE),
                 inbound_enabled: w.flags & flags::IN_ENABLED != 0,
@@ -189,6 +191,7 @@ pub fn render_text(s: &Snapshot) -> String {
         let _ = writeln!(o, "    outbound IP range exclusions: {}", list(&w.outbound_ip_range_exclusions));
         let _ = writeln!(o, "    outbound IP range inclusions: {}", list(&w.outbound_ip_range_inclusions));
         let _ = writeln!(o, "    inbound port exclusions:      {}", list(&w.inbound_port_exclusions));
+        let _ = writeln!(o, "    inbound source exclusions:    {}", list(&w.inbound_source_exclusions));
         let only = |v: &Option<Vec<u16>>| v.as_ref().map_or("every port".to_string(), |v| list(v));
         let _ = writeln!(o, "    outbound ports redirected:    {}", only(&w.outbound_port_inclusions));
         let _ = writeln!(o, "    inbound ports redirected:     {}", only(&w.inbound_port_inclusions));

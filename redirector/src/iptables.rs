@@ -198,6 +198,80 @@ pub fn istio_nat_listing(o: &IstioOptions) -> Vec<String> {
     l
 }
 
+/// linkerd2-proxy-init's nat rules for `p` (its "IPTables Reference" and
+/// `FirewallConfiguration`: ignored ports in multiport chunks of 15,
+/// `--subnets-to-ignore` as `-s` RETURNs, proxy UID, `-o lo` RETURN), as
+/// `iptables -t nat` commands. Linkerd has no outbound IP lists and no
+/// inclusion lists; those fields of `p` must be empty.
+pub fn linkerd_commands(p: &Policy) -> Vec<String> {
+    let mut v = vec!["-N PROXY_INIT_REDIRECT".to_string()];
+    for chunk in p.inbound_port_exclusion.iter().copied().collect::<Vec<_>>().chunks(15) {
+        v.push(format!("-A PROXY_INIT_REDIRECT -p tcp --match multiport --dports {} -j RETURN", join(chunk)));
+    }
+    for net in v4_nets(&p.inbound_source_exclusion) {
+        v.push(format!("-A PROXY_INIT_REDIRECT -j RETURN -s {net}"));
+    }
+    v.push(format!("-A PROXY_INIT_REDIRECT -p tcp -j REDIRECT --to-port {}", p.inbound_port));
+    v.push("-A PREROUTING -j PROXY_INIT_REDIRECT".into());
+    v.push("-N PROXY_INIT_OUTPUT".into());
+    v.push(format!("-A PROXY_INIT_OUTPUT -m owner --uid-owner {} -j RETURN", p.proxy_uid));
+    v.push("-A PROXY_INIT_OUTPUT -o lo -j RETURN".into());
+    for chunk in p.outbound_port_exclusion.iter().copied().collect::<Vec<_>>().chunks(15) {
+        v.push(format!("-A PROXY_INIT_OUTPUT -p tcp --match multiport --dports {} -j RETURN", join(chunk)));
+    }
+    v.push(format!("-A PROXY_INIT_OUTPUT -p tcp -j REDIRECT --to-port {}", p.outbound_port));
+    v.push("-A OUTPUT -j PROXY_INIT_OUTPUT".into());
+    v.into_iter().map(|r| format!("iptables -t nat {r}")).collect()
+}
+
+/// Kuma's transparent-proxy nat rules for `p` (kuma's iptables builder,
+/// IPv4, DNS redirection off): outbound IP exclusions in OUTPUT, the
+/// 127.0.0.6 passthrough, only kuma-dp's loopback connections to the
+/// inbound chain, everyone else's loopback returned. Kuma has no outbound
+/// inclusion lists; those fields of `p` must be empty.
+pub fn kuma_commands(p: &Policy) -> Vec<String> {
+    let uid = p.proxy_uid;
+    let mut v: Vec<String> = ["KUMA_MESH_INBOUND", "KUMA_MESH_OUTBOUND", "KUMA_MESH_INBOUND_REDIRECT", "KUMA_MESH_OUTBOUND_REDIRECT"]
+        .iter()
+        .map(|c| format!("-N {c}"))
+        .collect();
+    for net in v4_nets(&p.outbound_ip_range_exclusion) {
+        v.push(format!("-A OUTPUT -d {net} -j RETURN"));
+    }
+    v.push("-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND".into());
+    v.push("-A PREROUTING -p tcp -j KUMA_MESH_INBOUND".into());
+    for net in v4_nets(&p.inbound_source_exclusion) {
+        v.push(format!("-A KUMA_MESH_INBOUND -s {net} -j RETURN"));
+    }
+    for port in &p.inbound_port_exclusion {
+        v.push(format!("-A KUMA_MESH_INBOUND -p tcp --dport {port} -j RETURN"));
+    }
+    v.push("-A KUMA_MESH_INBOUND -p tcp -j KUMA_MESH_INBOUND_REDIRECT".into());
+    for port in &p.outbound_port_exclusion {
+        v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp --dport {port} -j RETURN"));
+    }
+    v.push("-A KUMA_MESH_OUTBOUND -s 127.0.0.6/32 -o lo -j RETURN".into());
+    v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp -o lo ! -d 127.0.0.1/32 -m owner --uid-owner {uid} -j KUMA_MESH_INBOUND_REDIRECT"));
+    v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp -o lo -m owner ! --uid-owner {uid} -j RETURN"));
+    v.push(format!("-A KUMA_MESH_OUTBOUND -m owner --uid-owner {uid} -j RETURN"));
+    v.push("-A KUMA_MESH_OUTBOUND -d 127.0.0.1/32 -j RETURN".into());
+    v.push("-A KUMA_MESH_OUTBOUND -j KUMA_MESH_OUTBOUND_REDIRECT".into());
+    v.push(format!("-A KUMA_MESH_INBOUND_REDIRECT -p tcp -j REDIRECT --to-ports {}", p.inbound_port));
+    v.push(format!("-A KUMA_MESH_OUTBOUND_REDIRECT -p tcp -j REDIRECT --to-ports {}", p.outbound_port));
+    v.into_iter().map(|r| format!("iptables -t nat {r}")).collect()
+}
+
+/// The rule set the mesh's own init container would program for `p`.
+pub fn oracle_commands(preset: crate::config::Preset, p: &Policy) -> Vec<String> {
+    use crate::config::Preset;
+    match preset {
+        Preset::Osm => osm_init_commands(p),
+        Preset::Istio => listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(p))),
+        Preset::Linkerd => linkerd_commands(p),
+        Preset::Kuma => kuma_commands(p),
+    }
+}
+
 /// `iptables -t nat …` commands that build `listing` (policies skipped).
 pub fn listing_to_commands(listing: &[String]) -> Vec<String> {
     listing
@@ -226,6 +300,8 @@ struct Rule {
     out_lo: bool,
     dports: Option<Vec<u16>>,
     uid_owner: Option<u32>,
+    /// `! --uid-owner`
+    uid_negated: bool,
     gid_owner: Option<u32>,
     target: Option<Target>,
 }
@@ -304,8 +380,8 @@ impl NatTable {
 
     /// Walks nat PREROUTING for an inbound connection's first packet
     /// (REDIRECT keeps the address and changes the port).
-    pub fn prerouting(&self, dst: SocketAddrV4) -> NatOutcome {
-        let conn = OutboundConn::tcp(u32::MAX, SocketAddr::V4(dst));
+    pub fn prerouting(&self, src: Ipv4Addr, dst: SocketAddrV4) -> NatOutcome {
+        let conn = OutboundConn { src: Some(IpAddr::V4(src)), ..OutboundConn::tcp(u32::MAX, SocketAddr::V4(dst)) };
         match self.walk("PREROUTING", &conn, &BTreeSet::new(), 0) {
             Some(Walk::Redirect(port)) => NatOutcome::Redirect(SocketAddrV4::new(*dst.ip(), port)),
             _ => NatOutcome::Unchanged,
@@ -378,7 +454,7 @@ fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
         }
     }
     if let Some(uid) = rule.uid_owner {
-        if conn.uid != uid {
+        if (conn.uid == uid) == rule.uid_negated {
             return false;
         }
     }
@@ -407,6 +483,10 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
                 "-d" => {
                     r.dst = Some(next(&mut i)?.parse().context("! -d")?);
                     r.dst_negated = true;
+                }
+                "--uid-owner" => {
+                    r.uid_owner = Some(next(&mut i)?.parse().context("! --uid-owner")?);
+                    r.uid_negated = true;
                 }
                 o => bail!("negation of {o} not modelled"),
             },
@@ -453,6 +533,9 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client of the inbound cases (the peer namespace's address).
+    const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
     use crate::{
         config::{parse_config, MeshConfig, WorkloadAnnotations},
         policy::{compile, evaluate, Verdict},
@@ -486,7 +569,7 @@ mod tests {
         assert_eq!(t.output(&c(0, "54.91.118.50:443"), &none), NatOutcome::Unchanged);
         let udp = OutboundConn { protocol: Protocol::Udp, ..c(0, "192.0.2.1:53") };
         assert_eq!(t.output(&udp, &none), NatOutcome::Unchanged);
-        let inbound = |d: &str| t.prerouting(d.parse().unwrap());
+        let inbound = |d: &str| t.prerouting(PEER, d.parse().unwrap());
         assert_eq!(inbound("198.18.0.1:8080"), NatOutcome::Redirect("198.18.0.1:15003".parse().unwrap()));
         for reserved in OSM_INBOUND_RESERVED {
             assert_eq!(inbound(&format!("198.18.0.1:{reserved}")), NatOutcome::Unchanged);
@@ -527,15 +610,15 @@ mod tests {
         let inbound = NatOutcome::Redirect("127.0.0.1:15006".parse().unwrap());
         // 1: remote pod -> local pod: PREROUTING to 15006; Envoy then
         //    reaches the app from 127.0.0.6 (RULE 1).
-        assert_eq!(t.prerouting("198.18.0.1:8080".parse().unwrap()), NatOutcome::Redirect("198.18.0.1:15006".parse().unwrap()));
+        assert_eq!(t.prerouting(PEER, "198.18.0.1:8080".parse().unwrap()), NatOutcome::Redirect("198.18.0.1:15006".parse().unwrap()));
         let from_passthrough = OutboundConn { src: Some("127.0.0.6".parse().unwrap()), ..c(1337, "198.18.0.1:8080") };
         assert_eq!(t.output(&from_passthrough, &pod), NatOutcome::Unchanged);
         // 2: local pod -> remote pod: app to 15001, Envoy out untouched.
         assert_eq!(t.output(&c(1000, "192.0.2.10:80"), &pod), outbound);
         assert_eq!(t.output(&c(1337, "192.0.2.10:80"), &pod), NatOutcome::Unchanged);
         // 3: Prometheus -> the excluded port.
-        assert_eq!(t.prerouting("198.18.0.1:15020".parse().unwrap()), NatOutcome::Unchanged);
-        assert_eq!(t.prerouting("198.18.0.1:22".parse().unwrap()), NatOutcome::Unchanged);
+        assert_eq!(t.prerouting(PEER, "198.18.0.1:15020".parse().unwrap()), NatOutcome::Unchanged);
+        assert_eq!(t.prerouting(PEER, "198.18.0.1:22".parse().unwrap()), NatOutcome::Unchanged);
         // 4: local pod -> local pod through its service: app to 15001,
         //    Envoy's upstream (own pod IP) to 15006, then 127.0.0.6.
         assert_eq!(t.output(&c(1337, "198.18.0.1:8080"), &pod), inbound);
@@ -610,33 +693,50 @@ mod properties {
         prop::collection::vec(prop::sample::select(PORTS.to_vec()), 0..4)
     }
 
-    fn lists() -> impl Strategy<Value = WorkloadAnnotations> {
-        (ports(), prop::collection::vec(net(), 0..3), prop::collection::vec(net(), 0..3), ports()).prop_map(
-            |(op, ex, inc, ip)| WorkloadAnnotations {
+    /// Random lists, limited to what `preset`'s own init container can
+    /// express (Linkerd: no outbound IP lists; Linkerd/Kuma: no inclusion
+    /// lists; OSM/Istio: no inbound source exclusions).
+    fn lists(preset: Preset) -> impl Strategy<Value = WorkloadAnnotations> {
+        let nets = || prop::collection::vec(net(), 0..3);
+        (ports(), nets(), nets(), ports(), nets()).prop_map(move |(op, ex, inc, ip, src)| {
+            let v4 = |v: Vec<Ipv4Net>| v.into_iter().map(IpNet::V4).collect::<Vec<_>>();
+            let (linkerd, kuma) = (preset == Preset::Linkerd, preset == Preset::Kuma);
+            WorkloadAnnotations {
                 outbound_port_exclusion: op,
-                outbound_ip_range_exclusion: ex.into_iter().map(IpNet::V4).collect(),
-                outbound_ip_range_inclusion: inc.into_iter().map(IpNet::V4).collect(),
+                outbound_ip_range_exclusion: if linkerd { Vec::new() } else { v4(ex) },
+                outbound_ip_range_inclusion: if linkerd || kuma { Vec::new() } else { v4(inc) },
                 inbound_port_exclusion: ip,
+                inbound_source_exclusion: if linkerd || kuma { v4(src) } else { Vec::new() },
                 ..WorkloadAnnotations::default()
-            },
-        )
+            }
+        })
     }
 
     fn policy_for(preset: Preset) -> impl Strategy<Value = Policy> {
-        (lists(), lists(), prop::sample::select(vec![1500u32, 1337]), prop::option::of(Just(1337u32)))
+        (lists(preset), lists(preset), prop::sample::select(vec![1500u32, 1337]), prop::option::of(Just(1337u32)))
             .prop_map(move |(mesh, pod, uid, gid)| {
                 let mesh = MeshConfig {
                     proxy_uid: uid,
-                    // istio-iptables always has a GID rule (-g defaults to -u).
-                    proxy_gid: if preset == Preset::Istio { Some(uid) } else { gid },
+                    proxy_gid: match preset {
+                        // istio-iptables always has a GID rule (-g defaults to -u).
+                        Preset::Istio => Some(uid),
+                        Preset::Osm => gid,
+                        // proxy-init and kuma match the user only.
+                        Preset::Linkerd | Preset::Kuma => None,
+                    },
                     outbound_ip_range_exclusion: mesh.outbound_ip_range_exclusion,
                     outbound_ip_range_inclusion: mesh.outbound_ip_range_inclusion,
                     outbound_port_exclusion: mesh.outbound_port_exclusion,
                     inbound_port_exclusion: mesh.inbound_port_exclusion,
+                    inbound_source_exclusion: mesh.inbound_source_exclusion,
                     ..MeshConfig::for_preset(preset)
                 };
                 compile(&mesh, &pod).with_local_addresses([IpAddr::V4(POD_IP)])
             })
+    }
+
+    fn any_preset_policy() -> impl Strategy<Value = (Preset, Policy)> {
+        prop::sample::select(Preset::ALL.to_vec()).prop_flat_map(|preset| policy_for(preset).prop_map(move |p| (preset, p)))
     }
 
     fn policy() -> impl Strategy<Value = Policy> {
@@ -698,23 +798,25 @@ mod properties {
         }
 
         #[test]
-        fn istio_rules_policy_and_maps_agree(p in policy_for(Preset::Istio), c in conn(), id in 1u32..u32::MAX) {
-            let table = NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&p)))).unwrap();
+        fn every_dialects_rules_policy_and_maps_agree((preset, p) in any_preset_policy(), c in conn(), id in 1u32..u32::MAX) {
+            let table = NatTable::from_commands(&oracle_commands(preset, &p)).unwrap();
             let verdict = evaluate(&p, &c);
             same(table.output(&c, &p.local_addresses), verdict)?;
             prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
         }
 
         #[test]
-        fn inbound_rules_and_policy_agree(p in policy(), q in policy_for(Preset::Istio), port in prop::sample::select(vec![22u16, 80, 8080, 9090, 15003, 15006, 15010, 15020, 15021, 15090, 15901, 15903, 6379])) {
+        fn inbound_rules_and_policy_agree(
+            (preset, policy) in any_preset_policy(),
+            port in prop::sample::select(vec![22u16, 80, 4143, 4190, 4567, 8080, 9090, 15003, 15006, 15010, 15020, 15021, 15090, 15901, 15903, 6379]),
+            src in addr(),
+        ) {
             let dst = SocketAddrV4::new(POD_IP, port);
-            let conn = InboundConn { dst: SocketAddr::V4(dst), local_client: false };
-            for (policy, table) in [
-                (&p, NatTable::from_commands(&osm_init_commands(&p)).unwrap()),
-                (&q, NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&q)))).unwrap()),
-            ] {
-                let oracle = table.prerouting(dst);
-                let verdict = evaluate_inbound(policy, &conn);
+            let conn = InboundConn { dst: SocketAddr::V4(dst), local_client: false, src: IpAddr::V4(src) };
+            {
+                let table = NatTable::from_commands(&oracle_commands(preset, &policy)).unwrap();
+                let oracle = table.prerouting(src, dst);
+                let verdict = evaluate_inbound(&policy, &conn);
                 match (oracle, verdict) {
                     // The proxy accepts on its inbound port and reads `dst` back.
                     (NatOutcome::Redirect(a), Verdict::Redirect(b)) => {

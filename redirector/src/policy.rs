@@ -37,6 +37,8 @@ pub struct Policy {
     pub inbound_port_exclusion: BTreeSet<u16>,
     /// None: every port.
     pub inbound_port_inclusion: Option<BTreeSet<u16>>,
+    /// Inbound connections from these sources are not redirected.
+    pub inbound_source_exclusion: BTreeSet<IpNet>,
     /// The workload's own addresses (the "-o lo" test of `LoopbackMode`);
     /// filled in by the agent from the network namespace.
     pub local_addresses: BTreeSet<IpAddr>,
@@ -87,6 +89,7 @@ pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
         outbound_ip_range_inclusion,
         inbound_port_exclusion,
         inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
+        inbound_source_exclusion: union_nets(&mesh.inbound_source_exclusion, &pod.inbound_source_exclusion),
         local_addresses: BTreeSet::new(),
     }
 }
@@ -177,9 +180,16 @@ pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback(),
     } || policy.local_addresses.contains(&ip);
+    let is_proxy = conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid);
+    if policy.loopback == LoopbackMode::ProxyToInbound && in_nets(&policy.outbound_ip_range_exclusion, ip) {
+        return Verdict::Pass(Bypass::ExcludedCidr);
+    }
     match policy.loopback {
-        LoopbackMode::ToInbound if to_lo => {
+        LoopbackMode::ToInbound | LoopbackMode::ProxyToInbound if to_lo => {
             if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
+                return Verdict::Pass(Bypass::Localhost);
+            }
+            if policy.loopback == LoopbackMode::ProxyToInbound && !is_proxy {
                 return Verdict::Pass(Bypass::Localhost);
             }
             if !localhost {
@@ -189,7 +199,7 @@ pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
         LoopbackMode::Bypass if to_lo => return Verdict::Pass(Bypass::Localhost),
         _ => {}
     }
-    if conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid) {
+    if is_proxy {
         return Verdict::Pass(Bypass::ProxyUid);
     }
     if localhost {
@@ -219,6 +229,8 @@ pub struct InboundConn {
     pub dst: SocketAddr,
     /// The client is inside the workload (loopback or its own address).
     pub local_client: bool,
+    /// The client's address.
+    pub src: IpAddr,
 }
 
 /// What sk_lookup does with an inbound connection: `Redirect(dst)` means
@@ -242,6 +254,9 @@ pub fn evaluate_inbound(policy: &Policy, conn: &InboundConn) -> Verdict {
         if !ports.contains(&port) {
             return Verdict::Pass(Bypass::NotIncluded);
         }
+    }
+    if in_nets(&policy.inbound_source_exclusion, canonical_ip(conn.src)) {
+        return Verdict::Pass(Bypass::ExcludedCidr);
     }
     Verdict::Redirect(conn.dst)
 }
@@ -287,6 +302,7 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     match policy.loopback {
         LoopbackMode::Osm => {}
         LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
+        LoopbackMode::ProxyToInbound => f |= flags::LOCAL_TO_INBOUND | flags::LOCAL_PROXY_ONLY,
         LoopbackMode::Bypass => f |= flags::LOCAL_BYPASS,
     }
     let workload = WorkloadPolicy {
@@ -316,6 +332,9 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
         .collect();
     for n in policy.outbound_ip_range_inclusion.iter().flatten() {
         cidrs.push(cidr_entry(policy_id, cidr_kind::OUTBOUND_INCLUDE, n));
+    }
+    for n in &policy.inbound_source_exclusion {
+        cidrs.push(cidr_entry(policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, n));
     }
     if policy.loopback != LoopbackMode::Osm {
         for a in &policy.local_addresses {
@@ -359,8 +378,15 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
             SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::from(w.redirect_ip6).into(), p),
         }
     };
+    let is_proxy = conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid);
+    if w.flags & flags::LOCAL_PROXY_ONLY != 0 && trie_hit(cidr_kind::OUTBOUND_EXCLUDE) {
+        return Verdict::Pass(Bypass::ExcludedCidr);
+    }
     if w.flags & flags::LOCAL_TO_INBOUND != 0 && to_lo {
         if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
+            return Verdict::Pass(Bypass::Localhost);
+        }
+        if w.flags & flags::LOCAL_PROXY_ONLY != 0 && !is_proxy {
             return Verdict::Pass(Bypass::Localhost);
         }
         if !localhost {
@@ -370,7 +396,7 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
     if w.flags & flags::LOCAL_BYPASS != 0 && to_lo {
         return Verdict::Pass(Bypass::Localhost);
     }
-    if conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid) {
+    if is_proxy {
         return Verdict::Pass(Bypass::ProxyUid);
     }
     if localhost {

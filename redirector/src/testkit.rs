@@ -470,10 +470,18 @@ pub enum Proto {
 /// Connects from inside `netns` as `uid` and reports who answered and
 /// what `getpeername()` said: `"<reply> | peer <addr>"`.
 pub fn probe(netns: &Path, uid: u32, proto: Proto, dst: SocketAddr) -> Result<String> {
+    probe_from(netns, uid, None, proto, dst)
+}
+
+/// [`probe`] from a given source address (TCP, IPv4).
+pub fn probe_from(netns: &Path, uid: u32, src: Option<SocketAddr>, proto: Proto, dst: SocketAddr) -> Result<String> {
     in_netns_as(netns, uid, move || -> String {
         let r = match proto {
             Proto::Tcp => (|| -> std::io::Result<String> {
-                let mut s = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(2))?;
+                let mut s = match src {
+                    None => TcpStream::connect_timeout(&dst, Duration::from_secs(2))?,
+                    Some(_) => connect_from(src, dst)?,
+                };
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
                 let peer = s.peer_addr()?;
                 let mut reply = String::new();

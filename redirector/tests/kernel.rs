@@ -11,7 +11,7 @@ use std::{
 use redirector::{
     config::parse_config,
     dataplane::Maps,
-    iptables::{istio_nat_listing, listing_to_commands, osm_init_script, IstioOptions},
+    iptables::{oracle_commands, osm_init_script},
     policy::compile,
     testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
 };
@@ -156,10 +156,12 @@ struct Case {
     dst: String,
     /// Expected start of the answer: "proxy <dst>" or "direct …".
     expect: String,
+    /// Bind the client to this source address first.
+    src: Option<std::net::SocketAddr>,
 }
 
 fn case(name: &'static str, uid: u32, dst: impl Into<String>, expect: impl Into<String>) -> Case {
-    Case { name, from_workload: true, uid, proto: Proto::Tcp, dst: dst.into(), expect: expect.into() }
+    Case { name, from_workload: true, uid, proto: Proto::Tcp, dst: dst.into(), expect: expect.into(), src: None }
 }
 
 fn differential(config: &str, cases: &[Case]) {
@@ -565,6 +567,70 @@ fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
     assert!(got.starts_with(&format!("proxy {pod}:8080")), "IPv4 inbound to a [::] proxy: {got}");
 }
 
+
+/// The pod's service address in the dialect suites (a ClusterIP stand-in).
+const SERVICE: &str = "192.0.2.50:80";
+
+/// A sidecar pod: application servers, the pilot-agent (15020) and ssh
+/// ports, the proxy's admin port on loopback, and the proxy's two listeners
+/// as Envoy-like forwarders running as `proxy_uid` (outbound resolves
+/// SERVICE to this pod). The peer gets a control-plane server on 15012.
+fn sidecar_pod(t: &Topology, proxy_uid: u32, outbound: u16, inbound: u16) -> Vec<Server> {
+    use testkit::Hop;
+    let app = t.app.path();
+    let pod = testkit::addrs::POD_IP;
+    let any = |p: u16| std::net::SocketAddr::from(([0, 0, 0, 0], p));
+    let mut v: Vec<Server> = [15020u16, 22, 7070].into_iter().map(|p| Server::tcp(&app, any(p)).unwrap()).collect();
+    v.push(Server::tcp(&app, "127.0.0.1:15000".parse().unwrap()).unwrap());
+    let services = vec![(SERVICE.parse().unwrap(), format!("{pod}:8080").parse().unwrap())];
+    v.push(Server::forwarder(&app, any(outbound), proxy_uid, Hop::Outbound, services).unwrap());
+    v.push(Server::forwarder(&app, any(inbound), proxy_uid, Hop::Inbound, Vec::new()).unwrap());
+    v.push(Server::tcp(&t.peer.path(), any(15012)).unwrap());
+    v
+}
+
+/// The mesh's own init-container rules (generated for the same config) in
+/// one namespace, the agent with the same config in another, the same pod
+/// in both; every case must get the same answer from both.
+fn dialect_differential(config: &str, cases: &[Case]) {
+    require_root();
+    let cfg = parse_config(&render(config, Path::new("/unused"))).unwrap();
+    assert!(cfg.rejected.is_empty(), "{:?}", cfg.rejected);
+    let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
+    let rules = oracle_commands(cfg.mesh.preset, &policy);
+    let (uid, out, inb) = (cfg.mesh.proxy_uid, cfg.mesh.outbound_port, cfg.mesh.inbound_port);
+    let reference = Topology::new("di").unwrap();
+    reference.app.shell(&rules.join(" && ")).expect("the mesh's iptables rules");
+    let _ref_servers = sidecar_pod(&reference, uid, out, inb);
+    let m = Managed::start_full(Topology::new("db").unwrap(), config, |t| sidecar_pod(t, uid, out, inb), false);
+    let mut failures = Vec::new();
+    for c in cases {
+        let dst: std::net::SocketAddr = c.dst.parse().unwrap();
+        let run = |topo: &Topology| {
+            let ns = if c.from_workload { topo.app.path() } else { topo.peer.path() };
+            poll_until(|| testkit::probe_from(&ns, c.uid, c.src, c.proto, dst).unwrap(), |g| !g.starts_with("error"))
+        };
+        let want = run(&reference);
+        let got = run(&m.topo);
+        let line = format!("{:<40} iptables: {want:<70} redirector: {got}", c.name);
+        println!("{line}");
+        if want != got || !got.starts_with(&c.expect) {
+            failures.push(format!("{line}   (expected to start with {:?})", c.expect));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "redirector differs from the {} rules:\n{}\nagent log:\n{}",
+        cfg.mesh.preset.name(),
+        failures.join("\n"),
+        m.agent.log_text()
+    );
+}
+
+fn peer_case(name: &'static str, dst: String, expect: impl Into<String>) -> Case {
+    Case { from_workload: false, ..case(name, 0, dst, expect) }
+}
+
 const ISTIO: &str = r#"
 mesh:
   preset: istio
@@ -577,80 +643,111 @@ workloads:
       traffic.sidecar.istio.io/excludeInboundPorts: "7070"
 "#;
 
-/// The pod's service address in the Istio suite (a ClusterIP stand-in).
-const SERVICE: &str = "192.0.2.50:80";
-
-/// An Istio pod: application servers, pilot-agent and ssh ports, Envoy's
-/// admin port on loopback, and Envoy's two listeners as forwarders that
-/// run as UID 1337 (outbound resolves SERVICE to this pod).
-fn istio_pod(t: &Topology) -> Vec<Server> {
-    use testkit::Hop;
-    let app = t.app.path();
-    let pod = testkit::addrs::POD_IP;
-    let mut v: Vec<Server> = [15020u16, 22, 7070]
-        .into_iter()
-        .map(|p| Server::tcp(&app, std::net::SocketAddr::from(([0, 0, 0, 0], p))).unwrap())
-        .collect();
-    v.push(Server::tcp(&app, "127.0.0.1:15000".parse().unwrap()).unwrap());
-    let services = vec![(SERVICE.parse().unwrap(), format!("{pod}:8080").parse().unwrap())];
-    v.push(Server::forwarder(&app, "0.0.0.0:15001".parse().unwrap(), 1337, Hop::Outbound, services).unwrap());
-    v.push(Server::forwarder(&app, "0.0.0.0:15006".parse().unwrap(), 1337, Hop::Inbound, Vec::new()).unwrap());
-    v.push(Server::tcp(&t.peer.path(), "0.0.0.0:15012".parse().unwrap()).unwrap());
-    v
-}
-
 /// Istio differential suite: the exact istio-iptables rule set of seed 001
-/// (REDIRECT mode, generated for the same options) in one namespace, the
-/// agent with `preset: istio` in another, Envoy-like forwarders in both,
-/// and the six traffic types of seed 002 walked end to end.
+/// (REDIRECT mode) vs `preset: istio`, with Envoy-like forwarders as UID
+/// 1337 and the six traffic types of seed 002 walked end to end.
 #[test]
 fn differential_istio_six_traffic_types() {
-    require_root();
-    let cfg = parse_config(&render(ISTIO, Path::new("/unused"))).unwrap();
-    let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
-    let rules = listing_to_commands(&istio_nat_listing(&IstioOptions::from_policy(&policy)));
-    let reference = Topology::new("si").unwrap();
-    reference.app.shell(&rules.join(" && ")).expect("istio-iptables rules");
-    let _ref_servers = istio_pod(&reference);
-    let m = Managed::start_full(Topology::new("sb").unwrap(), ISTIO, istio_pod, false);
-
     let pod = testkit::addrs::POD_IP;
-    let peer = |name, dst: String, expect: &str| Case { from_workload: false, ..case(name, 0, dst, expect) };
     let to_app = format!("inbound {pod}:8080 > direct {pod}:8080");
-    let cases = [
-        peer("1 remote pod -> local pod", format!("{pod}:8080"), &to_app),
-        case("2 local pod -> remote pod", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
-        peer("3 prometheus -> pilot-agent 15020", format!("{pod}:15020"), "direct"),
-        peer("3' ssh 22 (built into istio-iptables)", format!("{pod}:22"), "direct"),
-        case("4 local pod -> own service", 1000, SERVICE, "outbound 192.0.2.50:80 > inbound"),
-        case("4' local pod -> own pod IP", 1000, format!("{pod}:8080"), &to_app),
-        case("5 envoy -> envoy on localhost", 1337, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
-        case("6 sidecar -> istiod", 1337, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
-        case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
-        case("excludeOutboundPorts", 1000, "192.0.2.10:6379", "direct"),
-        case("excludeOutboundIPRanges", 1000, "203.0.113.10:80", "direct"),
-        case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
-        peer("excludeInboundPorts", format!("{pod}:7070"), "direct"),
-    ];
-    let mut failures = Vec::new();
-    for c in &cases {
-        let dst: std::net::SocketAddr = c.dst.parse().unwrap();
-        let run = |topo: &Topology| {
-            let ns = if c.from_workload { topo.app.path() } else { topo.peer.path() };
-            poll_until(|| testkit::probe(&ns, c.uid, c.proto, dst).unwrap(), |g| !g.starts_with("error"))
-        };
-        let want = run(&reference);
-        let got = run(&m.topo);
-        let line = format!("{:<40} iptables: {want:<70} redirector: {got}", c.name);
-        println!("{line}");
-        if want != got || !got.starts_with(&c.expect) {
-            failures.push(format!("{line}   (expected to start with {:?})", c.expect));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "redirector differs from istio-iptables:\n{}\nagent log:\n{}",
-        failures.join("\n"),
-        m.agent.log_text()
+    dialect_differential(
+        ISTIO,
+        &[
+            peer_case("1 remote pod -> local pod", format!("{pod}:8080"), &to_app),
+            case("2 local pod -> remote pod", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+            peer_case("3 prometheus -> pilot-agent 15020", format!("{pod}:15020"), "direct"),
+            peer_case("3' ssh 22 (built into istio-iptables)", format!("{pod}:22"), "direct"),
+            case("4 local pod -> own service", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
+            case("4' local pod -> own pod IP", 1000, format!("{pod}:8080"), &to_app),
+            case("5 envoy -> envoy on localhost", 1337, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
+            case("6 sidecar -> istiod", 1337, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+            case("excludeOutboundPorts", 1000, "192.0.2.10:6379", "direct"),
+            case("excludeOutboundIPRanges", 1000, "203.0.113.10:80", "direct"),
+            case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
+            peer_case("excludeInboundPorts", format!("{pod}:7070"), "direct"),
+        ],
+    );
+}
+
+const KUMA: &str = r#"
+mesh:
+  preset: kuma
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      traffic.kuma.io/exclude-outbound-ports: "6379"
+      traffic.kuma.io/exclude-outbound-ips: "203.0.113.0/25"
+      traffic.kuma.io/exclude-inbound-ports: "7070"
+      traffic.kuma.io/exclude-inbound-ips: "192.0.2.10"
+"#;
+
+/// Kuma differential suite: kuma's transparent-proxy nat rules vs
+/// `preset: kuma` (kuma-dp UID 5678). Differs from seed 001 where Kuma
+/// differs: an application's call to its own pod IP is not sent through
+/// the inbound listener, only kuma-dp's are; inbound sources can be excluded.
+#[test]
+fn differential_kuma() {
+    let pod = testkit::addrs::POD_IP;
+    let to_app = format!("inbound {pod}:8080 > direct {pod}:8080");
+    let from_excluded = Case {
+        src: Some("192.0.2.10:0".parse().unwrap()),
+        ..peer_case("exclude-inbound-ips source", format!("{pod}:8080"), "direct")
+    };
+    dialect_differential(
+        KUMA,
+        &[
+            peer_case("remote -> pod", format!("{pod}:8080"), &to_app),
+            from_excluded,
+            peer_case("exclude-inbound-ports", format!("{pod}:7070"), "direct"),
+            case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+            case("app -> own service (kuma-dp loops to inbound)", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
+            case("app -> own pod IP (not redirected)", 1000, format!("{pod}:8080"), "direct"),
+            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+            case("kuma-dp -> localhost", 5678, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
+            case("kuma-dp -> control plane", 5678, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+            case("exclude-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
+            case("exclude-outbound-ips", 1000, "203.0.113.10:80", "direct"),
+            case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
+        ],
+    );
+}
+
+const LINKERD: &str = r#"
+mesh:
+  preset: linkerd
+workloads:
+  - name: app
+    netns: {netns}
+    annotations:
+      config.linkerd.io/skip-outbound-ports: "6379,7060-7080"
+      config.linkerd.io/skip-inbound-ports: "7070"
+      config.linkerd.io/skip-subnets: "192.0.2.0/24"
+"#;
+
+/// Linkerd differential suite: linkerd2-proxy-init's rules vs `preset:
+/// linkerd` (proxy UID 2102, 4140/4143, every loopback route returned).
+#[test]
+fn differential_linkerd() {
+    let pod = testkit::addrs::POD_IP;
+    let from_skipped = Case {
+        src: Some("192.0.2.10:0".parse().unwrap()),
+        ..peer_case("skip-subnets source", format!("{pod}:8080"), "direct")
+    };
+    dialect_differential(
+        LINKERD,
+        &[
+            peer_case("remote -> pod", format!("{pod}:8080"), format!("inbound {pod}:8080 > direct {pod}:8080")),
+            from_skipped,
+            peer_case("skip-inbound-ports", format!("{pod}:7070"), "direct"),
+            case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+            case("app -> own pod IP (-o lo RETURN)", 1000, format!("{pod}:8080"), "direct"),
+            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+            case("proxy -> remote", 2102, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+            case("skip-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
+            case("skip-outbound-ports range", 1000, "203.0.113.10:7070", "direct"),
+            case("app -> other port", 1000, "203.0.113.10:80", "outbound"),
+        ],
     );
 }
