@@ -565,7 +565,28 @@ fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
     let pod = testkit::addrs::POD_IP;
     let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, format!("{pod}:8080").parse().unwrap()).unwrap();
     assert!(got.starts_with(&format!("proxy {pod}:8080")), "IPv4 inbound to a [::] proxy: {got}");
+
+    // An IPv6 inclusion list, applied live: only 2001:db8:1::/64 goes to
+    // the proxy, in either family nothing else does.
+    m.write_config(DUAL_STACK_INCLUSION);
+    // (192.0.2.10 was redirected under the previous config: wait for it.)
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "IPv4 outside an IPv6-only inclusion list: {got}");
+    let got = m.probe(1000, "[2001:db8:2::10]:9443");
+    assert!(got.starts_with("direct"), "outside the IPv6 inclusion list: {got}");
+    let got = m.probe(1000, "[2001:db8:1::10]:9443");
+    assert!(got.starts_with("proxy [2001:db8:1::10]:9443"), "inside the IPv6 inclusion list: {got}");
+    let got = m.probe(1000, "[::ffff:192.0.2.10]:80");
+    assert!(got.starts_with("direct"), "v4-mapped outside the inclusion list: {got}");
 }
+
+const DUAL_STACK_INCLUSION: &str = r#"
+mesh:
+  outboundIPRangeInclusionList: ["2001:db8:1::/64"]
+workloads:
+  - name: app
+    netns: {netns}
+"#;
 
 
 /// The pod's service address in the dialect suites (a ClusterIP stand-in).
