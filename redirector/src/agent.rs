@@ -116,8 +116,15 @@ fn log_report(report: &ApplyReport) {
 /// Runs until SIGTERM/SIGINT. Programs stay attached after exit (their
 /// links are pinned); `redirector cleanup` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // Handlers first: once a workload is programmed (what `wait-ready`
+    // reports), a SIGHUP must re-read the config, not kill the agent.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let cfg = load_config(&opts.config)?;
     let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
+    crate::probe::require(&crate::probe::probe())?;
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
     info!(
         "attached to cgroup {}, maps and links pinned in {}",
@@ -127,10 +134,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut state = AgentState::default();
     log_report(&reconcile(&mut dp, &cfg, &mut state));
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut tick = tokio::time::interval(opts.poll_interval);
     loop {
         let forced = tokio::select! {

@@ -4,7 +4,8 @@
 //! - [`policy`]: pure desired state and a reference evaluator;
 //! - [`iptables`]: the osm-init rule set, as the oracle;
 //! - [`dataplane`]: the only code that loads programs and writes maps;
-//! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back.
+//! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back;
+//! - [`probe`]: what the running kernel supports.
 pub mod agent;
 pub mod bpf_sys;
 pub mod config;
@@ -14,5 +15,6 @@ pub mod iptables;
 pub mod listeners;
 pub mod netns;
 pub mod policy;
+pub mod probe;
 pub mod sysfs;
 pub mod testkit;

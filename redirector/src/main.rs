@@ -64,6 +64,12 @@ enum Cmd {
     },
     /// A self-contained live demonstration in throwaway namespaces.
     Demo,
+    /// Probe the kernel for every hook and helper the data path needs;
+    /// exits non-zero if a required one is missing.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `30s`, `500ms`, `2m`, or plain seconds.
@@ -139,6 +145,15 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(),
+        Cmd::Probe { json } => {
+            let features = redirector::probe::probe();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&features)?);
+            } else {
+                print!("{}", redirector::probe::render(&features));
+            }
+            redirector::probe::require(&features)
+        }
     }
 }
 

@@ -18,14 +18,41 @@ use redirector::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
 
+/// The agent binary: cargo's, or `REDIRECTOR_BIN` where the tests run
+/// away from the build tree (the kernel-VM guest).
 fn bin() -> &'static Path {
-    Path::new(BIN)
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::var_os("REDIRECTOR_BIN").map_or_else(|| PathBuf::from(BIN), PathBuf::from))
 }
 
-fn require_root() {
+/// Root and bpffs are required; a kernel without the data path's
+/// features makes the caller skip (false), with a `SKIP` line that the
+/// kernel-VM runner counts. `unsupported_kernel_is_refused_clearly`
+/// checks what the agent says on such a kernel.
+#[must_use]
+fn require_kernel() -> bool {
     // SAFETY: getuid has no preconditions.
     assert_eq!(unsafe { libc::getuid() }, 0, "kernel tests need root (run `cargo xtask test`)");
     testkit::ensure_bpffs().expect("bpffs");
+    let missing = missing_features();
+    if !missing.is_empty() {
+        let name = std::thread::current().name().unwrap_or("?").to_string();
+        println!("SKIP {name}: kernel {} lacks {}", redirector::probe::kernel_release(), missing.join(", "));
+    }
+    missing.is_empty()
+}
+
+fn missing_features() -> Vec<String> {
+    static MISSING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    MISSING
+        .get_or_init(|| {
+            redirector::probe::probe()
+                .into_iter()
+                .filter(|f| f.required && !f.supported)
+                .map(|f| format!("{} (Linux {})", f.name, f.since))
+                .collect()
+        })
+        .clone()
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -165,7 +192,9 @@ fn case(name: &'static str, uid: u32, dst: impl Into<String>, expect: impl Into<
 }
 
 fn differential(config: &str, cases: &[Case]) {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let ipt = IptablesWorkload::start("i", config);
     let bpf = Managed::start("b", config);
     let mut failures = Vec::new();
@@ -264,7 +293,9 @@ workloads:
 
 #[test]
 fn live_annotation_change_and_bad_input_keep_last_good_state() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let m = Managed::start("l", EXCLUSIONS);
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
 
@@ -312,7 +343,9 @@ fn live_annotation_change_and_bad_input_keep_last_good_state() {
 
 #[test]
 fn restart_keeps_redirecting_and_cleanup_removes_everything() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let mut m = Managed::start("r", EXCLUSIONS);
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy"));
 
@@ -354,7 +387,9 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
 
 #[test]
 fn wait_ready_fails_closed_with_a_clear_message() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let m = Managed::start("w", EXCLUSIONS);
     // The peer namespace is not a workload: the gate must not open.
     let out = std::process::Command::new(bin())
@@ -381,7 +416,9 @@ fn wait_ready_fails_closed_with_a_clear_message() {
 
 #[test]
 fn workload_given_by_pid_is_redirected() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let topo = Topology::new("p").unwrap();
     let cgroup = TestCgroup::new().unwrap();
     let pins = PinDir::new().unwrap();
@@ -411,7 +448,9 @@ fn workload_given_by_pid_is_redirected() {
 
 #[test]
 fn sighup_reapplies_the_config() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let topo = Topology::new("h").unwrap();
     let cgroup = TestCgroup::new().unwrap();
     let pins = PinDir::new().unwrap();
@@ -456,7 +495,9 @@ fn app_servers(topo: &Topology) -> Vec<Server> {
 
 #[test]
 fn differential_inbound_matches_osm_init() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     // Reference: osm-init's PREROUTING rules in one namespace...
     let reference = IptablesWorkload::start("ri", INBOUND);
     let _ref_in = Server::proxy(&reference.topo.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap();
@@ -518,7 +559,9 @@ workloads:
 
 #[test]
 fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let topo = Topology::new("v6").unwrap();
     // IPv6 on the veth (no DAD wait), remotes on the peer's lo.
     let link = topo.app.exec(&["sh", "-c", "ip -o link show type veth | cut -d: -f2 | cut -d@ -f1"]).unwrap();
@@ -614,7 +657,9 @@ fn sidecar_pod(t: &Topology, proxy_uid: u32, outbound: u16, inbound: u16) -> Vec
 /// one namespace, the agent with the same config in another, the same pod
 /// in both; every case must get the same answer from both.
 fn dialect_differential(config: &str, cases: &[Case]) {
-    require_root();
+    if !require_kernel() {
+        return;
+    }
     let cfg = parse_config(&render(config, Path::new("/unused"))).unwrap();
     assert!(cfg.rejected.is_empty(), "{:?}", cfg.rejected);
     let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
@@ -771,4 +816,50 @@ fn differential_linkerd() {
             case("app -> other port", 1000, "203.0.113.10:80", "outbound"),
         ],
     );
+}
+
+/// `redirector probe` lists every feature; on a kernel that lacks a
+/// required one, `redirector run` refuses before touching anything and
+/// names the feature and the kernel that has it.
+#[test]
+fn unsupported_kernel_is_refused_clearly() {
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(unsafe { libc::getuid() }, 0, "kernel tests need root");
+    testkit::ensure_bpffs().expect("bpffs");
+    let probe = std::process::Command::new(bin()).arg("probe").output().unwrap();
+    let table = String::from_utf8_lossy(&probe.stdout).to_string();
+    println!("{table}");
+    let missing = missing_features();
+    if missing.is_empty() {
+        assert!(probe.status.success(), "{table}{}", String::from_utf8_lossy(&probe.stderr));
+        assert!(!table.contains("MISSING"), "{table}");
+        return;
+    }
+    assert!(!probe.status.success(), "probe must fail when a required feature is missing:\n{table}");
+    let dir = tmpdir("refuse");
+    let cfg = dir.join("config.yaml");
+    std::fs::write(&cfg, "mesh: {}\nworkloads: []\n").unwrap();
+    let pins = PinDir::new().unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .arg("--pin-dir")
+        .arg(&pins.path)
+        .output()
+        .unwrap();
+    drop(cgroup);
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("redirector run on this kernel:\n{err}");
+    assert!(!out.status.success(), "the agent must refuse this kernel");
+    assert!(err.contains("refusing to start") && err.contains("needs Linux"), "{err}");
+    for m in &missing {
+        let name = m.split(" (Linux").next().unwrap();
+        assert!(err.contains(name), "the refusal names {name}: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&pins.path).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "nothing may be pinned after a refusal: {left:?}");
 }
