@@ -172,11 +172,19 @@ fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration)
                     .filter(|(_, ok)| !ok)
                     .map(|(n, _)| n)
                     .collect();
-                if missing.is_empty() {
+                // Inbound capture is part of "programmed": without it a
+                // connection could reach the application around the proxy.
+                let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
+                    && !dataplane::netns_link_pin_path(pin_dir, cookie).exists();
+                if missing.is_empty() && !inbound_missing {
                     println!("ready: {shown} (netns cookie {cookie}) is programmed with policy #{}", w.policy_id);
                     return Ok(());
                 }
-                last_err = format!("programs not attached: {}", missing.join(", "));
+                last_err = if missing.is_empty() {
+                    "inbound capture (sk_lookup) not attached to the namespace yet".to_string()
+                } else {
+                    format!("programs not attached: {}", missing.join(", "))
+                };
             }
             Ok(None) => last_err = "the agent has no policy for this namespace yet".into(),
             Err(e) => last_err = format!("{e:#}"),

@@ -100,6 +100,9 @@ pub mod addrs {
 pub struct Topology {
     pub app: Netns,
     pub peer: Netns,
+    /// The veth ends: in `app`, in `peer`.
+    pub app_link: String,
+    pub peer_link: String,
     _servers: Vec<Server>,
 }
 
@@ -124,7 +127,7 @@ impl Topology {
         }
         servers.push(Server::udp(&peer.path(), SocketAddr::from(([0, 0, 0, 0], addrs::UDP_PORT)))?);
         servers.push(Server::tcp(&app.path(), SocketAddr::from(([0, 0, 0, 0], addrs::LOCAL_PORT)))?);
-        Ok(Self { app, peer, _servers: servers })
+        Ok(Self { app, peer, app_link: va, peer_link: vb, _servers: servers })
     }
 }
 

@@ -37,7 +37,14 @@ fn require_kernel() -> bool {
     let missing = missing_features();
     if !missing.is_empty() {
         let name = std::thread::current().name().unwrap_or("?").to_string();
-        println!("SKIP {name}: kernel {} lacks {}", redirector::probe::kernel_release(), missing.join(", "));
+        // Straight to the stream, past libtest's capture, for the VM runner.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {name}: kernel {} lacks {}",
+            redirector::probe::kernel_release(),
+            missing.join(", ")
+        );
     }
     missing.is_empty()
 }
@@ -564,8 +571,7 @@ fn ipv6_and_v4_mapped_are_redirected_without_bypass() {
     }
     let topo = Topology::new("v6").unwrap();
     // IPv6 on the veth (no DAD wait), remotes on the peer's lo.
-    let link = topo.app.exec(&["sh", "-c", "ip -o link show type veth | cut -d: -f2 | cut -d@ -f1"]).unwrap();
-    let plink = topo.peer.exec(&["sh", "-c", "ip -o link show type veth | cut -d: -f2 | cut -d@ -f1"]).unwrap();
+    let (link, plink) = (topo.app_link.clone(), topo.peer_link.clone());
     topo.app.exec(&["ip", "addr", "add", "2001:db8::1/64", "dev", link.trim(), "nodad"]).unwrap();
     topo.app.exec(&["ip", "-6", "route", "add", "default", "via", "2001:db8::2"]).unwrap();
     topo.peer.exec(&["ip", "addr", "add", "2001:db8::2/64", "dev", plink.trim(), "nodad"]).unwrap();
