@@ -1,7 +1,9 @@
 //! `cargo xtask`: bootstrap a fresh machine, build, test, demo.
 //! Every step is idempotent: what is already there is left alone.
+mod vm;
+
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
 };
 
@@ -30,6 +32,9 @@ enum Task {
     },
     /// A live redirect in throwaway namespaces (needs root).
     Demo,
+    /// The kernel tests inside qemu VMs on Debian's cloud kernels
+    /// (5.10, 6.1, 6.12, newest backport); needs root for apt.
+    VmTest(vm::Args),
 }
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for `map dump`,
@@ -63,6 +68,10 @@ fn main() -> Result<()> {
             build()?;
             let bin = workspace_root().join("target/release/redirector");
             run(Command::new(bin).arg("demo"))
+        }
+        Task::VmTest(args) => {
+            bootstrap()?;
+            vm::vm_test(&args)
         }
     }
 }
