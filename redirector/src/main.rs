@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use redirector::{agent, config, dataplane, inspect, netns, sysfs};
 
+mod bench;
 mod demo;
 
 #[derive(Parser)]
@@ -64,6 +65,15 @@ enum Cmd {
     },
     /// A self-contained live demonstration in throwaway namespaces.
     Demo,
+    /// New-connection rate and latency, outbound and inbound, under no
+    /// redirection, osm-init's iptables rules and redirector, side by side.
+    Bench {
+        /// Two sizes, short rounds: a smoke check (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+    },
     /// Probe the kernel for every hook and helper the data path needs;
     /// exits non-zero if a required one is missing.
     Probe {
@@ -145,6 +155,7 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(),
+        Cmd::Bench { quick, out } => bench::run(quick, &out),
         Cmd::Probe { json } => {
             let features = redirector::probe::probe();
             if json {

@@ -32,6 +32,13 @@ enum Task {
     },
     /// A live redirect in throwaway namespaces (needs root).
     Demo,
+    /// New-connection benchmark: no redirect vs osm-init iptables vs
+    /// redirector, side by side; results in target/bench (needs root).
+    Bench {
+        /// A smoke run (two rule-set sizes, short rounds).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The kernel tests inside qemu VMs on Debian's cloud kernels
     /// (5.10, 6.1, 6.12, newest backport); needs root for apt.
     VmTest(vm::Args),
@@ -66,13 +73,31 @@ fn main() -> Result<()> {
         Task::Demo => {
             bootstrap()?;
             build()?;
-            let bin = workspace_root().join("target/release/redirector");
+            let bin = target_dir().join("release/redirector");
             run(Command::new(bin).arg("demo"))
+        }
+        Task::Bench { quick } => {
+            bootstrap()?;
+            build()?;
+            let mut cmd = Command::new(target_dir().join("release/redirector"));
+            cmd.arg("bench").arg("--out").arg(target_dir().join("bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Task::VmTest(args) => {
             bootstrap()?;
             vm::vm_test(&args)
         }
+    }
+}
+
+/// cargo's target directory: `CARGO_TARGET_DIR` if set, else `target/`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => workspace_root().join(d),
+        None => workspace_root().join("target"),
     }
 }
 

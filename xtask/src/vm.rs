@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::{run, succeeds, workspace_root};
+use crate::{run, succeeds, target_dir, workspace_root};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -96,7 +96,7 @@ const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const RESULT_MARKER: &str = "REDIRECTOR-VM-RESULT";
 
 pub fn vm_test(args: &Args) -> Result<()> {
-    let vm = workspace_root().join("target/vm");
+    let vm = target_dir().join("vm");
     fs::create_dir_all(&vm).with_context(|| format!("creating {}", vm.display()))?;
     let accel = resolve_accel(args.accel)?;
     let mirrors = host_mirrors();
@@ -472,7 +472,7 @@ fn build_guest_binaries() -> Result<Payload> {
         .find_map(json_executable)
         .context("cargo reported no executable for the `kernel` test target")?;
     let payload =
-        Payload { redirector: root.join("target").join(GUEST_TRIPLE).join("release/redirector"), kernel_tests };
+        Payload { redirector: target_dir().join(GUEST_TRIPLE).join("release/redirector"), kernel_tests };
     for bin in [&payload.redirector, &payload.kernel_tests] {
         let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
         if has_interpreter(&elf)? {
