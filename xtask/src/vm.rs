@@ -349,6 +349,8 @@ impl Apt {
         let out = self
             .command("apt-cache")
             .args(["show", what])
+            // command() sends stdout to stderr; here we need it.
+            .stdout(Stdio::piped())
             .output()
             .with_context(|| format!("running apt-cache show {what}"))?;
         if !out.status.success() {
