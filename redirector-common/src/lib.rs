@@ -76,6 +76,9 @@ pub mod flags {
     /// also Istio from 1.10). The outbound CIDR exclusions, which Kuma
     /// places in OUTPUT ahead of its chain, are checked first.
     pub const LOCAL_PROXY_ONLY: u32 = 1 << 8;
+    /// The workload has `INBOUND_SOURCE_EXCLUDE` CIDRs (else sk_lookup
+    /// skips that trie lookup).
+    pub const IN_SOURCE_EXCLUSION_SET: u32 = 1 << 9;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace

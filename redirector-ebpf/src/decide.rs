@@ -60,7 +60,10 @@ pub fn decide(policy: &WorkloadPolicy, dst: &Dst) -> Action {
         count(counter::BYPASS_PORT);
         return Action::Pass;
     }
-    if policy.flags & flags::LOCAL_PROXY_ONLY != 0 && cidr_hit(id, cidr_kind::OUTBOUND_EXCLUDE, a) {
+    // Kuma checks its IP exclusions before the loopback rules, Istio and
+    // OSM after them; either way the trie is looked up once.
+    let exclusions_first = policy.flags & flags::LOCAL_PROXY_ONLY != 0;
+    if exclusions_first && cidr_hit(id, cidr_kind::OUTBOUND_EXCLUDE, a) {
         count(counter::BYPASS_CIDR);
         return Action::Pass;
     }
@@ -93,7 +96,7 @@ pub fn decide(policy: &WorkloadPolicy, dst: &Dst) -> Action {
         count(counter::BYPASS_LOCALHOST);
         return Action::Pass;
     }
-    if cidr_hit(id, cidr_kind::OUTBOUND_EXCLUDE, a) {
+    if !exclusions_first && cidr_hit(id, cidr_kind::OUTBOUND_EXCLUDE, a) {
         count(counter::BYPASS_CIDR);
         return Action::Pass;
     }

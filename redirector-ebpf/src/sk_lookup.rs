@@ -79,12 +79,14 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         count(counter::INBOUND_BYPASS_PORT);
         return SK_PASS;
     }
-    // Source exclusions live in the CIDR trie, IPv4 in mapped form.
-    let remote_key =
-        if family == AF_INET { v4_mapped([remote[0], remote[1], remote[2], remote[3]]) } else { remote };
-    if cidr_hit(policy.policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, &remote_key) {
-        count(counter::INBOUND_BYPASS_SOURCE);
-        return SK_PASS;
+    if policy.flags & flags::IN_SOURCE_EXCLUSION_SET != 0 {
+        // Source exclusions live in the CIDR trie, IPv4 in mapped form.
+        let remote_key =
+            if family == AF_INET { v4_mapped([remote[0], remote[1], remote[2], remote[3]]) } else { remote };
+        if cidr_hit(policy.policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, &remote_key) {
+            count(counter::INBOUND_BYPASS_SOURCE);
+            return SK_PASS;
+        }
     }
     let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
     if RDR_LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {

@@ -299,6 +299,9 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     if policy.inbound_port_inclusion.is_some() {
         f |= flags::IN_PORT_INCLUSION_SET;
     }
+    if !policy.inbound_source_exclusion.is_empty() {
+        f |= flags::IN_SOURCE_EXCLUSION_SET;
+    }
     match policy.loopback {
         LoopbackMode::Osm => {}
         LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
