@@ -57,8 +57,8 @@ struct Report {
 }
 
 /// A proxy stand-in with a blocking accept loop (the test servers poll
-/// every 2 ms, which would be all a latency figure measured): answers
-/// `proxy <original destination>` as the test proxy does.
+/// every 2 ms, which would be all a latency figure measured); answers as
+/// the test proxy does ([`testkit::proxy_answer`]).
 struct BenchProxy {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     wake: SocketAddr,
@@ -91,11 +91,7 @@ impl BenchProxy {
                     break;
                 }
                 let Ok(mut s) = s else { continue };
-                let line = match testkit::original_dst_any(&s) {
-                    Ok(a) => format!("proxy {a}\n"),
-                    Err(e) => format!("proxy no-original-dst ({e})\n"),
-                };
-                let _ = s.write_all(line.as_bytes());
+                let _ = s.write_all(testkit::proxy_answer(&s).as_bytes());
             }
         });
         rx.recv().map_err(|_| anyhow::anyhow!("proxy thread died"))??;
@@ -341,14 +337,15 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// One results row, as printed while running and in `results.md`.
 fn row(s: &Scenario) -> String {
-    let cell = |st: &Stats| format!("{:>8.0}/s p50 {:>6.1} µs p99 {:>7.1} µs", st.rate_per_s, st.p50_us, st.p99_us);
+    let c = |st: &Stats| format!("{:.0} ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us);
     format!(
-        "{:<44} none {} | iptables {} | redirector {} | ratio vs none {:.2}, vs iptables {:.2}",
+        "| {} | {} | {} | {} | {:.2} | {:.2} |",
         s.name,
-        cell(&s.setups[0].1),
-        cell(&s.setups[1].1),
-        cell(&s.setups[2].1),
+        c(&s.setups[0].1),
+        c(&s.setups[1].1),
+        c(&s.setups[2].1),
         s.ratio_vs_none,
         s.ratio_vs_iptables
     )
@@ -361,16 +358,8 @@ fn markdown(r: &Report) -> String {
     );
     o.push_str("| scenario | none conn/s (p50/p99 µs) | iptables conn/s (p50/p99 µs) | redirector conn/s (p50/p99 µs) | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|\n");
     for s in &r.scenarios {
-        let c = |st: &Stats| format!("{:.0} ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us);
-        o.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} |\n",
-            s.name,
-            c(&s.setups[0].1),
-            c(&s.setups[1].1),
-            c(&s.setups[2].1),
-            s.ratio_vs_none,
-            s.ratio_vs_iptables
-        ));
+        o.push_str(&row(s));
+        o.push('\n');
     }
     o
 }

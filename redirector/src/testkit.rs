@@ -285,11 +285,7 @@ impl Server {
             l.set_nonblocking(true)?;
             Ok(Box::new(move || match l.accept() {
                 Ok((mut s, _)) => {
-                    let line = match original_dst_any(&s) {
-                        Ok(a) => format!("proxy {a}\n"),
-                        Err(e) => format!("proxy no-original-dst ({e})\n"),
-                    };
-                    let _ = s.write_all(line.as_bytes());
+                    let _ = s.write_all(proxy_answer(&s).as_bytes());
                     true
                 }
                 Err(_) => false,
@@ -411,6 +407,15 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The test proxy's answer on an accepted connection: `proxy <original
+/// destination>` or `proxy no-original-dst (<error>)`.
+pub fn proxy_answer(s: &TcpStream) -> String {
+    match original_dst_any(s) {
+        Ok(a) => format!("proxy {a}\n"),
+        Err(e) => format!("proxy no-original-dst ({e})\n"),
     }
 }
 

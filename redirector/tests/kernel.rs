@@ -140,7 +140,7 @@ impl Managed {
 }
 
 /// Calls `f` every 50 ms until `done` holds or 10 s pass; returns the last value.
-fn poll_until<T>(f: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+fn poll_until<T>(mut f: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = f();
@@ -847,20 +847,14 @@ fn unsupported_kernel_is_refused_clearly() {
     std::fs::write(&cfg, "mesh: {}\nworkloads: []\n").unwrap();
     let pins = PinDir::new().unwrap();
     let cgroup = TestCgroup::new().unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .arg("--cgroup")
-        .arg(&cgroup.path)
-        .arg("--pin-dir")
-        .arg(&pins.path)
-        .output()
-        .unwrap();
+    let mut agent = AgentProcess::start(bin(), &cfg, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
+    let status = poll_until(|| agent.child.try_wait().unwrap(), Option::is_some);
+    let err = agent.log_text();
+    drop(agent);
     drop(cgroup);
     let _ = std::fs::remove_dir_all(&dir);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
     println!("redirector run on this kernel:\n{err}");
-    assert!(!out.status.success(), "the agent must refuse this kernel");
+    assert!(status.is_some_and(|s| !s.success()), "the agent must refuse this kernel: {status:?}");
     assert!(err.contains("refusing to start") && err.contains("needs Linux"), "{err}");
     for m in &missing {
         let name = m.split(" (Linux").next().unwrap();
