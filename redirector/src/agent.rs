@@ -21,6 +21,7 @@ pub struct RunOptions {
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
     pub poll_interval: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What the agent remembers between passes: the netns cookie of each
@@ -33,7 +34,17 @@ pub struct AgentState {
 
 /// One reconcile pass from a parsed config.
 pub fn reconcile(dp: &mut Dataplane, cfg: &Config, state: &mut AgentState) -> ApplyReport {
-    let mut keep = BTreeSet::new();
+    reconcile_keeping(dp, cfg, state, &BTreeSet::new())
+}
+
+/// [`reconcile`], also keeping the pinned workloads in `extra_keep`.
+pub fn reconcile_keeping(
+    dp: &mut Dataplane,
+    cfg: &Config,
+    state: &mut AgentState,
+    extra_keep: &BTreeSet<u64>,
+) -> ApplyReport {
+    let mut keep = extra_keep.clone();
     let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
     for (name, err) in &cfg.rejected {
         if let Some(c) = state.cookies.get(name) {
@@ -98,11 +109,13 @@ pub fn reconcile(dp: &mut Dataplane, cfg: &Config, state: &mut AgentState) -> Ap
     report
 }
 
-fn log_report(report: &ApplyReport) {
+pub fn log_report(report: &ApplyReport) {
     for (name, e) in &report.errors {
         error!("{name}: {e:#}");
     }
-    info!(
+    let quiet = report.programmed.is_empty() && report.removed == 0 && report.swept == 0 && report.errors.is_empty();
+    log::log!(
+        if quiet { log::Level::Debug } else { log::Level::Info },
         "applied: {} programmed {:?}, {} unchanged, {} removed, {} stale entries swept, {} errors",
         report.programmed.len(),
         report.programmed,
@@ -131,11 +144,39 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         opts.cgroup.display(),
         opts.pin_dir.display()
     );
+    let metrics = crate::metrics::Metrics::new(opts.pin_dir.clone());
+    if let Some(addr) = opts.metrics_addr {
+        // Bind now so a bad address fails the start, not a background task.
+        drop(std::net::TcpListener::bind(addr).with_context(|| format!("binding the status endpoint on {addr}"))?);
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
+                error!("{e:#}");
+            }
+        });
+    }
     let mut state = AgentState::default();
-    log_report(&reconcile(&mut dp, &cfg, &mut state));
+    let pass = |dp: &mut Dataplane, cfg: &Config, state: &mut AgentState| {
+        let started = std::time::Instant::now();
+        let report = reconcile(dp, cfg, state);
+        log_report(&report);
+        metrics.observe_sync(started.elapsed());
+        for _ in &report.errors {
+            metrics.error("apply");
+        }
+        metrics.set_gauge(
+            "workloads_programmed",
+            "Workloads whose policy is in the maps.",
+            (report.programmed.len() + report.unchanged.len()) as u64,
+        );
+        metrics.set_gauge("workloads_rejected", "Workloads whose config entry is invalid.", cfg.rejected.len() as u64);
+        metrics.set_ready(None);
+    };
+    pass(&mut dp, &cfg, &mut state);
 
     let mut tick = tokio::time::interval(opts.poll_interval);
     loop {
+        metrics.heartbeat();
         let forced = tokio::select! {
             _ = hup.recv() => { info!("SIGHUP: re-reading {}", opts.config.display()); true }
             _ = term.recv() => break,
@@ -159,11 +200,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         last_text = text;
         match crate::config::parse_config(&last_text) {
-            Ok(cfg) => log_report(&reconcile(&mut dp, &cfg, &mut state)),
-            Err(e) => error!(
-                "config file {}: {e:#}; keeping the last good configuration",
-                opts.config.display()
-            ),
+            Ok(cfg) => pass(&mut dp, &cfg, &mut state),
+            Err(e) => {
+                metrics.error("invalid_config");
+                error!(
+                    "config file {}: {e:#}; keeping the last good configuration",
+                    opts.config.display()
+                )
+            }
         }
     }
     warn!(

@@ -435,6 +435,38 @@ fn parse_workload(preset: Preset, value: serde_yaml::Value) -> Result<WorkloadSp
     Ok(WorkloadSpec { name: raw.name, netns, annotations })
 }
 
+/// Parses a mesh-wide settings document: the `mesh` mapping of the config
+/// file, as a YAML text (in Kubernetes mode, the ConfigMap's `mesh.yaml`;
+/// `None`: the preset defaults), with `overrides` laid over it key by key
+/// (OSM's MeshConfig `spec.traffic` lists use the same key names).
+pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml::Value)]) -> Result<MeshConfig> {
+    let mut doc = match text {
+        None => serde_yaml::Mapping::new(),
+        Some(t) => match serde_yaml::from_str::<serde_yaml::Value>(t).context("invalid YAML")? {
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            serde_yaml::Value::Mapping(m) => m,
+            other => bail!("expected a mapping of mesh settings, found {}", yaml_kind(&other)),
+        },
+    };
+    for (key, value) in overrides {
+        doc.insert(serde_yaml::Value::String(key.clone()), value.clone());
+    }
+    let raw: RawMesh = serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| anyhow!("{e}"))?;
+    parse_mesh(raw)
+}
+
+fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Null => "nothing",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
+}
+
 fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
     let preset = match &raw.preset {
         None => Preset::Osm,

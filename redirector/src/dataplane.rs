@@ -294,6 +294,41 @@ pub struct Desired {
     pub policy: Policy,
 }
 
+/// The map operations of one pass, as indexes into `desired` and cookies.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Ops {
+    pub program: Vec<usize>,
+    pub unchanged: Vec<usize>,
+    pub remove: Vec<u64>,
+}
+
+/// Pure mark and sweep: what to write so the maps hold exactly `desired`
+/// (plus `keep`), given the cookies `pinned` in the workloads map, what
+/// this agent last wrote (`programmed`; empty after a restart, so every
+/// workload is rewritten once) and the namespaces with an sk_lookup link.
+pub fn diff(
+    pinned: &BTreeSet<u64>,
+    programmed: &StdHashMap<u64, Policy>,
+    inbound_linked: &BTreeSet<u64>,
+    desired: &[Desired],
+    keep: &BTreeSet<u64>,
+) -> Ops {
+    let mut ops = Ops::default();
+    for (i, d) in desired.iter().enumerate() {
+        let in_force = programmed.get(&d.cookie) == Some(&d.policy)
+            && pinned.contains(&d.cookie)
+            && (!d.policy.inbound || inbound_linked.contains(&d.cookie));
+        if in_force {
+            ops.unchanged.push(i);
+        } else {
+            ops.program.push(i);
+        }
+    }
+    let wanted: BTreeSet<u64> = desired.iter().map(|d| d.cookie).collect();
+    ops.remove = pinned.iter().copied().filter(|c| !wanted.contains(c) && !keep.contains(c)).collect();
+    ops
+}
+
 /// The agent's data plane: the loaded object, the maps, and what it last
 /// programmed (so unchanged workloads are left alone).
 pub struct Dataplane {
@@ -383,7 +418,6 @@ impl Dataplane {
     /// whose last good policy stays while their new input is bad).
     pub fn apply(&mut self, desired: &[Desired], keep: &BTreeSet<u64>) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let wanted: BTreeSet<u64> = desired.iter().map(|d| d.cookie).collect();
         let current = match self.maps.workloads() {
             Ok(c) => c,
             Err(e) => {
@@ -408,13 +442,11 @@ impl Dataplane {
                     report.errors.push((d.name.clone(), e.context("finding the proxy's inbound listener")));
                 }
             }
-            if self.programmed.get(&d.cookie) == Some(&d.policy)
-                && current.contains_key(&d.cookie)
-                && (!d.policy.inbound || netns_link_pin_path(&self.pin_dir, d.cookie).exists())
-            {
-                report.unchanged.push(d.name.clone());
-                continue;
-            }
+        }
+        let pinned: BTreeSet<u64> = current.keys().copied().collect();
+        let ops = diff(&pinned, &self.programmed, &self.inbound_links(), desired, keep);
+        report.unchanged = ops.unchanged.iter().map(|i| desired[*i].name.clone()).collect();
+        for d in ops.program.iter().map(|i| &desired[*i]) {
             match self.maps.program_workload(d.cookie, &d.policy) {
                 Ok(_) => {
                     if let Err(e) = self.ensure_inbound(d) {
@@ -432,15 +464,13 @@ impl Dataplane {
                 )),
             }
         }
-        for cookie in current.keys() {
-            if !wanted.contains(cookie) && !keep.contains(cookie) {
-                match self.maps.remove_workload(*cookie) {
-                    Ok(()) => {
-                        self.programmed.remove(cookie);
-                        report.removed += 1;
-                    }
-                    Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
+        for cookie in ops.remove {
+            match self.maps.remove_workload(cookie) {
+                Ok(()) => {
+                    self.programmed.remove(&cookie);
+                    report.removed += 1;
                 }
+                Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
             }
         }
         match self.maps.sweep() {
@@ -462,6 +492,13 @@ impl Dataplane {
             }
         }
         report
+    }
+
+    /// Cookies whose namespace has a pinned sk_lookup link.
+    fn inbound_links(&self) -> BTreeSet<u64> {
+        std::fs::read_dir(self.pin_dir.join("netns"))
+            .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+            .unwrap_or_default()
     }
 
     /// Attaches an `sk_lookup` instance bound to this workload's netns

@@ -12,16 +12,73 @@ mod demo;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    /// Log format: text, or json (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// `run --kube`: Kubernetes as the source of desired state.
+#[derive(clap::Args)]
+struct KubeArgs {
+    /// Watch this node's pods and the mesh settings in the Kubernetes API
+    /// (in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// This node's name (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kube", "true"))]
+    node_name: Option<String>,
+    /// Unix socket for the init containers' `wait-ready --agent-socket`.
+    #[arg(long, default_value = "/var/run/redirector/agent.sock")]
+    agent_socket: PathBuf,
+    /// NAMESPACE/NAME of the ConfigMap whose `mesh.yaml` holds the mesh
+    /// settings ("" for none: preset defaults).
+    #[arg(long, default_value = "redirector-system/redirector-config", value_parser = parse_object_name)]
+    configmap: ObjectName,
+    /// NAMESPACE/NAME of OSM's MeshConfig, read when its CRD is installed
+    /// ("" for none).
+    #[arg(long, default_value = "osm-system/osm-mesh-config", value_parser = parse_object_name)]
+    meshconfig: ObjectName,
+    /// API version of the MeshConfig CRD.
+    #[arg(long, default_value = "v1alpha2")]
+    meshconfig_version: String,
+    /// A pod is meshed when any rule matches: label:KEY[=VALUE],
+    /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
+    /// the preset's injector leaves on a pod).
+    #[arg(long = "meshed-when")]
+    meshed_when: Vec<redirector::k8s::pods::MeshedWhen>,
+    /// How often running pods whose namespace is unknown are looked for in
+    /// /proc.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    resync: Duration,
+    /// This agent's pod name, as the reporting instance of its Events.
+    #[arg(long, env = "POD_NAME", default_value = "redirector")]
+    pod_name: String,
+}
+
+#[derive(Clone, Debug)]
+struct ObjectName(Option<(String, String)>);
+
+fn parse_object_name(s: &str) -> Result<ObjectName, String> {
+    if s.is_empty() {
+        return Ok(ObjectName(None));
+    }
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ObjectName(Some((ns.to_string(), name.to_string()))))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME (or \"\" for none)")),
+    }
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load and attach the programs, program the config's workloads, and keep
-    /// them in sync (SIGHUP or a change of the file re-applies it).
+    /// Load and attach the programs and keep the workloads programmed: those
+    /// of a config file (SIGHUP or a change of the file re-applies it), or,
+    /// with --kube, the meshed pods of this node.
     Run {
         /// YAML config file (see README: Config reference).
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+        config: Option<PathBuf>,
         /// cgroup-v2 directory to attach to (default: the cgroup2 mount).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -30,6 +87,11 @@ enum Cmd {
         /// How often the config file is checked for changes.
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         poll_interval: Duration,
+        /// Serve /healthz, /readyz and /metrics on this address.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Validate a config file without touching the kernel.
     Check {
@@ -37,16 +99,24 @@ enum Cmd {
         config: PathBuf,
     },
     /// Exit 0 once the workload in this network namespace is programmed
-    /// (the init-container gate); non-zero on timeout.
+    /// (the init-container gate); non-zero on timeout, so it fails closed.
     WaitReady {
         /// Network namespace path (/run/netns/NAME or /proc/PID/ns/net);
         /// default: this process's own.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_socket")]
         netns: Option<PathBuf>,
         #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Kubernetes mode: ask the node agent over this unix socket (it
+        /// takes the namespace from this process) instead of reading the
+        /// pinned maps.
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+        /// This pod's UID (downward API `metadata.uid`), with --agent-socket.
+        #[arg(long, env = "POD_UID")]
+        pod_uid: Option<String>,
     },
     /// Show the programmed state: programs, workloads, lists, map fill, counters.
     Inspect {
@@ -99,22 +169,41 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    if let Err(e) = real_main() {
+    let cli = Cli::parse();
+    redirector::logging::init(cli.log_format == "json");
+    if let Err(e) = real_main(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn real_main() -> Result<()> {
-    match Cli::parse().command {
-        Cmd::Run { config, cgroup, pin_dir, poll_interval } => {
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, kube } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => sysfs::cgroup2_root()?,
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(agent::run(agent::RunOptions { config, cgroup, pin_dir, poll_interval }))
+            match config {
+                Some(config) => {
+                    rt.block_on(agent::run(agent::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))
+                }
+                None => rt.block_on(redirector::k8s::agent::run(redirector::k8s::agent::KubeOptions {
+                    node_name: kube.node_name.unwrap_or_default(),
+                    cgroup,
+                    pin_dir,
+                    socket: kube.agent_socket,
+                    metrics_addr,
+                    configmap: kube.configmap.0,
+                    meshconfig: kube.meshconfig.0,
+                    meshconfig_version: kube.meshconfig_version,
+                    meshed_when: kube.meshed_when,
+                    proc_root: PathBuf::from("/proc"),
+                    resync: kube.resync,
+                    instance: kube.pod_name,
+                })),
+            }
         }
         Cmd::Check { config } => {
             let cfg = config::load_config(&config)?;
@@ -139,7 +228,13 @@ fn real_main() -> Result<()> {
             println!("config {} is valid", config.display());
             Ok(())
         }
-        Cmd::WaitReady { netns: ns, pin_dir, timeout } => wait_ready(ns, &pin_dir, timeout),
+        Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
+            let uid = pod_uid.ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
+            let msg = redirector::k8s::registry::wait_ready(&socket, &uid, timeout)?;
+            println!("ready: {msg}");
+            Ok(())
+        }
+        Cmd::WaitReady { netns: ns, pin_dir, timeout, .. } => wait_ready(ns, &pin_dir, timeout),
         Cmd::Inspect { json, pin_dir } => {
             let s = inspect::snapshot(&pin_dir)?;
             if json {

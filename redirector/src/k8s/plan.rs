@@ -1,0 +1,306 @@
+//! Policy for Kubernetes mode, pure: from the pods on the node, the mesh
+//! settings, the network namespaces found so far and the cookies pinned in
+//! the maps, to the workloads to program, the cookies that must be kept,
+//! and the Events to publish. No I/O; unit-tested without a kernel.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use crate::config::{parse_annotations, MeshConfig, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+
+use super::pods::{is_meshed, MeshedWhen, PodInfo};
+
+/// What the planner remembers between passes.
+#[derive(Debug, Default)]
+pub struct PlanState {
+    /// Each pod's last annotations that parsed (by UID): a pod whose new
+    /// annotations are bad keeps them.
+    last_good: BTreeMap<String, WorkloadAnnotations>,
+    /// The error last reported for a pod, so an Event is published once
+    /// per distinct problem, not on every pass.
+    reported: BTreeMap<String, String>,
+}
+
+/// Severity of an [`PodEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Normal,
+    Warning,
+}
+
+/// An Event to publish on a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEvent {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub kind: EventKind,
+    /// PascalCase, e.g. `InvalidAnnotation`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The outcome of one planning pass.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Meshed pods with a known network namespace, with the annotations to
+    /// apply (current, last good, or none).
+    pub workloads: Vec<WorkloadSpec>,
+    /// `namespace/name` → UID of every workload above.
+    pub uids: BTreeMap<String, String>,
+    /// Meshed, running pods whose namespace is not known yet.
+    pub unresolved: Vec<String>,
+    /// Pinned cookies that must not be removed this pass. While a running
+    /// meshed pod's namespace is unknown (e.g. right after an agent
+    /// restart), its cookie cannot be told from a stale one, so nothing is
+    /// swept until every such pod is found.
+    pub keep: BTreeSet<u64>,
+    pub events: Vec<PodEvent>,
+    /// Pods the agent will not program, with why (host network).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Inputs of [`plan`].
+pub struct Inputs<'a> {
+    pub pods: &'a BTreeMap<String, PodInfo>,
+    pub mesh: &'a MeshConfig,
+    pub rules: &'a [MeshedWhen],
+    /// Pod UID → its network namespace (as a path valid while the agent
+    /// holds it) and cookie.
+    pub netns: &'a BTreeMap<String, (PathBuf, u64)>,
+    /// Cookies currently in the workloads map.
+    pub pinned: &'a BTreeSet<u64>,
+}
+
+pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
+    let mut out = Plan::default();
+    let mut seen = BTreeSet::new();
+    for pod in inp.pods.values() {
+        if !pod.is_live() || !is_meshed(pod, inp.rules) {
+            continue;
+        }
+        seen.insert(pod.uid.clone());
+        let event = |kind, reason, message: String| PodEvent {
+            uid: pod.uid.clone(),
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            kind,
+            reason,
+            message,
+        };
+        if pod.host_network {
+            let why = "the pod uses the node's network namespace (hostNetwork: true); \
+                       redirecting it would redirect the node: not programmed"
+                .to_string();
+            if state.reported.get(&pod.uid) != Some(&why) {
+                out.events.push(event(EventKind::Warning, "HostNetworkNotRedirected", why.clone()));
+                state.reported.insert(pod.uid.clone(), why.clone());
+            }
+            out.skipped.push((pod.key(), why));
+            continue;
+        }
+        let annotations = match parse_annotations(inp.mesh.preset, &pod.annotations) {
+            Ok(a) => {
+                state.last_good.insert(pod.uid.clone(), a.clone());
+                state.reported.remove(&pod.uid);
+                a
+            }
+            Err(e) => {
+                let kept = state.last_good.get(&pod.uid).cloned();
+                let message = format!(
+                    "{e:#}; keeping {}",
+                    if kept.is_some() { "the pod's last good policy" } else { "the mesh-wide policy" }
+                );
+                if state.reported.get(&pod.uid) != Some(&message) {
+                    out.events.push(event(EventKind::Warning, "InvalidAnnotation", message.clone()));
+                    state.reported.insert(pod.uid.clone(), message);
+                }
+                kept.unwrap_or_default()
+            }
+        };
+        match inp.netns.get(&pod.uid) {
+            Some((path, _)) => {
+                out.uids.insert(pod.key(), pod.uid.clone());
+                out.workloads.push(WorkloadSpec {
+                    name: pod.key(),
+                    netns: NetnsRef::Path(path.clone()),
+                    annotations,
+                })
+            }
+            None if pod.phase == "Running" => out.unresolved.push(pod.key()),
+            // Pending: its sandbox may not exist yet; its init container
+            // registers it.
+            None => {}
+        }
+    }
+    state.last_good.retain(|uid, _| seen.contains(uid));
+    state.reported.retain(|uid, _| seen.contains(uid));
+    if !out.unresolved.is_empty() {
+        out.keep = inp.pinned.clone();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Preset,
+        dataplane::{diff, Desired},
+        policy::compile,
+    };
+
+    fn pod(name: &str, annotations: &[(&str, &str)]) -> PodInfo {
+        PodInfo {
+            uid: format!("uid-{name}"),
+            namespace: "shop".into(),
+            name: name.into(),
+            annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: [("osm-proxy-uuid".to_string(), "x".to_string())].into(),
+            containers: vec!["app".into(), "envoy".into()],
+            host_network: false,
+            phase: "Running".into(),
+        }
+    }
+
+    fn pods(list: Vec<PodInfo>) -> BTreeMap<String, PodInfo> {
+        list.into_iter().map(|p| (p.uid.clone(), p)).collect()
+    }
+
+    fn netns(uids: &[(&str, u64)]) -> BTreeMap<String, (PathBuf, u64)> {
+        uids.iter().map(|(u, c)| (u.to_string(), (PathBuf::from(format!("/proc/self/fd/{c}")), *c))).collect()
+    }
+
+    /// What the agent would program: the plan's workloads with the
+    /// cookies of their namespaces, compiled against the mesh.
+    fn desired(p: &Plan, mesh: &MeshConfig, ns: &BTreeMap<String, (PathBuf, u64)>) -> Vec<Desired> {
+        p.workloads
+            .iter()
+            .map(|w| {
+                let (path, cookie) = ns[&p.uids[&w.name]].clone();
+                Desired { name: w.name.clone(), cookie, netns: path, policy: compile(mesh, &w.annotations) }
+            })
+            .collect()
+    }
+
+    const PORTS: &str = "openservicemesh.io/outbound-port-exclusion-list";
+
+    #[test]
+    fn meshed_pods_with_a_namespace_are_programmed() {
+        let mesh = MeshConfig::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let mut plain = pod("plain", &[]);
+        plain.labels.clear();
+        plain.containers = vec!["app".into()];
+        let mut done = pod("done", &[]);
+        done.phase = "Succeeded".into();
+        let mut pending = pod("pending", &[]);
+        pending.phase = "Pending".into();
+        let all = pods(vec![pod("web", &[(PORTS, "6379")]), plain, done, pending]);
+        let ns = netns(&[("uid-web", 11), ("uid-plain", 12), ("uid-done", 13)]);
+        let mut st = PlanState::default();
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new() }, &mut st);
+        assert_eq!(p.workloads.len(), 1);
+        assert_eq!(p.workloads[0].name, "shop/web");
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
+        assert!(p.unresolved.is_empty(), "a pending pod is waited for, not blocking");
+        assert!(p.events.is_empty());
+    }
+
+    #[test]
+    fn bad_annotation_keeps_last_good_and_reports_once() {
+        let mesh = MeshConfig::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let ns = netns(&[("uid-web", 11)]);
+        let pinned = BTreeSet::new();
+        let mut st = PlanState::default();
+        let run = |annotations: &[(&str, &str)], st: &mut PlanState| {
+            let all = pods(vec![pod("web", annotations)]);
+            plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, st)
+        };
+        let p = run(&[(PORTS, "6379")], &mut st);
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
+        let p = run(&[(PORTS, "6379,70000")], &mut st);
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379], "last good kept");
+        assert_eq!(p.events.len(), 1);
+        let e = &p.events[0];
+        assert_eq!((e.kind, e.reason, e.name.as_str()), (EventKind::Warning, "InvalidAnnotation", "web"));
+        assert!(e.message.contains(PORTS) && e.message.contains("70000"), "{}", e.message);
+        assert!(e.message.contains("last good"), "{}", e.message);
+        let p = run(&[(PORTS, "6379,70000")], &mut st);
+        assert!(p.events.is_empty(), "the same problem is reported once");
+        let p = run(&[(PORTS, "8080")], &mut st);
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![8080]);
+        // A pod that never had good annotations gets the mesh policy.
+        let mut fresh = PlanState::default();
+        let p = run(&[(PORTS, "x")], &mut fresh);
+        assert_eq!(p.workloads[0].annotations, WorkloadAnnotations::default());
+        assert!(p.events[0].message.contains("mesh-wide policy"));
+    }
+
+    #[test]
+    fn host_network_pods_are_skipped_with_an_event() {
+        let mesh = MeshConfig::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let mut h = pod("node-agent", &[]);
+        h.host_network = true;
+        let all = pods(vec![h]);
+        let ns = netns(&[("uid-node-agent", 1)]);
+        let mut st = PlanState::default();
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new() }, &mut st);
+        assert!(p.workloads.is_empty());
+        assert_eq!(p.events[0].reason, "HostNetworkNotRedirected");
+        assert_eq!(p.skipped.len(), 1);
+    }
+
+    /// pods + mesh + pinned state → map operations, end to end through the
+    /// data plane's pure diff.
+    #[test]
+    fn restart_reconcile_marks_and_sweeps() {
+        let mesh = MeshConfig::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let all = pods(vec![pod("web", &[]), pod("api", &[(PORTS, "9000")])]);
+        // After a restart: cookies 11 and 12 are live pods, 99 a pod deleted
+        // while no agent ran.
+        let pinned: BTreeSet<u64> = [11, 12, 99].into();
+        let programmed = Default::default();
+        let mut st = PlanState::default();
+
+        // Only one pod's namespace found so far: nothing may be swept.
+        let ns = netns(&[("uid-web", 11)]);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        assert_eq!(p.unresolved, vec!["shop/api"]);
+        let d = desired(&p, &mesh, &ns);
+        let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
+        assert!(ops.remove.is_empty(), "{ops:?}");
+        assert_eq!(ops.program, vec![0]);
+
+        // Both found: the stale cookie goes, both pods are (re)written.
+        let ns = netns(&[("uid-web", 11), ("uid-api", 12)]);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        let d = desired(&p, &mesh, &ns);
+        let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
+        assert_eq!(ops.remove, vec![99]);
+        assert_eq!(ops.program.len(), 2);
+
+        // Unchanged policy already programmed: nothing to write.
+        let programmed = d.iter().map(|x| (x.cookie, x.policy.clone())).collect();
+        let pinned: BTreeSet<u64> = [11, 12].into();
+        let linked: BTreeSet<u64> = [11, 12].into();
+        let ops = diff(&pinned, &programmed, &linked, &d, &p.keep);
+        assert!(ops.program.is_empty() && ops.remove.is_empty());
+        assert_eq!(ops.unchanged.len(), 2);
+        // Inbound capture missing for one: that one is rewritten (and its
+        // sk_lookup link attached).
+        let ops = diff(&pinned, &programmed, &[11].into(), &d, &p.keep);
+        assert_eq!(ops.program.len(), 1);
+
+        // A pod deleted: its cookie is removed.
+        let all = pods(vec![pod("web", &[])]);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        let d = desired(&p, &mesh, &ns);
+        let ops = diff(&pinned, &programmed, &linked, &d, &p.keep);
+        assert_eq!(ops.remove, vec![12]);
+    }
+}

@@ -1,0 +1,209 @@
+//! Parsing: the parts of a Kubernetes Pod the agent needs, and which pods
+//! are meshed (carry the sidecar).
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use anyhow::{anyhow, bail, Result};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::config::Preset;
+
+/// What the agent keeps of one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub annotations: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub containers: Vec<String>,
+    pub host_network: bool,
+    /// `status.phase` (Pending, Running, Succeeded, Failed, Unknown).
+    pub phase: String,
+}
+
+impl PodInfo {
+    /// None for an object without a UID, name or namespace (never sent by a
+    /// real API server).
+    pub fn from_pod(pod: &Pod) -> Option<Self> {
+        let m = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        Some(Self {
+            uid: m.uid.clone()?,
+            namespace: m.namespace.clone()?,
+            name: m.name.clone()?,
+            annotations: m.annotations.clone().unwrap_or_default(),
+            labels: m.labels.clone().unwrap_or_default(),
+            containers: spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            phase: pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+        })
+    }
+
+    /// `namespace/name`, the name used in logs, errors and metrics.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether its containers may still run (and so need redirection).
+    pub fn is_live(&self) -> bool {
+        !matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+}
+
+/// One rule that marks a pod as meshed. A pod is meshed when any rule of
+/// the agent's list matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshedWhen {
+    /// `label:KEY` or `label:KEY=VALUE`.
+    Label { key: String, value: Option<String> },
+    /// `annotation:KEY` or `annotation:KEY=VALUE`.
+    Annotation { key: String, value: Option<String> },
+    /// `container:NAME`: the pod has a container of that name (the proxy).
+    Container(String),
+}
+
+impl MeshedWhen {
+    pub fn matches(&self, pod: &PodInfo) -> bool {
+        let kv = |map: &BTreeMap<String, String>, key: &str, value: &Option<String>| {
+            map.get(key).is_some_and(|v| value.as_ref().is_none_or(|want| want == v))
+        };
+        match self {
+            MeshedWhen::Label { key, value } => kv(&pod.labels, key, value),
+            MeshedWhen::Annotation { key, value } => kv(&pod.annotations, key, value),
+            MeshedWhen::Container(name) => pod.containers.iter().any(|c| c == name),
+        }
+    }
+
+    /// What the mesh's injector leaves on a pod it injected.
+    pub fn defaults(preset: Preset) -> Vec<MeshedWhen> {
+        let label = |k: &str| MeshedWhen::Label { key: k.into(), value: None };
+        let annotation = |k: &str, v: Option<&str>| MeshedWhen::Annotation { key: k.into(), value: v.map(Into::into) };
+        match preset {
+            // OSM's injector labels every injected pod with its proxy UUID
+            // and adds the `envoy` container.
+            Preset::Osm => vec![label("osm-proxy-uuid"), MeshedWhen::Container("envoy".into())],
+            Preset::Istio => {
+                vec![annotation("sidecar.istio.io/status", None), MeshedWhen::Container("istio-proxy".into())]
+            }
+            Preset::Linkerd => {
+                vec![label("linkerd.io/control-plane-ns"), MeshedWhen::Container("linkerd-proxy".into())]
+            }
+            Preset::Kuma => vec![
+                annotation("kuma.io/sidecar-injected", Some("true")),
+                MeshedWhen::Container("kuma-sidecar".into()),
+            ],
+        }
+    }
+}
+
+impl FromStr for MeshedWhen {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, rest) = s
+            .split_once(':')
+            .ok_or_else(|| anyhow!("{s:?} is not a rule: use label:KEY[=VALUE], annotation:KEY[=VALUE] or container:NAME"))?;
+        let (key, value) = match rest.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (rest.to_string(), None),
+        };
+        if key.is_empty() {
+            bail!("{s:?}: the key (or container name) is empty");
+        }
+        match kind {
+            "label" => Ok(MeshedWhen::Label { key, value }),
+            "annotation" => Ok(MeshedWhen::Annotation { key, value }),
+            "container" if value.is_none() => Ok(MeshedWhen::Container(key)),
+            "container" => bail!("{s:?}: a container rule takes a name, not NAME=VALUE"),
+            other => bail!("{s:?}: unknown rule kind {other:?} (use label, annotation or container)"),
+        }
+    }
+}
+
+impl fmt::Display for MeshedWhen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kv = |f: &mut fmt::Formatter<'_>, kind: &str, key: &str, value: &Option<String>| match value {
+            Some(v) => write!(f, "{kind}:{key}={v}"),
+            None => write!(f, "{kind}:{key}"),
+        };
+        match self {
+            MeshedWhen::Label { key, value } => kv(f, "label", key, value),
+            MeshedWhen::Annotation { key, value } => kv(f, "annotation", key, value),
+            MeshedWhen::Container(name) => write!(f, "container:{name}"),
+        }
+    }
+}
+
+pub fn is_meshed(pod: &PodInfo, rules: &[MeshedWhen]) -> bool {
+    rules.iter().any(|r| r.matches(pod))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn pod(name: &str) -> PodInfo {
+        PodInfo {
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            name: name.into(),
+            annotations: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            containers: vec!["app".into()],
+            host_network: false,
+            phase: "Running".into(),
+        }
+    }
+
+    #[test]
+    fn rules_parse_and_print() {
+        for text in ["label:osm-proxy-uuid", "annotation:kuma.io/sidecar-injected=true", "container:envoy", "label:a=b=c"] {
+            let rule: MeshedWhen = text.parse().unwrap();
+            assert_eq!(rule.to_string(), text);
+        }
+        assert_eq!(
+            "label:a=b=c".parse::<MeshedWhen>().unwrap(),
+            MeshedWhen::Label { key: "a".into(), value: Some("b=c".into()) }
+        );
+        for bad in ["envoy", "label:", "pod:x", "container:a=b"] {
+            let e = bad.parse::<MeshedWhen>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_what_injectors_leave() {
+        let mut osm = pod("a");
+        assert!(!is_meshed(&osm, &MeshedWhen::defaults(Preset::Osm)));
+        osm.labels.insert("osm-proxy-uuid".into(), "0f1e".into());
+        assert!(is_meshed(&osm, &MeshedWhen::defaults(Preset::Osm)));
+        let mut istio = pod("b");
+        istio.containers.push("istio-proxy".into());
+        assert!(is_meshed(&istio, &MeshedWhen::defaults(Preset::Istio)));
+        assert!(!is_meshed(&istio, &MeshedWhen::defaults(Preset::Osm)));
+        let mut kuma = pod("c");
+        kuma.annotations.insert("kuma.io/sidecar-injected".into(), "false".into());
+        assert!(!is_meshed(&kuma, &MeshedWhen::defaults(Preset::Kuma)));
+        kuma.annotations.insert("kuma.io/sidecar-injected".into(), "true".into());
+        assert!(is_meshed(&kuma, &MeshedWhen::defaults(Preset::Kuma)));
+    }
+
+    #[test]
+    fn from_pod_reads_the_fields() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
+                          "annotations": {"x": "y"}, "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}], "hostNetwork": true},
+            "status": {"phase": "Succeeded"}
+        }))
+        .unwrap();
+        let info = PodInfo::from_pod(&p).unwrap();
+        assert_eq!(info.key(), "shop/web");
+        assert_eq!(info.containers, vec!["app", "envoy"]);
+        assert!(info.host_network);
+        assert!(!info.is_live());
+        assert_eq!(info.annotations["x"], "y");
+        let no_uid: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+        assert!(PodInfo::from_pod(&no_uid).is_none());
+    }
+}
