@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bpf_sys;
 pub mod config;
 pub mod dataplane;
+pub mod fakeapi;
 pub mod inspect;
 pub mod iptables;
 pub mod k8s;

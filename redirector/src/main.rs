@@ -320,6 +320,42 @@ mod tests {
         assert!(parse_duration("abc").is_err());
     }
 
+    /// The command lines in deploy/ are accepted by this CLI.
+    #[test]
+    fn deploy_command_lines_parse() {
+        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/daemonset.yaml")).unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        // NODE_NAME comes from the downward API at run time.
+        let with_node = args.iter().cloned().chain(["--node-name".to_string(), "node-1".to_string()]);
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(with_node))
+            .unwrap_or_else(|e| panic!("daemonset args {args:?}: {e}"));
+        match cli.command {
+            Cmd::Run { config: None, kube, metrics_addr: Some(_), .. } => {
+                assert!(kube.kube);
+                assert_eq!(kube.configmap.0, Some(("redirector-system".into(), "redirector-config".into())));
+            }
+            _ => panic!("daemonset does not run `run --kube` with a status address"),
+        }
+        let init: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/init-container.yaml")).unwrap();
+        let cmd: Vec<String> = serde_yaml::from_value(init["initContainers"][0]["command"].clone()).unwrap();
+        let cli = Cli::try_parse_from(cmd.clone()).unwrap_or_else(|e| panic!("init container {cmd:?}: {e}"));
+        assert!(matches!(cli.command, Cmd::WaitReady { agent_socket: Some(_), .. }));
+    }
+
+    #[test]
+    fn kube_flags() {
+        assert!(Cli::try_parse_from(["redirector", "run"]).is_err(), "--config or --kube is required");
+        assert!(Cli::try_parse_from(["redirector", "run", "--config", "c.yaml", "--kube"]).is_err());
+        assert!(parse_object_name("a/b/c").is_err());
+        assert!(parse_object_name("").unwrap().0.is_none());
+        let e = Cli::try_parse_from(["redirector", "run", "--kube", "--node-name", "n", "--meshed-when", "pod:x"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("pod:x"), "{e}");
+    }
+
     #[test]
     fn cli_is_consistent() {
         use clap::CommandFactory;

@@ -532,15 +532,18 @@ impl AgentProcess {
         log: &Path,
         poll: &str,
     ) -> Result<Self> {
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
+        args.extend(["--cgroup".into(), cgroup.into(), "--pin-dir".into(), pin_dir.into()]);
+        args.extend(["--poll-interval".into(), poll.into()]);
+        Self::spawn(bin, &args, &[], log)
+    }
+
+    /// `bin` with `args` and extra environment, output to `log`.
+    pub fn spawn(bin: &Path, args: &[std::ffi::OsString], env: &[(&str, &std::ffi::OsStr)], log: &Path) -> Result<Self> {
         let out = File::create(log)?;
         let child = Command::new(bin)
-            .args(["run", "--config"])
-            .arg(config)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .args(["--poll-interval", poll])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))

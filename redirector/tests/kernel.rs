@@ -16,6 +16,9 @@ use redirector::{
     testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
 };
 
+#[path = "kernel/kube.rs"]
+mod kube;
+
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
 
 /// The agent binary: cargo's, or `REDIRECTOR_BIN` where the tests run

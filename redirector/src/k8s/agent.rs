@@ -22,11 +22,16 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use futures::{Stream, StreamExt as _};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod};
+use k8s_openapi::{
+    api::{
+        core::v1::{ConfigMap, ObjectReference, Pod},
+        events::v1::Event as K8sEvent,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+};
 use kube::{
-    api::{ApiResource, DynamicObject, ListParams},
+    api::{ApiResource, DynamicObject, ListParams, PostParams},
     runtime::{
-        events::{Event as KEvent, EventType, Recorder, Reporter},
         watcher::{self, Event},
         WatchStreamExt as _,
     },
@@ -157,7 +162,7 @@ struct Loop {
     opts: KubeOptions,
     dp: Dataplane,
     metrics: Arc<Metrics>,
-    recorder: Recorder,
+    client: Client,
     pods: Watched<PodInfo>,
     configmap: Watched<Option<String>>,
     meshconfig: Watched<serde_json::Value>,
@@ -243,14 +248,10 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     configmap.synced = opts.configmap.is_none();
 
     let host_cookie = crate::netns::current_netns_cookie()?;
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter { controller: "redirector".into(), instance: Some(opts.instance.clone()) },
-    );
     let mut lp = Loop {
         dp,
         metrics,
-        recorder,
+        client,
         pods: Watched::new(),
         configmap,
         meshconfig,
@@ -364,24 +365,43 @@ impl Loop {
         }
     }
 
-    fn publish(&self, kind: EventKind, reason: &str, message: String, reference: ObjectReference) {
-        let recorder = self.recorder.clone();
-        let metrics = self.metrics.clone();
-        let ev = KEvent {
-            type_: match kind {
-                EventKind::Normal => EventType::Normal,
-                EventKind::Warning => EventType::Warning,
+    /// Creates an events.k8s.io Event (in the background: the API's latency
+    /// never holds up a reconcile). Each distinct problem is published
+    /// once, by the callers; a new message is a new Event, so it is always
+    /// visible (a series patch would keep the first message).
+    fn publish(&self, kind: EventKind, reason: &str, message: String, regarding: ObjectReference) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let ns = regarding.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+        let ev = K8sEvent {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or("redirector"),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(ns.clone()),
+                ..Default::default()
             },
-            reason: reason.to_string(),
+            event_time: Some(MicroTime(now)),
+            type_: Some(match kind {
+                EventKind::Normal => "Normal".into(),
+                EventKind::Warning => "Warning".into(),
+            }),
+            reason: Some(reason.to_string()),
+            action: Some("Redirect".into()),
             // The API limits a note to 1 kB.
             note: Some(message.chars().take(1000).collect()),
-            action: "Redirect".into(),
-            secondary: None,
+            regarding: Some(regarding),
+            reporting_controller: Some("redirector".into()),
+            reporting_instance: Some(self.opts.instance.clone()),
+            ..Default::default()
         };
+        let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &ns);
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
+            if let Err(e) = api.create(&PostParams::default(), &ev).await {
                 metrics.error("event_publish");
-                warn!("publishing Event {} on {:?}/{:?}: {e}", ev.reason, reference.namespace, reference.name);
+                warn!("publishing Event {:?} in namespace {ns}: {e}", ev.reason);
             }
         });
     }

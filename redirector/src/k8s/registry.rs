@@ -70,8 +70,9 @@ pub struct Registration {
     pub reply: mpsc::UnboundedSender<Reply>,
 }
 
-/// Binds the socket, replacing a stale one left by a previous agent. Who
-/// may connect is decided by the hostPath directory the DaemonSet shares.
+/// Binds the socket, replacing a stale one left by a previous agent. Any
+/// process that can reach it may connect (init containers need not run as
+/// root): a client can only ever register the namespace of its own pod.
 pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating socket directory {}", dir.display()))?;
@@ -81,7 +82,11 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
     }
-    tokio::net::UnixListener::bind(path).with_context(|| format!("binding agent socket {}", path.display()))
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding agent socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(l)
 }
 
 /// Accepts registrations until the listener fails.

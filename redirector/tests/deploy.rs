@@ -1,0 +1,192 @@
+//! deploy/: every manifest parses into its Kubernetes type, and the pieces
+//! fit together (names, namespaces, service account, ports, the ConfigMap's
+//! mesh settings, the capabilities the agent needs). That the ClusterRole
+//! and Role allow exactly the API calls the agent makes is checked by the
+//! `kube_agent_end_to_end` kernel test against the requests it served.
+use std::{collections::BTreeSet, path::PathBuf};
+
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+use redirector::k8s::mesh::{MeshSources, CONFIGMAP_KEY};
+use serde::Deserialize as _;
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every document of every file listed in kustomization.yaml.
+fn documents() -> Vec<(String, serde_yaml::Value)> {
+    let k: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for file in k["resources"].as_sequence().expect("kustomization lists resources") {
+        let file = file.as_str().unwrap();
+        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
+            if !v.is_null() {
+                out.push((file.to_string(), v));
+            }
+        }
+    }
+    out
+}
+
+fn one<T: serde::de::DeserializeOwned>(kind: &str) -> Vec<T> {
+    documents()
+        .into_iter()
+        .filter(|(_, v)| v["kind"].as_str() == Some(kind))
+        .map(|(file, v)| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("{file}: {kind}: {e}")))
+        .collect()
+}
+
+const NS: &str = "redirector-system";
+
+fn agent() -> (DaemonSet, Container) {
+    let ds = one::<DaemonSet>("DaemonSet").pop().expect("a DaemonSet");
+    let c = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone();
+    (ds, c)
+}
+
+fn arg<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.args.as_ref()?.iter().find_map(|a| a.strip_prefix(&format!("--{name}=")))
+}
+
+#[test]
+fn every_manifest_parses_and_is_in_the_agent_namespace() {
+    let docs = documents();
+    let kinds: BTreeSet<&str> = docs.iter().filter_map(|(_, v)| v["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "Role", "RoleBinding", "ServiceAccount"]
+            .into()
+    );
+    assert_eq!(one::<Namespace>("Namespace")[0].metadata.name.as_deref(), Some(NS));
+    for kind in ["ConfigMap", "DaemonSet", "Role", "RoleBinding", "ServiceAccount"] {
+        for (file, v) in docs.iter().filter(|(_, v)| v["kind"].as_str() == Some(kind)) {
+            assert_eq!(v["metadata"]["namespace"].as_str(), Some(NS), "{file}: {kind}");
+        }
+    }
+}
+
+#[test]
+fn daemonset_has_what_the_agent_needs_and_no_more() {
+    let (ds, c) = agent();
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_pid, Some(true), "hostPID: /proc of pods, SO_PEERCRED PIDs");
+    assert_ne!(pod.host_network, Some(true), "the agent needs no host network");
+    let sa = one::<ServiceAccount>("ServiceAccount")[0].metadata.name.clone();
+    assert_eq!(pod.service_account_name, sa);
+
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: BTreeSet<&str> = caps.add.as_ref().unwrap().iter().map(String::as_str).collect();
+    assert_eq!(added, ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"].into());
+
+    let args = c.args.as_ref().unwrap();
+    assert_eq!(&args[..2], ["run", "--kube"]);
+    let env = c.env.as_ref().unwrap();
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(field("NODE_NAME").as_deref(), Some("spec.nodeName"));
+    assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
+
+    // Host paths behind the paths the agent is told to use.
+    let host_path = |mount: &str| {
+        let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| mount.starts_with(&m.mount_path))?;
+        let v = pod.volumes.as_ref()?.iter().find(|v| v.name == m.name)?;
+        v.host_path.as_ref().map(|h| h.path.clone())
+    };
+    assert_eq!(host_path(arg(&c, "pin-dir").unwrap()).as_deref(), Some("/sys/fs/bpf"));
+    assert_eq!(host_path(arg(&c, "cgroup").unwrap()).as_deref(), Some("/sys/fs/cgroup"));
+    assert_eq!(host_path(arg(&c, "agent-socket").unwrap()).as_deref(), Some("/var/run/redirector"));
+
+    // Probes on the status port.
+    let port: i32 = arg(&c, "metrics-addr").unwrap().rsplit(':').next().unwrap().parse().unwrap();
+    let ports = c.ports.as_ref().unwrap();
+    assert_eq!(ports[0].container_port, port);
+    for (probe, path) in [(&c.liveness_probe, "/healthz"), (&c.readiness_probe, "/readyz")] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            serde_json::to_value(&get.port).unwrap().as_str(),
+            ports[0].name.as_deref(),
+            "probe port is the named status port"
+        );
+    }
+}
+
+#[test]
+fn configmap_and_rbac_match_the_agent_arguments() {
+    let (_, c) = agent();
+    let cm_name = arg(&c, "configmap").unwrap();
+    let cm = one::<ConfigMap>("ConfigMap").pop().unwrap();
+    assert_eq!(format!("{}/{}", cm.metadata.namespace.clone().unwrap(), cm.metadata.name.clone().unwrap()), cm_name);
+    let text = cm.data.as_ref().unwrap().get(CONFIGMAP_KEY).cloned();
+    assert!(text.is_some(), "the ConfigMap has no {CONFIGMAP_KEY}");
+    let mesh = MeshSources { configmap: Some((cm_name.to_string(), text)), meshconfig: None }.resolve();
+    assert!(mesh.is_ok(), "{:?}", mesh.err().map(|(_, e)| format!("{e:#}")));
+
+    // resourceNames name exactly the objects the agent watches.
+    let role = one::<Role>("Role").pop().unwrap();
+    let rule = &role.rules.as_ref().unwrap()[0];
+    assert_eq!(role.metadata.namespace.as_deref(), cm.metadata.namespace.as_deref());
+    assert_eq!(rule.resource_names.as_deref(), Some(&[cm.metadata.name.clone().unwrap()][..]));
+    let mc = arg(&c, "meshconfig").unwrap().split_once('/').unwrap().1;
+    let cr = one::<ClusterRole>("ClusterRole").pop().unwrap();
+    let mc_rule = cr.rules.as_ref().unwrap().iter().find(|r| r.resources.as_deref() == Some(&["meshconfigs".to_string()][..])).unwrap();
+    assert_eq!(mc_rule.resource_names.as_deref(), Some(&[mc.to_string()][..]));
+    for r in cr.rules.as_ref().unwrap().iter().chain(role.rules.as_ref().unwrap()) {
+        assert!(!r.verbs.iter().any(|v| v == "*" || v == "delete" || v == "update"), "{r:?}");
+    }
+
+    // The bindings bind those roles to the agent's service account.
+    let sa = one::<ServiceAccount>("ServiceAccount").pop().unwrap().metadata.name.unwrap();
+    let crb = one::<ClusterRoleBinding>("ClusterRoleBinding").pop().unwrap();
+    assert_eq!(crb.role_ref.name, cr.metadata.name.clone().unwrap());
+    let rb = one::<RoleBinding>("RoleBinding").pop().unwrap();
+    assert_eq!(rb.role_ref.name, role.metadata.name.clone().unwrap());
+    for subjects in [crb.subjects.unwrap(), rb.subjects.unwrap()] {
+        assert_eq!(subjects.len(), 1);
+        assert_eq!((subjects[0].kind.as_str(), subjects[0].name.as_str()), ("ServiceAccount", sa.as_str()));
+        assert_eq!(subjects[0].namespace.as_deref(), Some(NS));
+    }
+}
+
+#[test]
+fn init_container_snippet_is_a_pod_spec_fragment() {
+    let text = std::fs::read_to_string(deploy_dir().join("init-container.yaml")).unwrap();
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Fragment {
+        init_containers: Vec<Container>,
+        volumes: Vec<k8s_openapi::api::core::v1::Volume>,
+    }
+    let f: Fragment = serde_yaml::from_str(&text).unwrap();
+    let c = &f.init_containers[0];
+    let cmd = c.command.as_ref().unwrap();
+    assert_eq!(&cmd[..2], ["redirector", "wait-ready"]);
+    let env = c.env.as_ref().unwrap();
+    let uid = env.iter().find(|e| e.name == "POD_UID").and_then(|e| e.value_from.as_ref()?.field_ref.as_ref());
+    assert_eq!(uid.map(|f| f.field_path.as_str()), Some("metadata.uid"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true), "the gate needs no privileges");
+    assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+    // The socket path the agent binds is the one the init container uses.
+    let (_, agent) = agent();
+    let sock = cmd.iter().find_map(|a| a.strip_prefix("--agent-socket=")).unwrap();
+    assert_eq!(sock, arg(&agent, "agent-socket").unwrap());
+    let mount = &c.volume_mounts.as_ref().unwrap()[0];
+    assert!(sock.starts_with(&mount.mount_path));
+    let vol = f.volumes.iter().find(|v| v.name == mount.name).unwrap();
+    assert_eq!(vol.host_path.as_ref().unwrap().path, "/var/run/redirector");
+}
