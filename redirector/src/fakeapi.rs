@@ -93,6 +93,10 @@ struct State {
     next_uid: u64,
 }
 
+/// A self-signed certificate (`CN=redirector fake API (test only, plain
+/// HTTP)`, no key kept), base64 PEM, for [`FakeApi::write_kubeconfig`].
+const UNUSED_CA: &str = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJ3akNDQVdtZ0F3SUJBZ0lVR2RoVmJiSHhvSXh0c0xOZG5URzY2eFBvdTYwd0NnWUlLb1pJemowRUF3SXcKTmpFME1ESUdBMVVFQXd3cmNtVmthWEpsWTNSdmNpQm1ZV3RsSUVGUVNTQW9kR1Z6ZENCdmJteDVMQ0J3YkdGcApiaUJJVkZSUUtUQWdGdzB5TmpFeE1qTXhOekUxTlROYUdBOHlNVEkyTVRBek1ERTNNVFUxTTFvd05qRTBNRElHCkExVUVBd3dyY21Wa2FYSmxZM1J2Y2lCbVlXdGxJRUZRU1NBb2RHVnpkQ0J2Ym14NUxDQndiR0ZwYmlCSVZGUlEKS1RCWk1CTUdCeXFHU000OUFnRUdDQ3FHU000OUF3RUhBMElBQkhFR3lqbS9VbDNyMUtFbEtacVNTVEtkNnFyNwo4MEZHYmJHaHE3VDFlMTQ5aVBIQmEvNTdINGc1SjlVUDFuWlBmOUlnektTUXRzN1JCQ2JiZXoxT0JYbWpVekJSCk1CMEdBMVVkRGdRV0JCUkNxd3BzVUxDQjNkNjAwcEROUVRBeGJJRnE5ekFmQmdOVkhTTUVHREFXZ0JSQ3F3cHMKVUxDQjNkNjAwcEROUVRBeGJJRnE5ekFQQmdOVkhSTUJBZjhFQlRBREFRSC9NQW9HQ0NxR1NNNDlCQU1DQTBjQQpNRVFDSUMxT1I3ejFxSXJXa3hrT0sxQ0FYZzRXbExnWUhvTWIyVHkwd1FNT2FCekJBaUJ0cEhUMVgybVVuamdpCjV1MC9ST1lDM1lkL29xMXRNQ1hWczc0SzUyYUNOdz09Ci0tLS0tRU5EIENFUlRJRklDQVRFLS0tLS0K";
+
 pub struct FakeApi {
     pub addr: SocketAddr,
     state: Arc<(Mutex<State>, Condvar)>,
@@ -129,10 +133,14 @@ impl FakeApi {
         Ok(Self { addr, state, stop, thread: Some(thread) })
     }
 
-    /// A kubeconfig file pointing at this server (no credentials).
+    /// A kubeconfig file pointing at this server (no credentials). It
+    /// names a CA, as every real kubeconfig and in-cluster config does:
+    /// without one the client falls back to the system's trust store,
+    /// which a minimal machine (the kernel-VM guest) does not have. The
+    /// server is plain HTTP; the certificate is never used.
     pub fn write_kubeconfig(&self, path: &Path) -> Result<()> {
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n    certificate-authority-data: {UNUSED_CA}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
              current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
             self.addr
