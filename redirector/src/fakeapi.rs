@@ -301,8 +301,11 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// (group, version, namespace, plural, name) of a request path.
+type Route = (String, String, Option<String>, String, Option<String>);
+
 /// `/api/v1[/namespaces/NS]/PLURAL[/NAME]` or the same under `/apis/G/V`.
-fn route(path: &str) -> Option<(String, String, Option<String>, String, Option<String>)> {
+fn route(path: &str) -> Option<Route> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => (String::new(), v.to_string(), rest),

@@ -70,6 +70,8 @@ fn parse_object_name(s: &str) -> Result<ObjectName, String> {
     }
 }
 
+// Parsed once; the size of `run`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the programs and keep the workloads programmed: those
