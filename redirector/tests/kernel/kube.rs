@@ -203,6 +203,10 @@ struct KubeAgent {
 
 impl KubeAgent {
     fn start(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str) -> KubeAgent {
+        Self::start_with(api, cgroup, pins, dir, log, &[])
+    }
+
+    fn start_with(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
         let socket = dir.join("agent.sock");
@@ -210,6 +214,7 @@ impl KubeAgent {
         let mut args: Vec<OsString> = ["run", "--kube", "--node-name", NODE, "--resync", "300ms"].map(OsString::from).to_vec();
         args.extend(["--cgroup".into(), cgroup.into(), "--pin-dir".into(), pins.into()]);
         args.extend(["--agent-socket".into(), socket.clone().into(), "--metrics-addr".into(), status.to_string().into()]);
+        args.extend(extra.iter().map(OsString::from));
         let proc = AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();
         let agent = KubeAgent { proc, socket, status };
         let ready = poll_until(|| agent.get("/readyz"), |(code, _)| *code == 200);
@@ -460,11 +465,18 @@ fn kube_agent_without_meshconfig_crd() {
     api.put(&Resource::configmaps(), configmap("preset: osm\noutboundPortExclusionList: [7070]\n"));
     let mut a = Pod::create(&api, &cgroup.path, "kd", "d", "Running", json!({}));
     a.run_process();
-    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent.log");
+    let agent = KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--log-format", "json"]);
     let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
     assert!(got.starts_with("proxy 192.0.2.10:80"), "{}", agent.proc.log_text());
     assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "ConfigMap exclusion not applied");
-    assert!(agent.proc.log_text().contains("CRD not installed"));
+    // Structured logs: one JSON object per line, with level and message.
+    let log = agent.proc.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()), "{log}");
+    assert!(lines.iter().any(|l| l["message"].as_str().is_some_and(|m| m.contains("CRD not installed"))), "{log}");
 
     let mut obj = pod_object("plain", "Pending", json!({}));
     obj["metadata"]["labels"] = json!({});
