@@ -30,8 +30,12 @@ pub mod map_names {
     pub const SOCK_ORIG: &str = "RDR_SOCK_ORIG";
     pub const COUNTERS: &str = "RDR_COUNTERS";
     pub const LISTENERS: &str = "RDR_LISTENERS";
-    /// Every map the agent pins, in a stable order.
-    pub const PINNED: [&str; 7] = [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, COUNTERS, LISTENERS];
+    /// Every map the agent pins, in a stable order. All of them: a map
+    /// that a new agent re-created instead of adopting would split the
+    /// connections in flight during a restart between two copies (the
+    /// socket storage was once left out, and connections made while old
+    /// and new programs overlapped lost their original destination).
+    pub const PINNED: [&str; 8] = [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, SOCK_ORIG, COUNTERS, LISTENERS];
 }
 
 /// Names of the programs (ELF symbol names).

@@ -395,6 +395,123 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct 192.0.2.10:80"));
 }
 
+/// Outcome counts of a connection load.
+#[derive(Debug, Default)]
+struct LoadCounts {
+    proxied: u64,
+    direct: u64,
+    failed: u64,
+    errors: Vec<String>,
+}
+
+/// Connects from `netns` as `uid` to `dst` in a loop until `stop`, each
+/// connection reading the one-line answer (about 1 ms apart: a few hundred
+/// connections per second, bounded by `stop`).
+fn connection_load(
+    netns: &Path,
+    uid: u32,
+    dst: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<LoadCounts> {
+    let file = std::fs::File::open(netns).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        redirector::netns::enter_netns(&file).unwrap();
+        // SAFETY: raw syscalls change only this thread's credentials.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        let mut c = LoadCounts::default();
+        let want = format!("proxy {dst}");
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+            match r {
+                Ok(t) if t.starts_with(&want) => c.proxied += 1,
+                Ok(t) if t.starts_with("direct") => c.direct += 1,
+                Ok(t) => {
+                    c.failed += 1;
+                    c.errors.push(format!("answer {t:?}"));
+                }
+                Err(e) => {
+                    c.failed += 1;
+                    c.errors.push(e.to_string());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c
+    })
+}
+
+/// The agent killed (SIGKILL, also right after it started, i.e. in the
+/// middle of loading and programming), stopped (SIGTERM) and restarted,
+/// over and over, under a steady connection load: not one connection
+/// fails and not one reaches its destination around the proxy.
+#[test]
+fn restarts_under_load_lose_no_connection() {
+    if !require_kernel() {
+        return;
+    }
+    let mut m = Managed::start("u", EXCLUSIONS);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = connection_load(&m.topo.app.path(), 1000, "192.0.2.10:80".parse().unwrap(), stop.clone());
+    let started = Instant::now();
+    let mut restarts = Vec::new();
+    let mut round = 0;
+    // At least 10 s and six restarts (a slow emulated kernel needs longer
+    // for six); never more than 90 s.
+    while (started.elapsed() < Duration::from_secs(10) || restarts.len() < 6)
+        && started.elapsed() < Duration::from_secs(90)
+    {
+        std::thread::sleep(Duration::from_millis(700));
+        round += 1;
+        let how = match round % 3 {
+            0 => "SIGTERM",
+            1 => "SIGKILL",
+            _ => "SIGKILL mid-start",
+        };
+        if how == "SIGTERM" {
+            m.agent.stop();
+        } else {
+            m.agent.child.kill().unwrap();
+            m.agent.child.wait().unwrap();
+        }
+        let log = m.dir.join(format!("agent-{round}.log"));
+        m.agent = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &log).unwrap();
+        if how == "SIGKILL mid-start" {
+            std::thread::sleep(Duration::from_millis(30));
+            m.agent.child.kill().unwrap();
+            m.agent.child.wait().unwrap();
+            m.agent = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &log).unwrap();
+        }
+        m.agent.wait_ready(bin(), &m.pins.path, &m.topo.app.path()).unwrap();
+        restarts.push(how);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let c = load.join().unwrap();
+    println!(
+        "restarts under load: {} restarts ({:?}), {} connections proxied, {} direct, {} failed in {:?}",
+        restarts.len(),
+        restarts,
+        c.proxied,
+        c.direct,
+        c.failed,
+        started.elapsed()
+    );
+    assert!(restarts.len() >= 6, "{restarts:?}");
+    assert!(c.proxied > 0);
+    assert_eq!((c.failed, c.direct), (0, 0), "errors: {:?}\nagent log:\n{}", &c.errors[..c.errors.len().min(10)], m.agent.log_text());
+    // Nothing accumulated: the tracked-connection map is back to empty.
+    let left = poll_until(|| Maps::open(&m.pins.path).unwrap().tracked_connections().unwrap().len(), |n| *n == 0);
+    assert_eq!(left, 0, "original-destination entries outlived their sockets");
+}
+
 #[test]
 fn wait_ready_fails_closed_with_a_clear_message() {
     if !require_kernel() {
