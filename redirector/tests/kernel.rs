@@ -512,6 +512,96 @@ fn restarts_under_load_lose_no_connection() {
     assert_eq!(left, 0, "original-destination entries outlived their sockets");
 }
 
+/// Reads the one-line answer from a connected raw socket.
+fn read_answer(fd: libc::c_int) -> String {
+    let mut buf = [0u8; 256];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: reading into a local buffer from a socket we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+        if out.ends_with(b"\n") {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).trim().to_string()
+}
+
+fn sockaddr4(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Socket-API paths into connect(): non-blocking connect, a socket that
+/// connects, disconnects (AF_UNSPEC) and connects again elsewhere, and TCP
+/// Fast Open (`sendto(MSG_FASTOPEN)`, no connect() call at all). Each must
+/// reach the proxy with its own original destination.
+#[test]
+fn nonblocking_reconnect_and_fastopen_are_redirected() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("s", EXCLUSIONS);
+    let results = testkit::in_netns_as(&m.topo.app.path(), 1000, || {
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let first = sockaddr4("192.0.2.10:80".parse().unwrap());
+        let second = sockaddr4("192.0.2.10:8080".parse().unwrap());
+        let mut out = Vec::new();
+        // SAFETY: plain socket syscalls on sockets this closure owns.
+        unsafe {
+            // Non-blocking connect: EINPROGRESS, then writable.
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+            let rc = libc::connect(fd, (&first as *const libc::sockaddr_in).cast(), len);
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+            libc::poll(&mut pfd, 1, 2000);
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            out.push(("non-blocking connect", format!("rc {rc} errno {errno:?}: {}", read_answer(fd)), "proxy 192.0.2.10:80"));
+            libc::close(fd);
+
+            // connect, AF_UNSPEC disconnect, connect to another destination.
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            libc::connect(fd, (&first as *const libc::sockaddr_in).cast(), len);
+            let a1 = read_answer(fd);
+            let unspec = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+            let rc = libc::connect(fd, &unspec, std::mem::size_of::<libc::sockaddr>() as libc::socklen_t);
+            let rc2 = libc::connect(fd, (&second as *const libc::sockaddr_in).cast(), len);
+            let err2 = std::io::Error::last_os_error();
+            let a2 = if rc2 == 0 { read_answer(fd) } else { format!("second connect failed: {err2}") };
+            out.push(("connect #1", a1, "proxy 192.0.2.10:80"));
+            out.push(("disconnect + connect #2", format!("unspec rc {rc}; {a2}"), "proxy 192.0.2.10:8080"));
+            libc::close(fd);
+
+            // TCP Fast Open: the destination comes with the first data.
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let msg = b"hello";
+            let rc = libc::sendto(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_FASTOPEN, (&first as *const libc::sockaddr_in).cast(), len);
+            let err = std::io::Error::last_os_error();
+            let a = if rc >= 0 { read_answer(fd) } else { format!("sendto failed: {err}") };
+            out.push(("sendto(MSG_FASTOPEN)", a, "proxy 192.0.2.10:80"));
+            libc::close(fd);
+        }
+        out
+    })
+    .unwrap();
+    let mut bad = Vec::new();
+    for (what, got, want) in &results {
+        println!("{what:<26} {got}");
+        if !got.contains(want) {
+            bad.push(format!("{what}: {got} (expected {want})"));
+        }
+    }
+    assert!(bad.is_empty(), "{}\nagent log:\n{}", bad.join("\n"), m.agent.log_text());
+}
+
 #[test]
 fn wait_ready_fails_closed_with_a_clear_message() {
     if !require_kernel() {
