@@ -11,6 +11,7 @@ use anyhow::{Context as _, Result};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// Kernel attach types we use (enum bpf_attach_type).
@@ -78,4 +79,15 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
     // SAFETY: new fd owned by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_PROG_QUERY`: how many programs of attach type `ty` are attached to
+/// `target` (a cgroup directory, or a network namespace for `SkLookup`).
+pub fn attached_count(target: BorrowedFd<'_>, ty: AttachType) -> Result<u32> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, target.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, ty as u32);
+    // prog_ids = NULL: the kernel only writes the count back (prog_cnt).
+    bpf(BPF_PROG_QUERY, &mut attr).with_context(|| format!("BPF_PROG_QUERY {ty:?}"))?;
+    Ok(u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")))
 }

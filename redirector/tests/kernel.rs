@@ -384,6 +384,16 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert_eq!(v["workloads"][0]["outbound_port_exclusions"], serde_json::json!([6379, 7070]));
     assert!(v["counters"]["redirected"].as_u64().unwrap() >= 3);
 
+    // Attached while pinned (the check below is not vacuous).
+    use redirector::bpf_sys::{attached_count, AttachType};
+    use std::os::fd::AsFd as _;
+    let cg = std::fs::File::open(&m._cgroup.path).unwrap();
+    let ns = std::fs::File::open(m.topo.app.path()).unwrap();
+    for (name, ty) in redirector::dataplane::PROGRAMS {
+        assert!(attached_count(cg.as_fd(), ty).unwrap() >= 1, "{name} not attached");
+    }
+    assert!(attached_count(ns.as_fd(), AttachType::SkLookup).unwrap() >= 1, "sk_lookup not attached");
+
     // Cleanup: nothing redirected, nothing left pinned.
     let out = std::process::Command::new(bin())
         .args(["cleanup", "--pin-dir"])
@@ -393,6 +403,11 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!m.pins.path.exists(), "pin directory left behind");
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct 192.0.2.10:80"));
+    // Nothing attached to the cgroup or to the workload's namespace.
+    for (name, ty) in redirector::dataplane::PROGRAMS {
+        assert_eq!(attached_count(cg.as_fd(), ty).unwrap(), 0, "{name} still attached to the cgroup");
+    }
+    assert_eq!(attached_count(ns.as_fd(), AttachType::SkLookup).unwrap(), 0, "sk_lookup still attached");
 }
 
 /// Outcome counts of a connection load.
