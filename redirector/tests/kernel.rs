@@ -617,6 +617,144 @@ fn nonblocking_reconnect_and_fastopen_are_redirected() {
     assert!(bad.is_empty(), "{}\nagent log:\n{}", bad.join("\n"), m.agent.log_text());
 }
 
+/// The map contents of one workload without its policy id: what the
+/// policy says, whatever generation it was written under.
+fn entries_fingerprint(
+    w: redirector_common::WorkloadPolicy,
+    ports: &[redirector_common::PortKey],
+    cidrs: &[(u32, redirector_common::CidrData)],
+) -> String {
+    let mut w = w;
+    w.policy_id = 0;
+    let mut p: Vec<(u16, u8)> = ports.iter().map(|k| (k.port, k.kind)).collect();
+    p.sort_unstable();
+    let mut c: Vec<(u32, u8, [u8; 16])> = cidrs.iter().map(|(len, d)| (*len, d.kind, d.addr)).collect();
+    c.sort_unstable();
+    format!("{w:?} {p:?} {c:?}")
+}
+
+/// The workload's entries as pinned now, read consistently (retried if a
+/// new generation was switched in while the lists were read).
+fn pinned_fingerprint(pins: &Path, cookie: u64) -> Option<String> {
+    let maps = Maps::open(pins).ok()?;
+    for _ in 0..20 {
+        let w = maps.workload(cookie).ok()??;
+        let ports: Vec<_> = maps.port_keys().ok()?.into_iter().filter(|k| k.policy_id == w.policy_id).collect();
+        let cidrs: Vec<_> = maps
+            .cidr_keys()
+            .ok()?
+            .into_iter()
+            .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id)
+            .collect();
+        if maps.workload(cookie).ok()?.map(|x| x.policy_id) == Some(w.policy_id) {
+            return Some(entries_fingerprint(w, &ports, &cidrs));
+        }
+    }
+    None
+}
+
+/// A config for the workload with random lists, sometimes invalid (bad
+/// ports or CIDRs in the mesh or in an annotation, or broken YAML).
+fn random_config(rng: &mut u64, netns: &Path) -> String {
+    let mut next = |n: u64| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng % n
+    };
+    const PORTS: [&str; 9] = ["80", "443", "6379", "7070", "8080", "9090", "15000", "99999", "http"];
+    const CIDRS: [&str; 6] = ["198.51.100.0/24", "203.0.113.0/25", "192.0.2.128/25", "2001:db8::/48", "10.0.0.0/33", "nope"];
+    let mut pick = |pool: &[&str], bad_from: usize| -> Vec<String> {
+        let n = next(4);
+        (0..n)
+            .map(|_| {
+                // Invalid items are rarer than valid ones.
+                let i = next(pool.len() as u64 * 4) as usize % pool.len();
+                let i = if i >= bad_from && next(3) != 0 { i - bad_from } else { i };
+                pool[i].to_string()
+            })
+            .collect()
+    };
+    let mesh_ports = pick(&PORTS, 7);
+    let mesh_cidrs = pick(&CIDRS, 4);
+    let ann_ports = pick(&PORTS, 7);
+    let ann_cidrs = pick(&CIDRS, 4);
+    let quote = |v: &[String]| v.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(", ");
+    if next(50) == 0 {
+        return "mesh: [\n".into();
+    }
+    format!(
+        "mesh:\n  outboundPortExclusionList: [{}]\n  outboundIPRangeExclusionList: [{}]\nworkloads:\n  - name: app\n    netns: {}\n    annotations:\n      openservicemesh.io/outbound-port-exclusion-list: {:?}\n      openservicemesh.io/outbound-ip-range-exclusion-list: {:?}\n",
+        quote(&mesh_ports),
+        quote(&mesh_cidrs),
+        netns.display(),
+        ann_ports.join(","),
+        ann_cidrs.join(",")
+    )
+}
+
+/// Thousands of random config changes, valid and invalid, as fast as the
+/// file can be rewritten, with SIGHUPs: the agent never dies, the pinned
+/// state always equals some configuration that was given (never half of
+/// one), and it ends equal to the last one.
+#[test]
+fn random_change_stream_ends_with_exactly_the_final_state() {
+    if !require_kernel() {
+        return;
+    }
+    let mut m = Managed::start("z", EXCLUSIONS);
+    let app = m.topo.app.path();
+    let cookie = redirector::netns::netns_cookie(&app).unwrap();
+    let fingerprint_of = |text: &str| -> Option<String> {
+        let cfg = parse_config(text).ok()?;
+        let w = cfg.workloads.first()?;
+        let e = redirector::policy::map_entries(&compile(&cfg.mesh, &w.annotations), 0);
+        Some(entries_fingerprint(e.workload, &e.ports, &e.cidrs))
+    };
+    let mut given: std::collections::BTreeSet<String> =
+        fingerprint_of(&render(EXCLUSIONS, &app)).into_iter().collect();
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let (mut valid, mut invalid, mut samples) = (0, 0, 0);
+    let mut last_valid = String::new();
+    for i in 0..3000 {
+        let text = random_config(&mut rng, &app);
+        match fingerprint_of(&text) {
+            Some(f) => {
+                given.insert(f);
+                valid += 1;
+                last_valid = text.clone();
+            }
+            None => invalid += 1,
+        }
+        std::fs::write(&m.config, &text).unwrap();
+        if i % 3 == 0 {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(m.agent.child.id() as i32, libc::SIGHUP) };
+        }
+        if i % 100 == 0 {
+            // Whatever is pinned is one whole configuration that was given.
+            if let Some(f) = pinned_fingerprint(&m.pins.path, cookie) {
+                samples += 1;
+                assert!(given.contains(&f), "pinned state matches no given configuration: {f}\n{}", m.agent.log_text());
+            }
+        }
+    }
+    assert!(m.agent.child.try_wait().unwrap().is_none(), "agent died:\n{}", m.agent.log_text());
+    std::fs::write(&m.config, &last_valid).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(m.agent.child.id() as i32, libc::SIGHUP) };
+    let want = fingerprint_of(&last_valid).unwrap();
+    let got = poll_until(|| pinned_fingerprint(&m.pins.path, cookie), |f| f.as_deref() == Some(want.as_str()));
+    println!("random change stream: {valid} valid and {invalid} invalid configs, {samples} mid-stream samples all whole");
+    assert_eq!(got.as_deref(), Some(want.as_str()), "final state differs\n{}", m.agent.log_text());
+    assert!(m.agent.child.try_wait().unwrap().is_none(), "agent died");
+    // Nothing of earlier generations is left.
+    let maps = Maps::open(&m.pins.path).unwrap();
+    let id = maps.workload(cookie).unwrap().unwrap().policy_id;
+    assert!(maps.port_keys().unwrap().iter().all(|k| k.policy_id == id), "stale port entries");
+    assert!(maps.cidr_keys().unwrap().iter().all(|(_, d)| u32::from_be_bytes(d.policy_id_be) == id), "stale CIDR entries");
+}
+
 #[test]
 fn wait_ready_fails_closed_with_a_clear_message() {
     if !require_kernel() {
