@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. The agent stores it in the `META` map
 /// and refuses to adopt pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -83,6 +83,10 @@ pub mod flags {
     /// The workload has `INBOUND_SOURCE_EXCLUDE` CIDRs (else sk_lookup
     /// skips that trie lookup).
     pub const IN_SOURCE_EXCLUSION_SET: u32 = 1 << 9;
+    /// The proxy is the process in cgroup `proxy_cgroup_id`, whatever its
+    /// UID: a process of the application that runs as the proxy's UID is
+    /// still redirected.
+    pub const MATCH_PROXY_CGROUP: u32 = 1 << 10;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace
@@ -105,6 +109,8 @@ pub struct WorkloadPolicy {
     pub redirect_ip4: u32,
     /// Address IPv6 connections are sent to (network order), ::1.
     pub redirect_ip6: [u8; 16],
+    /// cgroup-v2 id of the proxy's cgroup (with `MATCH_PROXY_CGROUP`).
+    pub proxy_cgroup_id: u64,
 }
 
 /// Kinds of port rules in the `PORTS` map.
@@ -305,7 +311,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<WorkloadPolicy>(), 40);
+        assert_eq!(size_of::<WorkloadPolicy>(), 48);
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<CidrData>(), 24);

@@ -3,7 +3,10 @@
 //! with `LOCAL_TO_INBOUND`), for one destination. IPv4 destinations (also
 //! IPv4-mapped ones on IPv6 sockets) are looked up in their mapped form, so
 //! an address is matched the same way however it was written.
-use aya_ebpf::{helpers::bpf_get_current_uid_gid, maps::lpm_trie::Key};
+use aya_ebpf::{
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid},
+    maps::lpm_trie::Key,
+};
 use redirector_common::{
     cidr_kind, counter, flags, port_kind, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
 };
@@ -45,6 +48,10 @@ pub fn port_rule(policy_id: u32, kind: u8, port: u16) -> bool {
 
 #[inline(always)]
 fn is_proxy(policy: &WorkloadPolicy) -> bool {
+    if policy.flags & flags::MATCH_PROXY_CGROUP != 0 {
+        // SAFETY: no arguments; the task's cgroup-v2 id.
+        return unsafe { bpf_get_current_cgroup_id() } == policy.proxy_cgroup_id;
+    }
     let uid_gid = bpf_get_current_uid_gid();
     let uid = uid_gid as u32;
     let gid = (uid_gid >> 32) as u32;

@@ -63,6 +63,11 @@ pub fn reconcile_keeping(
             if policy.loopback != crate::config::LoopbackMode::Osm {
                 policy = policy.with_local_addresses(local_addresses(&path)?);
             }
+            if let Some(cg) = &w.proxy_cgroup {
+                policy = policy.with_proxy_cgroup(crate::sysfs::cgroup_id(cg).with_context(|| {
+                    format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
+                })?);
+            }
             Ok((cookie, policy))
         });
         match found {

@@ -303,6 +303,9 @@ impl fmt::Display for NetnsRef {
 pub struct WorkloadSpec {
     pub name: String,
     pub netns: NetnsRef,
+    /// The proxy's cgroup-v2 directory: the proxy is the process in it,
+    /// whatever its UID (no bypass by running as the proxy's UID).
+    pub proxy_cgroup: Option<PathBuf>,
     pub annotations: WorkloadAnnotations,
 }
 
@@ -354,6 +357,8 @@ struct RawWorkload {
     name: String,
     netns: Option<PathBuf>,
     pid: Option<i64>,
+    #[serde(rename = "proxyCgroup")]
+    proxy_cgroup: Option<PathBuf>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
 }
@@ -431,8 +436,13 @@ fn parse_workload(preset: Preset, value: serde_yaml::Value) -> Result<WorkloadSp
         (Some(_), Some(_)) => bail!("keys `netns` and `pid`: give one of them, not both"),
         (None, None) => bail!("key `netns`: missing (give `netns: PATH` or `pid: N`)"),
     };
+    if let Some(p) = &raw.proxy_cgroup {
+        if !p.is_absolute() {
+            bail!("key `proxyCgroup`: value {:?} is not an absolute path", p.display().to_string());
+        }
+    }
     let annotations = parse_annotations(preset, &raw.annotations)?;
-    Ok(WorkloadSpec { name: raw.name, netns, annotations })
+    Ok(WorkloadSpec { name: raw.name, netns, proxy_cgroup: raw.proxy_cgroup, annotations })
 }
 
 /// Parses a mesh-wide settings document: the `mesh` mapping of the config

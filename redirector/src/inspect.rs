@@ -33,6 +33,8 @@ pub struct WorkloadView {
     pub policy_id: u32,
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
+    /// The proxy is the process in this cgroup (its UID/GID then grant nothing).
+    pub proxy_cgroup_id: Option<u64>,
     pub outbound_redirect: String,
     pub inbound_port: u16,
     pub outbound_enabled: bool,
@@ -105,6 +107,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 policy_id: w.policy_id,
                 proxy_uid: w.proxy_uid,
                 proxy_gid: (w.flags & flags::MATCH_PROXY_GID != 0).then_some(w.proxy_gid),
+                proxy_cgroup_id: (w.flags & flags::MATCH_PROXY_CGROUP != 0).then_some(w.proxy_cgroup_id),
                 outbound_redirect: SocketAddrV4::new(
                     Ipv4Addr::from(w.redirect_ip4.to_ne_bytes()),
                     w.outbound_port,
@@ -181,9 +184,11 @@ pub fn render_text(s: &Snapshot) -> String {
         );
         let _ = writeln!(
             o,
-            "    proxy uid {}{}, outbound -> {}, inbound port {}",
-            w.proxy_uid,
-            w.proxy_gid.map(|g| format!(" gid {g}")).unwrap_or_default(),
+            "    proxy {}, outbound -> {}, inbound port {}",
+            match w.proxy_cgroup_id {
+                Some(c) => format!("= the processes of cgroup id {c} (any UID)"),
+                None => format!("uid {}{}", w.proxy_uid, w.proxy_gid.map(|g| format!(" gid {g}")).unwrap_or_default()),
+            },
             w.outbound_redirect,
             w.inbound_port
         );

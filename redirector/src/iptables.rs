@@ -765,6 +765,7 @@ mod properties {
                     SocketAddr::V4(SocketAddrV4::new(ip, port))
                 },
                 src,
+                cgroup: 0,
             })
     }
 
@@ -788,6 +789,26 @@ mod properties {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// With the proxy identified by its cgroup (any dialect), the
+        /// evaluator and the map encoding agree, and a UID or GID decides
+        /// nothing: a process outside the proxy's cgroup that runs as the
+        /// proxy's UID is treated exactly like any application process.
+        #[test]
+        fn proxy_cgroup_identity_ignores_uids(
+            p in prop::sample::select(Preset::ALL.to_vec()).prop_flat_map(policy_for),
+            c in conn(),
+            in_proxy in any::<bool>(),
+            id in 1u32..u32::MAX,
+        ) {
+            let p = p.with_proxy_cgroup(4242);
+            let c = OutboundConn { cgroup: if in_proxy { 4242 } else { 7 }, ..c };
+            let verdict = evaluate(&p, &c);
+            prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
+            for (uid, gid) in [(p.proxy_uid, p.proxy_gid.unwrap_or(0)), (1000, 1000), (0, 0)] {
+                prop_assert_eq!(evaluate(&p, &OutboundConn { uid, gid, ..c }), verdict);
+            }
+        }
 
         #[test]
         fn osm_init_rules_policy_and_maps_agree(p in policy(), c in conn(), id in 1u32..u32::MAX) {

@@ -21,6 +21,9 @@ use crate::config::{canonical_net, Inclusion, LoopbackMode, MeshConfig, Workload
 pub struct Policy {
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
+    /// The proxy is identified by this cgroup-v2 id instead of its UID/GID
+    /// (filled in by the agent from the workload's `proxyCgroup`).
+    pub proxy_cgroup: Option<u64>,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub redirect_ip4: Ipv4Addr,
@@ -74,6 +77,7 @@ pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
     Policy {
         proxy_uid: mesh.proxy_uid,
         proxy_gid: mesh.proxy_gid,
+        proxy_cgroup: None,
         outbound_port: mesh.outbound_port,
         inbound_port: mesh.inbound_port,
         redirect_ip4: Ipv4Addr::LOCALHOST,
@@ -95,6 +99,12 @@ pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
 }
 
 impl Policy {
+    /// The same policy identifying the proxy by its cgroup.
+    pub fn with_proxy_cgroup(mut self, cgroup_id: u64) -> Self {
+        self.proxy_cgroup = Some(cgroup_id);
+        self
+    }
+
     /// The same policy knowing the workload's own addresses.
     pub fn with_local_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
         self.local_addresses = addrs.into_iter().map(canonical_ip).collect();
@@ -118,11 +128,13 @@ pub struct OutboundConn {
     pub dst: SocketAddr,
     /// The address the socket is bound to, if any (127.0.0.6 matters).
     pub src: Option<IpAddr>,
+    /// cgroup-v2 id of the connecting process.
+    pub cgroup: u64,
 }
 
 impl OutboundConn {
     pub fn tcp(uid: u32, dst: SocketAddr) -> Self {
-        Self { protocol: Protocol::Tcp, uid, gid: uid, dst, src: None }
+        Self { protocol: Protocol::Tcp, uid, gid: uid, dst, src: None, cgroup: 0 }
     }
 }
 
@@ -180,7 +192,10 @@ pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback(),
     } || policy.local_addresses.contains(&ip);
-    let is_proxy = conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid);
+    let is_proxy = match policy.proxy_cgroup {
+        Some(id) => conn.cgroup == id,
+        None => conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid),
+    };
     if policy.loopback == LoopbackMode::ProxyToInbound && in_nets(&policy.outbound_ip_range_exclusion, ip) {
         return Verdict::Pass(Bypass::ExcludedCidr);
     }
@@ -302,6 +317,9 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     if !policy.inbound_source_exclusion.is_empty() {
         f |= flags::IN_SOURCE_EXCLUSION_SET;
     }
+    if policy.proxy_cgroup.is_some() {
+        f |= flags::MATCH_PROXY_CGROUP;
+    }
     match policy.loopback {
         LoopbackMode::Osm => {}
         LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
@@ -317,6 +335,7 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
         inbound_port: policy.inbound_port,
         redirect_ip4: u32::from_ne_bytes(policy.redirect_ip4.octets()),
         redirect_ip6: policy.redirect_ip6.octets(),
+        proxy_cgroup_id: policy.proxy_cgroup.unwrap_or(0),
     };
     let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
     let mut ports: Vec<PortKey> =
@@ -381,7 +400,11 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
             SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::from(w.redirect_ip6).into(), p),
         }
     };
-    let is_proxy = conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid);
+    let is_proxy = if w.flags & flags::MATCH_PROXY_CGROUP != 0 {
+        conn.cgroup == w.proxy_cgroup_id
+    } else {
+        conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid)
+    };
     if w.flags & flags::LOCAL_PROXY_ONLY != 0 && trie_hit(cidr_kind::OUTBOUND_EXCLUDE) {
         return Verdict::Pass(Bypass::ExcludedCidr);
     }

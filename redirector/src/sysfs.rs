@@ -37,13 +37,22 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 /// Whether `path` is on a bpf file system.
 pub fn is_bpffs(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+    fs_magic(path) == Some(BPF_FS_MAGIC)
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Whether `path` is on a cgroup-v2 file system.
+pub fn is_cgroup2(path: &Path) -> bool {
+    fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
+}
+
+fn fs_magic(path: &Path) -> Option<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs on a valid C string into a zeroed struct.
     unsafe {
         let mut s: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as i64 == BPF_FS_MAGIC
+        (libc::statfs(c.as_ptr(), &mut s) == 0).then_some(s.f_type as i64)
     }
 }
 
@@ -76,4 +85,17 @@ mod tests {
         assert_eq!(parse_mounts(unified, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup")]);
         assert!(parse_mounts("proc /proc proc rw 0 0\n", "cgroup2").is_empty());
     }
+}
+
+/// The cgroup-v2 id of a cgroup directory (its inode number on cgroup2).
+pub fn cgroup_id(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading cgroup {}", dir.display()))?;
+    if !m.is_dir() {
+        anyhow::bail!("{} is not a cgroup directory", dir.display());
+    }
+    if !is_cgroup2(dir) {
+        anyhow::bail!("{} is not on a cgroup-v2 file system", dir.display());
+    }
+    Ok(m.ino())
 }

@@ -81,6 +81,8 @@ struct Managed {
     _early: Vec<Server>,
     _cgroup: TestCgroup,
     dir: PathBuf,
+    /// `<test cgroup>/proxy`, for configs naming `{proxy_cgroup}`.
+    proxy_cg: PathBuf,
 }
 
 impl Managed {
@@ -115,15 +117,28 @@ impl Managed {
             .then(|| Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap());
         let dir = tmpdir(tag);
         let config = dir.join("config.yaml");
-        std::fs::write(&config, render(config_template, &topo.app.path())).unwrap();
+        let proxy_cg = cgroup.path.join("proxy");
+        std::fs::create_dir_all(&proxy_cg).unwrap();
+        std::fs::write(&config, render(config_template, &topo.app.path()).replace("{proxy_cgroup}", &proxy_cg.display().to_string()))
+            .unwrap();
         let mut agent =
             AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
-        Managed { topo, agent, pins, config, _proxy: proxy, _early: early, _cgroup: cgroup, dir }
+        Managed { topo, agent, pins, config, _proxy: proxy, _early: early, _cgroup: cgroup, dir, proxy_cg }
     }
 
     fn write_config(&self, template: &str) {
-        std::fs::write(&self.config, render(template, &self.topo.app.path())).unwrap();
+        let text = render(template, &self.topo.app.path()).replace("{proxy_cgroup}", &self.proxy_cg.display().to_string());
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Runs `f` with this whole (single-threaded test) process moved into
+    /// `<test cgroup>/proxy`, as the proxy container's processes are.
+    fn in_proxy_cgroup<T>(&self, f: impl FnOnce() -> T) -> T {
+        std::fs::write(self.proxy_cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        let out = f();
+        std::fs::write(self._cgroup.path.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        out
     }
 
     fn probe(&self, uid: u32, dst: &str) -> String {
@@ -157,6 +172,7 @@ fn poll_until<T>(mut f: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
 impl Drop for Managed {
     fn drop(&mut self) {
         self.agent.stop();
+        let _ = std::fs::remove_dir(&self.proxy_cg);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -753,6 +769,51 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
     let id = maps.workload(cookie).unwrap().unwrap().policy_id;
     assert!(maps.port_keys().unwrap().iter().all(|k| k.policy_id == id), "stale port entries");
     assert!(maps.cidr_keys().unwrap().iter().all(|(_, d)| u32::from_be_bytes(d.policy_id_be) == id), "stale CIDR entries");
+}
+
+const PROXY_BY_CGROUP: &str = r#"
+mesh:
+  proxyUID: 1500
+workloads:
+  - name: app
+    netns: {netns}
+    proxyCgroup: {proxy_cgroup}
+"#;
+
+/// The proxy identified by its cgroup: an application process that runs as
+/// the proxy's UID 1500 is still redirected (no UID-spoof bypass), and the
+/// proxy's own connections go direct whatever their UID. The UID mode (the
+/// iptables behaviour) is shown for contrast.
+#[test]
+fn proxy_identified_by_cgroup_cannot_be_spoofed_by_uid() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("g", PROXY_BY_CGROUP);
+    let dst = "192.0.2.10:80";
+    let app_as_proxy_uid = m.probe(1500, dst);
+    let app = m.probe(1000, dst);
+    let (proxy, proxy_other_uid) = m.in_proxy_cgroup(|| (m.probe(1500, dst), m.probe(1000, dst)));
+    println!("app uid 1500: {app_as_proxy_uid}\napp uid 1000: {app}\nproxy cgroup uid 1500: {proxy}\nproxy cgroup uid 1000: {proxy_other_uid}");
+    assert!(app_as_proxy_uid.starts_with("proxy 192.0.2.10:80"), "UID spoof bypassed the proxy: {app_as_proxy_uid}");
+    assert!(app.starts_with("proxy 192.0.2.10:80"), "{app}");
+    assert!(proxy.starts_with("direct"), "the proxy's own connection was redirected: {proxy}");
+    assert!(proxy_other_uid.starts_with("direct"), "{proxy_other_uid}");
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert!(v["workloads"][0]["proxy_cgroup_id"].as_u64().unwrap() > 0, "{v}");
+
+    // UID mode (iptables' --uid-owner): the same process is trusted.
+    m.write_config("mesh:\n  proxyUID: 1500\nworkloads:\n  - name: app\n    netns: {netns}\n");
+    let got = m.probe_until(1500, dst, |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "{got}");
+    // A proxyCgroup that is not a cgroup: that workload is rejected with
+    // the reason, its last good policy stays.
+    m.write_config("mesh:\n  proxyUID: 1500\nworkloads:\n  - name: app\n    netns: {netns}\n    proxyCgroup: /proc\n");
+    m.wait_for_log("not on a cgroup-v2 file system", "a proxyCgroup outside cgroup2");
+    assert!(m.probe(1500, dst).starts_with("direct"));
 }
 
 #[test]

@@ -125,6 +125,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                 out.workloads.push(WorkloadSpec {
                     name: pod.key(),
                     netns: NetnsRef::Path(path.clone()),
+                    proxy_cgroup: None,
                     annotations,
                 })
             }
