@@ -326,6 +326,10 @@ impl Dataplane {
                 );
             }
         }
+        // aya reuses a pinned map whatever its size: a map pinned by an
+        // agent with other capacities (one that died before it stamped its
+        // version) must be refused here, not adopted.
+        check_pinned_capacities(pin_dir)?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> =
             map_names::PINNED.iter().map(|n| (*n, pin_dir.join(n))).collect();
@@ -502,6 +506,31 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Refuses pinned maps whose capacity is not this build's.
+fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
+    let expected = CAPACITIES
+        .iter()
+        .copied()
+        .chain([(map_names::META, 1), (map_names::COUNTERS, redirector_common::counter::COUNT)]);
+    for (name, capacity) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?
+            .max_entries();
+        if pinned != capacity {
+            bail!(
+                "pinned map {} has capacity {pinned} but this agent's {name} has {capacity} (another map layout); \
+                 run `redirector cleanup` with the agent that created it (or remove the pin directory) first",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Detaches and unpins everything under `pin_dir`. Returns what it removed.
