@@ -74,6 +74,16 @@ enum Cmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// (For `bench`.) One full sync of N synthetic workloads in a process
+    /// of its own; prints what it measured as JSON.
+    #[command(hide = true)]
+    BenchSync {
+        #[arg(long)]
+        workloads: usize,
+        /// An empty test cgroup to attach the programs to.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
     /// Probe the kernel for every hook and helper the data path needs;
     /// exits non-zero if a required one is missing.
     Probe {
@@ -156,6 +166,7 @@ fn real_main() -> Result<()> {
         }
         Cmd::Demo => demo::run(),
         Cmd::Bench { quick, out } => bench::run(quick, &out),
+        Cmd::BenchSync { workloads, cgroup } => bench::sync_child(workloads, &cgroup),
         Cmd::Probe { json } => {
             let features = redirector::probe::probe();
             if json {

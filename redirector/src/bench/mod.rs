@@ -7,19 +7,22 @@
 //! - `redirector`: the agent.
 //!
 //! Scenarios: new connections as the excluded CIDRs and ports grow
-//! ([`newconn`]). Each setup has its own namespaces with the same servers;
+//! ([`newconn`]); the control plane: change-to-in-force latency, full sync
+//! of many workloads and its memory ([`control`]). Each setup has its own namespaces with the same servers;
 //! clients are single-threaded and bounded in time. Only loopback, veth and
 //! documentation addresses inside our own namespaces are used.
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
+mod control;
 mod newconn;
 mod report;
 mod setup;
 mod stats;
 mod sys;
 
+pub use control::sync_child;
 use newconn::Direction;
 use setup::{BenchCgroup, Exclusions};
 
@@ -33,18 +36,35 @@ pub struct Plan {
     /// Excluded-port counts (outbound only: they do not apply inbound). The
     /// 0 point is the 0-CIDR scenario, the same policy.
     pub port_sizes: Vec<usize>,
+    /// Policy changes timed per setup.
+    pub changes: usize,
+    /// Workload counts of the full-sync scenario, and up to how many pods
+    /// osm-init's restores are run for real (beyond: extrapolated).
+    pub sync_sizes: Vec<usize>,
+    pub max_real_pods: usize,
 }
 
 impl Plan {
     pub fn new(quick: bool) -> Self {
         if quick {
-            Self { rounds: 2, secs: 0.5, cidr_sizes: vec![0, 1000], port_sizes: vec![1000] }
+            Self {
+                rounds: 2,
+                secs: 0.5,
+                cidr_sizes: vec![0, 1000],
+                port_sizes: vec![1000],
+                changes: 30,
+                sync_sizes: vec![100, 1000],
+                max_real_pods: 100,
+            }
         } else {
             Self {
                 rounds: 5,
                 secs: 2.0,
                 cidr_sizes: vec![0, 10, 100, 1000, 10000],
                 port_sizes: vec![10, 100, 1000],
+                changes: 200,
+                sync_sizes: vec![100, 1000, 10000],
+                max_real_pods: 1000,
             }
         }
     }
@@ -65,7 +85,9 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         let excl = Exclusions { ports: n, ..Default::default() };
         scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], &cgroup.path)?);
     }
+    let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
     drop(cgroup);
+    let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
     let report = report::Report {
         machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
         kernel: redirector::probe::kernel_release(),
@@ -76,6 +98,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         rounds: plan.rounds,
         seconds_per_round: plan.secs,
         scenarios,
+        control_plane: report::ControlPlane { change, sync },
     };
     report.write(out)
 }

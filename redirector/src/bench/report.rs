@@ -4,7 +4,17 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use super::{newconn::Scenario, stats::Stats};
+use super::{
+    control::{ChangeLatency, Sync},
+    newconn::Scenario,
+    stats::Stats,
+};
+
+#[derive(Serialize)]
+pub struct ControlPlane {
+    pub change: ChangeLatency,
+    pub sync: Vec<Sync>,
+}
 
 #[derive(Serialize)]
 pub struct Report {
@@ -19,6 +29,7 @@ pub struct Report {
     pub rounds: usize,
     pub seconds_per_round: f64,
     pub scenarios: Vec<Scenario>,
+    pub control_plane: ControlPlane,
 }
 
 impl Report {
@@ -49,8 +60,83 @@ impl Report {
         for s in &self.scenarios {
             let _ = writeln!(o, "{}", newconn_row(s));
         }
+        let c = &self.control_plane.change;
+        let _ = write!(
+            o,
+            "\n### Change to in force\n\n{} changes per setup ({}); probe connections back to back until the new verdict shows.\n\n\
+             | setup | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+            c.changes, c.policy
+        );
+        for (what, st) in [
+            ("redirector: SIGHUP → new verdict seen", &c.redirector_in_force),
+            ("iptables: `iptables-restore` of osm-init's whole set, start → exit", &c.iptables_restore),
+            ("iptables: start → new verdict seen", &c.iptables_in_force),
+        ] {
+            let _ = writeln!(o, "| {what} | {} | {} | {} | {} |", ms(st.p50_us), ms(st.p90_us), ms(st.p99_us), ms(st.max_us));
+        }
+        if let Some(kib) = c.agent_rss_kib {
+            let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
+        }
+        let rss: Vec<String> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.direction == super::newconn::Direction::Outbound)
+            .filter_map(|s| Some(format!("{} MiB with {}", mib(s.agent_rss_kib?), s.name.split(", ").last().unwrap_or(""))))
+            .collect();
+        if !rss.is_empty() {
+            let _ = writeln!(o, "In the new-connection scenarios (one workload): {}.", rss.join("; "));
+        }
+        let _ = write!(
+            o,
+            "\n### Full sync\n\nredirector: `Dataplane::apply` of N synthetic workloads in a process of its own \
+             (`redirector bench-sync`: the agent's data-plane code without its event loop). osm-init: \
+             `iptables-restore` of the same per-pod policy into a fresh network namespace per pod, one after the other.\n\n{SYNC_HEADER}"
+        );
+        for s in &self.control_plane.sync {
+            let _ = writeln!(o, "{}", sync_row(s));
+        }
+        if let Some(s) = self.control_plane.sync.last() {
+            let _ = write!(o, "\nMap memory at {} workloads (memlock, KiB): ", s.workloads);
+            let maps: Vec<String> =
+                s.redirector.maps.iter().map(|m| format!("{} {} (capacity {})", m.name, m.memlock_bytes / 1024, m.capacity)).collect();
+            let _ = writeln!(o, "{}.", maps.join(", "));
+        }
         o
     }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1e3)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+const SYNC_HEADER: &str = "| workloads | redirector load ms | sync ms | re-sync (unchanged) ms | one change ms | port / CIDR entries | RSS start / loaded / synced MiB | map memory MiB | osm-init restores ms (pods measured) | redirector/iptables |\n|---|---|---|---|---|---|---|---|---|---|\n";
+
+/// One full-sync row, as printed while running and in `results.md`.
+pub fn sync_row(s: &Sync) -> String {
+    let r = &s.redirector;
+    let i = &s.iptables;
+    format!(
+        "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} / {} | {:.1} | {:.0} ({}{}) | {:.3} |",
+        s.workloads,
+        r.load_ms,
+        r.sync_ms,
+        r.resync_unchanged_ms,
+        r.one_change_ms,
+        r.port_entries,
+        r.cidr_entries,
+        mib(r.rss_start_kib),
+        mib(r.rss_loaded_kib),
+        mib(r.rss_synced_kib),
+        r.map_memory_bytes as f64 / (1024.0 * 1024.0),
+        i.total_ms,
+        i.measured_pods,
+        if i.extrapolated { ", extrapolated" } else { "" },
+        s.ratio_vs_iptables
+    )
 }
 
 const NEWCONN_HEADER: &str = "| scenario | iptables rules | none conn/s (p50/p99 µs) | iptables conn/s (p50/p99 µs) | redirector conn/s (p50/p99 µs) | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|---|\n";

@@ -48,10 +48,13 @@ impl Kind {
 pub struct Exclusions {
     pub cidrs: usize,
     pub ports: usize,
-    /// Also exclude the probe destination's port (80): the control-plane
-    /// scenario flips this.
+    /// Also exclude [`PROBE_PORT`]: the control-plane scenario flips this.
     pub probe_port: bool,
 }
+
+/// A port the peer namespace answers on with a blocking accept loop
+/// ([`ProxyMode::Direct`]), for the control-plane probes.
+pub const PROBE_PORT: u16 = 9080;
 
 /// What the proxy stand-in does with an accepted connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +65,8 @@ pub enum ProxyMode {
     /// own: the client's first byte chooses `E` (echo everything back) or
     /// `S` (read to EOF, then answer the byte count as a u64, big-endian).
     Stream,
+    /// A remote server: writes `direct <local address>` and closes.
+    Direct,
 }
 
 /// The workload's config for the agent (and, compiled, for osm-init).
@@ -69,7 +74,7 @@ pub fn config(netns: &Path, excl: Exclusions) -> String {
     let quote = |v: Vec<String>| v.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
     let mut ports: Vec<String> = excluded_ports(excl.ports).iter().map(u16::to_string).collect();
     if excl.probe_port {
-        ports.push("80".into());
+        ports.push(PROBE_PORT.to_string());
     }
     format!(
         "mesh:\n  outboundIPRangeExclusionList: [{}]\n  outboundPortExclusionList: [{}]\nworkloads:\n  - name: bench\n    netns: {}\n",
@@ -150,7 +155,11 @@ impl BenchProxy {
                     break;
                 }
                 let Ok(mut s) = s else { continue };
-                let answered = s.write_all(testkit::proxy_answer(&s).as_bytes());
+                let line = match mode {
+                    ProxyMode::Direct => format!("direct {}\n", s.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+                    _ => testkit::proxy_answer(&s),
+                };
+                let answered = s.write_all(line.as_bytes());
                 if mode == ProxyMode::Stream && answered.is_ok() {
                     std::thread::spawn(move || serve_stream(s));
                 }
@@ -247,12 +256,14 @@ impl Setup {
         // The redirector workload's proxy lives in the agent's cgroup, as a
         // pod's does: its sockets' hooks (sockops, getsockopt) run there.
         let cg = (kind == Kind::Redirector).then_some(cgroup);
-        let servers = in_cgroup(cg, || -> Result<Vec<BenchProxy>> {
+        let mut servers = in_cgroup(cg, || -> Result<Vec<BenchProxy>> {
             Ok(vec![
                 BenchProxy::start(&app, "127.0.0.1:15001".parse()?, spec.proxy)?,
                 BenchProxy::start(&app, "0.0.0.0:15003".parse()?, spec.proxy)?,
             ])
         })??;
+        let probe = SocketAddr::from(([0, 0, 0, 0], PROBE_PORT));
+        servers.push(BenchProxy::start(&topo.peer.path(), probe, ProxyMode::Direct)?);
         let mut agent = None;
         match kind {
             Kind::None => {}
@@ -373,7 +384,7 @@ mod tests {
         let v = excluded_ports(1000);
         let set: std::collections::BTreeSet<_> = v.iter().collect();
         assert_eq!(set.len(), 1000);
-        for used in [80, 8080, 15000, 15001, 15003, 7070, 6379] {
+        for used in [80, 8080, 15000, 15001, 15003, 7070, 6379, PROBE_PORT] {
             assert!(!set.contains(&used));
         }
     }
@@ -383,7 +394,7 @@ mod tests {
         let p = policy(Exclusions { cidrs: 100, ports: 1000, probe_port: true }).unwrap();
         assert_eq!(p.outbound_ip_range_exclusion.len(), 100);
         assert_eq!(p.outbound_port_exclusion.len(), 1001);
-        assert!(p.outbound_port_exclusion.contains(&80));
+        assert!(p.outbound_port_exclusion.contains(&PROBE_PORT));
         // 100 CIDR rules + ceil(1001 / 15) multiport rules.
         assert_eq!(outbound_exclusion_rules(&p), 100 + 67);
     }

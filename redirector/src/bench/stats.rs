@@ -11,7 +11,9 @@ const CDF_POINTS: usize = 2000;
 pub struct Stats {
     /// Connections (or transactions) measured.
     pub count: usize,
-    /// Per second: connections, transactions, or MiB.
+    /// Per second: connections, transactions, or MiB (absent for pure
+    /// latencies).
+    #[serde(skip_serializing_if = "is_zero")]
     pub rate_per_s: f64,
     pub p50_us: f64,
     pub p90_us: f64,
@@ -46,6 +48,10 @@ impl Stats {
             cdf_us,
         }
     }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The `p` quantile of sorted values (nearest rank below), 0 when empty.
