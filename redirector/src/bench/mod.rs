@@ -8,7 +8,8 @@
 //!
 //! Scenarios: new connections as the excluded CIDRs and ports grow
 //! ([`newconn`]); the control plane: change-to-in-force latency, full sync
-//! of many workloads and its memory ([`control`]). Each setup has its own namespaces with the same servers;
+//! of many workloads and its memory ([`control`]); established traffic
+//! app ↔ proxy ([`established`]). Each setup has its own namespaces with the same servers;
 //! clients are single-threaded and bounded in time. Only loopback, veth and
 //! documentation addresses inside our own namespaces are used.
 use std::path::Path;
@@ -16,6 +17,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 
 mod control;
+mod established;
 mod newconn;
 mod report;
 mod setup;
@@ -36,6 +38,8 @@ pub struct Plan {
     /// Excluded-port counts (outbound only: they do not apply inbound). The
     /// 0 point is the 0-CIDR scenario, the same policy.
     pub port_sizes: Vec<usize>,
+    /// Seconds per round and setup of each established-traffic pattern.
+    pub established_secs: f64,
     /// Policy changes timed per setup.
     pub changes: usize,
     /// Workload counts of the full-sync scenario, and up to how many pods
@@ -52,6 +56,7 @@ impl Plan {
                 secs: 0.5,
                 cidr_sizes: vec![0, 1000],
                 port_sizes: vec![1000],
+                established_secs: 0.3,
                 changes: 30,
                 sync_sizes: vec![100, 1000],
                 max_real_pods: 100,
@@ -62,6 +67,7 @@ impl Plan {
                 secs: 2.0,
                 cidr_sizes: vec![0, 10, 100, 1000, 10000],
                 port_sizes: vec![10, 100, 1000],
+                established_secs: 1.0,
                 changes: 200,
                 sync_sizes: vec![100, 1000, 10000],
                 max_real_pods: 1000,
@@ -85,6 +91,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         let excl = Exclusions { ports: n, ..Default::default() };
         scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], &cgroup.path)?);
     }
+    let established = established::run(&plan, &cgroup.path)?;
     let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
     drop(cgroup);
     let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
@@ -98,6 +105,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         rounds: plan.rounds,
         seconds_per_round: plan.secs,
         scenarios,
+        established,
         control_plane: report::ControlPlane { change, sync },
     };
     report.write(out)

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::{
     control::{ChangeLatency, Sync},
+    established::{Established, Pattern},
     newconn::Scenario,
     stats::Stats,
 };
@@ -29,6 +30,7 @@ pub struct Report {
     pub rounds: usize,
     pub seconds_per_round: f64,
     pub scenarios: Vec<Scenario>,
+    pub established: Vec<Established>,
     pub control_plane: ControlPlane,
 }
 
@@ -59,6 +61,14 @@ impl Report {
         o.push_str(NEWCONN_HEADER);
         for s in &self.scenarios {
             let _ = writeln!(o, "{}", newconn_row(s));
+        }
+        let _ = write!(
+            o,
+            "\n### Established traffic\n\nOne connection app → proxy per round (redirected to it for iptables and redirector); \
+             the proxy echoes (request/response) or reads and counts (throughput).\n\n{ESTABLISHED_HEADER}"
+        );
+        for e in &self.established {
+            let _ = writeln!(o, "{}", established_row(e));
         }
         let c = &self.control_plane.change;
         let _ = write!(
@@ -103,6 +113,25 @@ impl Report {
         }
         o
     }
+}
+
+const ESTABLISHED_HEADER: &str = "| pattern | none | iptables | redirector | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|\n";
+
+/// One established-traffic row: transactions/s (p50/p99 µs) or MiB/s.
+pub fn established_row(e: &Established) -> String {
+    let cell = |st: &Stats| match e.pattern {
+        Pattern::RequestResponse => format!("{:.0}/s ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us),
+        Pattern::Throughput => format!("{:.0} MiB/s", st.rate_per_s),
+    };
+    format!(
+        "| {} | {} | {} | {} | {:.2} | {:.2} |",
+        e.name,
+        cell(&e.setups[0].1),
+        cell(&e.setups[1].1),
+        cell(&e.setups[2].1),
+        e.ratio_vs_none,
+        e.ratio_vs_iptables
+    )
 }
 
 fn ms(us: f64) -> String {
