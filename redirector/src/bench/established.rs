@@ -13,6 +13,7 @@ use redirector::testkit;
 use serde::Serialize;
 
 use super::{
+    bpfstats::{self, ProgCost},
     setup::{in_cgroup, Exclusions, Kind, ProxyMode, Setup, Spec, KINDS},
     stats::{ratio, Stats},
     Plan,
@@ -40,6 +41,9 @@ pub struct Established {
     pub setups: Vec<(String, Stats)>,
     pub ratio_vs_none: f64,
     pub ratio_vs_iptables: f64,
+    /// Request/response only: per-program runs per transaction, from an
+    /// extra redirector round with BPF statistics on.
+    pub bpf_programs: Vec<ProgCost>,
 }
 
 pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
@@ -57,21 +61,18 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
         let mut busy = vec![0f64; KINDS.len()];
         for _ in 0..plan.rounds {
             for (i, s) in setups.iter().enumerate() {
-                let dst: SocketAddr = if s.kind == Kind::None { "127.0.0.1:15001" } else { "192.0.2.10:80" }.parse()?;
-                let cg = (s.kind == Kind::Redirector).then_some(cgroup);
-                let (secs, redirected) = (plan.established_secs, s.kind != Kind::None);
-                let app = s.topo.app.path();
-                let r = in_cgroup(cg, || {
-                    testkit::in_netns_as(&app, 1000, move || match pattern {
-                        Pattern::RequestResponse => request_response(dst, redirected, size, secs).map(|v| (v, 0, secs)),
-                        Pattern::Throughput => throughput(dst, redirected, size, secs).map(|(b, t)| (Vec::new(), b, t)),
-                    })
-                })???;
+                let r = round(s, pattern, size, plan.established_secs, cgroup)?;
                 lat[i].extend(r.0);
                 bytes[i] += r.1;
                 busy[i] += r.2;
             }
         }
+        let bpf_programs = match (&setups[2].agent, pattern) {
+            (Some(a), Pattern::RequestResponse) => {
+                bpfstats::measure(&a.pins.path, || Ok(round(&setups[2], pattern, size, plan.established_secs, cgroup)?.0.len()))?
+            }
+            _ => Vec::new(),
+        };
         let st: Vec<Stats> = (0..KINDS.len())
             .map(|i| match pattern {
                 Pattern::RequestResponse => Stats::from_samples(&mut lat[i], busy[i]),
@@ -94,11 +95,27 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
             ratio_vs_none: ratio(st[2].rate_per_s, st[0].rate_per_s),
             ratio_vs_iptables: ratio(st[2].rate_per_s, st[1].rate_per_s),
             setups: KINDS.iter().map(|k| k.name().to_string()).zip(st).collect(),
+            bpf_programs,
         };
         println!("{}", super::report::established_row(&e));
         out.push(e);
     }
     Ok(out)
+}
+
+/// One round against one setup: latencies (request/response), bytes and
+/// seconds.
+fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64, cgroup: &Path) -> Result<(Vec<Duration>, u64, f64)> {
+    let dst: SocketAddr = if s.kind == Kind::None { "127.0.0.1:15001" } else { "192.0.2.10:80" }.parse()?;
+    let cg = (s.kind == Kind::Redirector).then_some(cgroup);
+    let redirected = s.kind != Kind::None;
+    let app = s.topo.app.path();
+    in_cgroup(cg, || {
+        testkit::in_netns_as(&app, 1000, move || match pattern {
+            Pattern::RequestResponse => request_response(dst, redirected, size, secs).map(|v| (v, 0, secs)),
+            Pattern::Throughput => throughput(dst, redirected, size, secs).map(|(b, t)| (Vec::new(), b, t)),
+        })
+    })??
 }
 
 /// Connects and reads the proxy's line; `redirected`: it must have read

@@ -9,13 +9,15 @@
 //! Scenarios: new connections as the excluded CIDRs and ports grow
 //! ([`newconn`]); the control plane: change-to-in-force latency, full sync
 //! of many workloads and its memory ([`control`]); established traffic
-//! app ↔ proxy ([`established`]). Each setup has its own namespaces with the same servers;
+//! app ↔ proxy ([`established`]); and each eBPF program's cost per run
+//! ([`bpfstats`]). Each setup has its own namespaces with the same servers;
 //! clients are single-threaded and bounded in time. Only loopback, veth and
 //! documentation addresses inside our own namespaces are used.
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
 
+mod bpfstats;
 mod control;
 mod established;
 mod newconn;

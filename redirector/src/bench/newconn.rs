@@ -14,6 +14,7 @@ use redirector::testkit::{self, addrs::POD_IP};
 use serde::Serialize;
 
 use super::{
+    bpfstats::{self, ProgCost},
     setup::{in_cgroup, outbound_exclusion_rules, policy, Exclusions, Kind, Setup, Spec, KINDS},
     stats::{ratio, Stats},
     Plan,
@@ -43,6 +44,9 @@ pub struct Scenario {
     pub ratio_vs_iptables: f64,
     /// The agent's VmRSS with this policy.
     pub agent_rss_kib: Option<u64>,
+    /// Per-program cost, measured in an extra redirector round with
+    /// kernel BPF statistics on (not during the rounds above).
+    pub bpf_programs: Vec<ProgCost>,
 }
 
 /// The scenarios of one policy size: the three setups are started once,
@@ -66,6 +70,10 @@ pub fn run_size(plan: &Plan, excl: Exclusions, directions: &[Direction], cgroup:
         let total = plan.secs * plan.rounds as f64;
         let st: Vec<Stats> = samples.iter_mut().map(|s| Stats::from_samples(s, total)).collect();
         let redirector = &setups[2];
+        let bpf_programs = match &redirector.agent {
+            Some(a) => bpfstats::measure(&a.pins.path, || hammer_setup(redirector, dir, plan.secs, cgroup).map(|v| v.len()))?,
+            None => Vec::new(),
+        };
         let what = match (excl.cidrs, excl.ports) {
             (0, 0) => "no exclusions".to_string(),
             (c, 0) => format!("{c} excluded CIDRs"),
@@ -82,6 +90,7 @@ pub fn run_size(plan: &Plan, excl: Exclusions, directions: &[Direction], cgroup:
             ratio_vs_iptables: ratio(st[2].rate_per_s, st[1].rate_per_s),
             setups: KINDS.iter().map(|k| k.name().to_string()).zip(st).collect(),
             agent_rss_kib: redirector.agent_rss_kib(),
+            bpf_programs,
         };
         println!("{}", super::report::newconn_row(&sc));
         out.push(sc);

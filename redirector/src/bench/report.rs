@@ -5,6 +5,7 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
+    bpfstats::ProgCost,
     control::{ChangeLatency, Sync},
     established::{Established, Pattern},
     newconn::Scenario,
@@ -70,6 +71,7 @@ impl Report {
         for e in &self.established {
             let _ = writeln!(o, "{}", established_row(e));
         }
+        o.push_str(&self.bpf_table());
         let c = &self.control_plane.change;
         let _ = write!(
             o,
@@ -132,6 +134,51 @@ pub fn established_row(e: &Established) -> String {
         e.ratio_vs_none,
         e.ratio_vs_iptables
     )
+}
+
+impl Report {
+    /// ns per run (runs per connection or transaction) of each program.
+    fn bpf_table(&self) -> String {
+        let rows: Vec<(&str, &[ProgCost])> = self
+            .scenarios
+            .iter()
+            .map(|s| (s.name.as_str(), s.bpf_programs.as_slice()))
+            .chain(self.established.iter().map(|e| (e.name.as_str(), e.bpf_programs.as_slice())))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        for (_, progs) in &rows {
+            for p in progs.iter() {
+                if !names.contains(&p.program.as_str()) {
+                    names.push(&p.program);
+                }
+            }
+        }
+        let mut o = String::from(
+            "\n### eBPF cost per program\n\nFrom the kernel's run-time statistics (`run_time_ns / run_cnt`), in one extra redirector \
+             round per scenario with the statistics on: ns per run (runs per connection, or per transaction).\n\n| scenario |",
+        );
+        for n in &names {
+            let _ = write!(o, " {n} |");
+        }
+        o.push_str("\n|---|");
+        o.push_str(&"---|".repeat(names.len()));
+        o.push('\n');
+        for (name, progs) in rows {
+            let _ = write!(o, "| {name} |");
+            for n in &names {
+                // Several sk_lookup instances (one per workload) add up.
+                let (runs, ns, per_op) = progs
+                    .iter()
+                    .filter(|p| p.program == *n)
+                    .fold((0u64, 0u64, 0f64), |a, p| (a.0 + p.runs, a.1 + p.run_time_ns, a.2 + p.runs_per_op));
+                let cell = if runs == 0 { "–".to_string() } else { format!("{:.0} ({:.2})", ns as f64 / runs as f64, per_op) };
+                let _ = write!(o, " {cell} |");
+            }
+            o.push('\n');
+        }
+        o
+    }
 }
 
 fn ms(us: f64) -> String {
