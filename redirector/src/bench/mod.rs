@@ -21,6 +21,7 @@ mod bpfstats;
 mod control;
 mod established;
 mod newconn;
+mod plot;
 mod report;
 mod setup;
 mod stats;

@@ -39,10 +39,24 @@ impl Report {
     pub fn write(&self, out: &Path) -> Result<()> {
         let json = out.join("results.json");
         std::fs::write(&json, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", json.display()))?;
-        let md = self.markdown();
+        let plots = super::plot::write_all(self, out)?;
+        let mut md = self.markdown();
+        md.push_str("\n### Plots\n\n");
+        for f in &plots.files {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let _ = writeln!(md, "![{name}]({name})");
+        }
+        if !plots.with_text {
+            md.push_str(
+                "\nNo TrueType font was found (fonts-dejavu-core), so the plots carry no text. rate_vs_rules.png, left to right: \
+                 outbound vs excluded CIDRs, inbound vs excluded CIDRs, outbound vs excluded ports; latency_cdf.png: outbound and \
+                 inbound new connections without exclusions, outbound with the most CIDRs, change to in force. \
+                 Grey: none (iptables-restore's exit in the last), red: iptables, blue: redirector.\n",
+            );
+        }
         let mdp = out.join("results.md");
         std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
-        println!("\n{md}\nwritten: {}, {}", json.display(), mdp.display());
+        println!("\n{md}\nwritten: {}, {} and the plots", json.display(), mdp.display());
         Ok(())
     }
 
