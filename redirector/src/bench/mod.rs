@@ -98,6 +98,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
     drop(cgroup);
     let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
+    let control_plane = report::ControlPlane { change, sync };
     let report = report::Report {
         machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
         kernel: redirector::probe::kernel_release(),
@@ -107,9 +108,10 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         wall_seconds: started.elapsed().as_secs_f64(),
         rounds: plan.rounds,
         seconds_per_round: plan.secs,
+        targets: report::targets(&scenarios, &control_plane),
         scenarios,
         established,
-        control_plane: report::ControlPlane { change, sync },
+        control_plane,
     };
     report.write(out)
 }

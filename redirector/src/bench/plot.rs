@@ -285,6 +285,7 @@ mod tests {
                 },
                 sync: Vec::new(),
             },
+            targets: Vec::new(),
         }
     }
 

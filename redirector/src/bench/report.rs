@@ -33,6 +33,62 @@ pub struct Report {
     pub scenarios: Vec<Scenario>,
     pub established: Vec<Established>,
     pub control_plane: ControlPlane,
+    /// The issue's goals (not assertions), each with what this run measured.
+    pub targets: Vec<Target>,
+}
+
+#[derive(Serialize)]
+pub struct Target {
+    pub goal: String,
+    pub measured: String,
+    /// None: not measured in this run (e.g. a size --quick leaves out).
+    pub met: Option<bool>,
+}
+
+/// The goals of the bench issue against a report's numbers.
+pub fn targets(scenarios: &[Scenario], cp: &ControlPlane) -> Vec<Target> {
+    let mut t = Vec::new();
+    let p99 = cp.change.redirector_in_force.p99_us / 1e3;
+    t.push(Target {
+        goal: "change to in force, p99 ≤ 5 ms".into(),
+        measured: format!("{p99:.2} ms over {} changes (SIGHUP → new verdict seen)", cp.change.changes),
+        met: Some(p99 <= 5.0),
+    });
+    let at_1000 = cp.sync.iter().find(|s| s.workloads == 1000);
+    t.push(match at_1000 {
+        Some(s) => Target {
+            goal: "full sync of 1,000 workloads ≤ 1 s".into(),
+            measured: format!("{:.1} ms", s.redirector.sync_ms),
+            met: Some(s.redirector.sync_ms <= 1000.0),
+        },
+        None => Target { goal: "full sync of 1,000 workloads ≤ 1 s".into(), measured: "not run".into(), met: None },
+    });
+    t.push(match at_1000 {
+        Some(s) => {
+            let r = &s.redirector;
+            let worst = r.rss_synced_kib.max(r.rss_peak_kib) as f64 / 1024.0;
+            Target {
+                goal: "agent RSS at 1,000 workloads ≤ 50 MiB".into(),
+                measured: format!(
+                    "{} MiB VmRSS after the sync, {} MiB peak (VmHWM) in the bench-sync process",
+                    mib(r.rss_synced_kib),
+                    mib(r.rss_peak_kib)
+                ),
+                met: Some(worst <= 50.0),
+            }
+        }
+        None => Target { goal: "agent RSS at 1,000 workloads ≤ 50 MiB".into(), measured: "not run".into(), met: None },
+    });
+    let outbound = scenarios.iter().filter(|s| s.direction == super::newconn::Direction::Outbound);
+    let worst = outbound.map(|s| s.ratio_vs_none).fold(f64::INFINITY, f64::min);
+    if worst.is_finite() {
+        t.push(Target {
+            goal: "outbound new connections ≥ 0.98 × none (README)".into(),
+            measured: format!("{worst:.2} at worst over the outbound scenarios"),
+            met: Some(worst >= 0.98),
+        });
+    }
+    t
 }
 
 impl Report {
@@ -72,7 +128,16 @@ impl Report {
             self.loadavg_1min_after,
             self.wall_seconds
         );
-        o.push_str("### New connections\n\n");
+        o.push_str("### Targets (goals, not assertions)\n\n| goal | measured | met |\n|---|---|---|\n");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "–",
+            };
+            let _ = writeln!(o, "| {} | {} | {met} |", t.goal, t.measured);
+        }
+        o.push_str("\n### New connections\n\n");
         o.push_str(NEWCONN_HEADER);
         for s in &self.scenarios {
             let _ = writeln!(o, "{}", newconn_row(s));
