@@ -456,7 +456,7 @@ impl Dataplane {
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
         if let Ok(dir) = std::fs::read_dir(self.pin_dir.join("netns")) {
             for e in dir.flatten() {
-                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).map_or(true, |c| !inbound.contains(&c));
+                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_none_or(|c| !inbound.contains(&c));
                 if stale {
                     match std::fs::remove_file(e.path()) {
                         Ok(()) => report.removed_links += 1,

@@ -387,6 +387,6 @@ mod tests {
         assert_eq!((e.ports.len(), e.cidrs.len()), (8, 3));
         assert!(10_000 * e.ports.len() as u32 <= redirector_common::MAX_PORT_RULES);
         assert!(10_000 * e.cidrs.len() as u32 <= redirector_common::MAX_CIDR_RULES);
-        assert!(10_000 <= redirector_common::MAX_WORKLOADS);
+        const { assert!(10_000 <= redirector_common::MAX_WORKLOADS) };
     }
 }
