@@ -375,6 +375,93 @@ fn osm_init_restores(pods: usize, rules: &Path) -> Result<Vec<Duration>> {
     Ok(out)
 }
 
+/// A real `redirector run` with N workloads: RSS once all are programmed.
+#[derive(Serialize)]
+pub struct AgentScale {
+    pub workloads: usize,
+    pub policy: String,
+    /// Agent start → `wait-ready` passes for the last workload (it polls
+    /// every 100 ms, so this is coarse; the load is in it).
+    pub ready_ms: f64,
+    pub rss_kib: u64,
+    pub rss_peak_kib: u64,
+}
+
+/// Starts the agent on `n` workloads, each a parked thread of this process
+/// alone in a new network namespace, named in the config by its thread id
+/// (`pid:` → /proc/<tid>/ns/net); inbound off, the sync's policy.
+pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
+    eprintln!("bench: the agent with {n} workloads");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (release, parked) = std::sync::mpsc::channel::<()>();
+    let parked = std::sync::Arc::new(std::sync::Mutex::new(parked));
+    let mut threads = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (tx, parked) = (tx.clone(), parked.clone());
+        let t = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+            // SAFETY: moves only this thread into a new network namespace.
+            let r = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+                // SAFETY: gettid has no preconditions.
+                Ok(unsafe { libc::gettid() })
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            let ok = r.is_ok();
+            let _ = tx.send(r);
+            if ok {
+                // Until the sender is dropped: every thread then returns.
+                let _ = parked.lock().map(|p| p.recv());
+            }
+        })?;
+        threads.push(t);
+    }
+    drop(tx);
+    let result = (|| -> Result<AgentScale> {
+        let mut tids = Vec::with_capacity(n);
+        for r in rx.iter().take(n) {
+            tids.push(r.context("unshare(CLONE_NEWNET) for a workload thread")?);
+        }
+        let mut cfg = String::from(
+            "mesh:\n  inbound: false\n  outboundPortExclusionList: [6379, 7070, 9000]\n  \
+             outboundIPRangeExclusionList: [\"198.51.100.0/24\", \"203.0.113.0/25\", \"192.0.2.128/25\"]\nworkloads:\n",
+        );
+        for (i, tid) in tids.iter().enumerate() {
+            cfg.push_str(&format!("  - name: w{i}\n    pid: {tid}\n"));
+        }
+        let cgroup = BenchCgroup::new("redirector-bench-agent-")?;
+        let pins = PinDir::new()?;
+        let dir = std::env::temp_dir().join(testkit::unique("redirector-bench-agent-"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let file = dir.join("config.yaml");
+        std::fs::write(&file, cfg).with_context(|| format!("writing {}", file.display()))?;
+        let bin = std::env::current_exe()?;
+        let r = (|| {
+            let t = Instant::now();
+            let mut agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.join("agent.log"))?;
+            let last = PathBuf::from(format!("/proc/{}/ns/net", tids.last().copied().unwrap_or(0)));
+            agent.wait_ready(&bin, &pins.path, &last)?;
+            let ready_ms = ms(t);
+            let status = format!("/proc/{}/status", agent.child.id());
+            let scale = AgentScale {
+                workloads: n,
+                policy: SYNC_POLICY.into(),
+                ready_ms,
+                rss_kib: sys::proc_field(&status, "VmRSS")?,
+                rss_peak_kib: sys::proc_field(&status, "VmHWM")?,
+            };
+            agent.stop();
+            Ok(scale)
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    })();
+    drop(release);
+    for t in threads {
+        let _ = t.join();
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

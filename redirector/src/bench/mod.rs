@@ -49,6 +49,8 @@ pub struct Plan {
     /// osm-init's restores are run for real (beyond: extrapolated).
     pub sync_sizes: Vec<usize>,
     pub max_real_pods: usize,
+    /// Workload counts a real agent is started with (RSS).
+    pub agent_sizes: Vec<usize>,
 }
 
 impl Plan {
@@ -63,6 +65,7 @@ impl Plan {
                 changes: 30,
                 sync_sizes: vec![100, 1000],
                 max_real_pods: 100,
+                agent_sizes: vec![1000],
             }
         } else {
             Self {
@@ -74,6 +77,7 @@ impl Plan {
                 changes: 200,
                 sync_sizes: vec![100, 1000, 10000],
                 max_real_pods: 1000,
+                agent_sizes: vec![100, 1000],
             }
         }
     }
@@ -98,7 +102,8 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
     drop(cgroup);
     let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
-    let control_plane = report::ControlPlane { change, sync };
+    let agent = plan.agent_sizes.iter().map(|&n| control::agent_at_scale(n)).collect::<Result<Vec<_>>>()?;
+    let control_plane = report::ControlPlane { change, sync, agent };
     let report = report::Report {
         machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
         kernel: redirector::probe::kernel_release(),

@@ -284,6 +284,7 @@ mod tests {
                     agent_rss_kib: None,
                 },
                 sync: Vec::new(),
+                agent: Vec::new(),
             },
             targets: Vec::new(),
         }
