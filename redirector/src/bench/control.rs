@@ -22,7 +22,7 @@ use redirector_common::map_names;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    setup::{config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, PROBE_PORT},
+    setup::{config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, TempDir, PROBE_PORT},
     stats::Stats,
     sys,
 };
@@ -80,9 +80,8 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
     })???;
     let agent_rss_kib = agent_setup.agent_rss_kib();
 
-    let dir = std::env::temp_dir().join(testkit::unique("redirector-bench-restore-"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let files = [dir.join("redirected.rules"), dir.join("excluded.rules")];
+    let dir = TempDir::new("redirector-bench-restore-")?;
+    let files = [dir.0.join("redirected.rules"), dir.0.join("excluded.rules")];
     for (file, probe_port) in files.iter().zip([false, true]) {
         let rules = restore_input(&osm_init_commands(&policy(Exclusions { probe_port, ..CHANGE_BASE })?));
         std::fs::write(file, rules).with_context(|| format!("writing {}", file.display()))?;
@@ -104,9 +103,8 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(out)
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    let ipt = ipt??;
+    })??;
+    drop(dir);
     let (mut restore, mut in_force): (Vec<Duration>, Vec<Duration>) = ipt.into_iter().unzip();
     Ok(ChangeLatency {
         changes,
@@ -430,30 +428,25 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
         }
         let cgroup = BenchCgroup::new("redirector-bench-agent-")?;
         let pins = PinDir::new()?;
-        let dir = std::env::temp_dir().join(testkit::unique("redirector-bench-agent-"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let file = dir.join("config.yaml");
+        let dir = TempDir::new("redirector-bench-agent-")?;
+        let file = dir.0.join("config.yaml");
         std::fs::write(&file, cfg).with_context(|| format!("writing {}", file.display()))?;
         let bin = std::env::current_exe()?;
-        let r = (|| {
-            let t = Instant::now();
-            let mut agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.join("agent.log"))?;
-            let last = PathBuf::from(format!("/proc/{}/ns/net", tids.last().copied().unwrap_or(0)));
-            agent.wait_ready(&bin, &pins.path, &last)?;
-            let ready_ms = ms(t);
-            let status = format!("/proc/{}/status", agent.child.id());
-            let scale = AgentScale {
-                workloads: n,
-                policy: SYNC_POLICY.into(),
-                ready_ms,
-                rss_kib: sys::proc_field(&status, "VmRSS")?,
-                rss_peak_kib: sys::proc_field(&status, "VmHWM")?,
-            };
-            agent.stop();
-            Ok(scale)
-        })();
-        let _ = std::fs::remove_dir_all(&dir);
-        r
+        let t = Instant::now();
+        let mut agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.0.join("agent.log"))?;
+        let last = PathBuf::from(format!("/proc/{}/ns/net", tids.last().copied().unwrap_or(0)));
+        agent.wait_ready(&bin, &pins.path, &last)?;
+        let ready_ms = ms(t);
+        let status = format!("/proc/{}/status", agent.child.id());
+        Ok(AgentScale {
+            workloads: n,
+            policy: SYNC_POLICY.into(),
+            ready_ms,
+            rss_kib: sys::proc_field(&status, "VmRSS")?,
+            rss_peak_kib: sys::proc_field(&status, "VmHWM")?,
+        })
+        // Dropped in reverse order: the agent stops, then its files,
+        // pins and cgroup go.
     })();
     drop(release);
     for t in threads {

@@ -208,12 +208,30 @@ impl Drop for BenchProxy {
     }
 }
 
+/// A directory under the temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(testkit::unique(prefix));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A running agent of a `redirector` setup.
 pub struct Agent {
+    // Dropped in this order: the agent stops before its files go.
     pub process: AgentProcess,
     pub pins: PinDir,
-    pub dir: PathBuf,
     pub config: PathBuf,
+    _dir: TempDir,
 }
 
 /// How a setup is built.
@@ -235,10 +253,11 @@ impl Spec {
 /// One setup's namespaces, servers and (for redirector) agent.
 pub struct Setup {
     pub kind: Kind,
-    // Dropped in this order: the proxies end while their namespace exists.
+    // Dropped in this order: the agent stops first, the proxies end while
+    // their namespace exists.
+    pub agent: Option<Agent>,
     _servers: Vec<BenchProxy>,
     pub topo: Topology,
-    pub agent: Option<Agent>,
 }
 
 impl Setup {
@@ -270,14 +289,13 @@ impl Setup {
             Kind::Iptables => load_osm_init(&topo, spec.excl)?,
             Kind::Redirector => {
                 let pins = PinDir::new()?;
-                let dir = std::env::temp_dir().join(testkit::unique("redirector-bench-"));
-                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                let cfg = dir.join("config.yaml");
+                let dir = TempDir::new("redirector-bench-")?;
+                let cfg = dir.0.join("config.yaml");
                 std::fs::write(&cfg, config(&app, spec.excl)).with_context(|| format!("writing {}", cfg.display()))?;
                 let bin = std::env::current_exe()?;
-                let mut a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.join("agent.log"), spec.agent_poll)?;
+                let mut a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.0.join("agent.log"), spec.agent_poll)?;
                 a.wait_ready(&bin, &pins.path, &app)?;
-                agent = Some(Agent { process: a, pins, dir, config: cfg });
+                agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
         }
         Ok(Self { kind, topo, _servers: servers, agent })
@@ -299,15 +317,6 @@ pub fn load_osm_init(topo: &Topology, excl: Exclusions) -> Result<()> {
     let _ = std::fs::remove_file(&file);
     r.context("loading osm-init's rules with iptables-restore")?;
     Ok(())
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            a.process.stop();
-            let _ = std::fs::remove_dir_all(&a.dir);
-        }
-    }
 }
 
 /// A cgroup-v2 directory the agents attach to, removed on drop (the
