@@ -61,6 +61,7 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
         testkit::in_netns_as(&app, 0, move || -> Result<Vec<Duration>> {
             let mut out = Vec::new();
             for i in 0..changes {
+                super::interrupted()?;
                 let excluded = i % 2 == 0;
                 // Renamed into place: the agent never reads half a file.
                 std::fs::write(&next, &texts[usize::from(excluded)]).with_context(|| format!("writing {}", next.display()))?;
@@ -89,6 +90,7 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
     let ipt = testkit::in_netns_as(&ipt_setup.topo.app.path(), 0, move || -> Result<Vec<(Duration, Duration)>> {
         let mut out = Vec::new();
         for i in 0..changes {
+            super::interrupted()?;
             let excluded = i % 2 == 0;
             let file = &files[usize::from(excluded)];
             let t = Instant::now();
@@ -309,6 +311,7 @@ pub fn syncs(sizes: &[usize], max_real_pods: usize) -> Result<Vec<Sync>> {
     let r = (|| {
         let mut out = Vec::new();
         for &n in sizes {
+            super::interrupted()?;
             eprintln!("bench: full sync of {n} workloads");
             let redirector = sync_in_child(n)?;
             let pods = n.min(max_real_pods);
@@ -353,6 +356,7 @@ fn sync_in_child(workloads: usize) -> Result<SyncRun> {
 fn osm_init_restores(pods: usize, rules: &Path) -> Result<Vec<Duration>> {
     let mut out = Vec::with_capacity(pods);
     for _ in 0..pods {
+        super::interrupted()?;
         let rules = rules.to_owned();
         let took = std::thread::spawn(move || -> Result<Duration> {
             // SAFETY: moves only this thread into a new network namespace.

@@ -60,6 +60,7 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
         let mut bytes = vec![0u64; KINDS.len()];
         let mut busy = vec![0f64; KINDS.len()];
         for _ in 0..plan.rounds {
+            super::interrupted()?;
             for (i, s) in setups.iter().enumerate() {
                 let r = round(s, pattern, size, plan.established_secs, cgroup)?;
                 lat[i].extend(r.0);

@@ -13,9 +13,12 @@
 //! ([`bpfstats`]). Each setup has its own namespaces with the same servers;
 //! clients are single-threaded and bounded in time. Only loopback, veth and
 //! documentation addresses inside our own namespaces are used.
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 mod bpfstats;
 mod control;
@@ -83,7 +86,27 @@ impl Plan {
     }
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Fails once SIGINT or SIGTERM has arrived: the measuring loops check it
+/// between rounds, so that an interrupted run still removes its
+/// namespaces, pins, cgroups and agents on the way out.
+pub fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted by a signal; cleaning up");
+    }
+    Ok(())
+}
+
 pub fn run(quick: bool, out: &Path) -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     let plan = Plan::new(quick);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = std::time::Instant::now();

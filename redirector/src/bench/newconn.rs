@@ -63,6 +63,7 @@ pub fn run_size(plan: &Plan, excl: Exclusions, directions: &[Direction], cgroup:
     for &dir in directions {
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
         for _ in 0..plan.rounds {
+            super::interrupted()?;
             for (i, s) in setups.iter().enumerate() {
                 samples[i].extend(hammer_setup(s, dir, plan.secs, cgroup)?);
             }

@@ -262,6 +262,7 @@ pub struct Setup {
 
 impl Setup {
     pub fn start(kind: Kind, tag: &str, spec: Spec, cgroup: &Path) -> Result<Self> {
+        super::interrupted()?;
         let t = Instant::now();
         let r = Self::start_inner(kind, tag, spec, cgroup)
             .with_context(|| format!("starting the {} setup ({:?})", kind.name(), spec.excl));
