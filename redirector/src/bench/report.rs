@@ -50,17 +50,30 @@ pub struct Target {
 pub fn targets(scenarios: &[Scenario], cp: &ControlPlane) -> Vec<Target> {
     let mut t = Vec::new();
     let p99 = cp.change.redirector_in_force.p99_us / 1e3;
+    let passes: Vec<String> =
+        cp.sync.iter().map(|s| format!("{:.0} ms at {} workloads", s.redirector.one_change_ms, s.workloads)).collect();
     t.push(Target {
         goal: "change to in force, p99 ≤ 5 ms".into(),
-        measured: format!("{p99:.2} ms over {} changes (SIGHUP → new verdict seen)", cp.change.changes),
+        measured: format!(
+            "{p99:.2} ms over {} changes with one workload (SIGHUP → new verdict seen); one apply pass after a change: {}",
+            cp.change.changes,
+            passes.join(", ")
+        ),
         met: Some(p99 <= 5.0),
     });
     let at_1000 = cp.sync.iter().find(|s| s.workloads == 1000);
+    let agent_1000 = cp.agent.iter().find(|a| a.workloads == 1000);
     t.push(match at_1000 {
         Some(s) => Target {
             goal: "full sync of 1,000 workloads ≤ 1 s".into(),
-            measured: format!("{:.1} ms", s.redirector.sync_ms),
-            met: Some(s.redirector.sync_ms <= 1000.0),
+            measured: match agent_1000 {
+                Some(a) => format!(
+                    "{:.1} ms (Dataplane::apply); the agent: {:.0} ms from its start to all 1,000 programmed",
+                    s.redirector.sync_ms, a.programmed_ms
+                ),
+                None => format!("{:.1} ms (Dataplane::apply)", s.redirector.sync_ms),
+            },
+            met: Some(s.redirector.sync_ms <= 1000.0 && agent_1000.is_none_or(|a| a.programmed_ms <= 1000.0)),
         },
         None => Target { goal: "full sync of 1,000 workloads ≤ 1 s".into(), measured: "not run".into(), met: None },
     });
@@ -200,10 +213,18 @@ impl Report {
             o.push_str(
                 "\nThe agent itself (`redirector run`) with N workloads, each a parked thread of the bench alone in a network \
                  namespace of its own, named by `pid:`; the same policy, inbound off:\n\n\
-                 | workloads | start → last workload ready ms (100 ms polls) | VmRSS MiB | VmHWM MiB |\n|---|---|---|---|\n",
+                 | workloads | start → programs attached ms | start → all workloads programmed ms | VmRSS MiB | VmHWM MiB |\n|---|---|---|---|---|\n",
             );
             for a in &self.control_plane.agent {
-                let _ = writeln!(o, "| {} | {:.0} | {} | {} |", a.workloads, a.ready_ms, mib(a.rss_kib), mib(a.rss_peak_kib));
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.0} | {:.0} | {} | {} |",
+                    a.workloads,
+                    a.attached_ms,
+                    a.programmed_ms,
+                    mib(a.rss_kib),
+                    mib(a.rss_peak_kib)
+                );
             }
         }
         if let Some(s) = self.control_plane.sync.last() {
