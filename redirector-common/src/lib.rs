@@ -13,9 +13,14 @@ pub const LAYOUT_VERSION: u32 = 4;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
-pub const MAX_WORKLOADS: u32 = 4096;
-pub const MAX_PORT_RULES: u32 = 65536;
-pub const MAX_CIDR_RULES: u32 = 65536;
+/// (Layout 3 raised workloads from 4,096 and the list maps from 65,536, so
+/// that 10,000 workloads with a few port and CIDR rules each fit; the list
+/// maps are not preallocated, so an unused capacity costs little.)
+pub const MAX_WORKLOADS: u32 = 16_384;
+/// 16 per workload at full capacity (an OSM workload has 5 reserved
+/// inbound ports before any of its own).
+pub const MAX_PORT_RULES: u32 = 262_144;
+pub const MAX_CIDR_RULES: u32 = 262_144;
 pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
 /// Proxy inbound listeners: one per workload and address family.
 pub const MAX_LISTENERS: u32 = 2 * MAX_WORKLOADS;

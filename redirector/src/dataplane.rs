@@ -361,6 +361,10 @@ impl Dataplane {
                 );
             }
         }
+        // aya reuses a pinned map whatever its size: a map pinned by an
+        // agent with other capacities (one that died before it stamped its
+        // version) must be refused here, not adopted.
+        check_pinned_capacities(pin_dir)?;
         let mut loader = EbpfLoader::new();
         let paths: Vec<(&str, PathBuf)> =
             map_names::PINNED.iter().map(|n| (*n, pin_dir.join(n))).collect();
@@ -482,7 +486,7 @@ impl Dataplane {
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
         if let Ok(dir) = std::fs::read_dir(self.pin_dir.join("netns")) {
             for e in dir.flatten() {
-                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).map_or(true, |c| !inbound.contains(&c));
+                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_none_or(|c| !inbound.contains(&c));
                 if stale {
                     match std::fs::remove_file(e.path()) {
                         Ok(()) => report.removed_links += 1,
@@ -539,6 +543,31 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// Refuses pinned maps whose capacity is not this build's.
+fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
+    let expected = CAPACITIES
+        .iter()
+        .copied()
+        .chain([(map_names::META, 1), (map_names::COUNTERS, redirector_common::counter::COUNT)]);
+    for (name, capacity) in expected {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let pinned = aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the pinned map {}", path.display()))?
+            .max_entries();
+        if pinned != capacity {
+            bail!(
+                "pinned map {} has capacity {pinned} but this agent's {name} has {capacity} (another map layout); \
+                 run `redirector cleanup` with the agent that created it (or remove the pin directory) first",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Detaches and unpins everything under `pin_dir`. Returns what it removed.

@@ -146,6 +146,16 @@ enum Cmd {
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
+    /// (For `bench`.) One full sync of N synthetic workloads in a process
+    /// of its own; prints what it measured as JSON.
+    #[command(hide = true)]
+    BenchSync {
+        #[arg(long)]
+        workloads: usize,
+        /// An empty test cgroup to attach the programs to.
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
     /// Probe the kernel for every hook and helper the data path needs;
     /// exits non-zero if a required one is missing.
     Probe {
@@ -253,6 +263,7 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Demo => demo::run(),
         Cmd::Bench { quick, out } => bench::run(quick, &out),
+        Cmd::BenchSync { workloads, cgroup } => bench::sync_child(workloads, &cgroup),
         Cmd::Probe { json } => {
             let features = redirector::probe::probe();
             if json {
@@ -272,8 +283,7 @@ fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration)
     };
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let last_err;
-        match dataplane::Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
+        let last_err: String = match dataplane::Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
             Ok(Some(w)) => {
                 let missing: Vec<&str> = dataplane::links_pinned(pin_dir)
                     .into_iter()
@@ -288,15 +298,15 @@ fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration)
                     println!("ready: {shown} (netns cookie {cookie}) is programmed with policy #{}", w.policy_id);
                     return Ok(());
                 }
-                last_err = if missing.is_empty() {
+                if missing.is_empty() {
                     "inbound capture (sk_lookup) not attached to the namespace yet".to_string()
                 } else {
                     format!("programs not attached: {}", missing.join(", "))
-                };
+                }
             }
-            Ok(None) => last_err = "the agent has no policy for this namespace yet".into(),
-            Err(e) => last_err = format!("{e:#}"),
-        }
+            Ok(None) => "the agent has no policy for this namespace yet".into(),
+            Err(e) => format!("{e:#}"),
+        };
         if std::time::Instant::now() >= deadline {
             bail!(
                 "{shown} (netns cookie {cookie}) not programmed after {timeout:?}: {last_err}; \

@@ -32,10 +32,11 @@ enum Task {
     },
     /// A live redirect in throwaway namespaces (needs root).
     Demo,
-    /// New-connection benchmark: no redirect vs osm-init iptables vs
-    /// redirector, side by side; results in target/bench (needs root).
+    /// Benchmark: no redirect vs osm-init iptables vs redirector, side by
+    /// side (new connections, established traffic, control plane, eBPF cost);
+    /// results.json, results.md and PNG plots in target/bench (needs root).
     Bench {
-        /// A smoke run (two rule-set sizes, short rounds).
+        /// A smoke run (two rule-set sizes, short rounds; under 2 minutes).
         #[arg(long)]
         quick: bool,
     },
@@ -45,7 +46,8 @@ enum Task {
 }
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for `map dump`,
-/// iptables for the differential tests, iproute2 for namespaces.
+/// iptables for the differential tests, iproute2 for namespaces, a
+/// TrueType font for the text of the bench's plots.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -54,6 +56,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iptables",
     "iproute2",
+    "fonts-dejavu-core",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

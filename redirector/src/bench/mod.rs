@@ -1,0 +1,145 @@
+//! `redirector bench`: the cost of redirection, measured side by side in
+//! one run under three setups, alternated round by round so drift hits all
+//! three alike:
+//!
+//! - `none`: the client dials the proxy's port itself (no redirection);
+//! - `iptables`: osm-init's rule set (seed 004) in the workload namespace;
+//! - `redirector`: the agent.
+//!
+//! Scenarios: new connections as the excluded CIDRs and ports grow
+//! ([`newconn`]); the control plane: change-to-in-force latency, full sync
+//! of many workloads and its memory ([`control`]); established traffic
+//! app ↔ proxy ([`established`]); and each eBPF program's cost per run
+//! ([`bpfstats`]). Each setup has its own namespaces with the same servers;
+//! clients are single-threaded and bounded in time. Only loopback, veth and
+//! documentation addresses inside our own namespaces are used.
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+mod bpfstats;
+mod control;
+mod established;
+mod newconn;
+mod plot;
+mod report;
+mod setup;
+mod stats;
+mod sys;
+
+pub use control::sync_child;
+use newconn::Direction;
+use setup::{BenchCgroup, Exclusions};
+
+/// How much a run measures.
+pub struct Plan {
+    /// Alternating rounds per setup and their length.
+    pub rounds: usize,
+    pub secs: f64,
+    /// Excluded-CIDR counts (outbound and inbound scenarios).
+    pub cidr_sizes: Vec<usize>,
+    /// Excluded-port counts (outbound only: they do not apply inbound). The
+    /// 0 point is the 0-CIDR scenario, the same policy.
+    pub port_sizes: Vec<usize>,
+    /// Seconds per round and setup of each established-traffic pattern.
+    pub established_secs: f64,
+    /// Policy changes timed per setup.
+    pub changes: usize,
+    /// Workload counts of the full-sync scenario, and up to how many pods
+    /// osm-init's restores are run for real (beyond: extrapolated).
+    pub sync_sizes: Vec<usize>,
+    pub max_real_pods: usize,
+    /// Workload counts a real agent is started with (RSS).
+    pub agent_sizes: Vec<usize>,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 2,
+                secs: 0.5,
+                cidr_sizes: vec![0, 1000],
+                port_sizes: vec![1000],
+                established_secs: 0.3,
+                changes: 30,
+                sync_sizes: vec![100, 1000],
+                max_real_pods: 100,
+                agent_sizes: vec![1000],
+            }
+        } else {
+            Self {
+                rounds: 5,
+                secs: 2.0,
+                cidr_sizes: vec![0, 10, 100, 1000, 10000],
+                port_sizes: vec![10, 100, 1000],
+                established_secs: 1.0,
+                changes: 200,
+                sync_sizes: vec![100, 1000, 10000],
+                max_real_pods: 1000,
+                agent_sizes: vec![100, 1000],
+            }
+        }
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Fails once SIGINT or SIGTERM has arrived: the measuring loops check it
+/// between rounds, so that an interrupted run still removes its
+/// namespaces, pins, cgroups and agents on the way out.
+pub fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted by a signal; cleaning up");
+    }
+    Ok(())
+}
+
+pub fn run(quick: bool, out: &Path) -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let plan = Plan::new(quick);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let started = std::time::Instant::now();
+    let load_before = sys::loadavg();
+    let cgroup = BenchCgroup::new("redirector-bench-")?;
+    let mut scenarios = Vec::new();
+    for &n in &plan.cidr_sizes {
+        let excl = Exclusions { cidrs: n, ..Default::default() };
+        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound, Direction::Inbound], &cgroup.path)?);
+    }
+    for &n in &plan.port_sizes {
+        let excl = Exclusions { ports: n, ..Default::default() };
+        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], &cgroup.path)?);
+    }
+    let established = established::run(&plan, &cgroup.path)?;
+    let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
+    drop(cgroup);
+    let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
+    let agent = plan.agent_sizes.iter().map(|&n| control::agent_at_scale(n)).collect::<Result<Vec<_>>>()?;
+    let control_plane = report::ControlPlane { change, sync, agent };
+    let report = report::Report {
+        machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
+        kernel: redirector::probe::kernel_release(),
+        quick,
+        loadavg_1min_before: load_before,
+        loadavg_1min_after: sys::loadavg(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        rounds: plan.rounds,
+        seconds_per_round: plan.secs,
+        targets: report::targets(&scenarios, &control_plane),
+        scenarios,
+        established,
+        control_plane,
+    };
+    report.write(out)
+}

@@ -1,0 +1,356 @@
+//! results.json and results.md.
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use super::{
+    bpfstats::ProgCost,
+    control::{AgentScale, ChangeLatency, Sync},
+    established::{Established, Pattern},
+    newconn::Scenario,
+    stats::Stats,
+};
+
+#[derive(Serialize)]
+pub struct ControlPlane {
+    pub change: ChangeLatency,
+    pub sync: Vec<Sync>,
+    pub agent: Vec<AgentScale>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub kernel: String,
+    pub quick: bool,
+    /// 1-minute load average before and after: well above 0 before means
+    /// something else (a compile) was running; read the numbers with care.
+    pub loadavg_1min_before: f64,
+    pub loadavg_1min_after: f64,
+    pub wall_seconds: f64,
+    pub rounds: usize,
+    pub seconds_per_round: f64,
+    pub scenarios: Vec<Scenario>,
+    pub established: Vec<Established>,
+    pub control_plane: ControlPlane,
+    /// The issue's goals (not assertions), each with what this run measured.
+    pub targets: Vec<Target>,
+}
+
+#[derive(Serialize)]
+pub struct Target {
+    pub goal: String,
+    pub measured: String,
+    /// None: not measured in this run (e.g. a size --quick leaves out).
+    pub met: Option<bool>,
+}
+
+/// The goals of the bench issue against a report's numbers.
+pub fn targets(scenarios: &[Scenario], cp: &ControlPlane) -> Vec<Target> {
+    let mut t = Vec::new();
+    let p99 = cp.change.redirector_in_force.p99_us / 1e3;
+    let passes: Vec<String> =
+        cp.sync.iter().map(|s| format!("{:.0} ms at {} workloads", s.redirector.one_change_ms, s.workloads)).collect();
+    t.push(Target {
+        goal: "change to in force, p99 ≤ 5 ms".into(),
+        measured: format!(
+            "{p99:.2} ms over {} changes with one workload (SIGHUP → new verdict seen); one apply pass after a change: {}",
+            cp.change.changes,
+            passes.join(", ")
+        ),
+        met: Some(p99 <= 5.0),
+    });
+    let at_1000 = cp.sync.iter().find(|s| s.workloads == 1000);
+    let agent_1000 = cp.agent.iter().find(|a| a.workloads == 1000);
+    t.push(match at_1000 {
+        Some(s) => Target {
+            goal: "full sync of 1,000 workloads ≤ 1 s".into(),
+            measured: match agent_1000 {
+                Some(a) => format!(
+                    "{:.1} ms (Dataplane::apply); the agent: {:.0} ms from its start to all 1,000 programmed",
+                    s.redirector.sync_ms, a.programmed_ms
+                ),
+                None => format!("{:.1} ms (Dataplane::apply)", s.redirector.sync_ms),
+            },
+            met: Some(s.redirector.sync_ms <= 1000.0 && agent_1000.is_none_or(|a| a.programmed_ms <= 1000.0)),
+        },
+        None => Target { goal: "full sync of 1,000 workloads ≤ 1 s".into(), measured: "not run".into(), met: None },
+    });
+    let goal = "agent RSS at 1,000 workloads ≤ 50 MiB".to_string();
+    t.push(match (cp.agent.iter().find(|a| a.workloads == 1000), at_1000) {
+        (Some(a), _) => Target {
+            goal,
+            measured: format!(
+                "{} MiB VmRSS, {} MiB peak (VmHWM): `redirector run`, all 1,000 programmed",
+                mib(a.rss_kib),
+                mib(a.rss_peak_kib)
+            ),
+            met: Some(a.rss_kib.max(a.rss_peak_kib) as f64 / 1024.0 <= 50.0),
+        },
+        (None, Some(s)) => {
+            let r = &s.redirector;
+            Target {
+                goal,
+                measured: format!(
+                    "{} MiB VmRSS after the sync, {} MiB peak (VmHWM), in the bench-sync process",
+                    mib(r.rss_synced_kib),
+                    mib(r.rss_peak_kib)
+                ),
+                met: Some(r.rss_synced_kib.max(r.rss_peak_kib) as f64 / 1024.0 <= 50.0),
+            }
+        }
+        (None, None) => Target { goal, measured: "not run".into(), met: None },
+    });
+    let outbound = scenarios.iter().filter(|s| s.direction == super::newconn::Direction::Outbound);
+    let worst = outbound.map(|s| s.ratio_vs_none).fold(f64::INFINITY, f64::min);
+    if worst.is_finite() {
+        t.push(Target {
+            goal: "outbound new connections ≥ 0.98 × none (README)".into(),
+            measured: format!("{worst:.2} at worst over the outbound scenarios"),
+            met: Some(worst >= 0.98),
+        });
+    }
+    t
+}
+
+impl Report {
+    pub fn write(&self, out: &Path) -> Result<()> {
+        let json = out.join("results.json");
+        std::fs::write(&json, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", json.display()))?;
+        let plots = super::plot::write_all(self, out)?;
+        let mut md = self.markdown();
+        md.push_str("\n### Plots\n\n");
+        for f in &plots.files {
+            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let _ = writeln!(md, "![{name}]({name})");
+        }
+        if !plots.with_text {
+            md.push_str(
+                "\nNo TrueType font was found (fonts-dejavu-core), so the plots carry no text. rate_vs_rules.png, left to right: \
+                 outbound vs excluded CIDRs, inbound vs excluded CIDRs, outbound vs excluded ports; latency_cdf.png: outbound and \
+                 inbound new connections without exclusions, outbound with the most CIDRs, change to in force. \
+                 Grey: none (iptables-restore's exit in the last), red: iptables, blue: redirector.\n",
+            );
+        }
+        let mdp = out.join("results.md");
+        std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
+        println!("\n{md}\nwritten: {}, {} and the plots", json.display(), mdp.display());
+        Ok(())
+    }
+
+    fn markdown(&self) -> String {
+        let mut o = format!(
+            "Kernel {}, {}; {} alternating rounds of {} s per setup; single-threaded client; \
+             load average {:.2} before, {:.2} after; {:.0} s in all.\n\n",
+            self.kernel,
+            self.machine,
+            self.rounds,
+            self.seconds_per_round,
+            self.loadavg_1min_before,
+            self.loadavg_1min_after,
+            self.wall_seconds
+        );
+        o.push_str("### Targets (goals, not assertions)\n\n| goal | measured | met |\n|---|---|---|\n");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "–",
+            };
+            let _ = writeln!(o, "| {} | {} | {met} |", t.goal, t.measured);
+        }
+        o.push_str("\n### New connections\n\n");
+        o.push_str(NEWCONN_HEADER);
+        for s in &self.scenarios {
+            let _ = writeln!(o, "{}", newconn_row(s));
+        }
+        let _ = write!(
+            o,
+            "\n### Established traffic\n\nOne connection app → proxy per round (redirected to it for iptables and redirector); \
+             the proxy echoes (request/response) or reads and counts (throughput).\n\n{ESTABLISHED_HEADER}"
+        );
+        for e in &self.established {
+            let _ = writeln!(o, "{}", established_row(e));
+        }
+        o.push_str(&self.bpf_table());
+        let c = &self.control_plane.change;
+        let _ = write!(
+            o,
+            "\n### Change to in force\n\n{} changes per setup ({}); probe connections back to back until the new verdict shows.\n\n\
+             | setup | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+            c.changes, c.policy
+        );
+        for (what, st) in [
+            ("redirector: SIGHUP → new verdict seen", &c.redirector_in_force),
+            ("iptables: `iptables-restore` of osm-init's whole set, start → exit", &c.iptables_restore),
+            ("iptables: start → new verdict seen", &c.iptables_in_force),
+        ] {
+            let _ = writeln!(o, "| {what} | {} | {} | {} | {} |", ms(st.p50_us), ms(st.p90_us), ms(st.p99_us), ms(st.max_us));
+        }
+        if let Some(kib) = c.agent_rss_kib {
+            let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
+        }
+        let rss: Vec<String> = self
+            .scenarios
+            .iter()
+            .filter(|s| s.direction == super::newconn::Direction::Outbound)
+            .filter_map(|s| Some(format!("{} MiB with {}", mib(s.agent_rss_kib?), s.name.split(", ").last().unwrap_or(""))))
+            .collect();
+        if !rss.is_empty() {
+            let _ = writeln!(o, "In the new-connection scenarios (one workload): {}.", rss.join("; "));
+        }
+        let _ = write!(
+            o,
+            "\n### Full sync\n\nredirector: `Dataplane::apply` of N synthetic workloads in a process of its own \
+             (`redirector bench-sync`: the agent's data-plane code without its event loop). osm-init: \
+             `iptables-restore` of the same per-pod policy into a fresh network namespace per pod, one after the other.\n\n{SYNC_HEADER}"
+        );
+        for s in &self.control_plane.sync {
+            let _ = writeln!(o, "{}", sync_row(s));
+        }
+        if !self.control_plane.agent.is_empty() {
+            o.push_str(
+                "\nThe agent itself (`redirector run`) with N workloads, each a parked thread of the bench alone in a network \
+                 namespace of its own, named by `pid:`; the same policy, inbound off:\n\n\
+                 | workloads | start → programs attached ms | start → all workloads programmed ms | VmRSS MiB | VmHWM MiB |\n|---|---|---|---|---|\n",
+            );
+            for a in &self.control_plane.agent {
+                let _ = writeln!(
+                    o,
+                    "| {} | {:.0} | {:.0} | {} | {} |",
+                    a.workloads,
+                    a.attached_ms,
+                    a.programmed_ms,
+                    mib(a.rss_kib),
+                    mib(a.rss_peak_kib)
+                );
+            }
+        }
+        if let Some(s) = self.control_plane.sync.last() {
+            let _ = write!(o, "\nMap memory at {} workloads (memlock, KiB): ", s.workloads);
+            let maps: Vec<String> =
+                s.redirector.maps.iter().map(|m| format!("{} {} (capacity {})", m.name, m.memlock_bytes / 1024, m.capacity)).collect();
+            let _ = writeln!(o, "{}.", maps.join(", "));
+        }
+        o
+    }
+}
+
+const ESTABLISHED_HEADER: &str = "| pattern | none | iptables | redirector | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|\n";
+
+/// One established-traffic row: transactions/s (p50/p99 µs) or MiB/s.
+pub fn established_row(e: &Established) -> String {
+    let cell = |st: &Stats| match e.pattern {
+        Pattern::RequestResponse => format!("{:.0}/s ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us),
+        Pattern::Throughput => format!("{:.0} MiB/s", st.rate_per_s),
+    };
+    format!(
+        "| {} | {} | {} | {} | {:.2} | {:.2} |",
+        e.name,
+        cell(&e.setups[0].1),
+        cell(&e.setups[1].1),
+        cell(&e.setups[2].1),
+        e.ratio_vs_none,
+        e.ratio_vs_iptables
+    )
+}
+
+impl Report {
+    /// ns per run (runs per connection or transaction) of each program.
+    fn bpf_table(&self) -> String {
+        let rows: Vec<(&str, &[ProgCost])> = self
+            .scenarios
+            .iter()
+            .map(|s| (s.name.as_str(), s.bpf_programs.as_slice()))
+            .chain(self.established.iter().map(|e| (e.name.as_str(), e.bpf_programs.as_slice())))
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let mut names: Vec<&str> = Vec::new();
+        for (_, progs) in &rows {
+            for p in progs.iter() {
+                if !names.contains(&p.program.as_str()) {
+                    names.push(&p.program);
+                }
+            }
+        }
+        let mut o = String::from(
+            "\n### eBPF cost per program\n\nFrom the kernel's run-time statistics (`run_time_ns / run_cnt`), in one extra redirector \
+             round per scenario with the statistics on: ns per run (runs per connection, or per transaction).\n\n| scenario |",
+        );
+        for n in &names {
+            let _ = write!(o, " {n} |");
+        }
+        o.push_str("\n|---|");
+        o.push_str(&"---|".repeat(names.len()));
+        o.push('\n');
+        for (name, progs) in rows {
+            let _ = write!(o, "| {name} |");
+            for n in &names {
+                // Several sk_lookup instances (one per workload) add up.
+                let (runs, ns, per_op) = progs
+                    .iter()
+                    .filter(|p| p.program == *n)
+                    .fold((0u64, 0u64, 0f64), |a, p| (a.0 + p.runs, a.1 + p.run_time_ns, a.2 + p.runs_per_op));
+                let cell = if runs == 0 { "–".to_string() } else { format!("{:.0} ({:.2})", ns as f64 / runs as f64, per_op) };
+                let _ = write!(o, " {cell} |");
+            }
+            o.push('\n');
+        }
+        o
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1e3)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+const SYNC_HEADER: &str = "| workloads | redirector load ms | sync ms | re-sync (unchanged) ms | one change ms | port / CIDR entries | RSS start / loaded / synced MiB | map memory MiB | osm-init restores ms (pods measured) | redirector/iptables |\n|---|---|---|---|---|---|---|---|---|---|\n";
+
+/// One full-sync row, as printed while running and in `results.md`.
+pub fn sync_row(s: &Sync) -> String {
+    let r = &s.redirector;
+    let i = &s.iptables;
+    format!(
+        "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} / {} | {:.1} | {:.0} ({}{}) | {:.3} |",
+        s.workloads,
+        r.load_ms,
+        r.sync_ms,
+        r.resync_unchanged_ms,
+        r.one_change_ms,
+        r.port_entries,
+        r.cidr_entries,
+        mib(r.rss_start_kib),
+        mib(r.rss_loaded_kib),
+        mib(r.rss_synced_kib),
+        r.map_memory_bytes as f64 / (1024.0 * 1024.0),
+        i.total_ms,
+        i.measured_pods,
+        if i.extrapolated { ", extrapolated" } else { "" },
+        s.ratio_vs_iptables
+    )
+}
+
+const NEWCONN_HEADER: &str = "| scenario | iptables rules | none conn/s (p50/p99 µs) | iptables conn/s (p50/p99 µs) | redirector conn/s (p50/p99 µs) | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|---|\n";
+
+fn rate_cell(st: &Stats) -> String {
+    format!("{:.0} ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us)
+}
+
+/// One results row, as printed while running and in `results.md`.
+pub fn newconn_row(s: &Scenario) -> String {
+    format!(
+        "| {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+        s.name,
+        s.iptables_exclusion_rules,
+        rate_cell(&s.setups[0].1),
+        rate_cell(&s.setups[1].1),
+        rate_cell(&s.setups[2].1),
+        s.ratio_vs_none,
+        s.ratio_vs_iptables
+    )
+}
