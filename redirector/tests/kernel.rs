@@ -570,6 +570,64 @@ fn sockaddr4(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// Original-destination entries live exactly as long as their sockets:
+/// after hundreds of thousands of redirected connections (opened, answered,
+/// closed, from two threads), the tracking map is back to its baseline.
+/// `REDIRECTOR_CHURN_CONNECTIONS` sets the count (default 200,000; the
+/// kernel-VM runner, under emulation, uses fewer).
+#[test]
+fn connection_churn_leaves_no_tracking_entries() {
+    if !require_kernel() {
+        return;
+    }
+    let total: u64 = std::env::var("REDIRECTOR_CHURN_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let m = Managed::start("h", EXCLUSIONS);
+    let tracked = || Maps::open(&m.pins.path).unwrap().tracked_connections().unwrap().len();
+    let baseline = tracked();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let file = std::fs::File::open(m.topo.app.path()).unwrap();
+            std::thread::spawn(move || {
+                use std::io::Read as _;
+                redirector::netns::enter_netns(&file).unwrap();
+                // SAFETY: raw syscalls change only this thread's credentials.
+                unsafe {
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, 1000, 1000, 1000), 0);
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, 1000, 1000, 1000), 0);
+                }
+                let dst: std::net::SocketAddr = "192.0.2.10:80".parse().unwrap();
+                let (mut proxied, mut other) = (0u64, Vec::new());
+                for _ in 0..total / 2 {
+                    let r = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2)).and_then(|mut s| {
+                        let mut t = String::new();
+                        s.read_to_string(&mut t)?;
+                        Ok(t)
+                    });
+                    match r {
+                        Ok(t) if t.starts_with("proxy 192.0.2.10:80") => proxied += 1,
+                        Ok(t) => other.push(t),
+                        Err(e) => other.push(e.to_string()),
+                    }
+                }
+                (proxied, other)
+            })
+        })
+        .collect();
+    let (mut proxied, mut other) = (0, Vec::new());
+    for w in workers {
+        let (p, o) = w.join().unwrap();
+        proxied += p;
+        other.extend(o);
+    }
+    let elapsed = started.elapsed();
+    let left = poll_until(tracked, |n| *n == baseline);
+    println!("connection churn: {proxied} of {total} proxied in {elapsed:?}; tracking entries {baseline} before, {left} after");
+    assert!(other.is_empty(), "{} connections not proxied, e.g. {:?}", other.len(), &other[..other.len().min(5)]);
+    assert_eq!(proxied, total / 2 * 2);
+    assert_eq!(left, baseline, "original-destination entries outlived their sockets");
+}
+
 /// Socket-API paths into connect(): non-blocking connect, a socket that
 /// connects, disconnects (AF_UNSPEC) and connects again elsewhere, and TCP
 /// Fast Open (`sendto(MSG_FASTOPEN)`, no connect() call at all). Each must

@@ -1023,7 +1023,7 @@ fn init_script(modules: &[String], test_args: &[String]) -> String {
         "ip link set lo up\n\
          echo \"REDIRECTOR-VM: running the kernel tests on $(uname -r)\"\n\
          cd /tmp\n\
-         REDIRECTOR_BIN=/bin/redirector RUST_BACKTRACE=1 /bin/kernel-tests --test-threads=1{args}\n\
+         REDIRECTOR_BIN=/bin/redirector REDIRECTOR_CHURN_CONNECTIONS=2000 RUST_BACKTRACE=1 /bin/kernel-tests --test-threads=1{args}\n\
          rc=$?\n\
          echo \"{RESULT_MARKER} rc=$rc kernel=$(uname -r)\"\n\
          sync\n\
