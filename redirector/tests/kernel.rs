@@ -740,10 +740,15 @@ fn entries_fingerprint(
 ) -> String {
     let mut w = w;
     w.policy_id = 0;
+    // Sorted and de-duplicated: walking a hash map while the agent writes
+    // it restarts the walk when the current key is deleted, so a key can be
+    // seen twice (never skipped).
     let mut p: Vec<(u16, u8)> = ports.iter().map(|k| (k.port, k.kind)).collect();
     p.sort_unstable();
+    p.dedup();
     let mut c: Vec<(u32, u8, [u8; 16])> = cidrs.iter().map(|(len, d)| (*len, d.kind, d.addr)).collect();
     c.sort_unstable();
+    c.dedup();
     format!("{w:?} {p:?} {c:?}")
 }
 
