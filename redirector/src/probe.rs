@@ -33,6 +33,8 @@ const INET6_GETPEERNAME: u32 = 30;
 const ATTACH_SK_LOOKUP: u32 = 36;
 // helper ids
 const GET_NETNS_COOKIE: i32 = 122;
+/// `BPF_FUNC_get_current_cgroup_id` (proxy identity by cgroup).
+const GET_CURRENT_CGROUP_ID: i32 = 80;
 const SK_STORAGE_GET: i32 = 107;
 
 /// `r0 = 1; exit`, optionally preceded by a call (r1 still holds the
@@ -133,6 +135,12 @@ pub fn probe() -> Vec<Feature> {
             "5.7",
             true,
             try_load(CGROUP_SOCK_ADDR, INET4_CONNECT, Some(GET_NETNS_COOKIE)),
+        ),
+        feature(
+            "bpf_get_current_cgroup_id in cgroup/connect programs",
+            "5.7",
+            true,
+            try_load(CGROUP_SOCK_ADDR, INET4_CONNECT, Some(GET_CURRENT_CGROUP_ID)),
         ),
         feature(
             "bpf_get_netns_cookie in sockops programs",
