@@ -559,7 +559,7 @@ impl AgentProcess {
     /// Waits until `redirector wait-ready` would succeed for `netns`.
     pub fn wait_ready(&mut self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
         let out = Command::new(bin)
-            .args(["wait-ready", "--timeout", "20s", "--netns"])
+            .args(["wait-ready", "--timeout", "60s", "--netns"])
             .arg(netns)
             .arg("--pin-dir")
             .arg(pin_dir)

@@ -157,9 +157,10 @@ impl Managed {
     }
 }
 
-/// Calls `f` every 50 ms until `done` holds or 10 s pass; returns the last value.
+/// Calls `f` every 50 ms until `done` holds or 60 s pass (an emulated
+/// kernel-VM guest is slow); returns the last value.
 fn poll_until<T>(mut f: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let v = f();
         if done(&v) || Instant::now() > deadline {

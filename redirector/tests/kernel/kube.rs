@@ -144,7 +144,7 @@ impl Pod {
             .command("ip")
             .args(["netns", "exec", &self.topo.app.name])
             .arg(bin())
-            .args(["wait-ready", "--timeout", "20s", "--agent-socket"])
+            .args(["wait-ready", "--timeout", "60s", "--agent-socket"])
             .arg(socket)
             .env("POD_UID", &self.uid)
             .output()
