@@ -271,6 +271,9 @@ pub mod counter {
     pub const LISTENER_REGISTERED: u32 = 15;
     pub const LOCAL_TO_INBOUND: u32 = 16;
     pub const INBOUND_BYPASS_SOURCE: u32 = 17;
+    /// Counted only by the `upgrade-test` build of connect4/6, the changed
+    /// programs the restart test upgrades to (never by a release build).
+    pub const UPGRADE_TEST_BUILD: u32 = 23;
     pub const COUNT: u32 = 24;
     /// Names for `redirector inspect`, indexed like the constants above.
     pub const NAMES: [&str; 18] = [

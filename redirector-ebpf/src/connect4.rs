@@ -24,6 +24,8 @@ pub fn rdr_connect4(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn try_connect4(ctx: &SockAddrContext) {
+    #[cfg(feature = "upgrade-test")]
+    count(counter::UPGRADE_TEST_BUILD);
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return;

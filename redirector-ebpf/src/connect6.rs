@@ -26,6 +26,8 @@ pub fn rdr_connect6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn try_connect6(ctx: &SockAddrContext) {
+    #[cfg(feature = "upgrade-test")]
+    count(counter::UPGRADE_TEST_BUILD);
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
         return;

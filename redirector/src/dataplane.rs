@@ -34,6 +34,36 @@ use crate::{
 /// The eBPF object built by build.rs (empty with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
+/// The same programs built with the eBPF crate's `upgrade-test` feature:
+/// connect4/6 also count `upgrade_test_build`. The restart test upgrades a
+/// running agent to it (through `REDIRECTOR_EBPF_OBJECT`) under load.
+pub static UPGRADE_TEST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf-upgrade-test"));
+
+/// Environment variable naming an eBPF object file to load instead of the
+/// embedded one (another build of the programs with the same map layout).
+pub const EBPF_OBJECT_ENV: &str = "REDIRECTOR_EBPF_OBJECT";
+
+/// The object to load: the file named by `REDIRECTOR_EBPF_OBJECT`, else the
+/// one built into this binary.
+fn ebpf_object() -> Result<std::borrow::Cow<'static, [u8]>> {
+    match std::env::var_os(EBPF_OBJECT_ENV) {
+        Some(path) if !path.is_empty() => {
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("{EBPF_OBJECT_ENV}={}: reading the eBPF object", path.to_string_lossy()))?;
+            if !bytes.starts_with(b"\x7fELF") {
+                bail!("{EBPF_OBJECT_ENV}={}: not an ELF object", path.to_string_lossy());
+            }
+            tracing::info!("loading the eBPF programs from {EBPF_OBJECT_ENV}={}", path.to_string_lossy());
+            Ok(std::borrow::Cow::Owned(bytes))
+        }
+        _ if EBPF_OBJECT.is_empty() => {
+            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP=1); rebuild with `cargo xtask build`")
+        }
+        _ => Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT)),
+    }
+}
+
 /// Programs in attach order: the data path's helpers first, connect4 (which
 /// starts redirecting) last, so a redirected connection always finds them.
 pub const PROGRAMS: [(&str, AttachType); 6] = [
@@ -170,6 +200,11 @@ impl Maps {
                 Ok((*name, v.iter().sum()))
             })
             .collect()
+    }
+
+    /// Sum over CPUs of one counter (an index of `counter`).
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        Ok(self.counters.get(&index, 0)?.iter().sum())
     }
 
     fn alloc_policy_id(&mut self) -> Result<u32> {
@@ -344,9 +379,7 @@ impl Dataplane {
     /// pinned links, and replaces links left by a previous agent only after
     /// the new ones are attached (never a moment with nothing attached).
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
-        if EBPF_OBJECT.is_empty() {
-            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP=1); rebuild with `cargo xtask build`");
-        }
+        let object = ebpf_object()?;
         sysfs::prepare_pin_dir(pin_dir)?;
         if pin_dir.join(map_names::META).exists() {
             // Refuse before anything is changed if the pinned layout differs
@@ -371,7 +404,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(&object).context("loading the eBPF object")?;
         let cgroup_file = File::open(cgroup)
             .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
         for (name, ty) in PROGRAMS {
@@ -519,7 +552,8 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         loader.override_global("RDR_SELF_NETNS", &d.cookie, true);
-        let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object for sk_lookup")?;
+        let object = ebpf_object()?;
+        let mut ebpf = loader.load(&object).context("loading the eBPF object for sk_lookup")?;
         let prog: &mut SkLookup = ebpf
             .program_mut(prog_names::SK_LOOKUP)
             .ok_or_else(|| anyhow!("eBPF object has no program {}", prog_names::SK_LOOKUP))?

@@ -491,40 +491,87 @@ fn restarts_under_load_lose_no_connection() {
         return;
     }
     let mut m = Managed::start("u", EXCLUSIONS);
+    // The changed build: the same programs with connect4/6 also counting
+    // `upgrade_test_build` (redirector-ebpf's `upgrade-test` feature).
+    let upgrade_object = m.dir.join("redirector-ebpf-upgrade-test");
+    std::fs::write(&upgrade_object, redirector::dataplane::UPGRADE_TEST_OBJECT).unwrap();
+    let upgrade_env = [(redirector::dataplane::EBPF_OBJECT_ENV, upgrade_object.as_os_str())];
+    use redirector_common::counter::{REDIRECTED, UPGRADE_TEST_BUILD};
+    let upgrade_count = |m: &Managed| Maps::open(&m.pins.path).unwrap().counter(UPGRADE_TEST_BUILD).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = connection_load(&m.topo.app.path(), 1000, "192.0.2.10:80".parse().unwrap(), stop.clone());
     let started = Instant::now();
     let mut restarts = Vec::new();
     let mut round = 0;
-    // At least 10 s and six restarts (a slow emulated kernel needs longer
-    // for six); never more than 90 s.
-    while (started.elapsed() < Duration::from_secs(10) || restarts.len() < 6)
-        && started.elapsed() < Duration::from_secs(90)
+    // At least 10 s and eight restarts (a slow emulated kernel needs longer
+    // for eight); never more than 120 s. Round 4 upgrades to the changed
+    // build, round 5 goes back to this one.
+    while (started.elapsed() < Duration::from_secs(10) || restarts.len() < 8)
+        && started.elapsed() < Duration::from_secs(120)
     {
         std::thread::sleep(Duration::from_millis(700));
         round += 1;
-        let how = match round % 3 {
-            0 => "SIGTERM",
-            1 => "SIGKILL",
-            _ => "SIGKILL mid-start",
+        let how = match round {
+            4 => "SIGTERM, upgrade to changed programs",
+            5 => "SIGTERM, back to this build",
+            _ => match round % 3 {
+                0 => "SIGTERM",
+                1 => "SIGKILL",
+                _ => "SIGKILL mid-start",
+            },
         };
-        if how == "SIGTERM" {
+        if how.starts_with("SIGTERM") {
             m.agent.stop();
         } else {
             m.agent.child.kill().unwrap();
             m.agent.child.wait().unwrap();
         }
         let log = m.dir.join(format!("agent-{round}.log"));
-        m.agent = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &log).unwrap();
+        let env: &[(&str, &std::ffi::OsStr)] = if round == 4 { &upgrade_env } else { &[] };
+        let start = |log: &Path| {
+            let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), m.config.clone().into()];
+            args.extend(["--cgroup".into(), m._cgroup.path.clone().into(), "--pin-dir".into(), m.pins.path.clone().into()]);
+            args.extend(["--poll-interval".into(), "100ms".into()]);
+            AgentProcess::spawn(bin(), &args, env, log).unwrap()
+        };
+        let before = upgrade_count(&m);
+        m.agent = start(&log);
         if how == "SIGKILL mid-start" {
             std::thread::sleep(Duration::from_millis(30));
             m.agent.child.kill().unwrap();
             m.agent.child.wait().unwrap();
-            m.agent = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &log).unwrap();
+            m.agent = start(&log);
         }
         m.agent.wait_ready(bin(), &m.pins.path, &m.topo.app.path()).unwrap();
+        match round {
+            // The changed programs are the ones now running...
+            4 => {
+                let now = poll_until(|| upgrade_count(&m), |n| *n > before);
+                assert!(now > before, "the upgraded connect programs never ran\n{}", m.agent.log_text());
+                assert!(m.agent.log_text().contains(redirector::dataplane::EBPF_OBJECT_ENV), "{}", m.agent.log_text());
+            }
+            // ...until this build replaces them again: the count stops.
+            5 => {
+                let sample = || {
+                    let maps = Maps::open(&m.pins.path).unwrap();
+                    (maps.counter(UPGRADE_TEST_BUILD).unwrap(), maps.counter(REDIRECTED).unwrap())
+                };
+                let (stopped, redirecting) = poll_until(
+                    || {
+                        let a = sample();
+                        std::thread::sleep(Duration::from_millis(300));
+                        let b = sample();
+                        (a.0 == b.0, b.1 > a.1)
+                    },
+                    |(stopped, redirecting)| *stopped && *redirecting,
+                );
+                assert!(stopped && redirecting, "the changed programs still run after going back (stopped {stopped}, redirecting {redirecting})");
+            }
+            _ => {}
+        }
         restarts.push(how);
     }
+    assert!(upgrade_count(&m) > 0);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let c = load.join().unwrap();
     println!(
@@ -536,7 +583,7 @@ fn restarts_under_load_lose_no_connection() {
         c.failed,
         started.elapsed()
     );
-    assert!(restarts.len() >= 6, "{restarts:?}");
+    assert!(restarts.len() >= 8, "{restarts:?}");
     assert!(c.proxied > 0);
     assert_eq!((c.failed, c.direct), (0, 0), "errors: {:?}\nagent log:\n{}", &c.errors[..c.errors.len().min(10)], m.agent.log_text());
     // Nothing accumulated: the tracked-connection map is back to empty.
