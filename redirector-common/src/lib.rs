@@ -271,12 +271,15 @@ pub mod counter {
     pub const LISTENER_REGISTERED: u32 = 15;
     pub const LOCAL_TO_INBOUND: u32 = 16;
     pub const INBOUND_BYPASS_SOURCE: u32 = 17;
+    /// The proxy's inbound listener could not be registered (RDR_LISTENERS
+    /// full): inbound connections to that workload are dropped, not let by.
+    pub const LISTENER_INSERT_FAILED: u32 = 18;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
     pub const UPGRADE_TEST_BUILD: u32 = 23;
     pub const COUNT: u32 = 24;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 18] = [
+    pub const NAMES: [&str; 19] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -295,6 +298,7 @@ pub mod counter {
         "listener_registered",
         "local_to_inbound",
         "inbound_bypass_source",
+        "listener_insert_failed",
     ];
 }
 

@@ -195,6 +195,8 @@ fn listening(ctx: &SockOpsContext) {
     let key = ListenerKey { netns_cookie: cookie, family: ctx.family(), _pad: 0 };
     if RDR_LISTENERS.update(key, unsafe { &mut *ctx.ops }, 0).is_ok() {
         count(counter::LISTENER_REGISTERED);
+    } else {
+        count(counter::LISTENER_INSERT_FAILED);
     }
 }
 

@@ -131,6 +131,29 @@ pub fn log_report(report: &ApplyReport) {
     );
 }
 
+/// When to re-apply a pass that had errors: 1 s after the first, doubling
+/// up to 60 s while they persist.
+#[derive(Debug, Default)]
+struct Retry {
+    at: Option<std::time::Instant>,
+    delay: std::time::Duration,
+}
+
+impl Retry {
+    fn after(&mut self, failed: bool) {
+        if !failed {
+            *self = Self::default();
+            return;
+        }
+        self.delay = (self.delay * 2).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+        self.at = Some(std::time::Instant::now() + self.delay);
+    }
+
+    fn due(&self) -> bool {
+        self.at.is_some_and(|at| std::time::Instant::now() >= at)
+    }
+}
+
 /// Runs until SIGTERM/SIGINT. Programs stay attached after exit (their
 /// links are pinned); `redirector cleanup` removes them.
 pub async fn run(opts: RunOptions) -> Result<()> {
@@ -176,8 +199,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
         metrics.set_gauge("workloads_rejected", "Workloads whose config entry is invalid.", cfg.rejected.len() as u64);
         metrics.set_ready(None);
+        !report.errors.is_empty()
     };
-    pass(&mut dp, &cfg, &mut state);
+    // A pass with errors (a full map, a namespace not there yet) is retried
+    // on its own, backing off from 1 s to 60 s; a good pass or a config
+    // change resets that.
+    let mut retry = Retry::default();
+    let mut current = cfg;
+    retry.after(pass(&mut dp, &current, &mut state));
+    let mut full_maps = crate::dataplane::FullMapWatch::default();
 
     let mut tick = tokio::time::interval(opts.poll_interval);
     loop {
@@ -188,6 +218,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = int.recv() => break,
             _ = tick.tick() => false,
         };
+        for problem in full_maps.check(&dp.maps) {
+            metrics.error("map_full");
+            error!("{problem}");
+        }
+        if retry.due() {
+            info!("retrying the workloads that failed");
+            retry.after(pass(&mut dp, &current, &mut state));
+        }
         let text = match std::fs::read_to_string(&opts.config) {
             Ok(t) => t,
             Err(e) => {
@@ -205,7 +243,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         last_text = text;
         match crate::config::parse_config(&last_text) {
-            Ok(cfg) => pass(&mut dp, &cfg, &mut state),
+            Ok(cfg) => {
+                current = cfg;
+                retry = Retry::default();
+                retry.after(pass(&mut dp, &current, &mut state));
+            }
             Err(e) => {
                 metrics.error("invalid_config");
                 error!(

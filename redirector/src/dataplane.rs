@@ -307,6 +307,57 @@ fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyh
     }
 }
 
+/// Data-path insertions that failed because a map was full, found by the
+/// eBPF counters: the programs cannot log, so the agent checks these on
+/// every tick and reports each increase (error log and metric).
+#[derive(Debug, Default)]
+pub struct FullMapWatch {
+    seen: Option<[u64; 3]>,
+}
+
+impl FullMapWatch {
+    const WATCHED: [(u32, &'static str, u32, &'static str); 3] = [
+        (
+            counter::TUPLE_INSERT_FAILED,
+            map_names::ORIG_BY_TUPLE,
+            MAX_TRACKED_CONNECTIONS,
+            "redirected connections could not record their original destination (their proxy cannot learn it)",
+        ),
+        (
+            counter::LISTENER_INSERT_FAILED,
+            map_names::LISTENERS,
+            MAX_LISTENERS,
+            "proxy inbound listeners could not be registered (inbound connections to them are dropped, not let by)",
+        ),
+        (
+            counter::SK_STORAGE_FAILED,
+            map_names::SOCK_ORIG,
+            0,
+            "accepted proxy sockets could not store their original destination",
+        ),
+    ];
+
+    /// One message per counter that grew since the last call (the first
+    /// call reports what earlier agents left counted, once).
+    pub fn check(&mut self, maps: &Maps) -> Vec<String> {
+        let mut now = [0u64; 3];
+        for (i, (index, ..)) in Self::WATCHED.iter().enumerate() {
+            now[i] = maps.counter(*index).unwrap_or(0);
+        }
+        let before = self.seen.unwrap_or_default();
+        self.seen = Some(now);
+        Self::WATCHED
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| now[*i] > before[*i])
+            .map(|(i, (_, map, capacity, what))| {
+                let size = if *capacity > 0 { format!("map {map} is full (capacity {capacity})") } else { format!("map {map} could not grow") };
+                format!("{size}: {} {what}; nothing was evicted", now[i] - before[i])
+            })
+            .collect()
+    }
+}
+
 /// What one apply pass did, for logs and tests.
 #[derive(Debug, Default)]
 pub struct ApplyReport {
@@ -483,6 +534,23 @@ impl Dataplane {
         let pinned: BTreeSet<u64> = current.keys().copied().collect();
         let ops = diff(&pinned, &self.programmed, &self.inbound_links(), desired, keep);
         report.unchanged = ops.unchanged.iter().map(|i| desired[*i].name.clone()).collect();
+        for cookie in ops.remove {
+            match self.maps.remove_workload(cookie) {
+                Ok(()) => {
+                    self.programmed.remove(&cookie);
+                    report.removed += 1;
+                }
+                Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
+            }
+        }
+        // Removed workloads go first, with their list entries: a full map
+        // must not refuse a new workload for the space of departed ones.
+        if report.removed > 0 {
+            match self.maps.sweep() {
+                Ok(n) => report.swept += n,
+                Err(e) => report.errors.push(("sweep".into(), e)),
+            }
+        }
         for d in ops.program.iter().map(|i| &desired[*i]) {
             match self.maps.program_workload(d.cookie, &d.policy) {
                 Ok(_) => {
@@ -501,17 +569,8 @@ impl Dataplane {
                 )),
             }
         }
-        for cookie in ops.remove {
-            match self.maps.remove_workload(cookie) {
-                Ok(()) => {
-                    self.programmed.remove(&cookie);
-                    report.removed += 1;
-                }
-                Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
-            }
-        }
         match self.maps.sweep() {
-            Ok(n) => report.swept = n,
+            Ok(n) => report.swept += n,
             Err(e) => report.errors.push(("sweep".into(), e)),
         }
         // sk_lookup links of workloads that are gone (or no longer inbound).

@@ -16,6 +16,8 @@ use redirector::{
     testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
 };
 
+#[path = "kernel/full_maps.rs"]
+mod full_maps;
 #[path = "kernel/kube.rs"]
 mod kube;
 

@@ -270,6 +270,9 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     };
     let mut tick = tokio::time::interval(lp.opts.resync);
     let mut dirty_since: Option<Instant> = None;
+    // Full-map failures of the data path (the programs count them).
+    let mut full_maps = crate::dataplane::FullMapWatch::default();
+    let mut watch_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         lp.metrics.heartbeat();
         if let Some(since) = dirty_since {
@@ -311,6 +314,13 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 true
             }
             _ = tick.tick() => { lp.last_scan = None; true }
+            _ = watch_tick.tick() => {
+                for problem in full_maps.check(&lp.dp.maps) {
+                    lp.metrics.error("map_full");
+                    error!("{problem}");
+                }
+                false
+            }
             _ = hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -1,0 +1,173 @@
+//! Every map has a fixed capacity. Filled to it, each one refuses the next
+//! entry cleanly: the agent (or the data path, through its counters) says
+//! which map is full, nothing already in it is evicted, the policy in force
+//! stays whole, and the agent recovers on its own once there is room.
+//! (RDR_PORTS has its own test in kernel.rs.)
+use std::{collections::BTreeSet, path::Path};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use redirector::{
+    config::parse_config,
+    dataplane::{Dataplane, Desired, Maps},
+    policy::compile,
+    testkit::{PinDir, TestCgroup},
+};
+use redirector_common::{
+    map_names, OrigDst, TupleKey, AF_INET6, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+};
+
+use super::{bin, poll_until, require_kernel, Managed, EXCLUSIONS};
+
+/// `n` distinct IPv6 host routes inside 2001:db8::/32 (documentation).
+fn v6_hosts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("2001:db8::{:x}:{:x}/128", i >> 16, i & 0xffff)).collect()
+}
+
+fn inspect(pins: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(pins).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fill(v: &serde_json::Value, map: &str) -> (u64, u64) {
+    let f = v["maps"].as_array().unwrap().iter().find(|f| f["name"] == map).unwrap();
+    (f["entries"].as_u64().unwrap(), f["capacity"].as_u64().unwrap())
+}
+
+/// RDR_CIDRS (an LPM trie of 262,144): a policy of 131,100 IP ranges fits
+/// once; a change needs a second generation of that size beside it, which
+/// does not fit. The change is refused naming the map, the old policy
+/// keeps working, the partial generation is swept, and a later change
+/// that fits is applied.
+#[test]
+fn full_cidr_map_refuses_the_change_and_keeps_the_policy() {
+    if !require_kernel() {
+        return;
+    }
+    let ranges = v6_hosts(131_100);
+    let config = |extra: &str, ranges: &[String]| {
+        format!(
+            "mesh:\n  outboundIPRangeExclusionList: [\"198.51.100.0/24\"{extra}, {}]\nworkloads:\n  - name: app\n    netns: {{netns}}\n",
+            ranges.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", ")
+        )
+    };
+    let m = Managed::start("c", &config("", &ranges));
+    let cidrs = || Maps::open(&m.pins.path).unwrap().cidr_keys().unwrap().len();
+    let before = cidrs();
+    assert!(before > 131_000, "{before}");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    // The refused change would have excluded 192.0.2.10.
+    m.write_config(&config(", \"192.0.2.10/32\"", &ranges));
+    m.wait_for_log("RDR_CIDRS is full (capacity 262144)", "the full CIDR map");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"), "the old policy is not whole");
+    assert!(m.probe(1000, "198.51.100.10:80").starts_with("direct"));
+    let after = poll_until(cidrs, |n| *n == before);
+    assert_eq!(after, before, "the partly written generation was not swept");
+    assert_eq!(fill(&inspect(&m.pins.path), map_names::CIDRS), (before as u64, 262_144));
+    // A change that fits goes in.
+    m.write_config(&config(", \"192.0.2.10/32\"", &ranges[..1000]));
+    let got = m.probe_until(1000, "192.0.2.10:80", |a| a.starts_with("direct"));
+    assert!(got.starts_with("direct"), "{got}\n{}", m.agent.log_text());
+    let left = poll_until(cidrs, |n| *n < 2000);
+    assert!(left < 2000, "{left}");
+}
+
+fn open_tuples(pins: &Path) -> BpfHashMap<MapData, TupleKey, OrigDst> {
+    let data = MapData::from_pin(pins.join(map_names::ORIG_BY_TUPLE)).unwrap();
+    BpfHashMap::try_from(Map::HashMap(data)).unwrap()
+}
+
+fn fake_tuple(i: u32) -> TupleKey {
+    // Netns cookie 0 is never a real namespace's.
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    a[12..].copy_from_slice(&i.to_be_bytes());
+    TupleKey { netns_cookie: 0, family: AF_INET6, client_port: 1, proxy_port: 15001, _pad: 0, client_addr: a, proxy_addr: a }
+}
+
+/// RDR_ORIG_TUPLE (a hash of 262,144, written by the programs): full, a
+/// new redirected connection still reaches the proxy but without an
+/// original destination (it fails closed, it is never let by); the data
+/// path counts it, the agent logs which map is full, and not one existing
+/// entry is evicted. With room again, connections work.
+#[test]
+fn full_tracking_map_fails_closed_and_is_reported() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("t", EXCLUSIONS);
+    let mut tuples = open_tuples(&m.pins.path);
+    let baseline = tuples.keys().count() as u32;
+    for i in 0..MAX_TRACKED_CONNECTIONS - baseline {
+        tuples.insert(fake_tuple(i), OrigDst { family: AF_INET6, port_be: 80u16.to_be(), flags: 0, addr: [0; 16] }, 0).unwrap();
+    }
+    let answer = m.probe(1000, "192.0.2.10:80");
+    assert!(answer.starts_with("proxy no-original-dst"), "{answer}");
+    m.wait_for_log("RDR_ORIG_TUPLE is full (capacity 262144)", "the full tracking map");
+    let v = inspect(&m.pins.path);
+    assert!(v["counters"]["tuple_insert_failed"].as_u64().unwrap() >= 1, "{}", v["counters"]);
+    let evicted = (0..MAX_TRACKED_CONNECTIONS - baseline).filter(|i| tuples.get(&fake_tuple(*i), 0).is_err()).count();
+    assert_eq!(evicted, 0, "entries were evicted");
+    for i in 0..1000 {
+        tuples.remove(&fake_tuple(i)).unwrap();
+    }
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    for i in 1000..MAX_TRACKED_CONNECTIONS - baseline {
+        tuples.remove(&fake_tuple(i)).unwrap();
+    }
+    let left = poll_until(|| open_tuples(&m.pins.path).keys().count() as u32, |n| *n <= baseline);
+    assert!(left <= baseline, "{left}");
+}
+
+/// RDR_WORKLOADS (16,384 namespaces), through the apply layer the agents
+/// use: with 16,383 programmed, the first new workload fits, the second is
+/// refused naming the map while every existing one stays; once workloads
+/// are removed, the same pass makes room first and programs it.
+#[test]
+fn full_workload_map_refuses_the_new_workload_and_keeps_the_others() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let mut dp = Dataplane::load(&pins.path, &cgroup.path).unwrap();
+    let cfg = parse_config("mesh:\n  outboundPortExclusionList: [6379]\nworkloads: []\n").unwrap();
+    let mut policy = compile(&cfg.mesh, &Default::default());
+    // Fake cookies have no namespace to attach sk_lookup to.
+    policy.inbound = false;
+    let desired = |cookies: &[u64]| -> Vec<Desired> {
+        cookies
+            .iter()
+            .map(|c| Desired { name: format!("w{c}"), cookie: *c, netns: "/nonexistent".into(), policy: policy.clone() })
+            .collect()
+    };
+    // Cookies of namespaces that do not exist: 1 << 60 upwards.
+    let existing: Vec<u64> = (0..u64::from(MAX_WORKLOADS) - 1).map(|i| (1 << 60) + i).collect();
+    let report = dp.apply(&desired(&existing), &BTreeSet::new());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.programmed.len(), existing.len());
+    let (a, b) = ((1 << 61) + 1, (1 << 61) + 2);
+    let mut all = existing.clone();
+    all.extend([a, b]);
+    let report = dp.apply(&desired(&all), &BTreeSet::new());
+    assert_eq!(report.programmed, vec![format!("w{a}")]);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    let (who, e) = &report.errors[0];
+    assert_eq!(who, &format!("w{b}"));
+    let msg = format!("{e:#}");
+    assert!(msg.contains("RDR_WORKLOADS is full (capacity 16384)") && msg.contains("previous policy kept"), "{msg}");
+    let pinned = dp.maps.workloads().unwrap();
+    assert_eq!(pinned.len(), MAX_WORKLOADS as usize);
+    assert!(all[..all.len() - 1].iter().all(|c| pinned.contains_key(c)), "an existing workload was evicted");
+    assert_eq!(fill(&inspect(&pins.path), map_names::WORKLOADS), (16_384, 16_384));
+    // Ten workloads leave; in the same pass the refused one goes in.
+    let report = dp.apply(&desired(&all[10..]), &BTreeSet::new());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.removed, 10);
+    assert!(report.programmed.contains(&format!("w{b}")), "{:?}", report.programmed);
+    assert_eq!(dp.maps.workloads().unwrap().len(), MAX_WORKLOADS as usize - 9);
+    // The policy lists of every workload are intact (one generation each).
+    let ports = dp.maps.port_keys().unwrap().len();
+    assert_eq!(ports, (MAX_WORKLOADS as usize - 9) * dp.maps.port_keys().unwrap().iter().filter(|k| k.policy_id == pinned[&a].policy_id).count());
+    drop(dp);
+    redirector::dataplane::cleanup(&pins.path).unwrap();
+}
