@@ -218,9 +218,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = int.recv() => break,
             _ = tick.tick() => false,
         };
-        for problem in full_maps.check(&dp.maps) {
+        let problems = full_maps.check(&dp.maps);
+        for problem in &problems {
             metrics.error("map_full");
             error!("{problem}");
+        }
+        if !problems.is_empty() && !retry.due() {
+            // A listener the data path could not register is registered
+            // by a pass (from /proc) once there is room: keep retrying.
+            retry.after(true);
         }
         if retry.due() {
             info!("retrying the workloads that failed");

@@ -315,11 +315,14 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             }
             _ = tick.tick() => { lp.last_scan = None; true }
             _ = watch_tick.tick() => {
-                for problem in full_maps.check(&lp.dp.maps) {
+                let problems = full_maps.check(&lp.dp.maps);
+                for problem in &problems {
                     lp.metrics.error("map_full");
                     error!("{problem}");
                 }
-                false
+                // A pass registers, from /proc, a listener the data path
+                // could not (the resync tick retries if it fails again).
+                !problems.is_empty()
             }
             _ = hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
             _ = term.recv() => break,

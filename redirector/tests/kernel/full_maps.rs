@@ -10,10 +10,11 @@ use redirector::{
     config::parse_config,
     dataplane::{Dataplane, Desired, Maps},
     policy::compile,
-    testkit::{PinDir, TestCgroup},
+    testkit::{self, PinDir, Proto, Server, TestCgroup},
 };
 use redirector_common::{
-    map_names, OrigDst, TupleKey, AF_INET6, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    map_names, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6, MAX_LISTENERS, MAX_TRACKED_CONNECTIONS,
+    MAX_WORKLOADS,
 };
 
 use super::{bin, poll_until, require_kernel, Managed, EXCLUSIONS};
@@ -170,4 +171,103 @@ fn full_workload_map_refuses_the_new_workload_and_keeps_the_others() {
     assert_eq!(ports, (MAX_WORKLOADS as usize - 9) * dp.maps.port_keys().unwrap().iter().filter(|k| k.policy_id == pinned[&a].policy_id).count());
     drop(dp);
     redirector::dataplane::cleanup(&pins.path).unwrap();
+}
+
+/// RDR_LISTENERS (a SOCKHASH of 32,768, two per workload): filled with
+/// other listening sockets, the inbound proxy that starts listening cannot
+/// be registered. Inbound connections are then dropped, never let by to the
+/// application; the data path counts it, the agent logs which map is full
+/// and retries; once sockets close and make room, it registers the proxy
+/// (from /proc) on its own and inbound connections reach it.
+#[test]
+fn full_listener_map_drops_inbound_and_recovers() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start_with(super::Topology::new("l").unwrap(), super::INBOUND, super::app_servers);
+    let existing = Maps::open(&m.pins.path).unwrap().listener_keys().unwrap().len() as u32;
+    let free = MAX_LISTENERS - existing;
+    // This process may hold 20,000 descriptors at most (no
+    // CAP_SYS_RESOURCE in a container): holders, each this test binary in
+    // `listener_map_filler` mode, keep the sockets open; the last holds 100.
+    let mut holders = Vec::new();
+    let mut next = 0;
+    for size in [(free - 100) / 2, free - 100 - (free - 100) / 2, 100] {
+        holders.push(ListenerHolder::start(&m.pins.path, &m.topo.app.path(), next, size));
+        next += size;
+    }
+    let _inbound_proxy = Server::proxy(&m.topo.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap();
+    m.wait_for_log("RDR_LISTENERS is full (capacity 32768)", "the full listener map");
+    let pod = testkit::addrs::POD_IP;
+    let dst: std::net::SocketAddr = format!("{pod}:8080").parse().unwrap();
+    let got = testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, dst).unwrap();
+    assert!(!got.starts_with("direct") && !got.starts_with("proxy"), "inbound went {got:?} with no registered proxy");
+    let v = inspect(&m.pins.path);
+    assert!(v["counters"]["listener_insert_failed"].as_u64().unwrap() >= 1, "{}", v["counters"]);
+    assert!(v["counters"]["inbound_dropped_no_listener"].as_u64().unwrap() >= 1, "{}", v["counters"]);
+    assert_eq!(fill(&v, map_names::LISTENERS), (u64::from(MAX_LISTENERS), u64::from(MAX_LISTENERS)));
+    // Closing sockets removes their entries; the agent's retry registers
+    // the proxy.
+    drop(holders.pop());
+    let got = poll_until(|| testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, dst).unwrap(), |g| g.starts_with("proxy"));
+    assert!(got.starts_with(&format!("proxy {pod}:8080")), "{got}\n{}", m.agent.log_text());
+    drop(holders);
+    let left = poll_until(|| Maps::open(&m.pins.path).unwrap().listener_keys().unwrap().len(), |n| *n == 1);
+    assert_eq!(left, 1, "closed sockets left entries");
+}
+
+/// A child process holding `count` listening sockets, registered in
+/// RDR_LISTENERS under fake netns cookies, until it is dropped.
+struct ListenerHolder(std::process::Child, std::io::BufReader<std::process::ChildStdout>);
+
+const FILLER_ENV: &str = "REDIRECTOR_TEST_LISTENER_FILLER";
+
+impl ListenerHolder {
+    fn start(pins: &Path, netns: &Path, first: u32, count: u32) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "full_maps::listener_map_filler", "--nocapture", "--test-threads=1"])
+            .env(FILLER_ENV, format!("{}|{}|{first}|{count}", pins.display(), netns.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        while out.read_line(&mut line).unwrap() > 0 && !line.contains("filled") {}
+        assert!(line.contains(&format!("filled {count}")), "listener holder: {line:?}");
+        Self(child, out)
+    }
+}
+
+impl Drop for ListenerHolder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        // Drain the harness's last lines so it does not die on a broken pipe.
+        let _ = std::io::Read::read_to_end(&mut self.1, &mut Vec::new());
+        let _ = self.0.wait();
+    }
+}
+
+/// Not a test on its own: the holder process of
+/// `full_listener_map_drops_inbound_and_recovers` (does nothing unless the
+/// environment names what to fill).
+#[test]
+fn listener_map_filler() {
+    let Ok(spec) = std::env::var(FILLER_ENV) else { return };
+    let parts: Vec<&str> = spec.split('|').collect();
+    let (pins, netns) = (Path::new(parts[0]), Path::new(parts[1]));
+    let (first, count): (u32, u32) = (parts[2].parse().unwrap(), parts[3].parse().unwrap());
+    let sockets = testkit::in_netns_as(netns, 0, move || {
+        (first..first + count).map(|i| std::net::TcpListener::bind(("127.0.0.1", 20_000 + i as u16)).unwrap()).collect::<Vec<_>>()
+    })
+    .unwrap();
+    let mut maps = Maps::open(pins).unwrap();
+    for (i, l) in (first..).zip(&sockets) {
+        let key = ListenerKey { netns_cookie: (1 << 60) + u64::from(i), family: u32::from(AF_INET), _pad: 0 };
+        maps.register_listener(key, l).unwrap();
+    }
+    println!("filled {count}");
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
 }
