@@ -18,6 +18,8 @@ use redirector::{
 
 #[path = "kernel/kube.rs"]
 mod kube;
+#[path = "kernel/sockmap.rs"]
+mod sockmap;
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
 
