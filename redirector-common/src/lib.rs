@@ -9,7 +9,7 @@
 
 /// Version of the map layout below. The agent stores it in the `META` map
 /// and refuses to adopt pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -24,6 +24,9 @@ pub const MAX_CIDR_RULES: u32 = 262_144;
 pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
 /// Proxy inbound listeners: one per workload and address family.
 pub const MAX_LISTENERS: u32 = 2 * MAX_WORKLOADS;
+/// Sockets of accelerated app ↔ proxy connections (two per connection).
+/// (Layout 5 added this map.)
+pub const MAX_ACCEL_SOCKETS: u32 = 65_536;
 
 /// Names of the maps, as pinned under the pin directory.
 pub mod map_names {
@@ -35,12 +38,16 @@ pub mod map_names {
     pub const SOCK_ORIG: &str = "RDR_SOCK_ORIG";
     pub const COUNTERS: &str = "RDR_COUNTERS";
     pub const LISTENERS: &str = "RDR_LISTENERS";
+    /// Both ends of accelerated app ↔ proxy connections (`mesh.acceleration:
+    /// sockmap`); the `sk_msg` program is attached to this map.
+    pub const ACCEL_SOCKETS: &str = "RDR_ACCEL_SOCKS";
     /// Every map the agent pins, in a stable order. All of them: a map
     /// that a new agent re-created instead of adopting would split the
     /// connections in flight during a restart between two copies (the
     /// socket storage was once left out, and connections made while old
     /// and new programs overlapped lost their original destination).
-    pub const PINNED: [&str; 8] = [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, SOCK_ORIG, COUNTERS, LISTENERS];
+    pub const PINNED: [&str; 9] =
+        [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, SOCK_ORIG, COUNTERS, LISTENERS, ACCEL_SOCKETS];
 }
 
 /// Names of the programs (ELF symbol names).
@@ -53,6 +60,8 @@ pub mod prog_names {
     pub const SK_LOOKUP: &str = "rdr_sk_lookup";
     pub const SOCKOPS: &str = "rdr_sockops";
     pub const GETSOCKOPT: &str = "rdr_getsockopt";
+    /// Attached to the `ACCEL_SOCKETS` sockhash (not to the cgroup).
+    pub const SK_MSG: &str = "rdr_sk_msg";
 }
 
 /// `WorkloadPolicy::flags` bits.
@@ -92,6 +101,10 @@ pub mod flags {
     /// UID: a process of the application that runs as the proxy's UID is
     /// still redirected.
     pub const MATCH_PROXY_CGROUP: u32 = 1 << 10;
+    /// `mesh.acceleration: sockmap`: both ends of the workload's app ↔
+    /// proxy connections go into `ACCEL_SOCKETS`, and `sk_msg` moves their
+    /// bytes from one socket to the other without the loopback TCP stack.
+    pub const ACCEL_SOCKMAP: u32 = 1 << 11;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace
@@ -203,6 +216,15 @@ pub mod orig_flags {
     /// An inbound connection delivered to the proxy by `sk_lookup`: the
     /// original destination is the accepted socket's own local address.
     pub const INBOUND: u32 = 4;
+    /// The workload asked for sockmap acceleration when the application
+    /// connected (copied from `flags::ACCEL_SOCKMAP` by connect4/6, so both
+    /// ends of one connection agree whatever the policy does meanwhile).
+    pub const ACCEL: u32 = 8;
+    /// Set by `sk_msg` on a socket one of whose messages went through TCP
+    /// (its peer was not in `ACCEL_SOCKETS` yet): that direction stays on
+    /// TCP for the rest of the connection, or bytes could be reordered
+    /// (the receiver reads redirected bytes before queued TCP ones).
+    pub const MSG_VIA_TCP: u32 = 16;
 }
 
 /// The destination an application dialed before it was redirected.
@@ -234,6 +256,24 @@ pub struct TupleKey {
     pub _pad: u16,
     pub client_addr: [u8; 16],
     pub proxy_addr: [u8; 16],
+}
+
+/// Key of the `ACCEL_SOCKETS` sockhash: one end of an accelerated
+/// connection, as seen from that socket (IPv4, also IPv4-mapped on an
+/// AF_INET6 socket, in the first four bytes of the addresses). Its peer is
+/// under the same key with local and remote swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub family: u16,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
 }
 
 /// Whether 16 address bytes are `::ffff:a.b.c.d`.
@@ -271,15 +311,23 @@ pub mod counter {
     pub const LISTENER_REGISTERED: u32 = 15;
     pub const LOCAL_TO_INBOUND: u32 = 16;
     pub const INBOUND_BYPASS_SOURCE: u32 = 17;
+    /// A socket went into `ACCEL_SOCKETS` (two per accelerated connection).
+    pub const ACCEL_SOCKET_ADDED: u32 = 18;
+    pub const ACCEL_SOCKET_ADD_FAILED: u32 = 19;
+    /// `sk_msg`: a message handed to the peer socket's receive queue.
+    pub const ACCEL_MSG_REDIRECTED: u32 = 20;
+    /// `sk_msg`: a message sent through TCP (peer not in the map, or the
+    /// direction already on TCP).
+    pub const ACCEL_MSG_VIA_TCP: u32 = 21;
     /// The proxy's inbound listener could not be registered (RDR_LISTENERS
     /// full): inbound connections to that workload are dropped, not let by.
-    pub const LISTENER_INSERT_FAILED: u32 = 18;
+    pub const LISTENER_INSERT_FAILED: u32 = 22;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
     pub const UPGRADE_TEST_BUILD: u32 = 23;
     pub const COUNT: u32 = 24;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 19] = [
+    pub const NAMES: [&str; 23] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -298,6 +346,10 @@ pub mod counter {
         "listener_registered",
         "local_to_inbound",
         "inbound_bypass_source",
+        "accel_socket_added",
+        "accel_socket_add_failed",
+        "accel_msg_redirected",
+        "accel_msg_via_tcp",
         "listener_insert_failed",
     ];
 }
@@ -313,6 +365,7 @@ mod pod {
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for TupleKey {}
+    unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for Meta {}
 }
 
@@ -329,6 +382,7 @@ mod tests {
         assert_eq!(size_of::<CidrData>(), 24);
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 48);
+        assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<Meta>(), 8);
         assert!(counter::NAMES.len() as u32 <= counter::COUNT);
     }

@@ -58,7 +58,7 @@ fn try_connect4(ctx: &SockAddrContext) {
     let mut orig = OrigDst {
         family: AF_INET,
         port_be: sa.user_port as u16,
-        flags: orig_flags::APP_SIDE,
+        flags: orig_flags::APP_SIDE | crate::decide::orig_accel_flag(&policy),
         addr: v4_in16([v4[0], v4[1], v4[2], v4[3]]),
     };
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };

@@ -63,7 +63,7 @@ fn try_connect6(ctx: &SockAddrContext) {
     let mut orig = OrigDst {
         family: AF_INET6,
         port_be: sa.user_port as u16,
-        flags: orig_flags::APP_SIDE,
+        flags: orig_flags::APP_SIDE | crate::decide::orig_accel_flag(&policy),
         addr,
     };
     if is_v4 {

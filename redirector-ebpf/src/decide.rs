@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use redirector_common::{
-    cidr_kind, counter, flags, port_kind, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
+    cidr_kind, counter, flags, orig_flags, port_kind, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
 };
 
 use crate::maps::{count, LOCALHOST6, RDR_CIDRS, RDR_PORTS};
@@ -150,5 +150,16 @@ pub fn is_local_peer(family: u16, local: &[u8; 16], remote: &[u8; 16]) -> bool {
         remote[0] == 127
     } else {
         *remote == LOCALHOST6
+    }
+}
+
+/// The `OrigDst` flag a redirected connection carries when its workload
+/// asks for sockmap acceleration (read again by sockops at both ends).
+#[inline(always)]
+pub fn orig_accel_flag(policy: &WorkloadPolicy) -> u32 {
+    if policy.flags & flags::ACCEL_SOCKMAP != 0 {
+        orig_flags::ACCEL
+    } else {
+        0
     }
 }

@@ -10,6 +10,7 @@ mod getpeername6;
 mod getsockopt;
 mod maps;
 mod sk_lookup;
+mod sk_msg;
 mod sockops;
 
 #[cfg(not(test))]

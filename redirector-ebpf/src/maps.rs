@@ -7,8 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirector_common::{
-    CidrData, ListenerKey, Meta, OrigDst, PortKey, TupleKey, WorkloadPolicy, counter,
-    MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy, counter,
+    MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS,
+    MAX_WORKLOADS,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -33,6 +34,12 @@ pub static RDR_CIDRS: LpmTrie<CidrData, u8, { MAX_CIDR_RULES as usize }> = LpmTr
 /// The proxy's inbound listening sockets, per workload and family.
 #[btf_map]
 pub static RDR_LISTENERS: SockHash<ListenerKey, { MAX_LISTENERS as usize }> = SockHash::new();
+
+/// Both ends of accelerated app ↔ proxy connections, each under its own
+/// (netns, local, remote) tuple; the `sk_msg` program is attached to this
+/// map. The kernel drops a socket from it when the socket closes.
+#[btf_map]
+pub static RDR_ACCEL_SOCKS: SockHash<SockKey, { MAX_ACCEL_SOCKETS as usize }> = SockHash::new();
 
 /// Original destination of each established redirected connection, keyed
 /// by its 4-tuple and netns; removed when the application's socket closes.

@@ -1,8 +1,9 @@
 //! `sockops`: publish the original destination of a redirected connection
 //! under its 4-tuple when the handshake completes, hand it to the proxy's
 //! accepted socket, drop it when the application's socket closes; register
-//! the proxy's inbound listener; and mark inbound connections that
-//! `sk_lookup` delivered to the proxy.
+//! the proxy's inbound listener; mark inbound connections that `sk_lookup`
+//! delivered to the proxy; and, for workloads with sockmap acceleration,
+//! put both ends of an app ↔ proxy connection into `RDR_ACCEL_SOCKS`.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
@@ -15,13 +16,19 @@ use aya_ebpf::{
 };
 use redirector_common::{
     v4_in16,
-    counter, flags, is_v4_mapped, orig_flags, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6,
+    counter, flags, is_v4_mapped, orig_flags, ListenerKey, OrigDst, SockKey, TupleKey, AF_INET,
+    AF_INET6,
 };
 
 use crate::{
     decide::{inbound_redirected, is_local_peer},
-    maps::{count, sock_orig, words_to_bytes, RDR_LISTENERS, RDR_ORIG_TUPLE, RDR_WORKLOADS},
+    maps::{
+        count, sock_orig, words_to_bytes, RDR_ACCEL_SOCKS, RDR_LISTENERS, RDR_ORIG_TUPLE,
+        RDR_WORKLOADS,
+    },
 };
+
+const BPF_NOEXIST: u64 = 1;
 
 const TCP_CLOSE: u32 = 7;
 
@@ -126,6 +133,35 @@ fn active_established(ctx: &SockOpsContext) {
     }
     // Ask for state changes on this socket so the entry goes with it.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if orig.flags & orig_flags::ACCEL != 0 {
+        accelerate(ctx, &key_of(&key));
+    }
+}
+
+/// The application end's `RDR_ACCEL_SOCKS` key (local = application).
+#[inline(always)]
+fn key_of(t: &TupleKey) -> SockKey {
+    SockKey {
+        netns_cookie: t.netns_cookie,
+        family: t.family,
+        local_port: t.client_port,
+        remote_port: t.proxy_port,
+        _pad: 0,
+        local_addr: t.client_addr,
+        remote_addr: t.proxy_addr,
+    }
+}
+
+/// Puts this socket into `RDR_ACCEL_SOCKS` (never over another entry:
+/// a key in use means something is wrong, and TCP is always correct).
+#[inline(always)]
+fn accelerate(ctx: &SockOpsContext, key: &SockKey) {
+    let mut key = *key;
+    if RDR_ACCEL_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST).is_ok() {
+        count(counter::ACCEL_SOCKET_ADDED);
+    } else {
+        count(counter::ACCEL_SOCKET_ADD_FAILED);
+    }
 }
 
 #[inline(always)]
@@ -149,7 +185,7 @@ fn passive_established(ctx: &SockOpsContext) {
     let mut orig = match unsafe { RDR_ORIG_TUPLE.get(&key) } {
         Some(o) => {
             let mut o = *o;
-            o.flags = orig_flags::PROXY_SIDE;
+            o.flags = orig_flags::PROXY_SIDE | (o.flags & orig_flags::ACCEL);
             o
         }
         None => {
@@ -179,6 +215,24 @@ fn passive_established(ctx: &SockOpsContext) {
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };
     if slot.is_null() {
         count(counter::SK_STORAGE_FAILED);
+        return;
+    }
+    // Only the proxy's end of an accelerated outbound redirect (inbound
+    // connections from outside the workload never carry ACCEL): its
+    // application end went into the map at ACTIVE_ESTABLISHED already.
+    if orig.flags & orig_flags::ACCEL != 0 {
+        accelerate(
+            ctx,
+            &SockKey {
+                netns_cookie: cookie,
+                family: e.family,
+                local_port: e.local_port,
+                remote_port: e.remote_port,
+                _pad: 0,
+                local_addr: e.local,
+                remote_addr: e.remote,
+            },
+        );
     }
 }
 

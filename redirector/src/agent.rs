@@ -165,7 +165,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let cfg = load_config(&opts.config)?;
     let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
-    crate::probe::require(&crate::probe::probe())?;
+    let features = crate::probe::probe();
+    crate::probe::require(&features)?;
+    if cfg.mesh.acceleration == crate::config::Acceleration::Sockmap {
+        // Refused at the start, before anything is loaded; a later change
+        // to sockmap on such a kernel is refused per workload by `apply`.
+        crate::probe::require_acceleration(&features)
+            .with_context(|| format!("config file {}", opts.config.display()))?;
+    }
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
     info!(
         "attached to cgroup {}, maps and links pinned in {}",

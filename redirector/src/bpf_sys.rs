@@ -1,6 +1,8 @@
 //! The few bpf(2) commands we issue ourselves: creating cgroup links (aya
 //! 0.14 cannot turn every cgroup link into a pinnable `FdLink`), pinning
-//! them, and reading a link's attach information.
+//! them, reading a link's attach information, and attaching the `sk_msg`
+//! program to its sockhash (aya's attachment would detach it again when
+//! the agent exits).
 use std::{
     ffi::CString,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -11,6 +13,9 @@ use anyhow::{Context as _, Result};
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -19,6 +24,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 #[repr(u32)]
 pub enum AttachType {
     SockOps = 3,
+    /// Target is a sockmap or sockhash fd.
+    SkMsgVerdict = 7,
     Inet4Connect = 10,
     Inet6Connect = 11,
     GetSockopt = 21,
@@ -90,4 +97,50 @@ pub fn attached_count(target: BorrowedFd<'_>, ty: AttachType) -> Result<u32> {
     // prog_ids = NULL: the kernel only writes the count back (prog_cnt).
     bpf(BPF_PROG_QUERY, &mut attr).with_context(|| format!("BPF_PROG_QUERY {ty:?}"))?;
     Ok(u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")))
+}
+
+/// `BPF_PROG_ATTACH` of `prog` to a sockmap or sockhash. The map holds one
+/// program per attach type: this replaces the one attached before, if any,
+/// and the program stays attached as long as the map lives (a pinned map
+/// outlives the agent), not as long as this process.
+pub fn map_prog_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, ty as u32);
+    bpf(BPF_PROG_ATTACH, &mut attr).with_context(|| format!("BPF_PROG_ATTACH {ty:?}"))?;
+    Ok(())
+}
+
+/// `BPF_PROG_DETACH` of `prog` from a sockmap or sockhash.
+pub fn map_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
+    put_u32(&mut attr, 8, ty as u32);
+    bpf(BPF_PROG_DETACH, &mut attr).with_context(|| format!("BPF_PROG_DETACH {ty:?}"))?;
+    Ok(())
+}
+
+/// `BPF_PROG_QUERY` with room for ids: the ids of the programs of type
+/// `ty` attached to `target` (for a sockmap: Linux 5.19+).
+pub fn attached_ids(target: BorrowedFd<'_>, ty: AttachType) -> Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, target.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, ty as u32);
+    put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
+    put_u32(&mut attr, 24, ids.len() as u32);
+    bpf(BPF_PROG_QUERY, &mut attr).with_context(|| format!("BPF_PROG_QUERY {ty:?}"))?;
+    let n = u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+/// `BPF_PROG_GET_FD_BY_ID`: the program with that id, if it still exists.
+pub fn prog_by_id(id: u32) -> Result<OwnedFd> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, id);
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?;
+    // SAFETY: new fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

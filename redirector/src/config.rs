@@ -102,6 +102,39 @@ impl std::str::FromStr for LoopbackMode {
     }
 }
 
+/// `mesh.acceleration`: how bytes of established app ↔ proxy connections
+/// travel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Acceleration {
+    /// Through the loopback TCP stack, as with iptables (the default).
+    #[default]
+    None,
+    /// Both ends in a sockhash, `sk_msg` moves each message from one socket
+    /// to the other (Linux 5.15+; `redirector probe` shows it).
+    Sockmap,
+}
+
+impl Acceleration {
+    pub const ALL: [Acceleration; 2] = [Acceleration::None, Acceleration::Sockmap];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Acceleration::None => "none",
+            Acceleration::Sockmap => "sockmap",
+        }
+    }
+}
+
+impl std::str::FromStr for Acceleration {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| anyhow!("value {s:?} is not an acceleration mode (none, sockmap)"))
+    }
+}
+
 /// The mesh dialect: proxy identity, ports, reserved ports and the pod
 /// annotation vocabulary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -215,6 +248,8 @@ pub struct MeshConfig {
     /// Redirect inbound connections at all.
     pub inbound: bool,
     pub loopback: LoopbackMode,
+    /// Off (`none`) unless configured.
+    pub acceleration: Acceleration,
     pub reserved_inbound_ports: Vec<u16>,
     /// Empty: every destination (osm-init's behaviour).
     pub outbound_ip_range_exclusion: Vec<IpNet>,
@@ -240,6 +275,7 @@ impl MeshConfig {
             inbound_port: d.inbound_port,
             inbound: true,
             loopback: d.loopback,
+            acceleration: Acceleration::None,
             reserved_inbound_ports: d.reserved_inbound_ports.to_vec(),
             outbound_ip_range_exclusion: Vec::new(),
             outbound_ip_range_inclusion: Vec::new(),
@@ -332,6 +368,7 @@ struct RawConfig {
 struct RawMesh {
     preset: Option<String>,
     loopback: Option<String>,
+    acceleration: Option<serde_yaml::Value>,
     inbound: Option<bool>,
     #[serde(rename = "proxyUID")]
     proxy_uid: Option<i64>,
@@ -541,6 +578,15 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
         loopback: match &raw.loopback {
             None => d.loopback,
             Some(s) => s.parse().context("key `loopback`")?,
+        },
+        acceleration: match &raw.acceleration {
+            None => Acceleration::None,
+            Some(serde_yaml::Value::String(s)) => s.parse().context("key `acceleration`")?,
+            Some(other) => bail!(
+                "key `acceleration`: value {} is {}, expected one of none, sockmap",
+                serde_yaml::to_string(other).unwrap_or_default().trim(),
+                yaml_kind(other)
+            ),
         },
         reserved_inbound_ports: d.reserved_inbound_ports,
         outbound_ip_range_exclusion: cidrs(
@@ -990,6 +1036,29 @@ mod dialects {
             parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.300")])).unwrap_err()
         );
         assert!(t.contains("exclude-inbound-ips") && t.contains("192.0.2.300"), "{t}");
+    }
+
+    #[test]
+    fn acceleration_is_off_by_default_and_parsed_strictly() {
+        assert_eq!(parse_config("").unwrap().mesh.acceleration, Acceleration::None);
+        assert_eq!(parse_config("mesh:\n  preset: istio\n").unwrap().mesh.acceleration, Acceleration::None);
+        let m = parse_config("mesh:\n  acceleration: sockmap\n").unwrap().mesh;
+        assert_eq!(m.acceleration, Acceleration::Sockmap);
+        assert_eq!(parse_config("mesh:\n  acceleration: none\n").unwrap().mesh.acceleration, Acceleration::None);
+        for (doc, value, reason) in [
+            ("mesh:\n  acceleration: sockhash\n", "\"sockhash\"", "not an acceleration mode (none, sockmap)"),
+            ("mesh:\n  acceleration: Sockmap\n", "\"Sockmap\"", "not an acceleration mode"),
+            ("mesh:\n  acceleration: \"\"\n", "\"\"", "not an acceleration mode"),
+            ("mesh:\n  acceleration: true\n", "true", "is a boolean, expected one of none, sockmap"),
+            ("mesh:\n  acceleration: [sockmap]\n", "sockmap", "is a list"),
+        ] {
+            let t = format!("{:#}", parse_config(doc).unwrap_err());
+            assert!(t.contains("`mesh`") && t.contains("key `acceleration`") && t.contains(value) && t.contains(reason), "{doc:?}: {t}");
+        }
+        // The Kubernetes ConfigMap's mesh.yaml goes through the same parser.
+        assert_eq!(parse_mesh_document(Some("acceleration: sockmap\n"), &[]).unwrap().acceleration, Acceleration::Sockmap);
+        let t = format!("{:#}", parse_mesh_document(Some("acceleration: fast\n"), &[]).unwrap_err());
+        assert!(t.contains("key `acceleration`") && t.contains("\"fast\""), "{t}");
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! the program stays attached, with or without a running agent.
 //! `<pin>/netns/<cookie>` — one `sk_lookup` link per workload network
 //! namespace (inbound redirection).
+//! The `sk_msg` program (sockmap acceleration) has no pin of its own: it is
+//! attached to the pinned `RDR_ACCEL_SOCKS` map and lives as long as that
+//! map; each agent's attach replaces the previous agent's program.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     fs::File,
@@ -16,13 +19,13 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash},
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    counter, map_names, prog_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, TupleKey,
-    WorkloadPolicy, LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES,
-    MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    counter, map_names, prog_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey,
+    TupleKey, WorkloadPolicy, LAYOUT_VERSION, MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS,
+    MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 use crate::{
@@ -93,6 +96,7 @@ pub struct Maps {
     tuples: HashMap<MapData, TupleKey, OrigDst>,
     counters: PerCpuArray<MapData, u64>,
     listeners: SockHash<MapData, ListenerKey>,
+    accel: SockHash<MapData, SockKey>,
 }
 
 fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -124,6 +128,7 @@ impl Maps {
             tuples: HashMap::try_from(get(map_names::ORIG_BY_TUPLE)?)?,
             counters: PerCpuArray::try_from(get(map_names::COUNTERS)?)?,
             listeners: SockHash::try_from(get(map_names::LISTENERS)?)?,
+            accel: SockHash::try_from(get(map_names::ACCEL_SOCKETS)?)?,
         })
     }
 
@@ -168,6 +173,12 @@ impl Maps {
     /// Registered inbound listeners (netns cookie, family).
     pub fn listener_keys(&self) -> Result<Vec<ListenerKey>> {
         Ok(self.listeners.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Keys of the sockets in `ACCEL_SOCKETS` (both ends of every
+    /// accelerated connection open now).
+    pub fn accel_socket_keys(&self) -> Result<Vec<SockKey>> {
+        Ok(self.accel.keys().collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Puts a listening socket (an fd we hold) into `LISTENERS`.
@@ -312,11 +323,11 @@ fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyh
 /// every tick and reports each increase (error log and metric).
 #[derive(Debug, Default)]
 pub struct FullMapWatch {
-    seen: Option<[u64; 3]>,
+    seen: Option<[u64; 4]>,
 }
 
 impl FullMapWatch {
-    const WATCHED: [(u32, &'static str, u32, &'static str); 3] = [
+    const WATCHED: [(u32, &'static str, u32, &'static str); 4] = [
         (
             counter::TUPLE_INSERT_FAILED,
             map_names::ORIG_BY_TUPLE,
@@ -335,12 +346,18 @@ impl FullMapWatch {
             0,
             "accepted proxy sockets could not store their original destination",
         ),
+        (
+            counter::ACCEL_SOCKET_ADD_FAILED,
+            map_names::ACCEL_SOCKETS,
+            redirector_common::MAX_ACCEL_SOCKETS,
+            "sockets of accelerated connections stayed on TCP (they work, without acceleration)",
+        ),
     ];
 
     /// One message per counter that grew since the last call (the first
     /// call reports what earlier agents left counted, once).
     pub fn check(&mut self, maps: &Maps) -> Vec<String> {
-        let mut now = [0u64; 3];
+        let mut now = [0u64; 4];
         for (i, (index, ..)) in Self::WATCHED.iter().enumerate() {
             now[i] = maps.counter(*index).unwrap_or(0);
         }
@@ -420,6 +437,9 @@ pub fn diff(
 pub struct Dataplane {
     pub pin_dir: PathBuf,
     pub maps: Maps,
+    /// Why `mesh.acceleration: sockmap` cannot be honoured here (the
+    /// `sk_msg` program did not load or attach); None when it can.
+    pub accel_unavailable: Option<String>,
     programmed: StdHashMap<u64, Policy>,
     _ebpf: Ebpf,
 }
@@ -456,6 +476,11 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(&object).context("loading the eBPF object")?;
+        // sk_msg goes on its map before sockops can put a socket there.
+        let accel_unavailable = attach_sk_msg(&mut ebpf).err().map(|e| format!("{e:#}"));
+        if let Some(why) = &accel_unavailable {
+            log::warn!("sockmap acceleration unavailable (workloads asking for it are refused): {why}");
+        }
         let cgroup_file = File::open(cgroup)
             .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
         for (name, ty) in PROGRAMS {
@@ -480,6 +505,7 @@ impl Dataplane {
                     p.fd()?.as_fd().try_clone_to_owned()?
                 }
                 AttachType::SkLookup => bail!("{name} is attached per network namespace"),
+                AttachType::SkMsgVerdict => bail!("{name} is attached to its sockhash"),
             };
             let link = bpf_sys::link_create(fd.as_fd(), cgroup_file.as_fd(), ty)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
@@ -499,13 +525,22 @@ impl Dataplane {
             maps.meta.set(0, Meta { layout_version: LAYOUT_VERSION, last_policy_id: meta.last_policy_id }, 0)?;
         }
         maps.check_layout()?;
-        Ok(Self { pin_dir: pin_dir.to_owned(), maps, programmed: StdHashMap::new(), _ebpf: ebpf })
+        Ok(Self { pin_dir: pin_dir.to_owned(), maps, accel_unavailable, programmed: StdHashMap::new(), _ebpf: ebpf })
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,
     /// whose last good policy stays while their new input is bad).
     pub fn apply(&mut self, desired: &[Desired], keep: &BTreeSet<u64>) -> ApplyReport {
         let mut report = ApplyReport::default();
+        // A workload asking for an acceleration this kernel cannot do is
+        // refused (its last good policy stays), never silently slowed.
+        let (desired, refused) = refuse_unavailable_acceleration(desired, self.accel_unavailable.as_deref());
+        let mut keep = keep.clone();
+        for (d, e) in refused {
+            keep.insert(d.cookie);
+            report.errors.push((d.name.clone(), e));
+        }
+        let (desired, keep) = (&desired[..], &keep);
         let current = match self.maps.workloads() {
             Ok(c) => c,
             Err(e) => {
@@ -638,6 +673,66 @@ impl Dataplane {
     }
 }
 
+/// Loads `sk_msg` and attaches it to the `ACCEL_SOCKETS` sockhash,
+/// replacing the program a previous agent attached there (one slot per map
+/// and attach type: never two). Attached with `BPF_PROG_ATTACH`, not a
+/// link: the map keeps it, so it outlives this agent like the pinned links.
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {
+    let name = prog_names::SK_MSG;
+    let prog: &mut SkMsg = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?.try_into()?;
+    prog.load().with_context(|| format!("loading program {name}"))?;
+    let prog_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+    let map = match ebpf.map(map_names::ACCEL_SOCKETS) {
+        Some(Map::SockHash(m)) => m,
+        _ => bail!("eBPF object has no sockhash {}", map_names::ACCEL_SOCKETS),
+    };
+    bpf_sys::map_prog_attach(prog_fd.as_fd(), map.fd().as_fd(), AttachType::SkMsgVerdict)
+        .with_context(|| format!("attaching {name} to map {}", map_names::ACCEL_SOCKETS))
+}
+
+/// Splits off the workloads that ask for sockmap acceleration when it is
+/// `unavailable` (with the reason), each with an error naming the setting.
+pub fn refuse_unavailable_acceleration(
+    desired: &[Desired],
+    unavailable: Option<&str>,
+) -> (Vec<Desired>, Vec<(Desired, anyhow::Error)>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for d in desired {
+        match unavailable {
+            Some(why) if d.policy.acceleration == crate::config::Acceleration::Sockmap => refused.push((
+                d.clone(),
+                anyhow!(
+                    "workload `{}`: `mesh.acceleration: sockmap` is not available on this kernel ({why}); \
+                     policy not applied, previous policy kept (set `mesh.acceleration: none`)",
+                    d.name
+                ),
+            )),
+            _ => ok.push(d.clone()),
+        }
+    }
+    (ok, refused)
+}
+
+/// Detaches the `sk_msg` program from the pinned `ACCEL_SOCKETS` map (the
+/// map's removal would detach it too, but only once no process holds the
+/// map open). Kernels before 5.19 cannot list a map's programs: then the
+/// removal of the pin does it.
+fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
+    let path = pin_dir.join(map_names::ACCEL_SOCKETS);
+    let Ok(map) = bpf_sys::obj_get(&path) else { return Ok(0) };
+    let Ok(ids) = bpf_sys::attached_ids(map.as_fd(), AttachType::SkMsgVerdict) else { return Ok(0) };
+    let mut n = 0;
+    for id in ids {
+        if let Ok(prog) = bpf_sys::prog_by_id(id) {
+            bpf_sys::map_prog_detach(prog.as_fd(), map.as_fd(), AttachType::SkMsgVerdict)
+                .with_context(|| format!("detaching program {id} from {}", path.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Refuses pinned maps whose capacity is not this build's.
 fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
     let expected = CAPACITIES
@@ -669,6 +764,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     if !pin_dir.exists() {
         return Ok(removed);
     }
+    detach_sk_msg(pin_dir)?;
     for sub in ["links", "netns"] {
         let links = pin_dir.join(sub);
         if links.exists() {
@@ -700,10 +796,11 @@ pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
         .collect()
 }
 
-pub const CAPACITIES: [(&str, u32); 5] = [
+pub const CAPACITIES: [(&str, u32); 6] = [
     (map_names::WORKLOADS, MAX_WORKLOADS),
     (map_names::PORTS, MAX_PORT_RULES),
     (map_names::CIDRS, MAX_CIDR_RULES),
     (map_names::ORIG_BY_TUPLE, MAX_TRACKED_CONNECTIONS),
     (map_names::LISTENERS, MAX_LISTENERS),
+    (map_names::ACCEL_SOCKETS, MAX_ACCEL_SOCKETS),
 ];

@@ -48,6 +48,8 @@ pub struct WorkloadView {
     /// Only these inbound ports are redirected (None: every port).
     pub inbound_port_inclusions: Option<Vec<u16>>,
     pub inbound_enabled: bool,
+    /// `mesh.acceleration`: `none` or `sockmap`.
+    pub acceleration: &'static str,
     /// The workload's sk_lookup link is pinned (inbound capture attached).
     pub sk_lookup_attached: bool,
     /// Address families of the proxy's registered inbound listeners.
@@ -123,6 +125,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 outbound_port_inclusions: inclusion(flags::OUT_PORT_INCLUSION_SET, port_kind::OUTBOUND_INCLUDE),
                 inbound_port_inclusions: inclusion(flags::IN_PORT_INCLUSION_SET, port_kind::INBOUND_INCLUDE),
                 inbound_enabled: w.flags & flags::IN_ENABLED != 0,
+                acceleration: if w.flags & flags::ACCEL_SOCKMAP != 0 { "sockmap" } else { "none" },
                 sk_lookup_attached: crate::dataplane::netns_link_pin_path(pin_dir, *cookie).exists(),
                 inbound_listeners: listeners
                     .iter()
@@ -133,6 +136,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
         })
         .collect();
     let tracked = maps.tracked_connections()?.len();
+    let accel_sockets = maps.accel_socket_keys()?.len();
     let fills = CAPACITIES
         .iter()
         .map(|(name, capacity)| MapFill {
@@ -142,6 +146,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 n if n == redirector_common::map_names::PORTS => ports.len(),
                 n if n == redirector_common::map_names::CIDRS => cidrs.len(),
                 n if n == redirector_common::map_names::LISTENERS => listeners.len(),
+                n if n == redirector_common::map_names::ACCEL_SOCKETS => accel_sockets,
                 _ => tracked,
             },
             capacity: *capacity,
@@ -200,6 +205,7 @@ pub fn render_text(s: &Snapshot) -> String {
         let only = |v: &Option<Vec<u16>>| v.as_ref().map_or("every port".to_string(), |v| list(v));
         let _ = writeln!(o, "    outbound ports redirected:    {}", only(&w.outbound_port_inclusions));
         let _ = writeln!(o, "    inbound ports redirected:     {}", only(&w.inbound_port_inclusions));
+        let _ = writeln!(o, "    acceleration:                 {}", w.acceleration);
         let _ = writeln!(
             o,
             "    inbound capture:              {}",

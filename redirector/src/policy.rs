@@ -12,7 +12,7 @@ use redirector_common::{
     V4_MAPPED_PREFIX_BITS,
 };
 
-use crate::config::{canonical_net, Inclusion, LoopbackMode, MeshConfig, WorkloadAnnotations};
+use crate::config::{canonical_net, Acceleration, Inclusion, LoopbackMode, MeshConfig, WorkloadAnnotations};
 
 /// The merged policy of one workload: mesh settings ∪ pod annotations, as
 /// the mesh's injector merges them before it writes the init container's
@@ -30,6 +30,8 @@ pub struct Policy {
     pub redirect_ip6: Ipv6Addr,
     pub inbound: bool,
     pub loopback: LoopbackMode,
+    /// `mesh.acceleration` (sockmap for the app ↔ proxy connections).
+    pub acceleration: Acceleration,
     pub outbound_port_exclusion: BTreeSet<u16>,
     /// None: every port.
     pub outbound_port_inclusion: Option<BTreeSet<u16>>,
@@ -84,6 +86,7 @@ pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
         redirect_ip6: Ipv6Addr::LOCALHOST,
         inbound: mesh.inbound,
         loopback: mesh.loopback,
+        acceleration: mesh.acceleration,
         outbound_port_exclusion: union_ports(&mesh.outbound_port_exclusion, &pod.outbound_port_exclusion),
         outbound_port_inclusion: over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion),
         outbound_ip_range_exclusion: union_nets(
@@ -320,6 +323,9 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     if policy.proxy_cgroup.is_some() {
         f |= flags::MATCH_PROXY_CGROUP;
     }
+    if policy.acceleration == Acceleration::Sockmap {
+        f |= flags::ACCEL_SOCKMAP;
+    }
     match policy.loopback {
         LoopbackMode::Osm => {}
         LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
@@ -515,6 +521,17 @@ workloads:
         // exclusion wins over inclusion
         assert_eq!(evaluate(&p, &conn(0, "192.0.2.200:80")), Verdict::Pass(Bypass::ExcludedCidr));
         assert_eq!(evaluate(&p, &conn(0, "198.51.100.1:80")), Verdict::Pass(Bypass::NotIncluded));
+    }
+
+    #[test]
+    fn acceleration_sets_only_its_flag() {
+        let off = policy(DOC);
+        assert_eq!(off.acceleration, Acceleration::None);
+        let on = Policy { acceleration: Acceleration::Sockmap, ..off.clone() };
+        let (a, b) = (map_entries(&off, 3), map_entries(&on, 3));
+        assert_eq!(a.workload.flags & flags::ACCEL_SOCKMAP, 0);
+        assert_eq!(b.workload.flags, a.workload.flags | flags::ACCEL_SOCKMAP);
+        assert_eq!((a.ports, a.cidrs), (b.ports, b.cidrs));
     }
 
     #[test]

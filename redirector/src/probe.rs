@@ -24,6 +24,7 @@ const SOCK_OPS: u32 = 13;
 const CGROUP_SOCK_ADDR: u32 = 18;
 const CGROUP_SOCKOPT: u32 = 25;
 const SK_LOOKUP: u32 = 30;
+const SK_MSG: u32 = 16;
 // enum bpf_attach_type
 const INET4_CONNECT: u32 = 10;
 const INET6_CONNECT: u32 = 11;
@@ -36,6 +37,19 @@ const GET_NETNS_COOKIE: i32 = 122;
 /// `BPF_FUNC_get_current_cgroup_id` (proxy identity by cgroup).
 const GET_CURRENT_CGROUP_ID: i32 = 80;
 const SK_STORAGE_GET: i32 = 107;
+const SOCK_HASH_UPDATE: i32 = 70;
+const MSG_REDIRECT_HASH: i32 = 71;
+/// expected_attach_type of an sk_msg program.
+const SK_MSG_VERDICT: u32 = 7;
+
+/// Names of the optional features `mesh.acceleration: sockmap` needs.
+pub const SOCKMAP_FEATURES: [&str; 5] = [
+    "sk_msg programs (mesh.acceleration: sockmap)",
+    "bpf_sock_hash_update in sockops programs",
+    "bpf_msg_redirect_hash in sk_msg programs",
+    "bpf_get_netns_cookie in sk_msg programs",
+    "socket storage (bpf_sk_storage_get) in sk_msg programs",
+];
 
 /// `r0 = 1; exit`, optionally preceded by a call (r1 still holds the
 /// context, which is what the helpers probed here take first).
@@ -167,6 +181,13 @@ pub fn probe() -> Vec<Feature> {
             try_load(CGROUP_SOCKOPT, GETSOCKOPT, Some(SK_STORAGE_GET)),
         ),
         feature("SO_NETNS_COOKIE socket option (agent side)", "5.14", true, so_netns_cookie()),
+        // Optional: only `mesh.acceleration: sockmap` needs these.
+        feature(SOCKMAP_FEATURES[0], "4.17", false, try_load(SK_MSG, SK_MSG_VERDICT, None)),
+        feature(SOCKMAP_FEATURES[1], "4.18", false, try_load(SOCK_OPS, 0, Some(SOCK_HASH_UPDATE))),
+        feature(SOCKMAP_FEATURES[2], "4.18", false, try_load(SK_MSG, SK_MSG_VERDICT, Some(MSG_REDIRECT_HASH))),
+        feature(SOCKMAP_FEATURES[3], "5.15", false, try_load(SK_MSG, SK_MSG_VERDICT, Some(GET_NETNS_COOKIE))),
+        // In 5.15 at the latest (its netns-cookie selftest uses both).
+        feature(SOCKMAP_FEATURES[4], "5.15", false, try_load(SK_MSG, SK_MSG_VERDICT, Some(SK_STORAGE_GET))),
         feature(
             "kernel BTF (/sys/kernel/btf/vmlinux)",
             "5.4",
@@ -194,6 +215,24 @@ pub fn require(features: &[Feature]) -> Result<()> {
     if !missing.is_empty() {
         bail!(
             "kernel {release} lacks what redirector needs; refusing to start rather than redirect partially:\n{}",
+            missing.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Refuses `mesh.acceleration: sockmap` on a kernel that lacks what it
+/// needs, naming the setting and each missing feature.
+pub fn require_acceleration(features: &[Feature]) -> Result<()> {
+    let missing: Vec<String> = features
+        .iter()
+        .filter(|f| SOCKMAP_FEATURES.contains(&f.name) && !f.supported)
+        .map(|f| format!("  - {} (needs Linux {}): {}", f.name, f.since, f.detail))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "`mesh.acceleration: sockmap`: kernel {} cannot do it; set `mesh.acceleration: none` (the default). Missing:\n{}",
+            kernel_release(),
             missing.join("\n")
         );
     }
@@ -247,6 +286,34 @@ mod tests {
         assert_eq!(try_load(SOCK_OPS, 0, Some(SK_STORAGE_GET)), Ok(()));
         assert_eq!(try_load(SOCK_OPS, 0, None), Ok(()));
         assert!(try_load(9999, 0, None).is_err(), "an unknown program type is refused");
+    }
+
+    #[test]
+    fn acceleration_refusal_names_the_setting_and_what_is_missing() {
+        let f = |name, supported| Feature {
+            name,
+            since: "5.15",
+            required: false,
+            supported,
+            detail: if supported { String::new() } else { "unknown func bpf_get_netns_cookie#122".into() },
+        };
+        let mut fs: Vec<Feature> = SOCKMAP_FEATURES.iter().map(|n| f(n, true)).collect();
+        fs.push(f("kernel BTF", false));
+        assert!(require_acceleration(&fs).is_ok(), "unrelated optional features do not refuse it");
+        fs[3].supported = false;
+        fs[3].detail = "unknown func bpf_get_netns_cookie#122".into();
+        let t = format!("{:#}", require_acceleration(&fs).unwrap_err());
+        assert!(t.contains("`mesh.acceleration: sockmap`") && t.contains("mesh.acceleration: none"), "{t}");
+        assert!(t.contains("bpf_get_netns_cookie in sk_msg programs (needs Linux 5.15)") && t.contains("unknown func"), "{t}");
+        assert!(!t.contains("kernel BTF"), "{t}");
+        // This machine's kernel: the probe answers for every feature.
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } == 0 {
+            let real = probe();
+            for name in SOCKMAP_FEATURES {
+                assert!(real.iter().any(|f| f.name == name), "{name} is probed");
+            }
+        }
     }
 
     #[test]

@@ -20,6 +20,8 @@ use redirector::{
 mod full_maps;
 #[path = "kernel/kube.rs"]
 mod kube;
+#[path = "kernel/sockmap.rs"]
+mod sockmap;
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
 

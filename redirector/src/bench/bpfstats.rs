@@ -16,7 +16,7 @@ use redirector::{
     bpf_sys,
     dataplane::{link_pin_path, PROGRAMS},
 };
-use redirector_common::prog_names;
+use redirector_common::{map_names, prog_names};
 use serde::Serialize;
 
 use super::sys;
@@ -48,6 +48,13 @@ fn programs(pin_dir: &Path) -> Result<Vec<(String, u32)>> {
     if let Ok(dir) = std::fs::read_dir(pin_dir.join("netns")) {
         for e in dir.flatten() {
             out.push((prog_names::SK_LOOKUP.to_string(), id(&e.path())?));
+        }
+    }
+    // sk_msg hangs on its sockhash, not on a link: ask the map (5.19+).
+    if let Ok(map) = bpf_sys::obj_get(&pin_dir.join(map_names::ACCEL_SOCKETS)) {
+        let attached = bpf_sys::attached_ids(std::os::fd::AsFd::as_fd(&map), bpf_sys::AttachType::SkMsgVerdict);
+        for id in attached.unwrap_or_default() {
+            out.push((prog_names::SK_MSG.to_string(), id));
         }
     }
     Ok(out)

@@ -1,6 +1,9 @@
 //! Established traffic, app ↔ proxy over one connection: request/response
 //! rate with small messages and throughput with large writes. The proxy
-//! stand-in ([`ProxyMode::Stream`]) echoes or sinks.
+//! stand-in ([`ProxyMode::Stream`]) echoes or sinks. Four setups: the three
+//! of every scenario and `sockmap` (the agent with `mesh.acceleration:
+//! sockmap`, attached to a cgroup of its own so that the plain redirector's
+//! rounds never run its programs, nor it theirs).
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -14,7 +17,7 @@ use serde::Serialize;
 
 use super::{
     bpfstats::{self, ProgCost},
-    setup::{in_cgroup, Exclusions, Kind, ProxyMode, Setup, Spec, KINDS},
+    setup::{in_cgroup, BenchCgroup, Exclusions, Kind, ProxyMode, Setup, Spec, ESTABLISHED_KINDS as KINDS},
     stats::{ratio, Stats},
     Plan,
 };
@@ -39,21 +42,41 @@ pub struct Established {
     /// What `rate_per_s` counts: transactions or MiB.
     pub unit: &'static str,
     pub setups: Vec<(String, Stats)>,
+    /// redirector (no acceleration) against none and iptables.
     pub ratio_vs_none: f64,
     pub ratio_vs_iptables: f64,
+    /// sockmap (`mesh.acceleration: sockmap`) against none, iptables and
+    /// the plain redirector.
+    pub sockmap_vs_none: f64,
+    pub sockmap_vs_iptables: f64,
+    pub sockmap_vs_redirector: f64,
     /// Request/response only: per-program runs per transaction, from an
     /// extra redirector round with BPF statistics on.
     pub bpf_programs: Vec<ProgCost>,
+    /// The same from an extra sockmap round (sk_msg runs per message).
+    pub bpf_programs_sockmap: Vec<ProgCost>,
 }
 
 pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
-    eprintln!("bench: established traffic: starting the three setups");
+    eprintln!("bench: established traffic: starting the four setups");
     let spec = Spec { proxy: ProxyMode::Stream, ..Spec::new(Exclusions::default()) };
+    let accel_cgroup = BenchCgroup::new("redirector-bench-accel-")?;
     let setups: Vec<Setup> = KINDS
         .iter()
         .enumerate()
-        .map(|(i, kind)| Setup::start(*kind, &format!("e{i}"), spec, cgroup))
+        .map(|(i, kind)| {
+            let cg = if *kind == Kind::Sockmap { accel_cgroup.path.as_path() } else { cgroup };
+            Setup::start(*kind, &format!("e{i}"), spec, cg)
+        })
         .collect::<Result<_>>()?;
+    let out = measure(plan, &setups);
+    // The setups (agents, sockets) go before their cgroups.
+    drop(setups);
+    drop(accel_cgroup);
+    out
+}
+
+fn measure(plan: &Plan, setups: &[Setup]) -> Result<Vec<Established>> {
     let mut out = Vec::new();
     for (pattern, size) in WORKLOADS {
         let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
@@ -62,18 +85,22 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
         for _ in 0..plan.rounds {
             super::interrupted()?;
             for (i, s) in setups.iter().enumerate() {
-                let r = round(s, pattern, size, plan.established_secs, cgroup)?;
+                let r = round(s, pattern, size, plan.established_secs)?;
                 lat[i].extend(r.0);
                 bytes[i] += r.1;
                 busy[i] += r.2;
             }
         }
-        let bpf_programs = match (&setups[2].agent, pattern) {
-            (Some(a), Pattern::RequestResponse) => {
-                bpfstats::measure(&a.pins.path, || Ok(round(&setups[2], pattern, size, plan.established_secs, cgroup)?.0.len()))?
+        let costs = |s: &Setup| -> Result<Vec<ProgCost>> {
+            match (&s.agent, pattern) {
+                (Some(a), Pattern::RequestResponse) => {
+                    bpfstats::measure(&a.pins.path, || Ok(round(s, pattern, size, plan.established_secs)?.0.len()))
+                }
+                _ => Ok(Vec::new()),
             }
-            _ => Vec::new(),
         };
+        let bpf_programs = costs(&setups[2])?;
+        let bpf_programs_sockmap = costs(&setups[3])?;
         let st: Vec<Stats> = (0..KINDS.len())
             .map(|i| match pattern {
                 Pattern::RequestResponse => Stats::from_samples(&mut lat[i], busy[i]),
@@ -95,8 +122,12 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
             unit,
             ratio_vs_none: ratio(st[2].rate_per_s, st[0].rate_per_s),
             ratio_vs_iptables: ratio(st[2].rate_per_s, st[1].rate_per_s),
+            sockmap_vs_none: ratio(st[3].rate_per_s, st[0].rate_per_s),
+            sockmap_vs_iptables: ratio(st[3].rate_per_s, st[1].rate_per_s),
+            sockmap_vs_redirector: ratio(st[3].rate_per_s, st[2].rate_per_s),
             setups: KINDS.iter().map(|k| k.name().to_string()).zip(st).collect(),
             bpf_programs,
+            bpf_programs_sockmap,
         };
         println!("{}", super::report::established_row(&e));
         out.push(e);
@@ -106,9 +137,9 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
 
 /// One round against one setup: latencies (request/response), bytes and
 /// seconds.
-fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64, cgroup: &Path) -> Result<(Vec<Duration>, u64, f64)> {
+fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64) -> Result<(Vec<Duration>, u64, f64)> {
     let dst: SocketAddr = if s.kind == Kind::None { "127.0.0.1:15001" } else { "192.0.2.10:80" }.parse()?;
-    let cg = (s.kind == Kind::Redirector).then_some(cgroup);
+    let cg = s.cgroup.as_deref();
     let redirected = s.kind != Kind::None;
     let app = s.topo.app.path();
     in_cgroup(cg, || {

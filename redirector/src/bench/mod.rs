@@ -136,7 +136,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         wall_seconds: started.elapsed().as_secs_f64(),
         rounds: plan.rounds,
         seconds_per_round: plan.secs,
-        targets: report::targets(&scenarios, &control_plane),
+        targets: report::targets(&scenarios, &established, &control_plane),
         scenarios,
         established,
         control_plane,

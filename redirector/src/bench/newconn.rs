@@ -115,7 +115,7 @@ fn hammer_setup(s: &Setup, dir: Direction, secs: f64, cgroup: &Path) -> Result<V
         (Direction::Inbound, Kind::None) => (s.topo.peer.path(), format!("{POD_IP}:15003").parse()?),
         (Direction::Inbound, _) => (s.topo.peer.path(), format!("{POD_IP}:8080").parse()?),
     };
-    let cg = (s.kind == Kind::Redirector).then_some(cgroup);
+    let cg = s.kind.has_agent().then_some(cgroup);
     in_cgroup(cg, || hammer(&ns, dst, secs, s.kind != Kind::None))?
 }
 

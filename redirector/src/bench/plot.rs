@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
 use plotters::{
-    coord::Shift,
+    coord::{CoordTranslate, Shift},
     prelude::*,
     style::{register_font, FontStyle},
 };
@@ -135,19 +135,12 @@ fn rate_panel(
         let line = chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(plot_err)?;
         if text {
             let name = points.first().map_or("", |(_, s)| s.setups[k].0.as_str()).to_string();
-            line.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            line.label(name).legend(legend_mark(style));
         }
         chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(plot_err)?;
     }
     if text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
     }
     Ok(())
 }
@@ -219,19 +212,31 @@ fn cdf_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, title: &str, lines: &
         let style = ShapeStyle::from(color).stroke_width(2);
         let line = chart.draw_series(LineSeries::new(pts, style)).map_err(plot_err)?;
         if text {
-            line.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+            line.label(name.clone()).legend(legend_mark(style));
         }
     }
     if text {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
     }
+    Ok(())
+}
+
+/// A series' mark in the legend: a short line in its style.
+fn legend_mark(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// The legend of a panel (both plots draw it alike): lower right, on a
+/// light background, one line per labelled series.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
     Ok(())
 }
 

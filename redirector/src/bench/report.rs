@@ -47,8 +47,18 @@ pub struct Target {
 }
 
 /// The goals of the bench issue against a report's numbers.
-pub fn targets(scenarios: &[Scenario], cp: &ControlPlane) -> Vec<Target> {
+pub fn targets(scenarios: &[Scenario], established: &[Established], cp: &ControlPlane) -> Vec<Target> {
     let mut t = Vec::new();
+    if let Some(e) = established.iter().find(|e| e.pattern == Pattern::RequestResponse) {
+        t.push(Target {
+            goal: format!("sockmap: {} request rate ≥ 1.5 × iptables (issue 7)", e.name),
+            measured: format!(
+                "{:.2} × iptables ({:.2} × plain redirector, {:.2} × none)",
+                e.sockmap_vs_iptables, e.sockmap_vs_redirector, e.sockmap_vs_none
+            ),
+            met: Some(e.sockmap_vs_iptables >= 1.5),
+        });
+    }
     let p99 = cp.change.redirector_in_force.p99_us / 1e3;
     let passes: Vec<String> =
         cp.sync.iter().map(|s| format!("{:.0} ms at {} workloads", s.redirector.one_change_ms, s.workloads)).collect();
@@ -168,7 +178,8 @@ impl Report {
         let _ = write!(
             o,
             "\n### Established traffic\n\nOne connection app → proxy per round (redirected to it for iptables and redirector); \
-             the proxy echoes (request/response) or reads and counts (throughput).\n\n{ESTABLISHED_HEADER}"
+             the proxy echoes (request/response) or reads and counts (throughput). sockmap: the agent with \
+             `mesh.acceleration: sockmap` (bytes moved socket to socket by sk_msg).\n\n{ESTABLISHED_HEADER}"
         );
         for e in &self.established {
             let _ = writeln!(o, "{}", established_row(e));
@@ -237,7 +248,7 @@ impl Report {
     }
 }
 
-const ESTABLISHED_HEADER: &str = "| pattern | none | iptables | redirector | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|\n";
+const ESTABLISHED_HEADER: &str = "| pattern | none | iptables | redirector | sockmap | redirector/none | redirector/iptables | sockmap/none | sockmap/iptables | sockmap/redirector |\n|---|---|---|---|---|---|---|---|---|---|\n";
 
 /// One established-traffic row: transactions/s (p50/p99 µs) or MiB/s.
 pub fn established_row(e: &Established) -> String {
@@ -246,24 +257,29 @@ pub fn established_row(e: &Established) -> String {
         Pattern::Throughput => format!("{:.0} MiB/s", st.rate_per_s),
     };
     format!(
-        "| {} | {} | {} | {} | {:.2} | {:.2} |",
+        "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
         e.name,
         cell(&e.setups[0].1),
         cell(&e.setups[1].1),
         cell(&e.setups[2].1),
+        cell(&e.setups[3].1),
         e.ratio_vs_none,
-        e.ratio_vs_iptables
+        e.ratio_vs_iptables,
+        e.sockmap_vs_none,
+        e.sockmap_vs_iptables,
+        e.sockmap_vs_redirector
     )
 }
 
 impl Report {
     /// ns per run (runs per connection or transaction) of each program.
     fn bpf_table(&self) -> String {
-        let rows: Vec<(&str, &[ProgCost])> = self
+        let rows: Vec<(String, &[ProgCost])> = self
             .scenarios
             .iter()
-            .map(|s| (s.name.as_str(), s.bpf_programs.as_slice()))
-            .chain(self.established.iter().map(|e| (e.name.as_str(), e.bpf_programs.as_slice())))
+            .map(|s| (s.name.clone(), s.bpf_programs.as_slice()))
+            .chain(self.established.iter().map(|e| (e.name.clone(), e.bpf_programs.as_slice())))
+            .chain(self.established.iter().map(|e| (format!("{}, sockmap", e.name), e.bpf_programs_sockmap.as_slice())))
             .filter(|(_, p)| !p.is_empty())
             .collect();
         let mut names: Vec<&str> = Vec::new();

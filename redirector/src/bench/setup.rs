@@ -1,7 +1,8 @@
-//! The three setups a scenario runs under, each in namespaces of its own:
-//! the workload topology of [`testkit::Topology`], a proxy stand-in on the
+//! The setups a scenario runs under, each in namespaces of its own: the
+//! workload topology of [`testkit::Topology`], a proxy stand-in on the
 //! outbound and inbound ports and, for `iptables`, osm-init's rule set or,
-//! for `redirector`, a running agent.
+//! for `redirector` and `sockmap`, a running agent (the latter with
+//! `mesh.acceleration: sockmap`, in the established-traffic scenario).
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -29,9 +30,13 @@ pub enum Kind {
     Iptables,
     /// The agent.
     Redirector,
+    /// The agent with `mesh.acceleration: sockmap`.
+    Sockmap,
 }
 
 pub const KINDS: [Kind; 3] = [Kind::None, Kind::Iptables, Kind::Redirector];
+/// Established traffic also compares the sockmap acceleration.
+pub const ESTABLISHED_KINDS: [Kind; 4] = [Kind::None, Kind::Iptables, Kind::Redirector, Kind::Sockmap];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -39,7 +44,13 @@ impl Kind {
             Kind::None => "none",
             Kind::Iptables => "iptables",
             Kind::Redirector => "redirector",
+            Kind::Sockmap => "sockmap",
         }
+    }
+
+    /// Whether a redirector agent runs this setup.
+    pub fn has_agent(self) -> bool {
+        matches!(self, Kind::Redirector | Kind::Sockmap)
     }
 }
 
@@ -71,13 +82,19 @@ pub enum ProxyMode {
 
 /// The workload's config for the agent (and, compiled, for osm-init).
 pub fn config(netns: &Path, excl: Exclusions) -> String {
+    config_with(netns, excl, false)
+}
+
+/// [`config`], with `mesh.acceleration: sockmap` if `accel`.
+pub fn config_with(netns: &Path, excl: Exclusions, accel: bool) -> String {
     let quote = |v: Vec<String>| v.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
     let mut ports: Vec<String> = excluded_ports(excl.ports).iter().map(u16::to_string).collect();
     if excl.probe_port {
         ports.push(PROBE_PORT.to_string());
     }
     format!(
-        "mesh:\n  outboundIPRangeExclusionList: [{}]\n  outboundPortExclusionList: [{}]\nworkloads:\n  - name: bench\n    netns: {}\n",
+        "mesh:\n{}  outboundIPRangeExclusionList: [{}]\n  outboundPortExclusionList: [{}]\nworkloads:\n  - name: bench\n    netns: {}\n",
+        if accel { "  acceleration: sockmap\n" } else { "" },
         quote(excluded_cidrs(excl.cidrs)),
         ports.join(", "),
         netns.display()
@@ -258,6 +275,8 @@ pub struct Setup {
     pub agent: Option<Agent>,
     _servers: Vec<BenchProxy>,
     pub topo: Topology,
+    /// The cgroup the agent's programs are attached to (agent setups).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Setup {
@@ -275,7 +294,7 @@ impl Setup {
         let app = topo.app.path();
         // The redirector workload's proxy lives in the agent's cgroup, as a
         // pod's does: its sockets' hooks (sockops, getsockopt) run there.
-        let cg = (kind == Kind::Redirector).then_some(cgroup);
+        let cg = kind.has_agent().then_some(cgroup);
         let mut servers = in_cgroup(cg, || -> Result<Vec<BenchProxy>> {
             Ok(vec![
                 BenchProxy::start(&app, "127.0.0.1:15001".parse()?, spec.proxy)?,
@@ -288,18 +307,18 @@ impl Setup {
         match kind {
             Kind::None => {}
             Kind::Iptables => load_osm_init(&topo, spec.excl)?,
-            Kind::Redirector => {
+            Kind::Redirector | Kind::Sockmap => {
                 let pins = PinDir::new()?;
                 let dir = TempDir::new("redirector-bench-")?;
                 let cfg = dir.0.join("config.yaml");
-                std::fs::write(&cfg, config(&app, spec.excl)).with_context(|| format!("writing {}", cfg.display()))?;
+                std::fs::write(&cfg, config_with(&app, spec.excl, kind == Kind::Sockmap)).with_context(|| format!("writing {}", cfg.display()))?;
                 let bin = std::env::current_exe()?;
                 let mut a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.0.join("agent.log"), spec.agent_poll)?;
                 a.wait_ready(&bin, &pins.path, &app)?;
                 agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
         }
-        Ok(Self { kind, topo, _servers: servers, agent })
+        Ok(Self { kind, topo, _servers: servers, agent, cgroup: cg.map(Path::to_owned) })
     }
 
     /// The agent's resident memory (VmRSS), for redirector setups.
