@@ -134,6 +134,11 @@ enum Cmd {
         /// Accepted for symmetry with `run`; links are found through their pins.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// After cleaning up, stay running until SIGTERM (the uninstall
+        /// DaemonSet's container, so `kubectl rollout status` reports every
+        /// node done); a failed cleanup still exits non-zero at once.
+        #[arg(long)]
+        wait: bool,
     },
     /// A self-contained live demonstration in throwaway namespaces.
     Demo,
@@ -256,9 +261,24 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cleanup { pin_dir, cgroup: _ } => {
+        Cmd::Cleanup { pin_dir, cgroup: _, wait } => {
             let removed = dataplane::cleanup(&pin_dir)?;
             println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+            if wait {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async {
+                    use std::io::Write as _;
+                    use tokio::signal::unix::{signal, SignalKind};
+                    // Handlers before the "done" line: a SIGTERM right after
+                    // it must end the wait cleanly, not kill the process.
+                    let mut term = signal(SignalKind::terminate())?;
+                    let mut int = signal(SignalKind::interrupt())?;
+                    println!("cleanup done; waiting for SIGTERM");
+                    std::io::stdout().flush()?;
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                    anyhow::Ok(())
+                })?;
+            }
             Ok(())
         }
         Cmd::Demo => demo::run(),
@@ -353,6 +373,15 @@ mod tests {
         let cmd: Vec<String> = serde_yaml::from_value(init["initContainers"][0]["command"].clone()).unwrap();
         let cli = Cli::try_parse_from(cmd.clone()).unwrap_or_else(|e| panic!("init container {cmd:?}: {e}"));
         assert!(matches!(cli.command, Cmd::WaitReady { agent_socket: Some(_), .. }));
+        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/uninstall/cleanup-daemonset.yaml")).unwrap();
+        let c = &ds["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = serde_yaml::from_value(c["args"].clone()).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("cleanup daemonset args {args:?}: {e}"));
+        match cli.command {
+            Cmd::Cleanup { pin_dir, wait: true, .. } => assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/redirector")),
+            _ => panic!("the cleanup DaemonSet does not run `cleanup --wait`"),
+        }
     }
 
     #[test]

@@ -190,3 +190,41 @@ fn init_container_snippet_is_a_pod_spec_fragment() {
     let vol = f.volumes.iter().find(|v| v.name == mount.name).unwrap();
     assert_eq!(vol.host_path.as_ref().unwrap().path, "/var/run/redirector");
 }
+
+/// deploy/uninstall/: a DaemonSet, separate from the agent's kustomization,
+/// that runs `redirector cleanup --wait` on the pin directory the agent
+/// uses, with the bpffs mount, the capabilities cleanup needs and no API
+/// access.
+#[test]
+fn uninstall_daemonset_cleans_up_what_the_agent_pins() {
+    let dir = deploy_dir().join("uninstall");
+    let k: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
+    let files: Vec<String> = serde_yaml::from_value(k["resources"].clone()).unwrap();
+    assert_eq!(files, ["namespace.yaml", "cleanup-daemonset.yaml"]);
+    let ns: Namespace = serde_yaml::from_str(&std::fs::read_to_string(dir.join("namespace.yaml")).unwrap()).unwrap();
+    assert_eq!(ns.metadata.name.as_deref(), Some(NS));
+    let ds: DaemonSet =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("cleanup-daemonset.yaml")).unwrap()).unwrap();
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(NS));
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let c = &pod.containers[0];
+    let (agent_ds, agent) = agent();
+    assert_eq!(c.image, agent.image, "the cleanup runs the agent's image");
+    let args = c.args.clone().unwrap();
+    assert_eq!(args[0], "cleanup");
+    assert!(args.contains(&"--wait".to_string()));
+    assert_eq!(arg(c, "pin-dir"), arg(&agent, "pin-dir"), "cleanup must remove the pins the agent makes");
+    let caps = c.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+    assert_eq!(caps.add.clone().unwrap(), ["BPF", "NET_ADMIN"]);
+    let host_path = |spec: &k8s_openapi::api::core::v1::PodSpec, mount: &str, c: &Container| {
+        let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == mount).unwrap();
+        let v = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == m.name).unwrap();
+        v.host_path.as_ref().unwrap().path.clone()
+    };
+    let agent_pod = agent_ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(host_path(pod, "/sys/fs/bpf", c), host_path(agent_pod, "/sys/fs/bpf", &agent));
+    // Not part of the agent's install.
+    assert!(documents().iter().all(|(_, v)| v["metadata"]["name"] != "redirector-cleanup"));
+}

@@ -415,15 +415,27 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     }
     assert!(attached_count(ns.as_fd(), AttachType::SkLookup).unwrap() >= 1, "sk_lookup not attached");
 
-    // Cleanup: nothing redirected, nothing left pinned.
-    let out = std::process::Command::new(bin())
-        .args(["cleanup", "--pin-dir"])
+    // Cleanup as the uninstall DaemonSet runs it (`cleanup --wait`, done
+    // when it says so, exits 0 on SIGTERM): nothing redirected, nothing
+    // left pinned.
+    let mut cleanup = std::process::Command::new(bin())
+        .args(["cleanup", "--wait", "--pin-dir"])
         .arg(&m.pins.path)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut said = String::new();
+    let mut out = std::io::BufReader::new(cleanup.stdout.take().unwrap());
+    while std::io::BufRead::read_line(&mut out, &mut said).unwrap() > 0 && !said.contains("waiting for SIGTERM") {}
+    assert!(said.contains("cleanup done"), "{said}");
+    assert!(cleanup.try_wait().unwrap().is_none(), "cleanup --wait did not wait");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(cleanup.id() as i32, libc::SIGTERM) };
+    assert!(cleanup.wait().unwrap().success());
     assert!(!m.pins.path.exists(), "pin directory left behind");
-    assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct 192.0.2.10:80"));
+    // (The kernel may free the last link reference a moment later.)
+    let got = m.probe_until(1000, "192.0.2.10:80", |a| a.starts_with("direct"));
+    assert!(got.starts_with("direct 192.0.2.10:80"), "{got}");
     // Nothing attached to the cgroup or to the workload's namespace.
     for (name, ty) in redirector::dataplane::PROGRAMS {
         assert_eq!(attached_count(cg.as_fd(), ty).unwrap(), 0, "{name} still attached to the cgroup");
