@@ -187,15 +187,19 @@ fn full_listener_map_drops_inbound_and_recovers() {
     let m = Managed::start_with(super::Topology::new("l").unwrap(), super::INBOUND, super::app_servers);
     let existing = Maps::open(&m.pins.path).unwrap().listener_keys().unwrap().len() as u32;
     let free = MAX_LISTENERS - existing;
-    // This process may hold 20,000 descriptors at most (no
-    // CAP_SYS_RESOURCE in a container): holders, each this test binary in
-    // `listener_map_filler` mode, keep the sockets open; the last holds 100.
+    // Holders, each this test binary in `listener_map_filler` mode, keep
+    // the sockets open, as many per process as the descriptor limit allows
+    // (a container without CAP_SYS_RESOURCE cannot raise it); the last
+    // holder has 100.
+    let per_holder = descriptor_limit().saturating_sub(200).clamp(100, free - 100);
     let mut holders = Vec::new();
     let mut next = 0;
-    for size in [(free - 100) / 2, free - 100 - (free - 100) / 2, 100] {
+    while next < free - 100 {
+        let size = per_holder.min(free - 100 - next);
         holders.push(ListenerHolder::start(&m.pins.path, &m.topo.app.path(), next, size));
         next += size;
     }
+    holders.push(ListenerHolder::start(&m.pins.path, &m.topo.app.path(), next, 100));
     let _inbound_proxy = Server::proxy(&m.topo.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap();
     m.wait_for_log("RDR_LISTENERS is full (capacity 32768)", "the full listener map");
     let pod = testkit::addrs::POD_IP;
@@ -214,6 +218,23 @@ fn full_listener_map_drops_inbound_and_recovers() {
     drop(holders);
     let left = poll_until(|| Maps::open(&m.pins.path).unwrap().listener_keys().unwrap().len(), |n| *n == 1);
     assert_eq!(left, 1, "closed sockets left entries");
+}
+
+/// Raises this process's descriptor limit as far as it may (children
+/// inherit it) and returns the soft limit now in force.
+fn descriptor_limit() -> u32 {
+    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        let want = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+    }
+    l.rlim_cur.min(65_536) as u32
 }
 
 /// A child process holding `count` listening sockets, registered in
