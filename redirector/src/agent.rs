@@ -206,11 +206,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         );
         metrics.set_gauge("workloads_rejected", "Workloads whose config entry is invalid.", cfg.rejected.len() as u64);
         metrics.set_ready(None);
-        !report.errors.is_empty()
+        // Worth retrying: anything but a policy map refusing the input (a
+        // namespace not there yet, a listener map without room).
+        report.errors.iter().any(|(_, e)| !crate::dataplane::MapFull::is_policy_map_full(e))
     };
-    // A pass with errors (a full map, a namespace not there yet) is retried
-    // on its own, backing off from 1 s to 60 s; a good pass or a config
-    // change resets that.
+    // A pass with errors that may clear by themselves (a namespace not
+    // there yet, a full listener map) is retried, backing off from 1 s to
+    // 60 s; a good pass or a config change resets that. A full policy map
+    // is not: only a config change makes room there.
     let mut retry = Retry::default();
     let mut current = cfg;
     retry.after(pass(&mut dp, &current, &mut state));

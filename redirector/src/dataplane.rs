@@ -303,6 +303,35 @@ fn ignore_missing(e: MapError) -> Result<(), MapError> {
     }
 }
 
+/// A map refused an entry because it is full (nothing was evicted).
+#[derive(Debug)]
+pub struct MapFull {
+    pub map: String,
+    pub capacity: u32,
+    pub still_needed: usize,
+}
+
+impl std::fmt::Display for MapFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "map {} is full (capacity {}); {} more entries did not fit, nothing was evicted",
+            self.map, self.capacity, self.still_needed
+        )
+    }
+}
+
+impl std::error::Error for MapFull {}
+
+impl MapFull {
+    /// Whether `e` is a policy map (workloads, ports, CIDRs) refusing a
+    /// change: only another input change can make room there, so retrying
+    /// the same input would only rewrite and roll back the same entries.
+    pub fn is_policy_map_full(e: &anyhow::Error) -> bool {
+        e.chain().any(|c| c.downcast_ref::<MapFull>().is_some_and(|f| f.map != map_names::LISTENERS))
+    }
+}
+
 fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyhow::Error {
     let full = matches!(
         &err,
@@ -310,9 +339,7 @@ fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyh
             if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM))
     );
     if full {
-        anyhow!(
-            "map {map} is full (capacity {capacity}); {still_needed} more entries did not fit, nothing was evicted"
-        )
+        anyhow::Error::new(MapFull { map: map.to_owned(), capacity, still_needed })
     } else {
         anyhow::Error::new(err).context(format!("writing map {map}"))
     }
