@@ -271,16 +271,17 @@ fn bit(bytes: &[u8], i: usize) -> bool {
 /// Whether the trie holds an entry of `kind` for `policy_id` covering `ip`
 /// (the kernel's LPM lookup only says whether some entry matches).
 pub fn trie_hit(cidrs: &[(u32, CidrData)], policy_id: u32, kind: u8, ip: IpAddr) -> bool {
-    let mut probe = Vec::with_capacity(21);
-    probe.extend(policy_id.to_be_bytes());
-    probe.push(kind);
-    probe.extend(addr16(ip));
+    let key = |id: [u8; 4], kind: u8, addr: [u8; 16]| {
+        let mut k = [0u8; 21];
+        k[..4].copy_from_slice(&id);
+        k[4] = kind;
+        k[5..].copy_from_slice(&addr);
+        k
+    };
+    let probe = key(policy_id.to_be_bytes(), kind, addr16(ip));
     cidrs.iter().any(|(bits, d)| {
-        let mut key = Vec::with_capacity(21);
-        key.extend(d.policy_id_be);
-        key.push(d.kind);
-        key.extend(d.addr);
-        (0..*bits as usize).all(|i| bit(&key, i) == bit(&probe, i))
+        let k = key(d.policy_id_be, d.kind, d.addr);
+        (0..*bits as usize).all(|i| bit(&k, i) == bit(&probe, i))
     })
 }
 
