@@ -468,8 +468,22 @@ pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml:
     for (key, value) in overrides {
         doc.insert(serde_yaml::Value::String(key.clone()), value.clone());
     }
-    let raw: RawMesh = serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| anyhow!("{e}"))?;
+    let doc = untagged(serde_yaml::Value::Mapping(doc));
+    let raw: RawMesh = serde_yaml::from_value(doc).map_err(|e| anyhow!("{e}"))?;
     parse_mesh(raw)
+}
+
+/// The value without YAML tags (`!foo`), as a config file is read:
+/// serde_yaml ignores tags when it reads text into a struct, but refuses
+/// some tagged values (e.g. `!foo null` for a list) when it reads a Value.
+fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Tagged(t) => untagged(t.value),
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(untagged).collect()),
+        Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, v)| (untagged(k), untagged(v))).collect()),
+        v => v,
+    }
 }
 
 fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
@@ -914,6 +928,19 @@ workloads:
             let doc = parse_mesh_document(Some(&format!("{key}: ~\n")), &[]).unwrap();
             assert_eq!(file, MeshConfig::default(), "{key}");
             assert_eq!(doc, file, "{key}");
+        }
+    }
+
+    /// Fuzz finding (mesh_config, 2026-11-23): `outboundPortExclusionList:
+    /// !tag` (a tagged null) was accepted in a config file (tags ignored)
+    /// but refused in `mesh.yaml`.
+    #[test]
+    fn yaml_tags_mean_the_same_in_a_config_file_and_in_mesh_yaml() {
+        for text in ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x"] {
+            let doc = parse_mesh_document(Some(text), &[]).map_err(|e| format!("{e:#}"));
+            let file = parse_config(&format!("mesh:\n  {text}\n")).map(|c| c.mesh).map_err(|e| format!("{e:#}"));
+            assert_eq!(doc.as_ref().ok(), file.as_ref().ok(), "{text}: {doc:?} / {file:?}");
+            assert!(doc.is_ok(), "{text}: {doc:?}");
         }
     }
 
