@@ -376,16 +376,23 @@ struct RawMesh {
     proxy_gid: Option<i64>,
     outbound_port: Option<i64>,
     inbound_port: Option<i64>,
-    #[serde(rename = "outboundIPRangeExclusionList", default)]
+    #[serde(rename = "outboundIPRangeExclusionList", default, deserialize_with = "null_as_empty")]
     outbound_ip_range_exclusion_list: Vec<String>,
-    #[serde(rename = "outboundIPRangeInclusionList", default)]
+    #[serde(rename = "outboundIPRangeInclusionList", default, deserialize_with = "null_as_empty")]
     outbound_ip_range_inclusion_list: Vec<String>,
     outbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
     inbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
-    #[serde(rename = "inboundSourceIPRangeExclusionList", default)]
+    #[serde(rename = "inboundSourceIPRangeExclusionList", default, deserialize_with = "null_as_empty")]
     inbound_source_ip_range_exclusion_list: Vec<String>,
     outbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
     inbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
+}
+
+/// A list given as `null` (`key:` with no value) is the empty list, in a
+/// config file as in `mesh.yaml` (serde_yaml's Value path took null as
+/// empty, its text path refused it).
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Deserialize)]
@@ -498,8 +505,22 @@ pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml:
     for (key, value) in overrides {
         doc.insert(serde_yaml::Value::String(key.clone()), value.clone());
     }
-    let raw: RawMesh = serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| anyhow!("{e}"))?;
+    let doc = untagged(serde_yaml::Value::Mapping(doc));
+    let raw: RawMesh = serde_yaml::from_value(doc).map_err(|e| anyhow!("{e}"))?;
     parse_mesh(raw)
+}
+
+/// The value without YAML tags (`!foo`), as a config file is read:
+/// serde_yaml ignores tags when it reads text into a struct, but refuses
+/// some tagged values (e.g. `!foo null` for a list) when it reads a Value.
+fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Tagged(t) => untagged(t.value),
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(untagged).collect()),
+        Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, v)| (untagged(k), untagged(v))).collect()),
+        v => v,
+    }
 }
 
 fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
@@ -631,24 +652,35 @@ pub fn parse_port(s: &str) -> Result<u16> {
 /// One address range, IPv4 or IPv6: `a.b.c.d/len`, `2001:db8::/32`, or a
 /// bare address meaning a host route (as `iptables -d` takes it). Host bits
 /// are cleared, as iptables does. An IPv4-mapped IPv6 range
-/// (`::ffff:192.0.2.0/120`) is the IPv4 range it denotes.
+/// (`::ffff:192.0.2.0/120`) is the IPv4 range it denotes. The address is
+/// read by the same (std) parser with or without a prefix: it refuses
+/// octets with leading zeros (`010` is 8 to inet_aton, 10 to others), as
+/// Go's `net.ParseCIDR` does for the meshes' own tools.
 pub fn parse_cidr(s: &str) -> Result<IpNet> {
     let t = s.trim();
     if t.is_empty() {
         bail!("value {s:?} is empty, expected a CIDR such as 192.0.2.0/24 or 2001:db8::/32");
     }
-    let net = if let Ok(net) = t.parse::<IpNet>() {
-        net
-    } else if let Ok(addr) = t.parse::<IpAddr>() {
-        IpNet::from(addr)
-    } else {
-        if let Some((addr, len)) = t.split_once('/') {
-            let max = if addr.contains(':') { 128 } else { 32 };
-            if len.parse::<u8>().map_or(true, |l| l > max) {
-                bail!("value {s:?} has an invalid prefix length {len:?} (0-{max})");
-            }
-        }
+    let (addr, len) = match t.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (t, None),
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
         bail!("value {s:?} is not a CIDR (expected e.g. 192.0.2.0/24 or 2001:db8::/32)");
+    };
+    let net = match len {
+        None => IpNet::from(addr),
+        Some(len) => {
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = Some(len)
+                .filter(|l| !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|l| l.parse::<u8>().ok())
+                .filter(|l| *l <= max);
+            let Some(prefix) = prefix else {
+                bail!("value {s:?} has an invalid prefix length {len:?} (0-{max})");
+            };
+            IpNet::new(addr, prefix).expect("prefix checked")
+        }
     };
     Ok(canonical_net(net))
 }
@@ -910,6 +942,51 @@ workloads:
             let e = parse_annotations(Preset::Osm, &a).unwrap_err();
             let t = err_text(&e);
             assert!(t.contains("inbound-port-exclusion-list"), "{bad}: {t}");
+        }
+    }
+
+    /// Fuzz finding (port_cidr_lists, 2026-11-23): `2::ffff:03.0.113.0/25`
+    /// was accepted (ipnet's own parser takes leading-zero octets) while the
+    /// bare address `2::ffff:03.0.113.0` was refused: the same address read
+    /// by two grammars, and `010` means 8 to inet_aton but 10 to ipnet.
+    #[test]
+    fn cidr_with_leading_zero_octet_is_refused_like_the_bare_address() {
+        for bad in ["2::ffff:03.0.113.0/25", "192.0.2.010/32", "010.0.0.0/8", "::ffff:192.0.2.01/120"] {
+            let bare = bad.split_once('/').unwrap().0;
+            assert!(parse_cidr(bare).is_err(), "{bare}");
+            let t = err_text(&parse_cidr(bad).unwrap_err());
+            assert!(t.contains(bad) && t.contains("not a CIDR"), "{t}");
+        }
+        for bad_len in ["192.0.2.0/+8", "192.0.2.0/", "192.0.2.0/08x", "2001:db8::/0129"] {
+            assert!(err_text(&parse_cidr(bad_len).unwrap_err()).contains("prefix length"), "{bad_len}");
+        }
+        assert_eq!(parse_cidr("192.0.2.10/08").unwrap(), "192.0.0.0/8".parse().unwrap());
+        assert_eq!(parse_cidr(" 2001:db8::1/32 ").unwrap(), "2001:db8::/32".parse().unwrap());
+    }
+
+    /// Fuzz finding (mesh_config, 2026-11-23): `outboundIPRangeInclusionList:`
+    /// with no value was accepted in Kubernetes mode's `mesh.yaml` (as the
+    /// empty list) but refused in a config file's `mesh` section.
+    #[test]
+    fn null_list_means_the_same_in_a_config_file_and_in_mesh_yaml() {
+        for key in ["outboundIPRangeExclusionList", "outboundIPRangeInclusionList", "inboundSourceIPRangeExclusionList"] {
+            let file = parse_config(&format!("mesh:\n  {key}:\n")).unwrap().mesh;
+            let doc = parse_mesh_document(Some(&format!("{key}: ~\n")), &[]).unwrap();
+            assert_eq!(file, MeshConfig::default(), "{key}");
+            assert_eq!(doc, file, "{key}");
+        }
+    }
+
+    /// Fuzz finding (mesh_config, 2026-11-23): `outboundPortExclusionList:
+    /// !tag` (a tagged null) was accepted in a config file (tags ignored)
+    /// but refused in `mesh.yaml`.
+    #[test]
+    fn yaml_tags_mean_the_same_in_a_config_file_and_in_mesh_yaml() {
+        for text in ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x"] {
+            let doc = parse_mesh_document(Some(text), &[]).map_err(|e| format!("{e:#}"));
+            let file = parse_config(&format!("mesh:\n  {text}\n")).map(|c| c.mesh).map_err(|e| format!("{e:#}"));
+            assert_eq!(doc.as_ref().ok(), file.as_ref().ok(), "{text}: {doc:?} / {file:?}");
+            assert!(doc.is_ok(), "{text}: {doc:?}");
         }
     }
 

@@ -435,6 +435,9 @@ fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
     if let Some(net) = rule.src {
         let src = match conn.src {
             Some(IpAddr::V4(v4)) => v4,
+            // A dual-stack socket bound to ::ffff:a.b.c.d sends IPv4
+            // packets from a.b.c.d.
+            Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => v6.to_ipv4_mapped().expect("mapped"),
             // Unbound: the kernel picks the source; for a local route that
             // is the route's preferred source (127.0.0.1 for 127/8) or the
             // destination itself.
@@ -628,6 +631,21 @@ mod tests {
         assert_eq!(t.output(&c(1337, "192.0.2.20:15012"), &pod), NatOutcome::Unchanged);
     }
 
+    /// Fuzz finding (policy_compiler, 2026-11-23): the interpreter took a
+    /// socket bound to ::ffff:127.0.0.6 for an unbound one, so Istio's
+    /// `-s 127.0.0.6/32 -o lo -j RETURN` missed it and the oracle sent the
+    /// connection to the inbound listener, where the evaluator (and
+    /// connect6, which compares the mapped form) let it pass.
+    #[test]
+    fn mapped_passthrough_source_matches_the_127_0_0_6_rule() {
+        let t = NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&seed_001_options()))).unwrap();
+        let pod: BTreeSet<IpAddr> = ["198.18.0.1".parse().unwrap()].into();
+        for src in ["127.0.0.6", "::ffff:127.0.0.6"] {
+            let c = OutboundConn { src: Some(src.parse().unwrap()), ..OutboundConn::tcp(1000, "127.255.255.255:15001".parse().unwrap()) };
+            assert_eq!(t.output(&c, &pod), NatOutcome::Unchanged, "{src}");
+        }
+    }
+
     #[test]
     fn multiport_rules_are_chunked() {
         let mesh = MeshConfig {
@@ -754,6 +772,11 @@ mod properties {
             any::<bool>(),
         )
             .prop_map(|(tcp, uid, gid, ip, port, src, mapped)| OutboundConn {
+                // A dual-stack socket binds 127.0.0.6 as ::ffff:127.0.0.6.
+                src: src.map(|s| match s {
+                    IpAddr::V4(v4) if mapped => IpAddr::V6(v4.to_ipv6_mapped()),
+                    s => s,
+                }),
                 protocol: if tcp { Protocol::Tcp } else { Protocol::Udp },
                 uid,
                 gid,
@@ -764,7 +787,6 @@ mod properties {
                 } else {
                     SocketAddr::V4(SocketAddrV4::new(ip, port))
                 },
-                src,
                 cgroup: 0,
             })
     }

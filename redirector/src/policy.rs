@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use redirector_common::{
     cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
     V4_MAPPED_PREFIX_BITS,
@@ -288,7 +288,8 @@ pub struct MapEntries {
     pub cidrs: Vec<(u32, CidrData)>,
 }
 
-/// A CIDR trie entry; IPv4 in mapped form.
+/// A CIDR trie entry; IPv4 in mapped form. An IPv6 range that covers the
+/// IPv4-mapped block needs [`cidr_entries`].
 pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
     let (addr, bits) = match canonical_net(*net) {
         IpNet::V4(n) => (v4_mapped(n.network().octets()), V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len())),
@@ -298,6 +299,29 @@ pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
         CIDR_KEY_PREFIX_BITS + bits,
         CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] },
     )
+}
+
+/// The trie entries of one range. IPv4 addresses are looked up in their
+/// IPv4-mapped form (`::ffff:0:0/96`), but an IPv6 range never matches an
+/// IPv4 destination (the evaluator's rule, and iptables': ip6tables never
+/// sees IPv4 packets). So an IPv6 range that covers the mapped block
+/// (`::/0` … `::/80`, `::ffff:0:0/81` … `/95`) is written as the pieces of
+/// it outside the block: at each depth from its prefix to 95, the sibling
+/// of the block's path (at most 96 entries).
+pub fn cidr_entries(policy_id: u32, kind: u8, net: &IpNet) -> Vec<(u32, CidrData)> {
+    let mapped = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+    match canonical_net(*net) {
+        IpNet::V6(n) if n.contains(&Ipv6Net::new(mapped.into(), 96).expect("96 <= 128")) => (n.prefix_len()..96)
+            .map(|depth| {
+                let bit = 1u128 << (127 - u32::from(depth));
+                let keep = !(u128::MAX >> depth);
+                let piece = (mapped & keep) | (!mapped & bit);
+                let piece = Ipv6Net::new(piece.into(), depth + 1).expect("depth < 96");
+                cidr_entry(policy_id, kind, &IpNet::V6(piece))
+            })
+            .collect(),
+        n => vec![cidr_entry(policy_id, kind, &n)],
+    }
 }
 
 pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
@@ -353,22 +377,25 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     for p in policy.inbound_port_inclusion.iter().flatten() {
         ports.push(port(port_kind::INBOUND_INCLUDE)(p));
     }
-    let mut cidrs: Vec<(u32, CidrData)> = policy
-        .outbound_ip_range_exclusion
-        .iter()
-        .map(|n| cidr_entry(policy_id, cidr_kind::OUTBOUND_EXCLUDE, n))
-        .collect();
-    for n in policy.outbound_ip_range_inclusion.iter().flatten() {
-        cidrs.push(cidr_entry(policy_id, cidr_kind::OUTBOUND_INCLUDE, n));
-    }
-    for n in &policy.inbound_source_exclusion {
-        cidrs.push(cidr_entry(policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, n));
+    let mut cidrs: Vec<(u32, CidrData)> = Vec::new();
+    let lists = [
+        (cidr_kind::OUTBOUND_EXCLUDE, Some(&policy.outbound_ip_range_exclusion)),
+        (cidr_kind::OUTBOUND_INCLUDE, policy.outbound_ip_range_inclusion.as_ref()),
+        (cidr_kind::INBOUND_SOURCE_EXCLUDE, Some(&policy.inbound_source_exclusion)),
+    ];
+    for (kind, list) in lists {
+        for n in list.into_iter().flatten() {
+            cidrs.extend(cidr_entries(policy_id, kind, n));
+        }
     }
     if policy.loopback != LoopbackMode::Osm {
         for a in &policy.local_addresses {
             cidrs.push(cidr_entry(policy_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
         }
     }
+    // Pieces of two ranges covering the mapped block can coincide.
+    let mut seen = std::collections::HashSet::new();
+    cidrs.retain(|(bits, d)| seen.insert((*bits, *d)));
     MapEntries { workload, ports, cidrs }
 }
 
@@ -521,6 +548,33 @@ workloads:
         // exclusion wins over inclusion
         assert_eq!(evaluate(&p, &conn(0, "192.0.2.200:80")), Verdict::Pass(Bypass::ExcludedCidr));
         assert_eq!(evaluate(&p, &conn(0, "198.51.100.1:80")), Verdict::Pass(Bypass::NotIncluded));
+    }
+
+    /// Fuzz finding (policy_compiler, 2026-11-23): `::/0` in a list matched
+    /// every IPv4 address in the trie (IPv4 is looked up IPv4-mapped), so an
+    /// IPv6-only exclusion let all IPv4 traffic bypass the proxy, while the
+    /// evaluator (and iptables) never match IPv4 with an IPv6 range.
+    #[test]
+    fn ipv6_range_covering_the_v4_mapped_block_does_not_match_ipv4() {
+        for (list, v6_in, v6_out) in [
+            ("::/0", "2001:db8::1", None),
+            ("::/1", "2001:db8::1", Some("8000::1")),
+            ("::/80", "::1:2:3", Some("0:0:0:0:1::")),
+            ("::ffff:0:0/95", "::fffe:0:1", Some("::1:0:0:0")),
+        ] {
+            let p = policy(&format!(
+                "mesh:\n  outboundIPRangeExclusionList: [\"{list}\"]\n  inboundSourceIPRangeExclusionList: [\"{list}\"]\nworkloads:\n  - name: app\n    netns: /x\n"
+            ));
+            let e = map_entries(&p, 9);
+            assert!(e.cidrs.len() <= 2 * 96, "{list}: {} entries", e.cidrs.len());
+            let mut dsts = vec![(format!("[{v6_in}]:80"), true), ("192.0.2.10:80".into(), false), ("[::ffff:192.0.2.10]:80".into(), false)];
+            dsts.extend(v6_out.map(|o| (format!("[{o}]:80"), false)));
+            for (dst, excluded) in dsts {
+                let c = conn(1000, &dst);
+                assert_eq!(evaluate_entries(&e, &c), evaluate(&p, &c), "{list}: {dst}");
+                assert_eq!(evaluate(&p, &c) == Verdict::Pass(Bypass::ExcludedCidr), excluded, "{list}: {dst}");
+            }
+        }
     }
 
     #[test]

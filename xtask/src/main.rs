@@ -43,7 +43,26 @@ enum Task {
     /// The kernel tests inside qemu VMs on Debian's cloud kernels
     /// (5.10, 6.1, 6.12, newest backport); needs root for apt.
     VmTest(vm::Args),
+    /// Fuzz the parsers and the policy compiler (cargo-fuzz, libFuzzer,
+    /// nightly), one target after the other; corpora in fuzz/corpus/<target>,
+    /// logs in target/fuzz/<target>.log. Exits non-zero if a target crashed.
+    Fuzz(FuzzArgs),
 }
+
+#[derive(clap::Args)]
+struct FuzzArgs {
+    /// How long each target runs.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Run only this target (repeatable); default: all of them.
+    #[arg(long = "target", value_parser = clap::builder::PossibleValuesParser::new(FUZZ_TARGETS))]
+    targets: Vec<String>,
+}
+
+/// The fuzz targets (fuzz/fuzz_targets/<name>.rs), in the order they run.
+const FUZZ_TARGETS: [&str; 5] = ["annotations", "port_cidr_lists", "config", "mesh_config", "policy_compiler"];
+/// cargo-fuzz 0.13.2 builds with rustc 1.95 and drives nightly 1.97's libFuzzer.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for `map dump`,
 /// iptables for the differential tests, iproute2 for namespaces, a
@@ -93,6 +112,7 @@ fn main() -> Result<()> {
             bootstrap()?;
             vm::vm_test(&args)
         }
+        Task::Fuzz(args) => fuzz(&args),
     }
 }
 
@@ -205,4 +225,152 @@ fn test(args: &[String]) -> Result<()> {
         .args(["--lib", "--bins", "--tests", "--"])
         .arg("--test-threads=1")
         .args(args))
+}
+
+/// What one fuzz run did, read from libFuzzer's output.
+#[derive(Debug, Default)]
+struct FuzzRun {
+    target: String,
+    runs: Option<u64>,
+    seconds: Option<u64>,
+    corpus: usize,
+    crash: Option<String>,
+}
+
+/// Reads libFuzzer's closing lines: `Done N runs in S second(s)`,
+/// `stat::number_of_executed_units: N`, and `Test unit written to PATH`
+/// (a crash, leak, timeout or out-of-memory input).
+fn parse_libfuzzer_output(run: &mut FuzzRun, line: &str) {
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("Done ") {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        if let [n, "runs", "in", s, ..] = words.as_slice() {
+            run.runs = n.parse().ok();
+            run.seconds = s.parse().ok();
+        }
+    } else if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+        run.runs = run.runs.or(n.trim().parse().ok());
+    } else if let Some(path) = line.split("Test unit written to ").nth(1) {
+        run.crash = Some(path.trim().to_string());
+    }
+}
+
+fn fuzz(args: &FuzzArgs) -> Result<()> {
+    let root = workspace_root();
+    let installed = Command::new("cargo").args(["fuzz", "--version"]).output();
+    let have = matches!(&installed, Ok(o) if o.status.success()
+        && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if !have {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))?;
+    }
+    let targets: Vec<String> = if args.targets.is_empty() {
+        FUZZ_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        args.targets.clone()
+    };
+    // The fuzz targets need the parsers, not the eBPF object.
+    let cargo_fuzz = || {
+        let mut c = Command::new("cargo");
+        c.current_dir(&root).env("AYA_BUILD_SKIP", "1").args(["+nightly", "fuzz"]);
+        c
+    };
+    let mut build = cargo_fuzz();
+    build.arg("build");
+    if targets.len() == 1 {
+        build.arg(&targets[0]);
+    }
+    run(&mut build)?;
+    let logs = target_dir().join("fuzz");
+    std::fs::create_dir_all(&logs)?;
+    let mut results = Vec::new();
+    for t in &targets {
+        let corpus = root.join("fuzz/corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        let mut cmd = cargo_fuzz();
+        cmd.args(["run", t.as_str()]).arg(&corpus).arg("--");
+        cmd.arg(format!("-max_total_time={}", args.seconds)).args(["-print_final_stats=1", "-timeout=30"]);
+        let dict = root.join("fuzz/dict").join(format!("{t}.dict"));
+        if dict.exists() {
+            cmd.arg(format!("-dict={}", dict.display()));
+        }
+        let log_path = logs.join(format!("{t}.log"));
+        eprintln!("xtask: fuzzing {t} for {} s (log: {})", args.seconds, log_path.display());
+        let log = std::fs::File::create(&log_path)?;
+        let status = cmd
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let mut r = FuzzRun { target: t.clone(), ..FuzzRun::default() };
+        for line in text.lines() {
+            parse_libfuzzer_output(&mut r, line);
+        }
+        r.corpus = std::fs::read_dir(&corpus).map(|d| d.count()).unwrap_or(0);
+        if !status.success() && r.crash.is_none() {
+            r.crash = Some(format!("exit {status}, see {}", log_path.display()));
+        }
+        if r.crash.is_some() {
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("  | {l}");
+            }
+        }
+        eprintln!("{}", summary_line(&r));
+        results.push(r);
+    }
+    eprintln!("xtask: fuzz summary ({} s per target)", args.seconds);
+    for r in &results {
+        println!("{}", summary_line(r));
+    }
+    let crashed: Vec<&str> = results.iter().filter(|r| r.crash.is_some()).map(|r| r.target.as_str()).collect();
+    if !crashed.is_empty() {
+        bail!("fuzz targets crashed: {crashed:?} (inputs under fuzz/artifacts/<target>/; reproduce with `AYA_BUILD_SKIP=1 cargo +nightly fuzz run <target> <input>`)");
+    }
+    Ok(())
+}
+
+fn summary_line(r: &FuzzRun) -> String {
+    let n = |v: Option<u64>| v.map_or("?".to_string(), |v| v.to_string());
+    format!(
+        "fuzz {:<16} {:>12} runs in {:>4} s, corpus {:>5} inputs: {}",
+        r.target,
+        n(r.runs),
+        n(r.seconds),
+        r.corpus,
+        match &r.crash {
+            None => "no crash".to_string(),
+            Some(c) => format!("CRASH {c}"),
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_libfuzzer_closing_lines() {
+        let mut r = FuzzRun::default();
+        for l in [
+            "#1048576\tpulse  cov: 3 ft: 4 corp: 2/3b exec/s: 1000 rss: 30Mb",
+            "#2097152\tDONE   cov: 1287 ft: 5021 corp: 612/40Kb lim: 4096 exec/s: 3495 rss: 412Mb",
+            "Done 2097152 runs in 600 second(s)",
+            "stat::number_of_executed_units: 2097152",
+        ] {
+            parse_libfuzzer_output(&mut r, l);
+        }
+        assert_eq!((r.runs, r.seconds, r.crash.as_deref()), (Some(2097152), Some(600), None));
+        let mut r = FuzzRun::default();
+        for l in [
+            "==1234== ERROR: libFuzzer: deadly signal",
+            "artifact_prefix='/w/fuzz/artifacts/config/'; Test unit written to /w/fuzz/artifacts/config/crash-da39a3ee",
+            "stat::number_of_executed_units: 77",
+        ] {
+            parse_libfuzzer_output(&mut r, l);
+        }
+        assert_eq!(r.runs, Some(77));
+        assert_eq!(r.crash.as_deref(), Some("/w/fuzz/artifacts/config/crash-da39a3ee"));
+    }
 }
