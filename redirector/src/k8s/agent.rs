@@ -270,9 +270,9 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     };
     let mut tick = tokio::time::interval(lp.opts.resync);
     let mut dirty_since: Option<Instant> = None;
-    // Full-map failures of the data path (the programs count them).
+    // Full-map failures of the data path (the programs count them),
+    // checked on every resync tick.
     let mut full_maps = crate::dataplane::FullMapWatch::default();
-    let mut watch_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         lp.metrics.heartbeat();
         if let Some(since) = dirty_since {
@@ -313,16 +313,13 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 lp.waiters.push(Waiter { uid: reg.uid, reply: reg.reply, last: None });
                 true
             }
-            _ = tick.tick() => { lp.last_scan = None; true }
-            _ = watch_tick.tick() => {
-                let problems = full_maps.check(&lp.dp.maps);
-                for problem in &problems {
+            _ = tick.tick() => {
+                for problem in full_maps.check(&lp.dp.maps) {
                     lp.metrics.error("map_full");
                     error!("{problem}");
                 }
-                // A pass registers, from /proc, a listener the data path
-                // could not (the resync tick retries if it fails again).
-                !problems.is_empty()
+                lp.last_scan = None;
+                true
             }
             _ = hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
             _ = term.recv() => break,

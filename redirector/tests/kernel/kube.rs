@@ -360,7 +360,7 @@ fn kube_agent_end_to_end() {
     set_annotation(&api, &b, "80,99999");
     let events = poll_until(|| api.events(), |e| !events_for(e, "b", "InvalidAnnotation").is_empty());
     let ev = events_for(&events, "b", "InvalidAnnotation");
-    assert_eq!(ev.len(), 1, "{events:#?}");
+    assert_eq!(ev.len(), 1, "{events:#?}\nagent log:\n{}", log(&agent));
     let note = ev[0]["note"].as_str().unwrap_or_default();
     assert!(note.contains(PORTS) && note.contains("99999") && note.contains("last good"), "{note}");
     assert_eq!(ev[0]["type"], "Warning");
