@@ -357,8 +357,9 @@ pub struct Config {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    /// Read through [`mesh_from_value`], the same path as `mesh.yaml`.
     #[serde(default)]
-    mesh: RawMesh,
+    mesh: serde_yaml::Value,
     #[serde(default)]
     workloads: Vec<serde_yaml::Value>,
 }
@@ -418,7 +419,7 @@ pub fn load_config(path: &Path) -> Result<Config> {
 /// whole document; errors in one workload only reject that workload.
 pub fn parse_config(text: &str) -> Result<Config> {
     let raw: RawConfig = serde_yaml::from_str(text).context("invalid YAML")?;
-    let mesh = parse_mesh(raw.mesh).context("in `mesh`")?;
+    let mesh = mesh_from_value(raw.mesh).context("in `mesh`")?;
     let mut workloads: Vec<WorkloadSpec> = Vec::new();
     let mut rejected = Vec::new();
     let preset = mesh.preset;
@@ -496,7 +497,7 @@ fn parse_workload(preset: Preset, value: serde_yaml::Value) -> Result<WorkloadSp
 pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml::Value)]) -> Result<MeshConfig> {
     let mut doc = match text {
         None => serde_yaml::Mapping::new(),
-        Some(t) => match serde_yaml::from_str::<serde_yaml::Value>(t).context("invalid YAML")? {
+        Some(t) => match untagged(serde_yaml::from_str::<serde_yaml::Value>(t).context("invalid YAML")?) {
             serde_yaml::Value::Null => serde_yaml::Mapping::new(),
             serde_yaml::Value::Mapping(m) => m,
             other => bail!("expected a mapping of mesh settings, found {}", yaml_kind(&other)),
@@ -505,14 +506,24 @@ pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml:
     for (key, value) in overrides {
         doc.insert(serde_yaml::Value::String(key.clone()), value.clone());
     }
-    let doc = untagged(serde_yaml::Value::Mapping(doc));
-    let raw: RawMesh = serde_yaml::from_value(doc).map_err(|e| anyhow!("{e}"))?;
+    mesh_from_value(serde_yaml::Value::Mapping(doc))
+}
+
+/// The mesh settings of a config file's `mesh` section or of `mesh.yaml`:
+/// one path for both, so that the same text means the same in either
+/// (serde_yaml's text and Value readers differ on nulls and tags). Tags
+/// (`!foo`) are ignored; `null` is the preset's defaults.
+fn mesh_from_value(v: serde_yaml::Value) -> Result<MeshConfig> {
+    let doc = match untagged(v) {
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        serde_yaml::Value::Mapping(m) => m,
+        other => bail!("expected a mapping of mesh settings, found {}", yaml_kind(&other)),
+    };
+    let raw: RawMesh = serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| anyhow!("{e}"))?;
     parse_mesh(raw)
 }
 
-/// The value without YAML tags (`!foo`), as a config file is read:
-/// serde_yaml ignores tags when it reads text into a struct, but refuses
-/// some tagged values (e.g. `!foo null` for a list) when it reads a Value.
+/// The value without YAML tags (`!foo`).
 fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
     use serde_yaml::Value;
     match v {
@@ -977,12 +988,14 @@ workloads:
         }
     }
 
-    /// Fuzz finding (mesh_config, 2026-11-23): `outboundPortExclusionList:
-    /// !tag` (a tagged null) was accepted in a config file (tags ignored)
-    /// but refused in `mesh.yaml`.
+    /// Fuzz findings (mesh_config, 2026-11-23): `outboundPortExclusionList:
+    /// !tag` (a tagged null) was accepted in a config file but refused in
+    /// `mesh.yaml`; once tags were stripped there, `proxyUID: !5` was the
+    /// other way round (serde_yaml's text reader refuses a tagged null for
+    /// a number). Both now go through `mesh_from_value`.
     #[test]
     fn yaml_tags_mean_the_same_in_a_config_file_and_in_mesh_yaml() {
-        for text in ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x"] {
+        for text in ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x", "proxyUID: !5", "proxyUID: !a 7"] {
             let doc = parse_mesh_document(Some(text), &[]).map_err(|e| format!("{e:#}"));
             let file = parse_config(&format!("mesh:\n  {text}\n")).map(|c| c.mesh).map_err(|e| format!("{e:#}"));
             assert_eq!(doc.as_ref().ok(), file.as_ref().ok(), "{text}: {doc:?} / {file:?}");
