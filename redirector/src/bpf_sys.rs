@@ -104,21 +104,21 @@ pub fn attached_count(target: BorrowedFd<'_>, ty: AttachType) -> Result<u32> {
 /// and the program stays attached as long as the map lives (a pinned map
 /// outlives the agent), not as long as this process.
 pub fn map_prog_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
-    let mut attr = [0u8; ATTR_SIZE];
-    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
-    put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
-    put_u32(&mut attr, 8, ty as u32);
-    bpf(BPF_PROG_ATTACH, &mut attr).with_context(|| format!("BPF_PROG_ATTACH {ty:?}"))?;
-    Ok(())
+    map_prog_cmd(BPF_PROG_ATTACH, "BPF_PROG_ATTACH", prog, map, ty)
 }
 
 /// `BPF_PROG_DETACH` of `prog` from a sockmap or sockhash.
 pub fn map_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
+    map_prog_cmd(BPF_PROG_DETACH, "BPF_PROG_DETACH", prog, map, ty)
+}
+
+/// Both commands take the same attributes: target map, program, type.
+fn map_prog_cmd(cmd: libc::c_long, name: &str, prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
     let mut attr = [0u8; ATTR_SIZE];
     put_u32(&mut attr, 0, map.as_raw_fd() as u32);
     put_u32(&mut attr, 4, prog.as_raw_fd() as u32);
     put_u32(&mut attr, 8, ty as u32);
-    bpf(BPF_PROG_DETACH, &mut attr).with_context(|| format!("BPF_PROG_DETACH {ty:?}"))?;
+    bpf(cmd, &mut attr).with_context(|| format!("{name} {ty:?}"))?;
     Ok(())
 }
 

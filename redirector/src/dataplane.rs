@@ -47,24 +47,27 @@ pub static UPGRADE_TEST_OBJECT: &[u8] =
 /// embedded one (another build of the programs with the same map layout).
 pub const EBPF_OBJECT_ENV: &str = "REDIRECTOR_EBPF_OBJECT";
 
-/// The object to load: the file named by `REDIRECTOR_EBPF_OBJECT`, else the
-/// one built into this binary.
-fn ebpf_object() -> Result<std::borrow::Cow<'static, [u8]>> {
-    match std::env::var_os(EBPF_OBJECT_ENV) {
-        Some(path) if !path.is_empty() => {
-            let bytes = std::fs::read(&path)
-                .with_context(|| format!("{EBPF_OBJECT_ENV}={}: reading the eBPF object", path.to_string_lossy()))?;
-            if !bytes.starts_with(b"\x7fELF") {
-                bail!("{EBPF_OBJECT_ENV}={}: not an ELF object", path.to_string_lossy());
-            }
-            tracing::info!("loading the eBPF programs from {EBPF_OBJECT_ENV}={}", path.to_string_lossy());
-            Ok(std::borrow::Cow::Owned(bytes))
+/// The object to load: the file named by `REDIRECTOR_EBPF_OBJECT` (read
+/// once per process: every sk_lookup attachment loads the object again),
+/// else the one built into this binary.
+fn ebpf_object() -> Result<&'static [u8]> {
+    static FROM_ENV: std::sync::OnceLock<std::result::Result<Vec<u8>, String>> = std::sync::OnceLock::new();
+    let Some(path) = std::env::var_os(EBPF_OBJECT_ENV).filter(|p| !p.is_empty()) else {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP=1); rebuild with `cargo xtask build`");
         }
-        _ if EBPF_OBJECT.is_empty() => {
-            bail!("this build has no eBPF object (built with AYA_BUILD_SKIP=1); rebuild with `cargo xtask build`")
+        return Ok(EBPF_OBJECT);
+    };
+    let loaded = FROM_ENV.get_or_init(|| {
+        let shown = path.to_string_lossy();
+        let bytes = std::fs::read(&path).map_err(|e| format!("{EBPF_OBJECT_ENV}={shown}: reading the eBPF object: {e}"))?;
+        if !bytes.starts_with(b"\x7fELF") {
+            return Err(format!("{EBPF_OBJECT_ENV}={shown}: not an ELF object"));
         }
-        _ => Ok(std::borrow::Cow::Borrowed(EBPF_OBJECT)),
-    }
+        tracing::info!("loading the eBPF programs from {EBPF_OBJECT_ENV}={shown}");
+        Ok(bytes)
+    });
+    loaded.as_deref().map_err(|e| anyhow!("{e}"))
 }
 
 /// Programs in attach order: the data path's helpers first, connect4 (which
@@ -502,7 +505,7 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(&object).context("loading the eBPF object")?;
+        let mut ebpf = loader.load(object).context("loading the eBPF object")?;
         // sk_msg goes on its map before sockops can put a socket there.
         let accel_unavailable = attach_sk_msg(&mut ebpf).err().map(|e| format!("{e:#}"));
         if let Some(why) = &accel_unavailable {
@@ -674,7 +677,7 @@ impl Dataplane {
         }
         loader.override_global("RDR_SELF_NETNS", &d.cookie, true);
         let object = ebpf_object()?;
-        let mut ebpf = loader.load(&object).context("loading the eBPF object for sk_lookup")?;
+        let mut ebpf = loader.load(object).context("loading the eBPF object for sk_lookup")?;
         let prog: &mut SkLookup = ebpf
             .program_mut(prog_names::SK_LOOKUP)
             .ok_or_else(|| anyhow!("eBPF object has no program {}", prog_names::SK_LOOKUP))?

@@ -532,10 +532,23 @@ impl AgentProcess {
         log: &Path,
         poll: &str,
     ) -> Result<Self> {
+        Self::start_with_env(bin, config, cgroup, pin_dir, log, poll, &[])
+    }
+
+    /// Like [`AgentProcess::start_polling`] with extra environment.
+    pub fn start_with_env(
+        bin: &Path,
+        config: &Path,
+        cgroup: &Path,
+        pin_dir: &Path,
+        log: &Path,
+        poll: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self> {
         let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
         args.extend(["--cgroup".into(), cgroup.into(), "--pin-dir".into(), pin_dir.into()]);
         args.extend(["--poll-interval".into(), poll.into()]);
-        Self::spawn(bin, &args, &[], log)
+        Self::spawn(bin, &args, env, log)
     }
 
     /// `bin` with `args` and extra environment, output to `log`.

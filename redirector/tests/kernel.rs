@@ -545,10 +545,7 @@ fn restarts_under_load_lose_no_connection() {
         let log = m.dir.join(format!("agent-{round}.log"));
         let env: &[(&str, &std::ffi::OsStr)] = if round == 4 { &upgrade_env } else { &[] };
         let start = |log: &Path| {
-            let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), m.config.clone().into()];
-            args.extend(["--cgroup".into(), m._cgroup.path.clone().into(), "--pin-dir".into(), m.pins.path.clone().into()]);
-            args.extend(["--poll-interval".into(), "100ms".into()]);
-            AgentProcess::spawn(bin(), &args, env, log).unwrap()
+            AgentProcess::start_with_env(bin(), &m.config, &m._cgroup.path, &m.pins.path, log, "100ms", env).unwrap()
         };
         let before = upgrade_count(&m);
         m.agent = start(&log);
