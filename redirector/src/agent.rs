@@ -220,6 +220,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut full_maps = crate::dataplane::FullMapWatch::default();
 
     let mut tick = tokio::time::interval(opts.poll_interval);
+    // No burst of catch-up ticks after a pass longer than the interval.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         metrics.heartbeat();
         let forced = tokio::select! {

@@ -201,7 +201,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 Some(c) => c,
                 None => sysfs::cgroup2_root()?,
             };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            // Two workers: a reconcile pass is synchronous (block_in_place),
+            // and the watch connections, the registry socket and the status
+            // endpoints keep being served on the other one meanwhile.
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             match config {
                 Some(config) => {
                     rt.block_on(agent::run(agent::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))

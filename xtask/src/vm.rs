@@ -1190,11 +1190,13 @@ struct Outcome {
     secs: f64,
     timed_out: bool,
     error: Option<String>,
+    /// Each failed test with the first lines of its panic message.
+    failures: Vec<(String, Vec<String>)>,
 }
 
 impl Outcome {
     fn error(label: &'static str, error: String) -> Outcome {
-        Outcome { label, release: "?".into(), counts: None, rc: None, secs: 0.0, timed_out: false, error: Some(error) }
+        Outcome { label, release: "?".into(), counts: None, rc: None, secs: 0.0, timed_out: false, error: Some(error), failures: Vec::new() }
     }
 
     fn from_boot(label: &'static str, release: &str, boot: Boot) -> Outcome {
@@ -1211,7 +1213,8 @@ impl Outcome {
             Some((rc, _)) => (Some(rc), release.to_owned()),
             None => (None, release.to_owned()),
         };
-        Outcome { label, release, counts, rc, secs: boot.secs, timed_out: boot.timed_out, error: None }
+        let failures = failures(&boot.lines);
+        Outcome { label, release, counts, rc, secs: boot.secs, timed_out: boot.timed_out, error: None, failures }
     }
 
     fn status(&self) -> String {
@@ -1240,6 +1243,33 @@ impl Outcome {
     }
 }
 
+/// The failed tests of a libtest run (`test NAME ... FAILED`), each with
+/// the first lines of what it printed after `---- NAME stdout ----` (the
+/// panic message), so a CI log names the failure without the serial log.
+fn failures(lines: &[String]) -> Vec<(String, Vec<String>)> {
+    const KEEP: usize = 12;
+    let names: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("test ")?.strip_suffix(" ... FAILED"))
+        .collect();
+    names
+        .iter()
+        .map(|name| {
+            let header = format!("---- {name} stdout ----");
+            let body = lines
+                .iter()
+                .skip_while(|l| l.trim() != header)
+                .skip(1)
+                .filter(|l| !l.trim().is_empty())
+                .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("---- ") && l.trim() != "failures:")
+                .take(KEEP)
+                .cloned()
+                .collect();
+            (name.to_string(), body)
+        })
+        .collect()
+}
+
 fn print_summary(outcomes: &[Outcome]) {
     println!(
         "\n{:<6} {:<32} {:>6} {:>6} {:>7} {:>6}  status",
@@ -1251,5 +1281,52 @@ fn print_summary(outcomes: &[Outcome]) {
             None => ("-".into(), "-".into(), "-".into()),
         };
         println!("{:<6} {:<32} {p:>6} {f:>6} {s:>7} {:>5.0}s  {}", o.label, o.release, o.secs, o.status());
+    }
+    for o in outcomes {
+        for (name, body) in &o.failures {
+            println!("\nkernel {}: {name} FAILED (whole output in target/vm/{}.log)", o.label, o.label);
+            for l in body {
+                println!("    {l}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_tests_are_named_with_their_panic_message() {
+        let log: Vec<String> = "\
+test kube::a ... ok
+test kube::b ... FAILED
+test c ... FAILED
+
+failures:
+
+---- kube::b stdout ----
+
+thread 'kube::b' (170) panicked at tests/kernel/kube.rs:363:5:
+assertion failed: ready
+stack backtrace:
+   0: x
+---- c stdout ----
+boom
+
+failures:
+    kube::b
+    c
+
+test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.00s"
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let f = failures(&log);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].0, "kube::b");
+        assert_eq!(f[0].1, ["thread 'kube::b' (170) panicked at tests/kernel/kube.rs:363:5:", "assertion failed: ready"]);
+        assert_eq!(f[1].0, "c");
+        assert_eq!(f[1].1, ["boom"]);
     }
 }

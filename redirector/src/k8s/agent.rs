@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use futures::{Stream, StreamExt as _};
+use futures::{FutureExt as _, Stream, StreamExt as _};
 use k8s_openapi::{
     api::{
         core::v1::{ConfigMap, ObjectReference, Pod},
@@ -269,15 +269,23 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         opts,
     };
     let mut tick = tokio::time::interval(lp.opts.resync);
+    // A pass longer than the resync period must not be followed by a burst
+    // of catch-up ticks: each would be another pass, and the watch streams
+    // would wait behind them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inputs = Wakeups { pods, cms, mcs, reg_rx, tick, hup, term, int };
     let mut dirty_since: Option<Instant> = None;
     // Full-map failures of the data path (the programs count them),
     // checked on every resync tick.
     let mut full_maps = crate::dataplane::FullMapWatch::default();
-    loop {
+    'run: loop {
         lp.metrics.heartbeat();
         if let Some(since) = dirty_since {
             if lp.synced() {
-                if lp.pass() {
+                // The pass is synchronous (map writes, netns threads); the
+                // runtime's other tasks (watch connections, the registry,
+                // the status endpoints) move to another worker meanwhile.
+                if tokio::task::block_in_place(|| lp.pass()) {
                     lp.metrics.observe_sync(since.elapsed());
                 }
                 dirty_since = None;
@@ -286,8 +294,49 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 lp.answer_waiters();
             }
         }
-        let changed = tokio::select! {
-            Some(ev) = pods.next() => {
+        // Wait for one input, then take every input already there before
+        // the next pass: a burst of watch events is one pass, not one each.
+        let mut changed = match inputs.next(&mut lp, &mut full_maps).await {
+            Some(c) => c,
+            None => break 'run,
+        };
+        loop {
+            match inputs.next(&mut lp, &mut full_maps).now_or_never() {
+                Some(Some(c)) => changed |= c,
+                Some(None) => break 'run,
+                None => break,
+            }
+        }
+        if changed && dirty_since.is_none() {
+            dirty_since = Some(Instant::now());
+        }
+    }
+    warn!(
+        "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
+        lp.opts.pin_dir.display()
+    );
+    let _ = std::fs::remove_file(&lp.opts.socket);
+    Ok(())
+}
+
+/// What the agent waits on.
+struct Wakeups {
+    pods: WatchStream<Pod>,
+    cms: WatchStream<ConfigMap>,
+    mcs: WatchStream<DynamicObject>,
+    reg_rx: mpsc::Receiver<Registration>,
+    tick: tokio::time::Interval,
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Wakeups {
+    /// Waits for one input and applies it to the loop's state: Some(true)
+    /// if the desired state may have changed, None on SIGTERM/SIGINT.
+    async fn next(&mut self, lp: &mut Loop, full_maps: &mut crate::dataplane::FullMapWatch) -> Option<bool> {
+        Some(tokio::select! {
+            Some(ev) = self.pods.next() => {
                 let node = lp.opts.node_name.clone();
                 let changed = lp.pods.apply(&format!("pods on node {node}"), ev, |p: &Pod| p.uid().unwrap_or_default(), PodInfo::from_pod, &lp.metrics);
                 // Namespaces of pods that are gone are released (not those
@@ -299,21 +348,21 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 }
                 changed
             }
-            Some(ev) = cms.next() => {
+            Some(ev) = self.cms.next() => {
                 let what = lp.opts.configmap.as_ref().map(|(n, m)| format!("ConfigMap {n}/{m}")).unwrap_or_default();
                 lp.configmap.apply(&what, ev, |c: &ConfigMap| c.name_any(), |c: &ConfigMap| Some(c.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY).cloned())), &lp.metrics)
             }
-            Some(ev) = mcs.next() => {
+            Some(ev) = self.mcs.next() => {
                 let what = lp.opts.meshconfig.as_ref().map(|(n, m)| format!("{MESHCONFIG_KIND} {n}/{m}")).unwrap_or_default();
                 lp.meshconfig.apply(&what, ev, |o: &DynamicObject| o.name_any(), |o: &DynamicObject| Some(o.data.clone()), &lp.metrics)
             }
-            Some(reg) = reg_rx.recv() => {
+            Some(reg) = self.reg_rx.recv() => {
                 lp.metrics.registration();
                 lp.netns.insert(reg.uid.clone(), reg.netns);
                 lp.waiters.push(Waiter { uid: reg.uid, reply: reg.reply, last: None });
                 true
             }
-            _ = tick.tick() => {
+            _ = self.tick.tick() => {
                 for problem in full_maps.check(&lp.dp.maps) {
                     lp.metrics.error("map_full");
                     error!("{problem}");
@@ -321,20 +370,11 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 lp.last_scan = None;
                 true
             }
-            _ = hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        };
-        if changed && dirty_since.is_none() {
-            dirty_since = Some(Instant::now());
-        }
+            _ = self.hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
+            _ = self.term.recv() => return None,
+            _ = self.int.recv() => return None,
+        })
     }
-    warn!(
-        "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
-        lp.opts.pin_dir.display()
-    );
-    let _ = std::fs::remove_file(&lp.opts.socket);
-    Ok(())
 }
 
 fn pod_ref(p: &PodEvent) -> ObjectReference {
