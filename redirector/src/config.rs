@@ -707,17 +707,18 @@ pub fn canonical_net(net: IpNet) -> IpNet {
     }
 }
 
-/// One port or, where the dialect allows it, a range `a-b` (Linkerd).
-fn parse_port_or_range(s: &str) -> Result<Vec<u16>> {
+/// One port or, where the dialect allows it, a range `a-b` (Linkerd),
+/// as first and last port.
+fn parse_port_or_range(s: &str) -> Result<(u16, u16)> {
     match s.split_once('-') {
         Some((a, b)) => {
             let (a, b) = (parse_port(a)?, parse_port(b)?);
             if a > b {
                 bail!("value {s:?} is not a port range (first port above the last)");
             }
-            Ok((a..=b).collect())
+            Ok((a, b))
         }
-        None => Ok(vec![parse_port(s)?]),
+        None => parse_port(s).map(|p| (p, p)),
     }
 }
 
@@ -752,8 +753,21 @@ fn parse_inclusion<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) 
     Ok(Inclusion::Only(parse_list(key, value, item)?))
 }
 
+/// The ports of a list of ports and ranges, ascending, each once. The
+/// ranges are sorted and merged before anything is expanded, so the work
+/// and memory are bounded by the 65,535 ports, not by how often a value
+/// within the annotation size limit repeats `1-65535`.
 fn flatten_ranges(key: &str, value: &str) -> Result<Vec<u16>> {
-    Ok(parse_list(key, value, parse_port_or_range)?.into_iter().flatten().collect())
+    let mut ranges = parse_list(key, value, parse_port_or_range)?;
+    ranges.sort_unstable();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (a, b) in ranges {
+        match merged.last_mut() {
+            Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    Ok(merged.into_iter().flat_map(|(a, b)| a..=b).collect())
 }
 
 /// Parses the annotations of one workload in the vocabulary of `preset`.
@@ -1082,6 +1096,31 @@ mod dialects {
             let t = format!("{:#}", parse_annotations(Preset::Istio, &ann(&[(k, bad)])).unwrap_err());
             assert!(t.contains(k) && t.contains(bad), "{t}");
         }
+    }
+
+    /// Ranges are merged before they are expanded: a value repeating the
+    /// whole port range up to the annotation size limit is 65,535 ports
+    /// (it was 2 billion, ~4 GiB, before); overlaps, adjacency and repeats
+    /// give each port once, ascending.
+    #[test]
+    fn repeated_port_ranges_are_merged_before_expanding() {
+        let huge = vec!["1-65535"; 256 * 1024 / 8].join(",");
+        for (preset, key) in [
+            (Preset::Linkerd, linkerd_annotations::SKIP_OUTBOUND_PORTS),
+            (Preset::Kuma, kuma_annotations::EXCLUDE_INBOUND_PORTS),
+        ] {
+            let a = parse_annotations(preset, &ann(&[(key, &huge)])).unwrap();
+            let ports = if preset == Preset::Linkerd { &a.outbound_port_exclusion } else { &a.inbound_port_exclusion };
+            assert_eq!(ports.len(), 65535);
+            assert!(ports.windows(2).all(|w| w[0] + 1 == w[1]));
+        }
+        let a = parse_annotations(
+            Preset::Linkerd,
+            &ann(&[(linkerd_annotations::SKIP_OUTBOUND_PORTS, "4002,4000-4001,10-20,15-25,26,25,65535,65534-65535")]),
+        )
+        .unwrap();
+        let want: Vec<u16> = (10..=26).chain([4000, 4001, 4002, 65534, 65535]).collect();
+        assert_eq!(a.outbound_port_exclusion, want);
     }
 
     #[test]
