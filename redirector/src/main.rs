@@ -2,7 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use redirector::{agent, config, dataplane, inspect, netns, sysfs};
+use redirector::{agent, config, dataplane, inspect, k8s::agent::ProxyIdentity, netns, sysfs};
 
 mod bench;
 mod demo;
@@ -53,6 +53,23 @@ struct KubeArgs {
     /// This agent's pod name, as the reporting instance of its Events.
     #[arg(long, env = "POD_NAME", default_value = "redirector")]
     pod_name: String,
+    /// How a pod's proxy is told from its application: `uid` (its UID and
+    /// GID, as the meshes' iptables rules) or `cgroup` (the cgroup of the
+    /// pod's proxy container, so an application process running as the
+    /// proxy's UID is still redirected; by UID until the container runs).
+    #[arg(long, value_enum, default_value = "uid")]
+    proxy_identity: ProxyIdentityArg,
+    /// The proxy container's name, for --proxy-identity=cgroup (default:
+    /// the preset's sidecar: envoy, istio-proxy, linkerd-proxy,
+    /// kuma-sidecar).
+    #[arg(long)]
+    proxy_container: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProxyIdentityArg {
+    Uid,
+    Cgroup,
 }
 
 #[derive(Clone, Debug)]
@@ -222,6 +239,13 @@ fn real_main(cli: Cli) -> Result<()> {
                     proc_root: PathBuf::from("/proc"),
                     resync: kube.resync,
                     instance: kube.pod_name,
+                    proxy_identity: match (kube.proxy_identity, kube.proxy_container) {
+                        (ProxyIdentityArg::Cgroup, container) => ProxyIdentity::Cgroup { container },
+                        (ProxyIdentityArg::Uid, None) => ProxyIdentity::Uid,
+                        (ProxyIdentityArg::Uid, Some(c)) => bail!(
+                            "option --proxy-container: value {c:?}: only used with --proxy-identity=cgroup (the proxy is identified by UID)"
+                        ),
+                    },
                 })),
             }
         }

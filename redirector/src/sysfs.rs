@@ -73,6 +73,19 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The cgroup-v2 id of a cgroup directory (its inode number on cgroup2).
+pub fn cgroup_id(dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading cgroup {}", dir.display()))?;
+    if !m.is_dir() {
+        anyhow::bail!("{} is not a cgroup directory", dir.display());
+    }
+    if !is_cgroup2(dir) {
+        anyhow::bail!("{} is not on a cgroup-v2 file system", dir.display());
+    }
+    Ok(m.ino())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,17 +98,4 @@ mod tests {
         assert_eq!(parse_mounts(unified, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup")]);
         assert!(parse_mounts("proc /proc proc rw 0 0\n", "cgroup2").is_empty());
     }
-}
-
-/// The cgroup-v2 id of a cgroup directory (its inode number on cgroup2).
-pub fn cgroup_id(dir: &Path) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(dir).with_context(|| format!("reading cgroup {}", dir.display()))?;
-    if !m.is_dir() {
-        anyhow::bail!("{} is not a cgroup directory", dir.display());
-    }
-    if !is_cgroup2(dir) {
-        anyhow::bail!("{} is not on a cgroup-v2 file system", dir.display());
-    }
-    Ok(m.ino())
 }

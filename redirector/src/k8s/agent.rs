@@ -44,7 +44,7 @@ use super::{
     discover::{self, NetnsHandle},
     mesh::{MeshSources, Source, CONFIGMAP_KEY},
     plan::{plan, EventKind, Inputs, PlanState, PodEvent},
-    pods::{is_meshed, MeshedWhen, PodInfo},
+    pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
     registry::{self, Registration, Reply},
 };
 use crate::{
@@ -78,6 +78,19 @@ pub struct KubeOptions {
     pub resync: Duration,
     /// Reporting instance in Events (the agent's pod name).
     pub instance: String,
+    pub proxy_identity: ProxyIdentity,
+}
+
+/// How a pod's proxy is told from its application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyIdentity {
+    /// By its UID (and GID), as the meshes' iptables rules do.
+    Uid,
+    /// By the cgroup of the pod's proxy container (this name, or the
+    /// preset's sidecar), so an application process running as the
+    /// proxy's UID is still redirected. Until that container runs (the
+    /// init gate runs before it) and while it restarts, by UID.
+    Cgroup { container: Option<String> },
 }
 
 type WatchStream<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
@@ -178,13 +191,19 @@ struct Loop {
     /// Results of the last pass, for answering waiters.
     ready_pods: BTreeMap<String, String>,
     failed_pods: BTreeMap<String, String>,
+    /// Pod UID → (proxy container ID, its cgroup directory), for
+    /// `ProxyIdentity::Cgroup`.
+    proxy_cgroups: BTreeMap<String, (String, PathBuf)>,
+    /// (pod UID, container ID) of running proxies whose cgroup was not
+    /// found (reported once each).
+    proxy_cgroups_missing: BTreeSet<(String, String)>,
 }
 
 pub async fn run(opts: KubeOptions) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     crate::probe::require(&crate::probe::probe())?;
     let client = Client::try_default()
         .await
@@ -208,18 +227,26 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         opts.cgroup.display(),
         opts.pin_dir.display()
     );
-    let (reg_tx, mut reg_rx) = mpsc::channel::<Registration>(64);
+    let (reg_tx, reg_rx) = mpsc::channel::<Registration>(64);
     let listener = registry::bind(&opts.socket)?;
     info!("init containers register on {}", opts.socket.display());
+    match &opts.proxy_identity {
+        ProxyIdentity::Uid => info!("proxy identity: its UID (and GID)"),
+        ProxyIdentity::Cgroup { container } => info!(
+            "proxy identity: the cgroup of container `{}` under {} (its UID until that container runs)",
+            container.as_deref().unwrap_or("<the preset's sidecar>"),
+            opts.cgroup.display()
+        ),
+    }
     tokio::spawn(registry::serve(listener, opts.proc_root.clone(), reg_tx));
 
-    let mut pods: WatchStream<Pod> = watcher::watcher(
+    let pods: WatchStream<Pod> = watcher::watcher(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name)),
     )
     .default_backoff()
     .boxed();
-    let mut cms: WatchStream<ConfigMap> = match &opts.configmap {
+    let cms: WatchStream<ConfigMap> = match &opts.configmap {
         Some((ns, name)) => watch_one(Api::namespaced(client.clone(), ns), name),
         None => futures::stream::pending().boxed(),
     };
@@ -266,6 +293,8 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         pod_errors: BTreeMap::new(),
         ready_pods: BTreeMap::new(),
         failed_pods: BTreeMap::new(),
+        proxy_cgroups: BTreeMap::new(),
+        proxy_cgroups_missing: BTreeSet::new(),
         opts,
     };
     let mut tick = tokio::time::interval(lp.opts.resync);
@@ -523,7 +552,11 @@ impl Loop {
                 return false;
             }
         };
-        let p = plan(&Inputs { pods: &self.pods.items, mesh: &mesh, rules: &rules, netns: &netns, pinned: &pinned }, &mut self.plan_state);
+        let proxy_cgroups = self.find_proxy_cgroups(&mesh, &rules);
+        let p = plan(
+            &Inputs { pods: &self.pods.items, mesh: &mesh, rules: &rules, netns: &netns, pinned: &pinned, proxy_cgroups: &proxy_cgroups },
+            &mut self.plan_state,
+        );
         for ev in &p.events {
             if ev.reason == "InvalidAnnotation" {
                 self.metrics.error("invalid_annotation");
@@ -572,6 +605,52 @@ impl Loop {
         self.metrics.set_ready(None);
         self.answer_waiters();
         true
+    }
+
+    /// With `ProxyIdentity::Cgroup`: pod UID → the cgroup directory of its
+    /// running proxy container, found under the agent's cgroup (cached
+    /// while the container ID stays and the directory exists). Pods whose
+    /// proxy does not run, or whose cgroup is not found, are left out:
+    /// their proxy is identified by UID.
+    fn find_proxy_cgroups(&mut self, mesh: &MeshConfig, rules: &[MeshedWhen]) -> BTreeMap<String, PathBuf> {
+        let ProxyIdentity::Cgroup { container } = &self.opts.proxy_identity else {
+            return BTreeMap::new();
+        };
+        let name = container.clone().unwrap_or_else(|| proxy_container(mesh.preset).to_string());
+        let mut cache = std::mem::take(&mut self.proxy_cgroups);
+        let mut out = BTreeMap::new();
+        let mut missing = BTreeSet::new();
+        for p in self.pods.items.values().filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules)) {
+            let Some(id) = p.running.get(&name) else { continue };
+            let cached = cache.remove(&p.uid).filter(|(cid, path)| cid == id && path.is_dir()).map(|(_, path)| path);
+            let found = cached.or_else(|| {
+                let found = discover::container_cgroup(&self.opts.cgroup, &p.uid, id);
+                if let Some(path) = &found {
+                    info!("pod {}: proxy container `{name}` ({id}) identified by its cgroup {}", p.key(), path.display());
+                }
+                found
+            });
+            match found {
+                Some(path) => {
+                    self.proxy_cgroups.insert(p.uid.clone(), (id.clone(), path.clone()));
+                    out.insert(p.uid.clone(), path);
+                }
+                None => {
+                    let key = (p.uid.clone(), id.clone());
+                    if !self.proxy_cgroups_missing.contains(&key) {
+                        warn!(
+                            "pod {}: proxy container `{name}` runs ({id}) but no cgroup of it was found under {}; its proxy is identified by UID {} meanwhile",
+                            p.key(),
+                            self.opts.cgroup.display(),
+                            mesh.proxy_uid
+                        );
+                    }
+                    missing.insert(key);
+                }
+            }
+        }
+        self.proxy_cgroups_missing = missing;
+        out
     }
 
     /// Looks in /proc for meshed pods whose namespace is not known (pods

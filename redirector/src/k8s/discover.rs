@@ -46,6 +46,50 @@ pub fn pod_uid_of_pid(proc_root: &Path, pid: u32) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::")).and_then(pod_uid_from_cgroup_path)
 }
 
+/// The cgroup directory of container `id` of pod `pod_uid`, found under
+/// `root` (the cgroup the agent attaches to): the pod's directory, in
+/// either driver's layout (see [`pod_uid_from_cgroup_path`]), at most 8
+/// levels down (each, if there are several), then its child named `<id>` (cgroupfs driver),
+/// `<runtime>-<id>.scope` (systemd driver: `cri-containerd-`, `crio-`,
+/// `docker-`) or `crio-<id>`. None if there is none (not started yet, or
+/// already gone).
+pub fn container_cgroup(root: &Path, pod_uid: &str, id: &str) -> Option<PathBuf> {
+    const MAX_DEPTH: usize = 8;
+    let is_container = |name: &str| {
+        name == id
+            || name.strip_prefix("crio-") == Some(id)
+            || name.strip_suffix(".scope").and_then(|n| n.strip_suffix(id)).is_some_and(|n| n.ends_with('-'))
+    };
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..=MAX_DEPTH {
+        let mut next = Vec::new();
+        for dir in level {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if pod_uid_from_cgroup_path(name).as_deref() == Some(pod_uid) {
+                    let found = std::fs::read_dir(e.path()).ok().and_then(|children| {
+                        children.flatten().find(|c| {
+                            c.file_type().is_ok_and(|t| t.is_dir()) && c.file_name().to_str().is_some_and(is_container)
+                        })
+                    });
+                    if let Some(c) = found {
+                        return Some(c.path());
+                    }
+                    continue;
+                }
+                next.push(e.path());
+            }
+        }
+        level = next;
+    }
+    None
+}
+
 /// An open handle on a pod's network namespace. Holding it keeps the
 /// namespace reachable after the process it was found through exits (the
 /// init container); it is dropped when the pod is deleted.
@@ -152,6 +196,42 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[UID].cookie, own);
         assert!(scan(&root, &["00000000-0000-0000-0000-000000000000"], 0).is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn container_cgroups_in_both_drivers() {
+        let root = std::env::temp_dir().join(format!("rdr-fakecg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let other = "11111111-2222-4333-8444-555555555555";
+        let dirs = [
+            format!("kubepods/burstable/pod{UID}/5d7c0a"),
+            format!("kubepods/burstable/pod{UID}/pause1"),
+            format!("kubepods/burstable/pod{other}/5d7c0a"),
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-ab12.scope", other.replace('-', "_")),
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-cd34.scope", other.replace('-', "_")),
+            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-ef56", other.replace('-', "_")),
+        ];
+        for d in &dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        // A file named like the container is not a cgroup.
+        std::fs::write(root.join(format!("kubepods/burstable/pod{UID}/0a")), "").unwrap();
+        assert_eq!(container_cgroup(&root, UID, "5d7c0a"), Some(root.join(&dirs[0])));
+        assert_eq!(container_cgroup(&root, UID, "0a"), None);
+        assert_eq!(container_cgroup(&root, UID, "7c0a"), None, "a suffix of an ID is not the ID");
+        // Each directory of that pod is searched (one per layout here).
+        assert_eq!(container_cgroup(&root, other, "5d7c0a"), Some(root.join(&dirs[2])));
+        assert_eq!(container_cgroup(&root, "00000000-0000-4000-8000-000000000000", "5d7c0a"), None);
+        std::fs::remove_dir_all(&root).unwrap();
+        // The systemd layout, alone.
+        for d in &dirs[3..] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        assert_eq!(container_cgroup(&root, other, "ab12"), Some(root.join(&dirs[3])));
+        assert_eq!(container_cgroup(&root, other, "cd34"), Some(root.join(&dirs[4])));
+        assert_eq!(container_cgroup(&root, other, "ef56"), Some(root.join(&dirs[5])));
+        assert_eq!(container_cgroup(&root, other, "b12"), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

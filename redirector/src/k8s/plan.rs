@@ -71,6 +71,9 @@ pub struct Inputs<'a> {
     pub netns: &'a BTreeMap<String, (PathBuf, u64)>,
     /// Cookies currently in the workloads map.
     pub pinned: &'a BTreeSet<u64>,
+    /// Pod UID → the cgroup of its running proxy container, for pods whose
+    /// proxy is identified by cgroup; the others are identified by UID.
+    pub proxy_cgroups: &'a BTreeMap<String, PathBuf>,
 }
 
 pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
@@ -125,7 +128,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                 out.workloads.push(WorkloadSpec {
                     name: pod.key(),
                     netns: NetnsRef::Path(path.clone()),
-                    proxy_cgroup: None,
+                    proxy_cgroup: inp.proxy_cgroups.get(&pod.uid).cloned(),
                     annotations,
                 })
             }
@@ -162,6 +165,7 @@ mod tests {
             containers: vec!["app".into(), "envoy".into()],
             host_network: false,
             phase: "Running".into(),
+            running: BTreeMap::new(),
         }
     }
 
@@ -201,7 +205,7 @@ mod tests {
         let all = pods(vec![pod("web", &[(PORTS, "6379")]), plain, done, pending]);
         let ns = netns(&[("uid-web", 11), ("uid-plain", 12), ("uid-done", 13)]);
         let mut st = PlanState::default();
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new() }, &mut st);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &BTreeMap::new() }, &mut st);
         assert_eq!(p.workloads.len(), 1);
         assert_eq!(p.workloads[0].name, "shop/web");
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
@@ -218,7 +222,7 @@ mod tests {
         let mut st = PlanState::default();
         let run = |annotations: &[(&str, &str)], st: &mut PlanState| {
             let all = pods(vec![pod("web", annotations)]);
-            plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, st)
+            plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, st)
         };
         let p = run(&[(PORTS, "6379")], &mut st);
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
@@ -249,7 +253,7 @@ mod tests {
         let all = pods(vec![h]);
         let ns = netns(&[("uid-node-agent", 1)]);
         let mut st = PlanState::default();
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new() }, &mut st);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &BTreeMap::new() }, &mut st);
         assert!(p.workloads.is_empty());
         assert_eq!(p.events[0].reason, "HostNetworkNotRedirected");
         assert_eq!(p.skipped.len(), 1);
@@ -270,7 +274,7 @@ mod tests {
 
         // Only one pod's namespace found so far: nothing may be swept.
         let ns = netns(&[("uid-web", 11)]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
         assert_eq!(p.unresolved, vec!["shop/api"]);
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
@@ -279,7 +283,7 @@ mod tests {
 
         // Both found: the stale cookie goes, both pods are (re)written.
         let ns = netns(&[("uid-web", 11), ("uid-api", 12)]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
         assert_eq!(ops.remove, vec![99]);
@@ -299,9 +303,25 @@ mod tests {
 
         // A pod deleted: its cookie is removed.
         let all = pods(vec![pod("web", &[])]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned }, &mut st);
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &linked, &d, &p.keep);
         assert_eq!(ops.remove, vec![12]);
+    }
+
+    /// A pod whose proxy cgroup is known is identified by it; the others
+    /// keep the UID.
+    #[test]
+    fn proxy_cgroup_only_where_found() {
+        let mesh = MeshConfig::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let all = pods(vec![pod("web", &[]), pod("db", &[])]);
+        let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
+        let cg: BTreeMap<String, PathBuf> = [("uid-web".to_string(), PathBuf::from("/sys/fs/cgroup/kubepods/podx/ab"))].into();
+        let mut st = PlanState::default();
+        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &cg }, &mut st);
+        let by_name: BTreeMap<&str, Option<&PathBuf>> = p.workloads.iter().map(|w| (w.name.as_str(), w.proxy_cgroup.as_ref())).collect();
+        assert_eq!(by_name["shop/web"], Some(&cg["uid-web"]));
+        assert_eq!(by_name["shop/db"], None);
     }
 }

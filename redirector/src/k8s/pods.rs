@@ -19,6 +19,10 @@ pub struct PodInfo {
     pub host_network: bool,
     /// `status.phase` (Pending, Running, Succeeded, Failed, Unknown).
     pub phase: String,
+    /// Containers in the running state → their container ID as the
+    /// runtime names it (`status.containerStatuses[].containerID` without
+    /// its `containerd://` scheme).
+    pub running: BTreeMap<String, String>,
 }
 
 impl PodInfo {
@@ -36,6 +40,15 @@ impl PodInfo {
             containers: spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             phase: pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+            running: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .into_iter()
+                .flatten()
+                .filter(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+                .filter_map(|c| Some((c.name.clone(), runtime_container_id(c.container_id.as_deref()?)?.to_string())))
+                .collect(),
         })
     }
 
@@ -47,6 +60,24 @@ impl PodInfo {
     /// Whether its containers may still run (and so need redirection).
     pub fn is_live(&self) -> bool {
         !matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+}
+
+/// The ID in a `containerID` of a container status (`containerd://ID`,
+/// `cri-o://ID`, `docker://ID`): None if it is not `SCHEME://ID` with a
+/// non-empty ID of letters and digits.
+pub fn runtime_container_id(status_id: &str) -> Option<&str> {
+    let (_, id) = status_id.split_once("://")?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(id)
+}
+
+/// The name of the sidecar container the preset's injector adds.
+pub fn proxy_container(preset: Preset) -> &'static str {
+    match preset {
+        Preset::Osm => "envoy",
+        Preset::Istio => "istio-proxy",
+        Preset::Linkerd => "linkerd-proxy",
+        Preset::Kuma => "kuma-sidecar",
     }
 }
 
@@ -81,16 +112,18 @@ impl MeshedWhen {
         match preset {
             // OSM's injector labels every injected pod with its proxy UUID
             // and adds the `envoy` container.
-            Preset::Osm => vec![label("osm-proxy-uuid"), MeshedWhen::Container("envoy".into())],
-            Preset::Istio => {
-                vec![annotation("sidecar.istio.io/status", None), MeshedWhen::Container("istio-proxy".into())]
-            }
-            Preset::Linkerd => {
-                vec![label("linkerd.io/control-plane-ns"), MeshedWhen::Container("linkerd-proxy".into())]
-            }
+            Preset::Osm => vec![label("osm-proxy-uuid"), MeshedWhen::Container(proxy_container(preset).into())],
+            Preset::Istio => vec![
+                annotation("sidecar.istio.io/status", None),
+                MeshedWhen::Container(proxy_container(preset).into()),
+            ],
+            Preset::Linkerd => vec![
+                label("linkerd.io/control-plane-ns"),
+                MeshedWhen::Container(proxy_container(preset).into()),
+            ],
             Preset::Kuma => vec![
                 annotation("kuma.io/sidecar-injected", Some("true")),
-                MeshedWhen::Container("kuma-sidecar".into()),
+                MeshedWhen::Container(proxy_container(preset).into()),
             ],
         }
     }
@@ -152,6 +185,7 @@ mod tests {
             containers: vec!["app".into()],
             host_network: false,
             phase: "Running".into(),
+            running: BTreeMap::new(),
         }
     }
 
@@ -203,7 +237,39 @@ mod tests {
         assert!(info.host_network);
         assert!(!info.is_live());
         assert_eq!(info.annotations["x"], "y");
+        assert!(info.running.is_empty());
         let no_uid: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
         assert!(PodInfo::from_pod(&no_uid).is_none());
+    }
+
+    /// Only running containers with a well-formed runtime ID count: a
+    /// waiting or terminated proxy has no cgroup to identify it by.
+    #[test]
+    fn running_containers_and_their_ids() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},
+            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}, {"name": "old"}, {"name": "odd"}]},
+            "status": {"phase": "Running", "containerStatuses": [
+                {"name": "app", "image": "a", "imageID": "", "ready": true, "restartCount": 0,
+                 "containerID": "containerd://5d7c0a9f", "state": {"running": {"startedAt": "2026-11-23T10:00:00Z"}}},
+                {"name": "envoy", "image": "e", "imageID": "", "ready": true, "restartCount": 1,
+                 "containerID": "cri-o://ab12", "state": {"running": {}}},
+                {"name": "old", "image": "o", "imageID": "", "ready": false, "restartCount": 3,
+                 "containerID": "containerd://ffff", "state": {"terminated": {"exitCode": 1}}},
+                {"name": "odd", "image": "o", "imageID": "", "ready": false, "restartCount": 0,
+                 "containerID": "containerd://../x", "state": {"running": {}}}
+            ]}
+        }))
+        .unwrap();
+        let info = PodInfo::from_pod(&p).unwrap();
+        assert_eq!(info.running, BTreeMap::from([("app".into(), "5d7c0a9f".into()), ("envoy".into(), "ab12".into())]));
+        assert_eq!(runtime_container_id("docker://0a"), Some("0a"));
+        for bad in ["", "0a", "containerd://", "containerd://a/b", "containerd://a b"] {
+            assert_eq!(runtime_container_id(bad), None, "{bad}");
+        }
+        for preset in [Preset::Osm, Preset::Istio, Preset::Linkerd, Preset::Kuma] {
+            let rules = MeshedWhen::defaults(preset);
+            assert!(rules.contains(&MeshedWhen::Container(proxy_container(preset).into())), "{preset:?}");
+        }
     }
 }

@@ -31,7 +31,9 @@ const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
 /// A pod's cgroup as the kubelet lays it out (cgroupfs driver), under the
 /// test cgroup; its processes are killed and the groups removed on drop.
 struct PodCgroup {
+    /// Containers' groups first, then the pod's and its parents.
     dirs: Vec<PathBuf>,
+    pod: PathBuf,
     procs: PathBuf,
 }
 
@@ -40,8 +42,17 @@ impl PodCgroup {
         let pod = parent.join("kubepods").join("burstable").join(format!("pod{uid}"));
         let ctr = pod.join("ctr");
         std::fs::create_dir_all(&ctr).unwrap();
-        let dirs = vec![ctr.clone(), pod, parent.join("kubepods/burstable"), parent.join("kubepods")];
-        Self { dirs, procs: ctr.join("cgroup.procs") }
+        let dirs = vec![ctr.clone(), pod.clone(), parent.join("kubepods/burstable"), parent.join("kubepods")];
+        Self { dirs, pod, procs: ctr.join("cgroup.procs") }
+    }
+
+    /// A container's cgroup under the pod (cgroupfs driver: named by its
+    /// ID), removed with the pod's.
+    fn add_container(&mut self, id: &str) -> PathBuf {
+        let dir = self.pod.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        self.dirs.insert(0, dir.clone());
+        dir
     }
 
     fn adopt(&self, pid: u32) {
@@ -71,7 +82,9 @@ impl PodCgroup {
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.dirs[0].join("cgroup.kill"), "1");
+        for d in self.dirs.iter().filter(|d| d.parent() == Some(&self.pod)) {
+            let _ = std::fs::write(d.join("cgroup.kill"), "1");
+        }
         for d in &self.dirs {
             for _ in 0..50 {
                 match std::fs::remove_dir(d) {
@@ -487,5 +500,92 @@ fn kube_agent_without_meshconfig_crd() {
     assert!(!out.status.success() && err.contains("not meshed"), "status {}, stderr: {err}", out.status);
     assert!(!programmed(&pins.path, plain.cookie()));
     check_rbac(&api.served(), false);
+    drop(agent);
+}
+
+/// Runs `f` with this whole (single-threaded test) process moved into
+/// `cgroup`, as a container's processes are; moved back to `home` after,
+/// also if `f` panics.
+fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) -> T {
+    struct Back<'a>(&'a Path);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+        }
+    }
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    let _back = Back(home);
+    f()
+}
+
+/// `--proxy-identity cgroup`: the proxy is the pod's `envoy` container,
+/// found from `status.containerStatuses` and the pod's cgroup. Until it
+/// runs (the init gate comes first) and after it stops, the UID; while it
+/// runs, only its cgroup goes direct, so an application process running
+/// as UID 1500 is redirected (no UID spoof).
+#[test]
+fn kube_proxy_identified_by_its_container_cgroup() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube3"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\nproxyUID: 1500\n"));
+    // Running, the proxy container not started yet.
+    let mut a = Pod::create(&api, &cgroup.path, "kf", "f", "Running", json!({}));
+    a.run_process();
+    let app_cg = a.cg.dirs[0].clone();
+    let envoy_cg = a.cg.add_container("e0a1b2c3");
+    let agent = KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--proxy-identity", "cgroup"]);
+    let dst = "192.0.2.10:80";
+    let probe = |cg: &Path, uid: u32| in_cgroup(cg, &cgroup.path, || testkit::probe(&a.topo.app.path(), uid, Proto::Tcp, dst.parse().unwrap()).unwrap());
+    let got = a.probe_until(dst, |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{}", agent.proc.log_text());
+    let uid_only = |what: &str| {
+        let w = Maps::open(&pins.path).unwrap().workload(a.cookie()).unwrap().unwrap();
+        assert_eq!(w.flags & redirector_common::flags::MATCH_PROXY_CGROUP, 0, "{what}: proxy identified by cgroup");
+        assert!(probe(&app_cg, 1500).starts_with("direct"), "{what}: the proxy's UID is not let by");
+    };
+    uid_only("before the proxy container runs");
+
+    // The proxy container runs: its cgroup, and only it, goes direct.
+    let set_status = |envoy: Value| {
+        let mut obj = api.get(&Resource::pods(), "shop", "f").unwrap();
+        obj["status"]["containerStatuses"] = json!([
+            {"name": "app", "image": "app", "imageID": "", "ready": true, "restartCount": 0,
+             "containerID": "containerd://ctr", "state": {"running": {}}},
+            {"name": "envoy", "image": "envoy", "imageID": "", "ready": true, "restartCount": 0,
+             "containerID": "containerd://e0a1b2c3", "state": envoy}
+        ]);
+        api.put(&Resource::pods(), obj);
+    };
+    set_status(json!({"running": {}}));
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&envoy_cg).unwrap());
+    let w = poll_until(
+        || Maps::open(&pins.path).unwrap().workload(a.cookie()).unwrap().unwrap(),
+        |w| w.flags & redirector_common::flags::MATCH_PROXY_CGROUP != 0,
+    );
+    assert!(w.flags & redirector_common::flags::MATCH_PROXY_CGROUP != 0, "proxy cgroup never programmed\n{}", agent.proc.log_text());
+    assert_eq!(w.proxy_cgroup_id, ino, "not the envoy container's cgroup");
+    let spoof = probe(&app_cg, 1500);
+    assert!(spoof.starts_with("proxy 192.0.2.10:80"), "an app process running as UID 1500 went direct: {spoof}");
+    assert!(probe(&envoy_cg, 1500).starts_with("direct"), "the proxy container was redirected");
+    assert!(probe(&envoy_cg, 1000).starts_with("direct"), "the proxy container is its cgroup, whatever the UID");
+    assert!(probe(&app_cg, 1000).starts_with("proxy"), "the application not redirected");
+    let log = agent.proc.log_text();
+    assert!(log.contains("proxy container `envoy` (e0a1b2c3) identified by its cgroup"), "{log}");
+
+    // The proxy container stops (restarting): back to its UID until the
+    // next one runs.
+    set_status(json!({"terminated": {"exitCode": 1}}));
+    let w = poll_until(
+        || Maps::open(&pins.path).unwrap().workload(a.cookie()).unwrap().unwrap(),
+        |w| w.flags & redirector_common::flags::MATCH_PROXY_CGROUP == 0,
+    );
+    assert_eq!(w.flags & redirector_common::flags::MATCH_PROXY_CGROUP, 0, "{}", agent.proc.log_text());
+    uid_only("after the proxy container stopped");
     drop(agent);
 }
