@@ -12,7 +12,6 @@ use log::{error, info, warn};
 use crate::{
     config::{load_config, Config},
     dataplane::{ApplyReport, Dataplane, Desired},
-    netns::{local_addresses, netns_cookie},
     policy::compile,
 };
 
@@ -53,22 +52,30 @@ pub fn reconcile_keeping(
         failed.push((name.clone(), anyhow::anyhow!("{err:#}")));
     }
     let mut desired = Vec::new();
-    for w in &cfg.workloads {
+    // The workload's own addresses matter only where connections routed
+    // through loopback are treated specially (Istio, Kuma, Linkerd); they
+    // are re-read on every pass, with the cookies, on one thread.
+    let policies: Vec<_> = cfg.workloads.iter().map(|w| compile(&cfg.mesh, &w.annotations)).collect();
+    let wanted: Vec<(PathBuf, bool)> = cfg
+        .workloads
+        .iter()
+        .zip(&policies)
+        .map(|(w, p)| (w.netns.path(), p.loopback != crate::config::LoopbackMode::Osm))
+        .collect();
+    let facts = crate::netns::survey(&wanted);
+    for ((w, policy), fact) in cfg.workloads.iter().zip(policies).zip(facts) {
         let path = w.netns.path();
-        let found = netns_cookie(&path).and_then(|cookie| {
-            // The workload's own addresses matter only where connections
-            // routed through loopback are treated specially (Istio, Kuma,
-            // Linkerd); they are re-read on every pass.
-            let mut policy = compile(&cfg.mesh, &w.annotations);
-            if policy.loopback != crate::config::LoopbackMode::Osm {
-                policy = policy.with_local_addresses(local_addresses(&path)?);
+        let found = fact.and_then(|fact| {
+            let mut policy = policy;
+            if let Some(addresses) = fact.addresses {
+                policy = policy.with_local_addresses(addresses);
             }
             if let Some(cg) = &w.proxy_cgroup {
                 policy = policy.with_proxy_cgroup(crate::sysfs::cgroup_id(cg).with_context(|| {
                     format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
                 })?);
             }
-            Ok((cookie, policy))
+            Ok((fact.cookie, policy))
         });
         match found {
             Ok((cookie, policy)) => desired.push(Desired {

@@ -79,10 +79,47 @@ pub fn named_namespaces() -> Vec<PathBuf> {
     out
 }
 
-/// The addresses configured on the interfaces of the network namespace at
-/// `path` (what "routed through lo" means for that workload).
-pub fn local_addresses(path: &Path) -> Result<Vec<std::net::IpAddr>> {
-    run_in_netns(path, || {
+/// What [`survey`] reads in one namespace.
+#[derive(Debug)]
+pub struct NetnsFacts {
+    pub cookie: u64,
+    /// Its interfaces' addresses, when they were asked for.
+    pub addresses: Option<Vec<std::net::IpAddr>>,
+}
+
+/// For each (namespace path, whether its addresses are wanted): its cookie
+/// and addresses, or why they could not be read. All are read on one
+/// thread that enters each namespace in turn: an agent pass asks this of
+/// every workload, and a thread per namespace costs far more than the
+/// `setns` (on a busy machine, joining 1,000 threads took 60 times as long
+/// as the 1,000 `setns` calls).
+pub fn survey(wanted: &[(PathBuf, bool)]) -> Vec<Result<NetnsFacts>> {
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let wanted = wanted.to_vec();
+    let n = wanted.len();
+    std::thread::spawn(move || {
+        wanted
+            .iter()
+            .map(|(path, addresses)| {
+                let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+                enter_netns(&file).with_context(|| format!("entering network namespace {}", path.display()))?;
+                Ok(NetnsFacts {
+                    cookie: current_netns_cookie()?,
+                    addresses: if *addresses { Some(addresses_here()?) } else { None },
+                })
+            })
+            .collect()
+    })
+    .join()
+    .unwrap_or_else(|_| (0..n).map(|_| Err(anyhow!("thread inside network namespaces panicked"))).collect())
+}
+
+/// The addresses configured on the interfaces of the calling thread's
+/// namespace (what "routed through lo" means for a workload there).
+fn addresses_here() -> Result<Vec<std::net::IpAddr>> {
+    {
         let mut out = Vec::new();
         let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
         // SAFETY: getifaddrs fills a list we free below; its netlink socket
@@ -112,5 +149,33 @@ pub fn local_addresses(path: &Path) -> Result<Vec<std::net::IpAddr>> {
         out.sort();
         out.dedup();
         Ok(out)
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One thread visits every namespace; each answer is for its own path,
+    /// an unusable path is an error naming it and does not stop the rest.
+    #[test]
+    fn survey_answers_each_namespace_in_order() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP survey_answers_each_namespace_in_order: setns needs root");
+            return;
+        }
+        let own = PathBuf::from("/proc/self/ns/net");
+        let facts = survey(&[(own.clone(), true), (PathBuf::from("/nonexistent/ns"), true), (own, false)]);
+        assert_eq!(facts.len(), 3);
+        let cookie = current_netns_cookie().unwrap();
+        let first = facts[0].as_ref().unwrap();
+        assert_eq!(first.cookie, cookie);
+        assert!(first.addresses.as_ref().unwrap().contains(&std::net::IpAddr::from([127, 0, 0, 1])));
+        let e = format!("{:#}", facts[1].as_ref().unwrap_err());
+        assert!(e.contains("/nonexistent/ns"), "{e}");
+        let third = facts[2].as_ref().unwrap();
+        assert_eq!((third.cookie, third.addresses.is_none()), (cookie, true));
+        assert!(survey(&[]).is_empty());
+    }
 }
