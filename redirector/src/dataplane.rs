@@ -14,6 +14,7 @@ use std::{
     fs::File,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -263,6 +264,26 @@ impl Maps {
         Ok(removed)
     }
 
+    /// Deletes exactly the list entries of a policy that is no longer in
+    /// force (its id switched away or its workload removed); entries
+    /// already gone are fine. The count of entries deleted.
+    fn retire(&mut self, e: &MapEntries) -> Result<usize> {
+        let gone = |r: Result<(), MapError>| -> Result<usize> {
+            match r {
+                Ok(()) => Ok(1),
+                Err(e) => ignore_missing(e).map(|()| 0).map_err(Into::into),
+            }
+        };
+        let mut removed = 0;
+        for key in &e.ports {
+            removed += gone(self.ports.remove(key))?;
+        }
+        for (bits, data) in &e.cidrs {
+            removed += gone(self.cidrs.remove(&Key::new(*bits, *data)))?;
+        }
+        Ok(removed)
+    }
+
     /// Programs one workload's policy make-before-break: its lists go in
     /// under a fresh policy id, then its `WORKLOADS` entry switches to that
     /// id in one update. On any failure the new entries are removed and the
@@ -471,8 +492,17 @@ pub struct Dataplane {
     /// `sk_msg` program did not load or attach); None when it can.
     pub accel_unavailable: Option<String>,
     programmed: StdHashMap<u64, Policy>,
+    /// When the list maps were last swept whole (None: not yet). Between
+    /// whole sweeps a pass deletes exactly the entries of the policies it
+    /// replaced or removed, which it knows from `programmed`.
+    last_full_sweep: Option<Instant>,
     _ebpf: Ebpf,
 }
+
+/// How often a pass that could retire entries exactly sweeps the list maps
+/// whole anyway (entries another writer left, e.g. two agents overlapping
+/// in a rolling update).
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl Dataplane {
     /// Loads the object, adopting maps already pinned in `pin_dir` (same
@@ -555,7 +585,7 @@ impl Dataplane {
             maps.meta.set(0, Meta { layout_version: LAYOUT_VERSION, last_policy_id: meta.last_policy_id }, 0)?;
         }
         maps.check_layout()?;
-        Ok(Self { pin_dir: pin_dir.to_owned(), maps, accel_unavailable, programmed: StdHashMap::new(), _ebpf: ebpf })
+        Ok(Self { pin_dir: pin_dir.to_owned(), maps, accel_unavailable, programmed: StdHashMap::new(), last_full_sweep: None, _ebpf: ebpf })
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,
@@ -599,10 +629,26 @@ impl Dataplane {
         let pinned: BTreeSet<u64> = current.keys().copied().collect();
         let ops = diff(&pinned, &self.programmed, &self.inbound_links(), desired, keep);
         report.unchanged = ops.unchanged.iter().map(|i| desired[*i].name.clone()).collect();
+        // The entries a policy put in the list maps follow from the policy
+        // and its id, so a policy this agent wrote (in `programmed`) is
+        // retired exactly; any other (adopted from an earlier agent, or a
+        // failed write) makes the pass sweep the maps whole.
+        let mut whole = self.last_full_sweep.is_none_or(|t| t.elapsed() >= FULL_SWEEP_EVERY);
+        // Ok(entries of the pinned policy, if any), Err if not known.
+        let old_entries = |cookie: u64, programmed: &StdHashMap<u64, Policy>| -> Result<Option<MapEntries>, ()> {
+            let Some(w) = current.get(&cookie) else { return Ok(None) };
+            programmed.get(&cookie).map(|p| Some(map_entries(p, w.policy_id))).ok_or(())
+        };
+        let mut retired_removed = Vec::new();
         for cookie in ops.remove {
+            let old = old_entries(cookie, &self.programmed).unwrap_or_else(|()| {
+                whole = true;
+                None
+            });
             match self.maps.remove_workload(cookie) {
                 Ok(()) => {
                     self.programmed.remove(&cookie);
+                    retired_removed.extend(old);
                     report.removed += 1;
                 }
                 Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
@@ -610,15 +656,28 @@ impl Dataplane {
         }
         // Removed workloads go first, with their list entries: a full map
         // must not refuse a new workload for the space of departed ones.
-        if report.removed > 0 {
+        for e in &retired_removed {
+            match self.maps.retire(e) {
+                Ok(n) => report.swept += n,
+                Err(e) => report.errors.push(("sweep".into(), e)),
+            }
+        }
+        if report.removed > 0 && whole {
             match self.maps.sweep() {
                 Ok(n) => report.swept += n,
                 Err(e) => report.errors.push(("sweep".into(), e)),
             }
         }
+        let mut retired = Vec::new();
         for d in ops.program.iter().map(|i| &desired[*i]) {
+            let old = old_entries(d.cookie, &self.programmed).unwrap_or_else(|()| {
+                whole = true;
+                None
+            });
             match self.maps.program_workload(d.cookie, &d.policy) {
                 Ok(_) => {
+                    // Switched: the old entries are out of force.
+                    retired.extend(old);
                     if let Err(e) = self.ensure_inbound(d) {
                         report.errors.push((
                             d.name.clone(),
@@ -628,15 +687,32 @@ impl Dataplane {
                     self.programmed.insert(d.cookie, d.policy.clone());
                     report.programmed.push(d.name.clone());
                 }
-                Err(e) => report.errors.push((
-                    d.name.clone(),
-                    e.context(format!("workload `{}`: policy not applied, previous policy kept", d.name)),
-                )),
+                Err(e) => {
+                    // The old policy stays in force; whatever the failed
+                    // write left is found by a whole sweep.
+                    whole = true;
+                    report.errors.push((
+                        d.name.clone(),
+                        e.context(format!("workload `{}`: policy not applied, previous policy kept", d.name)),
+                    ))
+                }
             }
         }
-        match self.maps.sweep() {
-            Ok(n) => report.swept += n,
-            Err(e) => report.errors.push(("sweep".into(), e)),
+        if whole {
+            match self.maps.sweep() {
+                Ok(n) => {
+                    report.swept += n;
+                    self.last_full_sweep = Some(Instant::now());
+                }
+                Err(e) => report.errors.push(("sweep".into(), e)),
+            }
+        } else {
+            for e in &retired {
+                match self.maps.retire(e) {
+                    Ok(n) => report.swept += n,
+                    Err(e) => report.errors.push(("sweep".into(), e)),
+                }
+            }
         }
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =

@@ -292,3 +292,91 @@ fn listener_map_filler() {
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
 }
+
+/// The apply pass retires exactly the list entries of the policies it
+/// replaced or removed (it wrote them, so it knows them) instead of walking
+/// every list map; entries it does not know (left by an earlier agent) are
+/// swept whole by the next agent's first pass.
+#[test]
+fn apply_retires_exactly_what_it_replaced() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let mut dp = Dataplane::load(&pins.path, &cgroup.path).unwrap();
+    let cfg = parse_config("mesh:\n  preset: osm\nworkloads: []\n").unwrap();
+    let policy = |ports: &str, cidrs: &str| {
+        let mut a: std::collections::BTreeMap<String, String> = Default::default();
+        a.insert("openservicemesh.io/outbound-port-exclusion-list".into(), ports.into());
+        a.insert("openservicemesh.io/outbound-ip-range-exclusion-list".into(), cidrs.into());
+        let mut p = compile(&cfg.mesh, &redirector::config::parse_annotations(cfg.mesh.preset, &a).unwrap());
+        p.inbound = false;
+        p
+    };
+    let d = |c: u64, p: &redirector::policy::Policy| Desired { name: format!("w{c}"), cookie: c, netns: "/nonexistent".into(), policy: p.clone() };
+    let (w1, w2, w3) = ((1u64 << 60) + 1, (1 << 60) + 2, (1 << 60) + 3);
+    let (p1, p2, p3) = (policy("6379,7070", "192.0.2.0/24"), policy("80,81,82", "198.51.100.0/24,2001:db8::/32"), policy("", ""));
+    // Exactly the entries of the policies in force, by their ids.
+    let expected = |dp: &Dataplane, policies: &[(u64, &redirector::policy::Policy)]| {
+        let pinned = dp.maps.workloads().unwrap();
+        let (mut ports, mut cidrs) = (Vec::new(), Vec::new());
+        for (c, p) in policies {
+            let e = redirector::policy::map_entries(p, pinned[c].policy_id);
+            ports.extend(e.ports.into_iter().map(|k| (k.policy_id, k.port, k.kind)));
+            cidrs.extend(e.cidrs.into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)));
+        }
+        ports.sort();
+        cidrs.sort();
+        (ports, cidrs)
+    };
+    let actual = |dp: &Dataplane| {
+        let mut ports: Vec<_> = dp.maps.port_keys().unwrap().into_iter().map(|k| (k.policy_id, k.port, k.kind)).collect();
+        let mut cidrs: Vec<_> = dp.maps.cidr_keys().unwrap().into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)).collect();
+        ports.sort();
+        cidrs.sort();
+        (ports, cidrs)
+    };
+    let r = dp.apply(&[d(w1, &p1), d(w2, &p2), d(w3, &p3)], &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(actual(&dp), expected(&dp, &[(w1, &p1), (w2, &p2), (w3, &p3)]));
+    let before = actual(&dp);
+
+    // Leftovers of an earlier writer: a generation no workload refers to.
+    let orphan = (1u64 << 60) + 9;
+    dp.maps.program_workload(orphan, &p2).unwrap();
+    dp.maps.remove_workload(orphan).unwrap();
+    let with_orphan = actual(&dp);
+    assert!(with_orphan.0.len() > before.0.len() && with_orphan.1.len() > before.1.len());
+
+    // w1 changes, w2 leaves: exactly their old entries go (not the orphan's:
+    // this pass does not walk the maps).
+    let p1b = policy("6379", "203.0.113.0/24");
+    let r = dp.apply(&[d(w1, &p1b), d(w3, &p3)], &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!((r.removed, r.programmed.clone()), (1, vec![format!("w{w1}")]));
+    let e1 = redirector::policy::map_entries(&p1, 0);
+    let e2 = redirector::policy::map_entries(&p2, 0);
+    assert_eq!(r.swept, e1.ports.len() + e1.cidrs.len() + e2.ports.len() + e2.cidrs.len(), "retired a different number of entries");
+    // Now: the policies in force plus the orphan's entries, nothing else.
+    let now = actual(&dp);
+    let (mut want_ports, mut want_cidrs) = expected(&dp, &[(w1, &p1b), (w3, &p3)]);
+    want_ports.extend(with_orphan.0.iter().filter(|k| !before.0.contains(k)));
+    want_cidrs.extend(with_orphan.1.iter().filter(|k| !before.1.contains(k)));
+    want_ports.sort();
+    want_cidrs.sort();
+    assert_eq!(now, (want_ports, want_cidrs), "not exactly the entries in force plus the orphan's");
+    // An unchanged pass touches nothing.
+    let r = dp.apply(&[d(w1, &p1b), d(w3, &p3)], &BTreeSet::new());
+    assert_eq!((r.swept, r.programmed.len(), r.unchanged.len()), (0, 0, 2));
+    drop(dp);
+
+    // The next agent does not know who wrote what: its first pass sweeps
+    // the maps whole, and the orphan goes.
+    let mut dp = Dataplane::load(&pins.path, &cgroup.path).unwrap();
+    let r = dp.apply(&[d(w1, &p1b), d(w3, &p3)], &BTreeSet::new());
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(actual(&dp), expected(&dp, &[(w1, &p1b), (w3, &p3)]));
+    drop(dp);
+    redirector::dataplane::cleanup(&pins.path).unwrap();
+}
