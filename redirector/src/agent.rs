@@ -63,8 +63,7 @@ pub fn reconcile_keeping(
         .map(|(w, p)| (w.netns.path(), p.loopback != crate::config::LoopbackMode::Osm))
         .collect();
     let facts = crate::netns::survey(&wanted);
-    for ((w, policy), fact) in cfg.workloads.iter().zip(policies).zip(facts) {
-        let path = w.netns.path();
+    for (((w, policy), fact), (path, _)) in cfg.workloads.iter().zip(policies).zip(facts).zip(wanted) {
         let found = fact.and_then(|fact| {
             let mut policy = policy;
             if let Some(addresses) = fact.addresses {

@@ -634,21 +634,21 @@ impl Dataplane {
         // retired exactly; any other (adopted from an earlier agent, or a
         // failed write) makes the pass sweep the maps whole.
         let mut whole = self.last_full_sweep.is_none_or(|t| t.elapsed() >= FULL_SWEEP_EVERY);
-        // Ok(entries of the pinned policy, if any), Err if not known.
-        let old_entries = |cookie: u64, programmed: &StdHashMap<u64, Policy>| -> Result<Option<MapEntries>, ()> {
-            let Some(w) = current.get(&cookie) else { return Ok(None) };
-            programmed.get(&cookie).map(|p| Some(map_entries(p, w.policy_id))).ok_or(())
+        // The entries of the policy pinned for `cookie`, if any; a policy
+        // this agent did not write means a whole sweep.
+        let old_entries = |cookie: u64, programmed: &StdHashMap<u64, Policy>, whole: &mut bool| -> Option<MapEntries> {
+            let id = current.get(&cookie)?.policy_id;
+            let p = programmed.get(&cookie);
+            *whole |= p.is_none();
+            Some(map_entries(p?, id))
         };
-        let mut retired_removed = Vec::new();
+        let mut retired = Vec::new();
         for cookie in ops.remove {
-            let old = old_entries(cookie, &self.programmed).unwrap_or_else(|()| {
-                whole = true;
-                None
-            });
+            let old = old_entries(cookie, &self.programmed, &mut whole);
             match self.maps.remove_workload(cookie) {
                 Ok(()) => {
                     self.programmed.remove(&cookie);
-                    retired_removed.extend(old);
+                    retired.extend(old);
                     report.removed += 1;
                 }
                 Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
@@ -656,24 +656,11 @@ impl Dataplane {
         }
         // Removed workloads go first, with their list entries: a full map
         // must not refuse a new workload for the space of departed ones.
-        for e in &retired_removed {
-            match self.maps.retire(e) {
-                Ok(n) => report.swept += n,
-                Err(e) => report.errors.push(("sweep".into(), e)),
-            }
+        if report.removed > 0 {
+            self.clear_retired(&std::mem::take(&mut retired), whole, &mut report);
         }
-        if report.removed > 0 && whole {
-            match self.maps.sweep() {
-                Ok(n) => report.swept += n,
-                Err(e) => report.errors.push(("sweep".into(), e)),
-            }
-        }
-        let mut retired = Vec::new();
         for d in ops.program.iter().map(|i| &desired[*i]) {
-            let old = old_entries(d.cookie, &self.programmed).unwrap_or_else(|()| {
-                whole = true;
-                None
-            });
+            let old = old_entries(d.cookie, &self.programmed, &mut whole);
             match self.maps.program_workload(d.cookie, &d.policy) {
                 Ok(_) => {
                     // Switched: the old entries are out of force.
@@ -698,22 +685,7 @@ impl Dataplane {
                 }
             }
         }
-        if whole {
-            match self.maps.sweep() {
-                Ok(n) => {
-                    report.swept += n;
-                    self.last_full_sweep = Some(Instant::now());
-                }
-                Err(e) => report.errors.push(("sweep".into(), e)),
-            }
-        } else {
-            for e in &retired {
-                match self.maps.retire(e) {
-                    Ok(n) => report.swept += n,
-                    Err(e) => report.errors.push(("sweep".into(), e)),
-                }
-            }
-        }
+        self.clear_retired(&retired, whole, &mut report);
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
@@ -729,6 +701,26 @@ impl Dataplane {
             }
         }
         report
+    }
+
+    /// Deletes the entries of retired policies: exactly `retired`, or,
+    /// with `whole`, every entry of an id no workload refers to.
+    fn clear_retired(&mut self, retired: &[MapEntries], whole: bool, report: &mut ApplyReport) {
+        let mut record = |r: Result<usize>| match r {
+            Ok(n) => report.swept += n,
+            Err(e) => report.errors.push(("sweep".into(), e)),
+        };
+        if whole {
+            let r = self.maps.sweep();
+            if r.is_ok() {
+                self.last_full_sweep = Some(Instant::now());
+            }
+            record(r);
+        } else {
+            for e in retired {
+                record(self.maps.retire(e));
+            }
+        }
     }
 
     /// Cookies whose namespace has a pinned sk_lookup link.
