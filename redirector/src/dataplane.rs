@@ -616,14 +616,22 @@ impl Dataplane {
                 return report;
             }
         };
-        for d in desired {
-            if d.policy.inbound && !registered.contains(&d.cookie) {
-                // Only when nothing is registered for the workload: catches
-                // a proxy that was listening before sockops could see it,
-                // without rescanning /proc for a family the proxy never uses.
-                if let Err(e) = self.capture_listeners(d) {
-                    report.errors.push((d.name.clone(), e.context("finding the proxy's inbound listener")));
+        // Only workloads with nothing registered: catches a proxy that was
+        // listening before sockops could see it, without rescanning /proc
+        // for a family the proxy never uses. One walk of /proc for all.
+        let unregistered: Vec<&Desired> =
+            desired.iter().filter(|d| d.policy.inbound && !registered.contains(&d.cookie)).collect();
+        if !unregistered.is_empty() {
+            let wanted: Vec<(&Path, u16)> = unregistered.iter().map(|d| (d.netns.as_path(), d.policy.inbound_port)).collect();
+            match crate::listeners::find_listeners(&wanted) {
+                Ok(found) => {
+                    for (d, fds) in unregistered.into_iter().zip(found) {
+                        if let Err(e) = fds.and_then(|fds| self.register_listeners(d.cookie, fds)) {
+                            report.errors.push((d.name.clone(), e.context("finding the proxy's inbound listener")));
+                        }
+                    }
                 }
+                Err(e) => report.errors.push(("/proc".into(), e.context("finding proxies' inbound listeners"))),
             }
         }
         let pinned: BTreeSet<u64> = current.keys().copied().collect();
@@ -762,9 +770,9 @@ impl Dataplane {
 
     /// Registers a proxy inbound listener that already existed when the
     /// workload was programmed (sockops sees only new `listen()` calls).
-    fn capture_listeners(&mut self, d: &Desired) -> Result<()> {
-        for (family, fd) in crate::listeners::find_listeners(&d.netns, d.policy.inbound_port)? {
-            let key = ListenerKey { netns_cookie: d.cookie, family: u32::from(family), _pad: 0 };
+    fn register_listeners(&mut self, cookie: u64, fds: crate::listeners::Listeners) -> Result<()> {
+        for (family, fd) in fds {
+            let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
             self.maps.register_listener(key, &fd)?;
         }
         Ok(())
