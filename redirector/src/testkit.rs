@@ -570,7 +570,7 @@ impl AgentProcess {
     }
 
     /// Waits until `redirector wait-ready` would succeed for `netns`.
-    pub fn wait_ready(&mut self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
+    pub fn wait_ready(&self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
         let out = Command::new(bin)
             .args(["wait-ready", "--timeout", "60s", "--netns"])
             .arg(netns)

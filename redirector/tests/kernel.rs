@@ -125,7 +125,7 @@ impl Managed {
         std::fs::create_dir_all(&proxy_cg).unwrap();
         std::fs::write(&config, render(config_template, &topo.app.path()).replace("{proxy_cgroup}", &proxy_cg.display().to_string()))
             .unwrap();
-        let mut agent =
+        let agent =
             AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
         Managed { topo, agent, pins, config, _proxy: proxy, _early: early, _cgroup: cgroup, dir, proxy_cg }
@@ -1052,7 +1052,7 @@ fn workload_given_by_pid_is_redirected() {
     let config = dir.join("config.yaml");
     std::fs::write(&config, format!("workloads:\n  - name: by-pid\n    pid: {}\n", holder.id())).unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut agent =
+        let agent =
             AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
         let got = testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();

@@ -43,11 +43,28 @@ pub struct ChangeLatency {
     pub iptables_in_force: Stats,
     /// The agent's VmRSS (one workload, this policy) after the changes.
     pub agent_rss_kib: Option<u64>,
+    /// The same changes (of the one probed workload) while the agent also
+    /// has many other workloads to resolve, survey and diff on each pass.
+    pub at_scale: Vec<ChangeAtScale>,
+}
+
+#[derive(Serialize)]
+pub struct ChangeAtScale {
+    /// Workloads in the agent's config: the probed one and the others.
+    pub workloads: usize,
+    pub changes: usize,
+    /// SIGHUP → a probe connection sees the new verdict.
+    pub in_force: Stats,
+    /// SIGHUP → the agent logs the end of that pass.
+    pub pass: Stats,
+    pub agent_rss_kib: Option<u64>,
 }
 
 /// Flips [`PROBE_PORT`] between excluded and redirected `changes` times in
-/// each setup and times how long until a new connection sees it.
-pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency> {
+/// each setup and times how long until a new connection sees it; then, for
+/// each of `scale`, the agent's flips again with that many other workloads
+/// in its config (`scale_changes` times).
+pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize, cgroup: &Path) -> Result<ChangeLatency> {
     eprintln!("bench: change-to-in-force, {changes} changes per setup");
     let spec = Spec { agent_poll: "3600s", ..Spec::new(CHANGE_BASE) };
     let agent_setup = Setup::start(Kind::Redirector, "c0", spec, cgroup)?;
@@ -55,31 +72,40 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
     let agent = agent_setup.agent.as_ref().context("the redirector setup has no agent")?;
     let app = agent_setup.topo.app.path();
     let texts = [config(&app, CHANGE_BASE), config(&app, Exclusions { probe_port: true, ..CHANGE_BASE })];
-    let (cfg, pid) = (agent.config.clone(), agent.process.child.id() as i32);
-    let next = cfg.with_extension("next");
-    let mut redirector = in_cgroup(Some(cgroup), || {
-        testkit::in_netns_as(&app, 0, move || -> Result<Vec<Duration>> {
-            let mut out = Vec::new();
-            for i in 0..changes {
-                super::interrupted()?;
-                let excluded = i % 2 == 0;
-                // Renamed into place: the agent never reads half a file.
-                std::fs::write(&next, &texts[usize::from(excluded)]).with_context(|| format!("writing {}", next.display()))?;
-                std::fs::rename(&next, &cfg).with_context(|| format!("renaming {} to {}", next.display(), cfg.display()))?;
-                let t = Instant::now();
-                // SAFETY: signalling the agent we started.
-                if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("SIGHUP to the agent");
-                }
-                wait_for_verdict(excluded, t)?;
-                out.push(t.elapsed());
-                // Let the agent finish its pass (the sweep after the switch).
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(out)
-        })
-    })???;
+    let flipper = Flipper {
+        config: agent.config.clone(),
+        pid: agent.process.child.id() as i32,
+        log: agent.process.log.clone(),
+        app: app.clone(),
+        cgroup: cgroup.to_owned(),
+    };
+    let (mut redirector, _) = flipper.flip(&texts, changes)?;
     let agent_rss_kib = agent_setup.agent_rss_kib();
+    let flipper_base_text = texts[0].clone();
+    let mut at_scale = Vec::new();
+    for &n in scale {
+        super::interrupted()?;
+        eprintln!("bench: change-to-in-force with {n} other workloads, {scale_changes} changes");
+        let others = ParkedNamespaces::new(n)?;
+        // Inbound off, as in the sync scenarios: the others have no proxy
+        // listening (and the probe is outbound).
+        let texts = texts.clone().map(|t| t.replacen("mesh:\n", "mesh:\n  inbound: false\n", 1) + &others.workloads_yaml("w"));
+        // Every workload programmed, the probed one redirected, before the
+        // first timed change.
+        flipper.settle(&texts[0])?;
+        let bin = std::env::current_exe()?;
+        agent.process.wait_ready(&bin, &agent.pins.path, &others.last_netns()).context("the other workloads programmed")?;
+        let (mut in_force, mut pass) = flipper.flip(&texts, scale_changes)?;
+        at_scale.push(ChangeAtScale {
+            workloads: n + 1,
+            changes: scale_changes,
+            in_force: Stats::from_samples(&mut in_force, 0.0),
+            pass: Stats::from_samples(&mut pass, 0.0),
+            agent_rss_kib: agent_setup.agent_rss_kib(),
+        });
+        // The others out of the config again before their namespaces go.
+        flipper.settle(&flipper_base_text)?;
+    }
 
     let dir = TempDir::new("redirector-bench-restore-")?;
     let files = [dir.0.join("redirected.rules"), dir.0.join("excluded.rules")];
@@ -118,7 +144,149 @@ pub fn change_to_in_force(changes: usize, cgroup: &Path) -> Result<ChangeLatency
         iptables_restore: Stats::from_samples(&mut restore, 0.0),
         iptables_in_force: Stats::from_samples(&mut in_force, 0.0),
         agent_rss_kib,
+        at_scale,
     })
+}
+
+/// Changes the agent's config and times each change.
+#[derive(Clone)]
+struct Flipper {
+    config: PathBuf,
+    pid: i32,
+    log: PathBuf,
+    /// The probed workload's namespace, and the cgroup whose programs
+    /// redirect it.
+    app: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Flipper {
+    /// Renames `text` into place (the agent never reads half a file) and
+    /// SIGHUPs the agent.
+    fn install(&self, text: &str) -> Result<()> {
+        let next = self.config.with_extension("next");
+        std::fs::write(&next, text).with_context(|| format!("writing {}", next.display()))?;
+        std::fs::rename(&next, &self.config)
+            .with_context(|| format!("renaming {} to {}", next.display(), self.config.display()))?;
+        // SAFETY: signalling the agent we started.
+        if unsafe { libc::kill(self.pid, libc::SIGHUP) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("SIGHUP to the agent");
+        }
+        Ok(())
+    }
+
+    /// Installs `text` and waits until the agent has logged the pass that
+    /// read it.
+    fn settle(&self, text: &str) -> Result<()> {
+        let before = passes(&self.log);
+        let t = Instant::now();
+        self.install(text)?;
+        wait_for_pass(&self.log, before, t)
+    }
+
+    /// `changes` times, installs `texts[1]` (the probe port excluded) and
+    /// `texts[0]` (redirected) in turn: SIGHUP → the new verdict seen from
+    /// the workload, and SIGHUP → the agent has logged the end of that pass
+    /// (awaited before the next change, so that no change queues behind
+    /// the rest of the previous pass).
+    fn flip(&self, texts: &[String; 2], changes: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+        let (me, texts) = (self.clone(), texts.clone());
+        in_cgroup(Some(&self.cgroup), || {
+            testkit::in_netns_as(&self.app, 0, move || -> Result<(Vec<Duration>, Vec<Duration>)> {
+                let (mut in_force, mut pass) = (Vec::new(), Vec::new());
+                for i in 0..changes {
+                    super::interrupted()?;
+                    let excluded = i % 2 == 0;
+                    let before = passes(&me.log);
+                    let t = Instant::now();
+                    me.install(&texts[usize::from(excluded)])?;
+                    wait_for_verdict(excluded, t)?;
+                    in_force.push(t.elapsed());
+                    wait_for_pass(&me.log, before, t)?;
+                    pass.push(t.elapsed());
+                }
+                Ok((in_force, pass))
+            })
+        })??
+    }
+}
+
+/// Passes the agent has logged (`applied: …`, one per pass that changed
+/// something).
+fn passes(log: &Path) -> usize {
+    std::fs::read_to_string(log).map(|t| t.matches("applied: ").count()).unwrap_or(0)
+}
+
+/// Waits until the agent has logged more than `before` passes.
+fn wait_for_pass(log: &Path, before: usize, since: Instant) -> Result<()> {
+    while passes(log) == before {
+        if since.elapsed() > Duration::from_secs(60) {
+            bail!("the agent logged no pass within 60 s of a change");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+/// Threads of this process, each parked alone in a network namespace of
+/// its own: stand-in workloads for the scale scenarios, named in a config
+/// by thread id (`pid:` → /proc/<tid>/ns/net). Dropping them ends the
+/// threads and with them the namespaces.
+struct ParkedNamespaces {
+    tids: Vec<i32>,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ParkedNamespaces {
+    fn new(n: usize) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (release, parked) = std::sync::mpsc::channel::<()>();
+        let parked = std::sync::Arc::new(std::sync::Mutex::new(parked));
+        let mut me = Self { tids: Vec::with_capacity(n), release: Some(release), threads: Vec::with_capacity(n) };
+        for _ in 0..n {
+            let (tx, parked) = (tx.clone(), parked.clone());
+            let t = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
+                // SAFETY: moves only this thread into a new network namespace.
+                let r = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+                    // SAFETY: gettid has no preconditions.
+                    Ok(unsafe { libc::gettid() })
+                } else {
+                    Err(std::io::Error::last_os_error())
+                };
+                let ok = r.is_ok();
+                let _ = tx.send(r);
+                if ok {
+                    // Until the sender is dropped: every thread then returns.
+                    let _ = parked.lock().map(|p| p.recv());
+                }
+            })?;
+            me.threads.push(t);
+        }
+        drop(tx);
+        for r in rx.iter().take(n) {
+            me.tids.push(r.context("unshare(CLONE_NEWNET) for a workload thread")?);
+        }
+        Ok(me)
+    }
+
+    /// Config entries for them, named `{prefix}0`, `{prefix}1`, …
+    fn workloads_yaml(&self, prefix: &str) -> String {
+        self.tids.iter().enumerate().map(|(i, tid)| format!("  - name: {prefix}{i}\n    pid: {tid}\n")).collect()
+    }
+
+    fn last_netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.tids.last().copied().unwrap_or(0)))
+    }
+}
+
+impl Drop for ParkedNamespaces {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Connects to 192.0.2.10:[`PROBE_PORT`] over and over until the answer
@@ -396,42 +564,13 @@ pub struct AgentScale {
 /// (`pid:` → /proc/<tid>/ns/net); inbound off, the sync's policy.
 pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
     eprintln!("bench: the agent with {n} workloads");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (release, parked) = std::sync::mpsc::channel::<()>();
-    let parked = std::sync::Arc::new(std::sync::Mutex::new(parked));
-    let mut threads = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (tx, parked) = (tx.clone(), parked.clone());
-        let t = std::thread::Builder::new().stack_size(64 << 10).spawn(move || {
-            // SAFETY: moves only this thread into a new network namespace.
-            let r = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
-                // SAFETY: gettid has no preconditions.
-                Ok(unsafe { libc::gettid() })
-            } else {
-                Err(std::io::Error::last_os_error())
-            };
-            let ok = r.is_ok();
-            let _ = tx.send(r);
-            if ok {
-                // Until the sender is dropped: every thread then returns.
-                let _ = parked.lock().map(|p| p.recv());
-            }
-        })?;
-        threads.push(t);
-    }
-    drop(tx);
+    let workloads = ParkedNamespaces::new(n)?;
     let result = (|| -> Result<AgentScale> {
-        let mut tids = Vec::with_capacity(n);
-        for r in rx.iter().take(n) {
-            tids.push(r.context("unshare(CLONE_NEWNET) for a workload thread")?);
-        }
         let mut cfg = String::from(
             "mesh:\n  inbound: false\n  outboundPortExclusionList: [6379, 7070, 9000]\n  \
              outboundIPRangeExclusionList: [\"198.51.100.0/24\", \"203.0.113.0/25\", \"192.0.2.128/25\"]\nworkloads:\n",
         );
-        for (i, tid) in tids.iter().enumerate() {
-            cfg.push_str(&format!("  - name: w{i}\n    pid: {tid}\n"));
-        }
+        cfg.push_str(&workloads.workloads_yaml("w"));
         let cgroup = BenchCgroup::new("redirector-bench-agent-")?;
         let pins = PinDir::new()?;
         let dir = TempDir::new("redirector-bench-agent-")?;
@@ -439,7 +578,7 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
         std::fs::write(&file, cfg).with_context(|| format!("writing {}", file.display()))?;
         let bin = std::env::current_exe()?;
         let t = Instant::now();
-        let mut agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.0.join("agent.log"))?;
+        let agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.0.join("agent.log"))?;
         let (mut attached_ms, mut programmed_ms) = (None, None);
         while programmed_ms.is_none() && t.elapsed() < Duration::from_secs(60) {
             let log = agent.log_text();
@@ -456,8 +595,7 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
             std::thread::sleep(Duration::from_millis(2));
         }
         let programmed_ms = programmed_ms.with_context(|| format!("the agent did not report its first pass:\n{}", agent.log_text()))?;
-        let last = PathBuf::from(format!("/proc/{}/ns/net", tids.last().copied().unwrap_or(0)));
-        agent.wait_ready(&bin, &pins.path, &last)?;
+        agent.wait_ready(&bin, &pins.path, &workloads.last_netns())?;
         let status = format!("/proc/{}/status", agent.child.id());
         Ok(AgentScale {
             workloads: n,
@@ -470,10 +608,7 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
         // Dropped in reverse order: the agent stops, then its files,
         // pins and cgroup go.
     })();
-    drop(release);
-    for t in threads {
-        let _ = t.join();
-    }
+    drop(workloads);
     result
 }
 

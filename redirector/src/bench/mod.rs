@@ -48,6 +48,10 @@ pub struct Plan {
     pub established_secs: f64,
     /// Policy changes timed per setup.
     pub changes: usize,
+    /// Other workloads the agent has while its changes are timed again,
+    /// and how many changes at each of those sizes.
+    pub change_scale: Vec<usize>,
+    pub scale_changes: usize,
     /// Workload counts of the full-sync scenario, and up to how many pods
     /// osm-init's restores are run for real (beyond: extrapolated).
     pub sync_sizes: Vec<usize>,
@@ -66,6 +70,8 @@ impl Plan {
                 port_sizes: vec![1000],
                 established_secs: 0.3,
                 changes: 30,
+                change_scale: vec![100],
+                scale_changes: 10,
                 sync_sizes: vec![100, 1000],
                 max_real_pods: 100,
                 agent_sizes: vec![1000],
@@ -78,6 +84,8 @@ impl Plan {
                 port_sizes: vec![10, 100, 1000],
                 established_secs: 1.0,
                 changes: 200,
+                change_scale: vec![1000, 10000],
+                scale_changes: 50,
                 sync_sizes: vec![100, 1000, 10000],
                 max_real_pods: 1000,
                 agent_sizes: vec![100, 1000],
@@ -122,7 +130,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], &cgroup.path)?);
     }
     let established = established::run(&plan, &cgroup.path)?;
-    let change = control::change_to_in_force(plan.changes, &cgroup.path)?;
+    let change = control::change_to_in_force(plan.changes, &plan.change_scale, plan.scale_changes, &cgroup.path)?;
     drop(cgroup);
     let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
     let agent = plan.agent_sizes.iter().map(|&n| control::agent_at_scale(n)).collect::<Result<Vec<_>>>()?;

@@ -287,6 +287,7 @@ mod tests {
                     iptables_restore: stats(9000.0),
                     iptables_in_force: stats(9100.0),
                     agent_rss_kib: None,
+                    at_scale: Vec::new(),
                 },
                 sync: Vec::new(),
                 agent: Vec::new(),

@@ -60,16 +60,25 @@ pub fn targets(scenarios: &[Scenario], established: &[Established], cp: &Control
         });
     }
     let p99 = cp.change.redirector_in_force.p99_us / 1e3;
+    let scaled: Vec<String> = cp
+        .change
+        .at_scale
+        .iter()
+        .map(|a| format!("{:.2} ms with {} workloads ({} changes)", a.in_force.p99_us / 1e3, a.workloads, a.changes))
+        .collect();
     let passes: Vec<String> =
-        cp.sync.iter().map(|s| format!("{:.0} ms at {} workloads", s.redirector.one_change_ms, s.workloads)).collect();
+        cp.sync.iter().map(|s| format!("{:.1} ms at {} workloads", s.redirector.one_change_ms, s.workloads)).collect();
+    let worst = cp.change.at_scale.iter().map(|a| a.in_force.p99_us / 1e3).fold(p99, f64::max);
     t.push(Target {
         goal: "change to in force, p99 ≤ 5 ms".into(),
         measured: format!(
-            "{p99:.2} ms over {} changes with one workload (SIGHUP → new verdict seen); one apply pass after a change: {}",
+            "{p99:.2} ms over {} changes with one workload{}{} (SIGHUP → new verdict seen); Dataplane::apply with one change: {}",
             cp.change.changes,
+            if scaled.is_empty() { "" } else { "; " },
+            scaled.join(", "),
             passes.join(", ")
         ),
-        met: Some(p99 <= 5.0),
+        met: Some(worst <= 5.0),
     });
     let at_1000 = cp.sync.iter().find(|s| s.workloads == 1000);
     let agent_1000 = cp.agent.iter().find(|a| a.workloads == 1000);
@@ -201,6 +210,31 @@ impl Report {
         }
         if let Some(kib) = c.agent_rss_kib {
             let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
+        }
+        if !c.at_scale.is_empty() {
+            let _ = write!(
+                o,
+                "\nThe same changes of the one probed workload while the agent has other workloads in its config \
+                 (each alone in a network namespace, the sync's policy, inbound off), which every pass reads, \
+                 resolves and diffs; the pass ends when the agent logs it.\n\n\
+                 | workloads | changes | in force p50 ms | p90 ms | p99 ms | max ms | pass end p50 ms | p99 ms | agent VmRSS MiB |\n\
+                 |---|---|---|---|---|---|---|---|---|\n"
+            );
+            for a in &c.at_scale {
+                let _ = writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    a.workloads,
+                    a.changes,
+                    ms(a.in_force.p50_us),
+                    ms(a.in_force.p90_us),
+                    ms(a.in_force.p99_us),
+                    ms(a.in_force.max_us),
+                    ms(a.pass.p50_us),
+                    ms(a.pass.p99_us),
+                    a.agent_rss_kib.map_or("–".into(), mib)
+                );
+            }
         }
         let rss: Vec<String> = self
             .scenarios

@@ -313,7 +313,7 @@ impl Setup {
                 let cfg = dir.0.join("config.yaml");
                 std::fs::write(&cfg, config_with(&app, spec.excl, kind == Kind::Sockmap)).with_context(|| format!("writing {}", cfg.display()))?;
                 let bin = std::env::current_exe()?;
-                let mut a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.0.join("agent.log"), spec.agent_poll)?;
+                let a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.0.join("agent.log"), spec.agent_poll)?;
                 a.wait_ready(&bin, &pins.path, &app)?;
                 agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
