@@ -215,7 +215,7 @@ impl Report {
             let _ = write!(
                 o,
                 "\nThe same changes of the one probed workload while the agent has other workloads in its config \
-                 (each alone in a network namespace, the sync's policy, inbound off), which every pass reads, \
+                 (each alone in a network namespace, with the probed workload's policy and inbound off), which every pass reads, \
                  resolves and diffs; the pass ends when the agent logs it.\n\n\
                  | workloads | changes | in force p50 ms | p90 ms | p99 ms | max ms | pass end p50 ms | p99 ms | agent VmRSS MiB |\n\
                  |---|---|---|---|---|---|---|---|---|\n"
