@@ -103,8 +103,9 @@ pub fn reconcile_keeping(
         }
     }
     let mut report = dp.apply(&desired, &keep);
+    let in_force: std::collections::HashSet<&String> = report.programmed.iter().chain(&report.unchanged).collect();
     for d in &desired {
-        if report.programmed.contains(&d.name) || report.unchanged.contains(&d.name) {
+        if in_force.contains(&d.name) {
             state.cookies.insert(d.name.clone(), d.cookie);
         }
     }

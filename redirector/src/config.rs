@@ -311,7 +311,7 @@ pub struct WorkloadAnnotations {
 }
 
 /// Where a workload's network namespace is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum NetnsRef {
     Path(PathBuf),
     Pid(u32),
@@ -422,6 +422,9 @@ pub fn parse_config(text: &str) -> Result<Config> {
     let mesh = mesh_from_value(raw.mesh).context("in `mesh`")?;
     let mut workloads: Vec<WorkloadSpec> = Vec::new();
     let mut rejected = Vec::new();
+    // Names and namespaces taken so far (a config lists thousands).
+    let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut namespaces: std::collections::HashMap<NetnsRef, usize> = std::collections::HashMap::new();
     let preset = mesh.preset;
     for (index, value) in raw.workloads.into_iter().enumerate() {
         let fallback_name = value
@@ -431,12 +434,12 @@ pub fn parse_config(text: &str) -> Result<Config> {
             .unwrap_or_else(|| format!("workloads[{index}]"));
         match parse_workload(preset, value) {
             Ok(w) => {
-                if workloads.iter().any(|o| o.name == w.name) {
+                if names.contains(&w.name) {
                     rejected.push((
                         w.name.clone(),
                         anyhow!("workload `{}`: name is listed twice", w.name),
                     ));
-                } else if let Some(o) = workloads.iter().find(|o| o.netns == w.netns) {
+                } else if let Some(o) = namespaces.get(&w.netns).map(|&i| &workloads[i]) {
                     rejected.push((
                         w.name.clone(),
                         anyhow!(
@@ -447,6 +450,8 @@ pub fn parse_config(text: &str) -> Result<Config> {
                         ),
                     ));
                 } else {
+                    names.insert(w.name.clone());
+                    namespaces.insert(w.netns.clone(), workloads.len());
                     workloads.push(w);
                 }
             }
