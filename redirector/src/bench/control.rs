@@ -178,10 +178,10 @@ impl Flipper {
     /// Installs `text` and waits until the agent has logged the pass that
     /// read it.
     fn settle(&self, text: &str) -> Result<()> {
-        let before = passes(&self.log);
-        let t = Instant::now();
+        let mut log = PassLog::new(&self.log);
+        let (before, t) = (log.passes, Instant::now());
         self.install(text)?;
-        wait_for_pass(&self.log, before, t)
+        log.wait_beyond(before, t)
     }
 
     /// `changes` times, installs `texts[1]` (the probe port excluded) and
@@ -194,15 +194,16 @@ impl Flipper {
         in_cgroup(Some(&self.cgroup), || {
             testkit::in_netns_as(&self.app, 0, move || -> Result<(Vec<Duration>, Vec<Duration>)> {
                 let (mut in_force, mut pass) = (Vec::new(), Vec::new());
+                let mut log = PassLog::new(&me.log);
                 for i in 0..changes {
                     super::interrupted()?;
                     let excluded = i % 2 == 0;
-                    let before = passes(&me.log);
+                    let before = log.poll();
                     let t = Instant::now();
                     me.install(&texts[usize::from(excluded)])?;
                     wait_for_verdict(excluded, t)?;
                     in_force.push(t.elapsed());
-                    wait_for_pass(&me.log, before, t)?;
+                    log.wait_beyond(before, t)?;
                     pass.push(t.elapsed());
                 }
                 Ok((in_force, pass))
@@ -211,21 +212,49 @@ impl Flipper {
     }
 }
 
-/// Passes the agent has logged (`applied: …`, one per pass that changed
-/// something).
-fn passes(log: &Path) -> usize {
-    std::fs::read_to_string(log).map(|t| t.matches("applied: ").count()).unwrap_or(0)
+/// Counts the passes the agent logs (`applied: …`, one per pass that
+/// changed something), reading only what was appended since the last look
+/// (re-reading a log that holds a line naming 10,000 workloads every poll
+/// would take the CPU the agent's pass needs).
+struct PassLog {
+    log: PathBuf,
+    offset: u64,
+    passes: usize,
 }
 
-/// Waits until the agent has logged more than `before` passes.
-fn wait_for_pass(log: &Path, before: usize, since: Instant) -> Result<()> {
-    while passes(log) == before {
-        if since.elapsed() > Duration::from_secs(60) {
-            bail!("the agent logged no pass within 60 s of a change");
-        }
-        std::thread::sleep(Duration::from_micros(200));
+impl PassLog {
+    fn new(log: &Path) -> Self {
+        let mut me = Self { log: log.to_owned(), offset: 0, passes: 0 };
+        me.poll();
+        me
     }
-    Ok(())
+
+    /// Passes logged so far (complete lines only).
+    fn poll(&mut self) -> usize {
+        use std::io::{Seek as _, SeekFrom};
+        let mut new = Vec::new();
+        let read = std::fs::File::open(&self.log)
+            .and_then(|mut f| f.seek(SeekFrom::Start(self.offset)).and_then(|_| f.read_to_end(&mut new)));
+        if read.is_ok() {
+            if let Some(end) = new.iter().rposition(|b| *b == b'\n') {
+                let lines = &new[..=end];
+                self.passes += lines.windows(b"applied: ".len()).filter(|w| *w == b"applied: ").count();
+                self.offset += end as u64 + 1;
+            }
+        }
+        self.passes
+    }
+
+    /// Waits until more than `before` passes are logged.
+    fn wait_beyond(&mut self, before: usize, since: Instant) -> Result<()> {
+        while self.poll() == before {
+            if since.elapsed() > Duration::from_secs(60) {
+                bail!("the agent logged no pass within 60 s of a change");
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
+    }
 }
 
 /// Threads of this process, each parked alone in a network namespace of
@@ -615,6 +644,26 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only complete lines count, each once, however the appends are cut.
+    #[test]
+    fn pass_log_counts_appended_complete_lines_once() {
+        use std::io::Write as _;
+        let dir = TempDir::new("redirector-passlog-").unwrap();
+        let path = dir.0.join("agent.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(f, "INFO attached\nINFO applied: 3 programmed").unwrap();
+        let mut log = PassLog::new(&path);
+        assert_eq!(log.passes, 1);
+        write!(f, "INFO SIGHUP\nINFO appl").unwrap();
+        assert_eq!(log.poll(), 1);
+        writeln!(f, "ied: 1 programmed [\"w\"]").unwrap();
+        assert_eq!(log.poll(), 2);
+        assert_eq!(log.poll(), 2);
+        writeln!(f, "INFO applied: 0 programmed\nERROR x\nINFO applied: 1 programmed").unwrap();
+        assert_eq!(log.poll(), 4);
+        assert!(log.wait_beyond(3, Instant::now()).is_ok());
+    }
 
     #[test]
     fn sync_policy_fits_the_maps_at_10000_workloads() {
