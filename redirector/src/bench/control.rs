@@ -57,6 +57,9 @@ pub struct ChangeAtScale {
     pub in_force: Stats,
     /// SIGHUP → the agent logs the end of that pass.
     pub pass: Stats,
+    /// The same pass by the agent's own log timestamps (SIGHUP received →
+    /// pass logged).
+    pub agent_pass: Stats,
     pub agent_rss_kib: Option<u64>,
 }
 
@@ -79,7 +82,7 @@ pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize,
         app: app.clone(),
         cgroup: cgroup.to_owned(),
     };
-    let (mut redirector, _) = flipper.flip(&texts, changes)?;
+    let mut redirector = flipper.flip(&texts, changes)?.in_force;
     let agent_rss_kib = agent_setup.agent_rss_kib();
     let flipper_base_text = texts[0].clone();
     let mut at_scale = Vec::new();
@@ -95,12 +98,13 @@ pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize,
         flipper.settle(&texts[0])?;
         let bin = std::env::current_exe()?;
         agent.process.wait_ready(&bin, &agent.pins.path, &others.last_netns()).context("the other workloads programmed")?;
-        let (mut in_force, mut pass) = flipper.flip(&texts, scale_changes)?;
+        let mut f = flipper.flip(&texts, scale_changes)?;
         at_scale.push(ChangeAtScale {
             workloads: n + 1,
             changes: scale_changes,
-            in_force: Stats::from_samples(&mut in_force, 0.0),
-            pass: Stats::from_samples(&mut pass, 0.0),
+            in_force: Stats::from_samples(&mut f.in_force, 0.0),
+            pass: Stats::from_samples(&mut f.pass, 0.0),
+            agent_pass: Stats::from_samples(&mut f.agent_side, 0.0),
             agent_rss_kib: agent_setup.agent_rss_kib(),
         });
         // The others out of the config again before their namespaces go.
@@ -148,6 +152,16 @@ pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize,
     })
 }
 
+/// What [`Flipper::flip`] timed, one sample per change.
+struct Flips {
+    /// Change → new verdict seen.
+    in_force: Vec<Duration>,
+    /// Change → the agent logged the pass.
+    pass: Vec<Duration>,
+    /// From the agent's log timestamps: SIGHUP received → pass logged.
+    agent_side: Vec<Duration>,
+}
+
 /// Changes the agent's config and times each change.
 #[derive(Clone)]
 struct Flipper {
@@ -189,10 +203,10 @@ impl Flipper {
     /// the workload, and SIGHUP → the agent has logged the end of that pass
     /// (awaited before the next change, so that no change queues behind
     /// the rest of the previous pass).
-    fn flip(&self, texts: &[String; 2], changes: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    fn flip(&self, texts: &[String; 2], changes: usize) -> Result<Flips> {
         let (me, texts) = (self.clone(), texts.clone());
         in_cgroup(Some(&self.cgroup), || {
-            testkit::in_netns_as(&self.app, 0, move || -> Result<(Vec<Duration>, Vec<Duration>)> {
+            testkit::in_netns_as(&self.app, 0, move || -> Result<Flips> {
                 let (mut in_force, mut pass) = (Vec::new(), Vec::new());
                 let mut log = PassLog::new(&me.log);
                 for i in 0..changes {
@@ -206,7 +220,7 @@ impl Flipper {
                     log.wait_beyond(before, t)?;
                     pass.push(t.elapsed());
                 }
-                Ok((in_force, pass))
+                Ok(Flips { in_force, pass, agent_side: log.agent_side })
             })
         })??
     }
@@ -220,12 +234,25 @@ struct PassLog {
     log: PathBuf,
     offset: u64,
     passes: usize,
+    /// The agent's own view, from its log timestamps: SIGHUP received →
+    /// that pass logged, for each pass that followed a SIGHUP.
+    agent_side: Vec<Duration>,
+    hup_at: Option<Duration>,
+}
+
+/// The time of day of an agent log line (`2026-12-01T12:38:53.159734Z …`).
+fn log_time(line: &str) -> Option<Duration> {
+    let t = line.split_whitespace().next()?.split_once('T')?.1.strip_suffix('Z')?;
+    let mut parts = t.split(':');
+    let (h, m, sec): (u64, u64, f64) = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(sec))
 }
 
 impl PassLog {
     fn new(log: &Path) -> Self {
-        let mut me = Self { log: log.to_owned(), offset: 0, passes: 0 };
+        let mut me = Self { log: log.to_owned(), offset: 0, passes: 0, agent_side: Vec::new(), hup_at: None };
         me.poll();
+        me.agent_side.clear();
         me
     }
 
@@ -237,8 +264,19 @@ impl PassLog {
             .and_then(|mut f| f.seek(SeekFrom::Start(self.offset)).and_then(|_| f.read_to_end(&mut new)));
         if read.is_ok() {
             if let Some(end) = new.iter().rposition(|b| *b == b'\n') {
-                let lines = &new[..=end];
-                self.passes += lines.windows(b"applied: ".len()).filter(|w| *w == b"applied: ").count();
+                for line in String::from_utf8_lossy(&new[..=end]).lines() {
+                    if line.contains("SIGHUP: re-reading") {
+                        self.hup_at = log_time(line);
+                    } else if line.contains("applied: ") {
+                        self.passes += 1;
+                        if let (Some(hup), Some(done)) = (self.hup_at.take(), log_time(line)) {
+                            // Across midnight the difference is meaningless.
+                            if let Some(d) = done.checked_sub(hup) {
+                                self.agent_side.push(d);
+                            }
+                        }
+                    }
+                }
                 self.offset += end as u64 + 1;
             }
         }
@@ -670,6 +708,13 @@ mod tests {
         writeln!(f, "INFO applied: 0 programmed\nERROR x\nINFO applied: 1 programmed").unwrap();
         assert_eq!(log.poll(), 4);
         assert!(log.wait_beyond(3, Instant::now()).is_ok());
+        // SIGHUP received → pass logged, from the agent's timestamps.
+        writeln!(f, "2026-12-01T12:38:53.159734Z  INFO redirector::agent: SIGHUP: re-reading /c.yaml").unwrap();
+        writeln!(f, "2026-12-01T12:38:53.177957Z  INFO redirector::agent: applied: 1 programmed").unwrap();
+        assert_eq!(log.poll(), 5);
+        assert_eq!(log.agent_side.len(), 1);
+        assert!((log.agent_side[0].as_secs_f64() - 0.018223).abs() < 1e-6, "{:?}", log.agent_side);
+        assert_eq!(log_time("12:00 x"), None);
     }
 
     #[test]
