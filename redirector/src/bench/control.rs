@@ -141,7 +141,7 @@ pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize,
     Ok(ChangeLatency {
         changes,
         policy: format!(
-            "{} excluded CIDRs, {} excluded ports; port {PROBE_PORT} flips between excluded and redirected",
+            "{} excluded CIDRs, {} excluded ports in the mesh settings; port {PROBE_PORT} flips between excluded and redirected there",
             CHANGE_BASE.cidrs, CHANGE_BASE.ports
         ),
         redirector_in_force: Stats::from_samples(&mut redirector, 0.0),

@@ -214,9 +214,10 @@ impl Report {
         if !c.at_scale.is_empty() {
             let _ = write!(
                 o,
-                "\nThe same changes of the one probed workload while the agent has other workloads in its config \
-                 (each alone in a network namespace, with the probed workload's policy and inbound off), which every pass reads, \
-                 resolves and diffs; the pass ends when the agent logs it.\n\n\
+                "\nThe same changes while the agent has other workloads in its config (each alone in a network \
+                 namespace, the same mesh settings, inbound off). The port flips in the mesh-wide exclusion list, so every \
+                 change reprograms every workload: \"in force\" is when the probed workload sees it, \"pass end\" when the \
+                 agent logs the pass, all workloads reprogrammed.\n\n\
                  | workloads | changes | in force p50 ms | p90 ms | p99 ms | max ms | pass end p50 ms | p99 ms | the agent's log: SIGHUP → pass logged p50 ms | p99 ms | agent VmRSS MiB |\n\
                  |---|---|---|---|---|---|---|---|---|---|---|\n"
             );
