@@ -20,9 +20,7 @@ fn main() -> anyhow::Result<()> {
         fs::write(out_dir.join("redirector-ebpf-upgrade-test"), b"")?;
         return Ok(());
     }
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?)
-        .join("..")
-        .join("redirector-ebpf");
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("..").join("redirector-ebpf");
     let root = root.to_str().expect("utf-8 path").to_owned();
     // Both builds write OUT_DIR/redirector-ebpf: the variant first, renamed,
     // then the object the agent runs.
@@ -37,11 +35,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     fs::rename(&object, out_dir.join("redirector-ebpf-upgrade-test"))?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "redirector-ebpf",
-            root_dir: &root,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: "redirector-ebpf", root_dir: &root, ..Default::default() }],
         aya_build::Toolchain::default(),
     )?;
     Ok(())

@@ -59,7 +59,11 @@ fuzz_target!(|data: &[u8]| {
             None => {
                 if let Ok(rule) = line.parse::<MeshedWhen>() {
                     let printed = rule.to_string();
-                    assert_eq!(printed.parse::<MeshedWhen>().ok(), Some(rule.clone()), "{line:?} printed as {printed:?}");
+                    assert_eq!(
+                        printed.parse::<MeshedWhen>().ok(),
+                        Some(rule.clone()),
+                        "{line:?} printed as {printed:?}"
+                    );
                 }
             }
         }
@@ -67,15 +71,22 @@ fuzz_target!(|data: &[u8]| {
 
     let result = parse(preset, &ann);
     // Other dialects' keys (and unknown keys) are ignored.
-    let own: BTreeMap<String, String> =
-        ann.iter().filter(|(k, _)| vocabulary(preset).contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let own: BTreeMap<String, String> = ann
+        .iter()
+        .filter(|(k, _)| vocabulary(preset).contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     assert_eq!(parse(preset, &own), result, "keys outside the {preset:?} vocabulary changed the result");
     // Spaces around items change nothing.
-    let spaced: BTreeMap<String, String> = ann.iter().map(|(k, v)| (k.clone(), format!(" {} ", v.replace(',', " , ")))).collect();
+    let spaced: BTreeMap<String, String> =
+        ann.iter().map(|(k, v)| (k.clone(), format!(" {} ", v.replace(',', " , ")))).collect();
     assert_eq!(parse(preset, &spaced).is_ok(), result.is_ok(), "spaces changed whether {ann:?} parses");
     match result {
         Err(e) => {
-            assert!(vocabulary(preset).iter().any(|k| e.contains(&format!("annotation `{k}`"))), "error names no annotation: {e}");
+            assert!(
+                vocabulary(preset).iter().any(|k| e.contains(&format!("annotation `{k}`"))),
+                "error names no annotation: {e}"
+            );
         }
         Ok(a) => {
             assert_eq!(parse(preset, &spaced).as_ref(), Ok(&a), "spaces changed the result");

@@ -19,7 +19,11 @@ use redirector_fuzz::{check_annotations, check_entries, check_mesh, check_policy
 use serde_yaml::{Mapping, Value};
 
 fn summary(c: &Config) -> (String, String, Vec<String>) {
-    (format!("{:?}", c.mesh), format!("{:?}", c.workloads), c.rejected.iter().map(|(n, e)| format!("{n}: {e:#}")).collect())
+    (
+        format!("{:?}", c.mesh),
+        format!("{:?}", c.workloads),
+        c.rejected.iter().map(|(n, e)| format!("{n}: {e:#}")).collect(),
+    )
 }
 
 /// The config file that says what `c` says (None if its mesh settings

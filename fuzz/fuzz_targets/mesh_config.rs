@@ -81,7 +81,8 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
-            let rest = |m: &MeshConfig| (m.preset, m.proxy_uid, m.proxy_gid, m.outbound_port, m.inbound_port, m.loopback);
+            let rest =
+                |m: &MeshConfig| (m.preset, m.proxy_uid, m.proxy_gid, m.outbound_port, m.inbound_port, m.loopback);
             assert_eq!(rest(&m), rest(b), "the MeshConfig changed more than its lists");
         }
         Err((Source::ConfigMap(n), e)) => {

@@ -20,8 +20,16 @@ use redirector_fuzz::{check_connections, check_entries, check_policy, fixed_addr
 /// Addresses that make rules match often: documentation ranges, loopback,
 /// the pod, mapped and IPv6 ones.
 const BASES: [&str; 10] = [
-    "192.0.2.0", "198.51.100.0", "203.0.113.0", "198.18.0.0", "127.0.0.0", "0.0.0.0", "2001:db8::", "::",
-    "::ffff:0.0.0.0", "fe80::",
+    "192.0.2.0",
+    "198.51.100.0",
+    "203.0.113.0",
+    "198.18.0.0",
+    "127.0.0.0",
+    "0.0.0.0",
+    "2001:db8::",
+    "::",
+    "::ffff:0.0.0.0",
+    "fe80::",
 ];
 
 #[derive(Arbitrary, Debug)]
@@ -137,7 +145,11 @@ fn mesh(i: &Input, preset: Preset) -> MeshConfig {
         m.proxy_uid = i.uid;
         m.proxy_gid = i.gid;
         m.outbound_port = i.outbound_port.max(1);
-        m.inbound_port = if i.inbound_port == 0 || i.inbound_port == m.outbound_port { m.outbound_port % 65535 + 1 } else { i.inbound_port };
+        m.inbound_port = if i.inbound_port == 0 || i.inbound_port == m.outbound_port {
+            m.outbound_port % 65535 + 1
+        } else {
+            i.inbound_port
+        };
         m.inbound = i.inbound;
         m.loopback = LoopbackMode::ALL[i.loopback as usize % 4];
         m.outbound_port_inclusion = match l.outbound_port_inclusion {
@@ -160,13 +172,18 @@ fn mesh(i: &Input, preset: Preset) -> MeshConfig {
 /// Connections aimed at the edges of the policy's own rules.
 fn connections(p: &Policy, seeds: &[ConnIn]) -> (Vec<OutboundConn>, Vec<InboundConn>) {
     let mut addrs: Vec<IpAddr> = fixed_addresses();
-    for set in [&p.outbound_ip_range_exclusion, &p.inbound_source_exclusion].into_iter().chain(p.outbound_ip_range_inclusion.as_ref()) {
+    for set in [&p.outbound_ip_range_exclusion, &p.inbound_source_exclusion]
+        .into_iter()
+        .chain(p.outbound_ip_range_inclusion.as_ref())
+    {
         addrs.extend(set.iter().flat_map(probes));
     }
     addrs.extend(p.local_addresses.iter().copied());
-    let mut port_list: Vec<u16> = vec![80, 443, 15000, 15001, 15003, 15006, 22, 0, 65535, p.outbound_port, p.inbound_port];
+    let mut port_list: Vec<u16> =
+        vec![80, 443, 15000, 15001, 15003, 15006, 22, 0, 65535, p.outbound_port, p.inbound_port];
     port_list.extend(p.outbound_port_exclusion.iter().chain(&p.inbound_port_exclusion).take(16));
-    port_list.extend(p.outbound_port_inclusion.iter().flatten().chain(p.inbound_port_inclusion.iter().flatten()).take(16));
+    port_list
+        .extend(p.outbound_port_inclusion.iter().flatten().chain(p.inbound_port_inclusion.iter().flatten()).take(16));
     let mut out = Vec::new();
     let mut inbound = Vec::new();
     for s in seeds.iter().take(64) {

@@ -25,7 +25,11 @@ fn one(preset: Preset, key: &str, value: &str) -> anyhow::Result<redirector::con
 }
 
 fn items(value: &str) -> Vec<&str> {
-    if value.trim().is_empty() { Vec::new() } else { value.split(',').map(str::trim).collect() }
+    if value.trim().is_empty() {
+        Vec::new()
+    } else {
+        value.split(',').map(str::trim).collect()
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -65,7 +69,11 @@ fuzz_target!(|data: &[u8]| {
             // The net alone in the trie matches exactly its addresses.
             let e = cidr_entries(3, cidr_kind::OUTBOUND_EXCLUDE, &n);
             for a in probes(&n).into_iter().chain(fixed_addresses()).chain([ip]) {
-                assert_eq!(trie_hit(&e, 3, cidr_kind::OUTBOUND_EXCLUDE, a), in_nets(&BTreeSet::from([n]), a), "{n}: address {a} in the trie");
+                assert_eq!(
+                    trie_hit(&e, 3, cidr_kind::OUTBOUND_EXCLUDE, a),
+                    in_nets(&BTreeSet::from([n]), a),
+                    "{n}: address {a} in the trie"
+                );
             }
         }
         Err(e) => assert!(format!("{e:#}").contains(&format!("{s:?}")), "the error does not quote the value: {e:#}"),

@@ -79,7 +79,9 @@ pub fn check_ports(what: &str, ports: &[u16]) {
 pub fn check_annotations(a: &WorkloadAnnotations) {
     check_ports("outbound port exclusion", &a.outbound_port_exclusion);
     check_ports("inbound port exclusion", &a.inbound_port_exclusion);
-    for (what, inc) in [("outbound port inclusion", &a.outbound_port_inclusion), ("inbound port inclusion", &a.inbound_port_inclusion)] {
+    for (what, inc) in
+        [("outbound port inclusion", &a.outbound_port_inclusion), ("inbound port inclusion", &a.inbound_port_inclusion)]
+    {
         if let Some(Inclusion::Only(v)) = inc {
             check_ports(what, v);
         }
@@ -151,7 +153,8 @@ pub fn render_annotations(preset: Preset, a: &WorkloadAnnotations) -> BTreeMap<S
 }
 
 fn yaml_list<T: ToString>(v: &[T], quote: bool) -> String {
-    let items: Vec<String> = v.iter().map(|x| if quote { format!("\"{}\"", x.to_string()) } else { x.to_string() }).collect();
+    let items: Vec<String> =
+        v.iter().map(|x| if quote { format!("\"{}\"", x.to_string()) } else { x.to_string() }).collect();
     format!("[{}]", items.join(", "))
 }
 
@@ -222,7 +225,8 @@ pub fn check_policy(mesh: &MeshConfig, pod: &WorkloadAnnotations, p: &Policy) {
     let mut inbound = ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion);
     inbound.extend(&mesh.reserved_inbound_ports);
     assert_eq!(p.inbound_port_exclusion, inbound);
-    let all: Vec<IpNet> = mesh.outbound_ip_range_exclusion.iter().chain(&pod.outbound_ip_range_exclusion).copied().collect();
+    let all: Vec<IpNet> =
+        mesh.outbound_ip_range_exclusion.iter().chain(&pod.outbound_ip_range_exclusion).copied().collect();
     assert_eq!(p.outbound_ip_range_exclusion, nets(&all));
     let all: Vec<IpNet> = mesh.inbound_source_exclusion.iter().chain(&pod.inbound_source_exclusion).copied().collect();
     assert_eq!(p.inbound_source_exclusion, nets(&all));
@@ -301,14 +305,18 @@ pub fn probes(net: &IpNet) -> Vec<IpAddr> {
     match net {
         IpNet::V4(n) => {
             let (lo, hi) = (u32::from(n.network()), u32::from(n.broadcast()));
-            v.extend([lo.wrapping_sub(1), hi.wrapping_add(1), lo + (hi - lo) / 2].map(|a| IpAddr::V4(Ipv4Addr::from(a))));
+            v.extend(
+                [lo.wrapping_sub(1), hi.wrapping_add(1), lo + (hi - lo) / 2].map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            );
             // The same addresses written IPv4-mapped.
             v.push(IpAddr::V6(n.network().to_ipv6_mapped()));
             v.push(IpAddr::V6(n.broadcast().to_ipv6_mapped()));
         }
         IpNet::V6(n) => {
             let (lo, hi) = (u128::from(n.network()), u128::from(n.broadcast()));
-            v.extend([lo.wrapping_sub(1), hi.wrapping_add(1), lo + (hi - lo) / 2].map(|a| IpAddr::V6(Ipv6Addr::from(a))));
+            v.extend(
+                [lo.wrapping_sub(1), hi.wrapping_add(1), lo + (hi - lo) / 2].map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            );
         }
     }
     v
@@ -390,9 +398,24 @@ pub fn check_entries(p: &Policy, id: u32, e: &MapEntries) {
 /// Addresses every connection set tries.
 pub fn fixed_addresses() -> Vec<IpAddr> {
     [
-        "127.0.0.1", "127.0.0.6", "127.1.2.3", "0.0.0.0", "255.255.255.255", "192.0.2.10", "198.51.100.7",
-        "203.0.113.200", "198.18.0.1", "::1", "::", "::ffff:192.0.2.10", "::ffff:127.0.0.1", "2001:db8::1",
-        "fe80::1", "64:ff9b::c000:20a", "::192.0.2.10", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        "127.0.0.1",
+        "127.0.0.6",
+        "127.1.2.3",
+        "0.0.0.0",
+        "255.255.255.255",
+        "192.0.2.10",
+        "198.51.100.7",
+        "203.0.113.200",
+        "198.18.0.1",
+        "::1",
+        "::",
+        "::ffff:192.0.2.10",
+        "::ffff:127.0.0.1",
+        "2001:db8::1",
+        "fe80::1",
+        "64:ff9b::c000:20a",
+        "::192.0.2.10",
+        "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
     ]
     .iter()
     .map(|s| s.parse().unwrap())
@@ -443,9 +466,8 @@ pub fn oracle_expresses(preset: Preset, p: &Policy) -> bool {
 /// they are IPv4 rules).
 pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundConn], inbound: &[InboundConn]) {
     let e = map_entries(p, id);
-    let table = oracle_expresses(preset, p).then(|| {
-        NatTable::from_commands(&oracle_commands(preset, p)).expect("the oracle's own commands parse")
-    });
+    let table = oracle_expresses(preset, p)
+        .then(|| NatTable::from_commands(&oracle_commands(preset, p)).expect("the oracle's own commands parse"));
     for c in conns {
         let v = evaluate(p, c);
         assert_eq!(evaluate_entries(&e, c), v, "maps and evaluator differ on {c:?}");
@@ -485,7 +507,9 @@ pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundC
         if let Verdict::Redirect(d) = v {
             assert_eq!(d, c.dst, "the proxy must read back the dialed address");
         }
-        let (Some(t), SocketAddr::V4(dst), IpAddr::V4(src), false) = (&table, c.dst, c.src, c.local_client) else { continue };
+        let (Some(t), SocketAddr::V4(dst), IpAddr::V4(src), false) = (&table, c.dst, c.src, c.local_client) else {
+            continue;
+        };
         // osm-init's static rules do not know osm-healthcheck's port, which
         // the OSM preset reserves (README, Dialects).
         if preset == Preset::Osm && dst.port() == redirector::iptables::OSM_HEALTHCHECK_PORT {
@@ -494,7 +518,9 @@ pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundC
         match (t.prerouting(src, dst), v) {
             (NatOutcome::Redirect(a), Verdict::Redirect(_)) => assert_eq!(a.port(), p.inbound_port),
             (NatOutcome::Unchanged, Verdict::Pass(_)) => {}
-            (NatOutcome::Redirect(a), Verdict::Pass(_)) if dst.port() == p.inbound_port => assert_eq!(a.port(), dst.port()),
+            (NatOutcome::Redirect(a), Verdict::Pass(_)) if dst.port() == p.inbound_port => {
+                assert_eq!(a.port(), dst.port())
+            }
             (o, v) => panic!("{preset:?} PREROUTING {o:?}, evaluator {v:?}, for {c:?} under {p:?}"),
         }
     }
@@ -505,7 +531,10 @@ pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundC
 /// application's identity, the 127.0.0.6 passthrough source.
 pub fn edge_connections(p: &Policy) -> (Vec<OutboundConn>, Vec<InboundConn>) {
     let mut addrs: Vec<IpAddr> = fixed_addresses();
-    for set in [&p.outbound_ip_range_exclusion, &p.inbound_source_exclusion].into_iter().chain(p.outbound_ip_range_inclusion.as_ref()) {
+    for set in [&p.outbound_ip_range_exclusion, &p.inbound_source_exclusion]
+        .into_iter()
+        .chain(p.outbound_ip_range_inclusion.as_ref())
+    {
         addrs.extend(set.iter().take(8).flat_map(probes));
     }
     addrs.extend(p.local_addresses.iter().copied());
@@ -522,7 +551,11 @@ pub fn edge_connections(p: &Policy) -> (Vec<OutboundConn>, Vec<InboundConn>) {
             for (uid, src) in [(p.proxy_uid, None), (1000, None), (p.proxy_uid, passthrough), (1000, passthrough)] {
                 out.push(OutboundConn { src, ..OutboundConn::tcp(uid, dst) });
             }
-            inbound.push(InboundConn { dst: SocketAddr::new("198.18.0.1".parse().unwrap(), *port), local_client: n == 0, src: *ip });
+            inbound.push(InboundConn {
+                dst: SocketAddr::new("198.18.0.1".parse().unwrap(), *port),
+                local_client: n == 0,
+                src: *ip,
+            });
         }
     }
     (out, inbound)

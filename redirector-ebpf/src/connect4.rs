@@ -2,11 +2,9 @@
 //! proxy, unless a rule of the osm-init chain PROXY_OUTPUT (or Istio's
 //! ISTIO_OUTPUT) would RETURN it.
 use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext, EbpfContext as _,
 };
-use redirector_common::{
-    v4_in16,counter, flags, orig_flags, v4_mapped, OrigDst, AF_INET};
+use redirector_common::{counter, flags, orig_flags, v4_in16, v4_mapped, OrigDst, AF_INET};
 
 use crate::{
     decide::{decide, Action, Dst},

@@ -3,13 +3,9 @@
 //! destination is decided as the IPv4 address it carries and goes to
 //! `::ffff:127.0.0.1`, so writing an address differently bypasses nothing.
 use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    helpers::generated::bpf_get_netns_cookie, macros::cgroup_sock_addr, programs::SockAddrContext, EbpfContext as _,
 };
-use redirector_common::{
-    v4_in16,
-    counter, flags, is_v4_mapped, orig_flags, v4_mapped, OrigDst, AF_INET, AF_INET6,
-};
+use redirector_common::{counter, flags, is_v4_mapped, orig_flags, v4_in16, v4_mapped, OrigDst, AF_INET, AF_INET6};
 
 use crate::{
     decide::{decide, Action, Dst},
@@ -47,12 +43,8 @@ fn try_connect6(ctx: &SockAddrContext) {
     let bound = words_to_bytes(unsafe { (*sk).src_ip6 });
     let addr = words_to_bytes(sa.user_ip6);
     let is_v4 = is_v4_mapped(&addr);
-    let dst = Dst {
-        addr,
-        is_v4,
-        port: u16::from_be(sa.user_port as u16),
-        from_passthrough: bound == PASSTHROUGH_MAPPED,
-    };
+    let dst =
+        Dst { addr, is_v4, port: u16::from_be(sa.user_port as u16), from_passthrough: bound == PASSTHROUGH_MAPPED };
     let port = match decide(&policy, &dst) {
         Action::Pass => return,
         Action::Outbound => policy.outbound_port,

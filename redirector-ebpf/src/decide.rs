@@ -107,9 +107,7 @@ pub fn decide(policy: &WorkloadPolicy, dst: &Dst) -> Action {
         count(counter::BYPASS_CIDR);
         return Action::Pass;
     }
-    if policy.flags & flags::OUT_PORT_INCLUSION_SET != 0
-        && !port_rule(id, port_kind::OUTBOUND_INCLUDE, dst.port)
-    {
+    if policy.flags & flags::OUT_PORT_INCLUSION_SET != 0 && !port_rule(id, port_kind::OUTBOUND_INCLUDE, dst.port) {
         count(counter::BYPASS_NOT_INCLUDED);
         return Action::Pass;
     }

@@ -2,8 +2,7 @@
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` the way conntrack does under
 //! iptables REDIRECT, from what connect4/6, sockops and sk_lookup kept.
 use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt,
-    programs::SockoptContext,
+    helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext, EbpfContext as _,
 };
 use redirector_common::{counter, is_v4_mapped, v4_mapped, OrigDst, TupleKey, AF_INET, AF_INET6};
 

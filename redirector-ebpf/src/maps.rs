@@ -7,9 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirector_common::{
-    CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy, counter,
-    MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS,
-    MAX_WORKLOADS,
+    counter, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy, MAX_ACCEL_SOCKETS,
+    MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -24,8 +23,7 @@ pub static RDR_WORKLOADS: HashMap<u64, WorkloadPolicy, { MAX_WORKLOADS as usize 
 
 /// Excluded ports per policy id and direction.
 #[btf_map]
-pub static RDR_PORTS: HashMap<PortKey, u8, { MAX_PORT_RULES as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static RDR_PORTS: HashMap<PortKey, u8, { MAX_PORT_RULES as usize }, NO_PREALLOC> = HashMap::new();
 
 /// CIDR rules per policy id and kind, both families (IPv4 stored mapped).
 #[btf_map]
@@ -44,12 +42,8 @@ pub static RDR_ACCEL_SOCKS: SockHash<SockKey, { MAX_ACCEL_SOCKETS as usize }> = 
 /// Original destination of each established redirected connection, keyed
 /// by its 4-tuple and netns; removed when the application's socket closes.
 #[btf_map]
-pub static RDR_ORIG_TUPLE: HashMap<
-    TupleKey,
-    OrigDst,
-    { MAX_TRACKED_CONNECTIONS as usize },
-    NO_PREALLOC,
-> = HashMap::new();
+pub static RDR_ORIG_TUPLE: HashMap<TupleKey, OrigDst, { MAX_TRACKED_CONNECTIONS as usize }, NO_PREALLOC> =
+    HashMap::new();
 
 /// Original destination attached to the socket itself; freed with it.
 #[btf_map]

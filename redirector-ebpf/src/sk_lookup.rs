@@ -45,11 +45,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let (family, local, remote) = if l.family == u32::from(AF_INET) {
         let a = l.local_ip4.to_ne_bytes();
         let b = l.remote_ip4.to_ne_bytes();
-        (
-            AF_INET,
-            v4_in16([a[0], a[1], a[2], a[3]]),
-            v4_in16([b[0], b[1], b[2], b[3]]),
-        )
+        (AF_INET, v4_in16([a[0], a[1], a[2], a[3]]), v4_in16([b[0], b[1], b[2], b[3]]))
     } else if l.family == u32::from(AF_INET6) {
         // One field load each: the verifier refuses a derived context pointer.
         let local = unsafe {

@@ -11,11 +11,11 @@
 //! reads redirected bytes before bytes queued by TCP, so mixing the two
 //! paths in one direction could reorder the stream.
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS},
     helpers::generated::bpf_get_netns_cookie,
     macros::sk_msg,
     programs::SkMsgContext,
+    EbpfContext as _,
 };
 use redirector_common::{counter, is_v4_mapped, orig_flags, v4_in16, SockKey, AF_INET, AF_INET6};
 

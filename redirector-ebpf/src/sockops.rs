@@ -5,27 +5,22 @@
 //! delivered to the proxy; and, for workloads with sockmap acceleration,
 //! put both ends of an app ↔ proxy connection into `RDR_ACCEL_SOCKS`.
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
+    EbpfContext as _,
 };
 use redirector_common::{
-    v4_in16,
-    counter, flags, is_v4_mapped, orig_flags, ListenerKey, OrigDst, SockKey, TupleKey, AF_INET,
-    AF_INET6,
+    counter, flags, is_v4_mapped, orig_flags, v4_in16, ListenerKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6,
 };
 
 use crate::{
     decide::{inbound_redirected, is_local_peer},
-    maps::{
-        count, sock_orig, words_to_bytes, RDR_ACCEL_SOCKS, RDR_LISTENERS, RDR_ORIG_TUPLE,
-        RDR_WORKLOADS,
-    },
+    maps::{count, sock_orig, words_to_bytes, RDR_ACCEL_SOCKS, RDR_LISTENERS, RDR_ORIG_TUPLE, RDR_WORKLOADS},
 };
 
 const BPF_NOEXIST: u64 = 1;

@@ -70,19 +70,15 @@ pub fn reconcile_keeping(
                 policy = policy.with_local_addresses(addresses);
             }
             if let Some(cg) = &w.proxy_cgroup {
-                policy = policy.with_proxy_cgroup(crate::sysfs::cgroup_id(cg).with_context(|| {
-                    format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
-                })?);
+                policy = policy
+                    .with_proxy_cgroup(crate::sysfs::cgroup_id(cg).with_context(|| {
+                        format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
+                    })?);
             }
             Ok((fact.cookie, policy))
         });
         match found {
-            Ok((cookie, policy)) => desired.push(Desired {
-                name: w.name.clone(),
-                cookie,
-                netns: path.clone(),
-                policy,
-            }),
+            Ok((cookie, policy)) => desired.push(Desired { name: w.name.clone(), cookie, netns: path.clone(), policy }),
             Err(e) => {
                 if let Some(c) = state.cookies.get(&w.name) {
                     keep.insert(*c);
@@ -109,12 +105,8 @@ pub fn reconcile_keeping(
             state.cookies.insert(d.name.clone(), d.cookie);
         }
     }
-    let listed: BTreeSet<&String> = cfg
-        .workloads
-        .iter()
-        .map(|w| &w.name)
-        .chain(cfg.rejected.iter().map(|(n, _)| n))
-        .collect();
+    let listed: BTreeSet<&String> =
+        cfg.workloads.iter().map(|w| &w.name).chain(cfg.rejected.iter().map(|(n, _)| n)).collect();
     state.cookies.retain(|name, _| listed.contains(name));
     failed.append(&mut report.errors);
     report.errors = failed;
@@ -181,11 +173,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .with_context(|| format!("config file {}", opts.config.display()))?;
     }
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
-    info!(
-        "attached to cgroup {}, maps and links pinned in {}",
-        opts.cgroup.display(),
-        opts.pin_dir.display()
-    );
+    info!("attached to cgroup {}, maps and links pinned in {}", opts.cgroup.display(), opts.pin_dir.display());
     let metrics = crate::metrics::Metrics::new(opts.pin_dir.clone());
     if let Some(addr) = opts.metrics_addr {
         // Bind now so a bad address fails the start, not a background task.
@@ -275,10 +263,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Err(e) => {
                 metrics.error("invalid_config");
-                error!(
-                    "config file {}: {e:#}; keeping the last good configuration",
-                    opts.config.display()
-                )
+                error!("config file {}: {e:#}; keeping the last good configuration", opts.config.display())
             }
         }
     }

@@ -113,7 +113,13 @@ pub fn map_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType
 }
 
 /// Both commands take the same attributes: target map, program, type.
-fn map_prog_cmd(cmd: libc::c_long, name: &str, prog: BorrowedFd<'_>, map: BorrowedFd<'_>, ty: AttachType) -> Result<()> {
+fn map_prog_cmd(
+    cmd: libc::c_long,
+    name: &str,
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    ty: AttachType,
+) -> Result<()> {
     let mut attr = [0u8; ATTR_SIZE];
     put_u32(&mut attr, 0, map.as_raw_fd() as u32);
     put_u32(&mut attr, 4, prog.as_raw_fd() as u32);

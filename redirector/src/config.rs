@@ -22,17 +22,11 @@ use serde::Deserialize;
 /// OSM's annotation keys (pod scoped lists, merged with the mesh lists).
 pub mod osm_annotations {
     pub const OUTBOUND_PORT_EXCLUSION: &str = "openservicemesh.io/outbound-port-exclusion-list";
-    pub const OUTBOUND_IP_RANGE_EXCLUSION: &str =
-        "openservicemesh.io/outbound-ip-range-exclusion-list";
-    pub const OUTBOUND_IP_RANGE_INCLUSION: &str =
-        "openservicemesh.io/outbound-ip-range-inclusion-list";
+    pub const OUTBOUND_IP_RANGE_EXCLUSION: &str = "openservicemesh.io/outbound-ip-range-exclusion-list";
+    pub const OUTBOUND_IP_RANGE_INCLUSION: &str = "openservicemesh.io/outbound-ip-range-inclusion-list";
     pub const INBOUND_PORT_EXCLUSION: &str = "openservicemesh.io/inbound-port-exclusion-list";
-    pub const ALL: [&str; 4] = [
-        OUTBOUND_PORT_EXCLUSION,
-        OUTBOUND_IP_RANGE_EXCLUSION,
-        OUTBOUND_IP_RANGE_INCLUSION,
-        INBOUND_PORT_EXCLUSION,
-    ];
+    pub const ALL: [&str; 4] =
+        [OUTBOUND_PORT_EXCLUSION, OUTBOUND_IP_RANGE_EXCLUSION, OUTBOUND_IP_RANGE_INCLUSION, INBOUND_PORT_EXCLUSION];
 }
 
 /// Istio's pod annotations (traffic.sidecar.istio.io/*).
@@ -410,8 +404,7 @@ struct RawWorkload {
 
 /// Reads and parses a config file.
 pub fn load_config(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
     parse_config(&text).with_context(|| format!("config file {}", path.display()))
 }
 
@@ -435,19 +428,11 @@ pub fn parse_config(text: &str) -> Result<Config> {
         match parse_workload(preset, value) {
             Ok(w) => {
                 if names.contains(&w.name) {
-                    rejected.push((
-                        w.name.clone(),
-                        anyhow!("workload `{}`: name is listed twice", w.name),
-                    ));
+                    rejected.push((w.name.clone(), anyhow!("workload `{}`: name is listed twice", w.name)));
                 } else if let Some(o) = namespaces.get(&w.netns).map(|&i| &workloads[i]) {
                     rejected.push((
                         w.name.clone(),
-                        anyhow!(
-                            "workload `{}`: {} is already used by workload `{}`",
-                            w.name,
-                            w.netns,
-                            o.name
-                        ),
+                        anyhow!("workload `{}`: {} is already used by workload `{}`", w.name, w.netns, o.name),
                     ));
                 } else {
                     names.insert(w.name.clone());
@@ -455,10 +440,7 @@ pub fn parse_config(text: &str) -> Result<Config> {
                     workloads.push(w);
                 }
             }
-            Err(e) => rejected.push((
-                fallback_name.clone(),
-                e.context(format!("workload `{fallback_name}`")),
-            )),
+            Err(e) => rejected.push((fallback_name.clone(), e.context(format!("workload `{fallback_name}`")))),
         }
     }
     Ok(Config { mesh, workloads, rejected })
@@ -560,8 +542,7 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
     let id = |key: &str, v: Option<i64>, default: u32| -> Result<u32> {
         match v {
             None => Ok(default),
-            Some(v) => u32::try_from(v)
-                .map_err(|_| anyhow!("key `{key}`: value {v} is not a valid user/group id")),
+            Some(v) => u32::try_from(v).map_err(|_| anyhow!("key `{key}`: value {v} is not a valid user/group id")),
         }
     };
     let port = |key: &str, v: Option<i64>, default: u16| -> Result<u16> {
@@ -584,10 +565,7 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
             .with_context(|| format!("key `{key}`"))
     };
     let cidrs = |key: &str, v: &[String]| -> Result<Vec<IpNet>> {
-        v.iter()
-            .map(|s| parse_cidr(s))
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("key `{key}`"))
+        v.iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>>>().with_context(|| format!("key `{key}`"))
     };
     let outbound_port = port("outboundPort", raw.outbound_port, d.outbound_port)?;
     let inbound_port = port("inboundPort", raw.inbound_port, d.inbound_port)?;
@@ -626,14 +604,8 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshConfig> {
             ),
         },
         reserved_inbound_ports: d.reserved_inbound_ports,
-        outbound_ip_range_exclusion: cidrs(
-            "outboundIPRangeExclusionList",
-            &raw.outbound_ip_range_exclusion_list,
-        )?,
-        outbound_ip_range_inclusion: cidrs(
-            "outboundIPRangeInclusionList",
-            &raw.outbound_ip_range_inclusion_list,
-        )?,
+        outbound_ip_range_exclusion: cidrs("outboundIPRangeExclusionList", &raw.outbound_ip_range_exclusion_list)?,
+        outbound_ip_range_inclusion: cidrs("outboundIPRangeInclusionList", &raw.outbound_ip_range_inclusion_list)?,
         inbound_source_exclusion: cidrs(
             "inboundSourceIPRangeExclusionList",
             &raw.inbound_source_ip_range_exclusion_list,
@@ -659,9 +631,7 @@ fn port_from_i64(v: i64) -> Result<u16> {
 /// One port number, as OSM accepts it in its lists.
 pub fn parse_port(s: &str) -> Result<u16> {
     let t = s.trim();
-    let v: i64 = t
-        .parse()
-        .map_err(|_| anyhow!("value {s:?} is not a port number (1-65535)"))?;
+    let v: i64 = t.parse().map_err(|_| anyhow!("value {s:?} is not a port number (1-65535)"))?;
     port_from_i64(v).map_err(|_| anyhow!("value {s:?} is not a port (1-65535)"))
 }
 
@@ -739,13 +709,7 @@ fn split_list(value: &str) -> Vec<&str> {
 fn parse_list<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
     split_list(value)
         .into_iter()
-        .map(|s| {
-            if s.is_empty() {
-                Err(anyhow!("empty item between commas"))
-            } else {
-                item(s)
-            }
-        })
+        .map(|s| if s.is_empty() { Err(anyhow!("empty item between commas")) } else { item(s) })
         .collect::<Result<Vec<_>>>()
         .with_context(|| format!("annotation `{key}`: value {value:?}"))
 }
@@ -777,10 +741,7 @@ fn flatten_ranges(key: &str, value: &str) -> Result<Vec<u16>> {
 
 /// Parses the annotations of one workload in the vocabulary of `preset`.
 /// Keys of other vocabularies are ignored (pods carry many annotations).
-pub fn parse_annotations(
-    preset: Preset,
-    annotations: &BTreeMap<String, String>,
-) -> Result<WorkloadAnnotations> {
+pub fn parse_annotations(preset: Preset, annotations: &BTreeMap<String, String>) -> Result<WorkloadAnnotations> {
     let mut out = WorkloadAnnotations::default();
     for (key, value) in annotations {
         let k = key.as_str();
@@ -790,12 +751,8 @@ pub fn parse_annotations(
                 match k {
                     OUTBOUND_PORT_EXCLUSION => out.outbound_port_exclusion = parse_list(k, value, parse_port)?,
                     INBOUND_PORT_EXCLUSION => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
-                    OUTBOUND_IP_RANGE_EXCLUSION => {
-                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
-                    }
-                    OUTBOUND_IP_RANGE_INCLUSION => {
-                        out.outbound_ip_range_inclusion = parse_list(k, value, parse_cidr)?
-                    }
+                    OUTBOUND_IP_RANGE_EXCLUSION => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
+                    OUTBOUND_IP_RANGE_INCLUSION => out.outbound_ip_range_inclusion = parse_list(k, value, parse_cidr)?,
                     _ => {}
                 }
             }
@@ -805,12 +762,8 @@ pub fn parse_annotations(
                     INCLUDE_OUTBOUND_IP_RANGES => {
                         out.outbound_ip_range_inclusion_override = Some(parse_inclusion(k, value, parse_cidr)?)
                     }
-                    EXCLUDE_OUTBOUND_IP_RANGES => {
-                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
-                    }
-                    INCLUDE_INBOUND_PORTS => {
-                        out.inbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?)
-                    }
+                    EXCLUDE_OUTBOUND_IP_RANGES => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
+                    INCLUDE_INBOUND_PORTS => out.inbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?),
                     EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
                     INCLUDE_OUTBOUND_PORTS => {
                         out.outbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?)
@@ -834,9 +787,7 @@ pub fn parse_annotations(
                 match k {
                     EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
                     EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
-                    EXCLUDE_OUTBOUND_IPS => {
-                        out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?
-                    }
+                    EXCLUDE_OUTBOUND_IPS => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
                     // `-A KUMA_MESH_INBOUND -s <address> -j RETURN`.
                     EXCLUDE_INBOUND_IPS => out.inbound_source_exclusion = parse_list(k, value, parse_cidr)?,
                     _ => {}
@@ -884,10 +835,7 @@ workloads:
         let app = &c.workloads[0];
         assert_eq!(app.netns, NetnsRef::Path("/run/netns/app".into()));
         assert_eq!(app.annotations.outbound_port_exclusion, vec![7070]);
-        assert_eq!(
-            app.annotations.outbound_ip_range_exclusion,
-            vec!["203.0.113.0/25".parse().unwrap()]
-        );
+        assert_eq!(app.annotations.outbound_ip_range_exclusion, vec!["203.0.113.0/25".parse().unwrap()]);
         assert!(app.annotations.outbound_ip_range_inclusion.is_empty());
         assert_eq!(c.workloads[1].netns, NetnsRef::Pid(4242));
     }
@@ -913,8 +861,7 @@ workloads:
         let t = err_text(&e);
         assert!(t.contains("outboundPortExclusionList") && t.contains("value 0"), "{t}");
 
-        let e = parse_config("mesh:\n  outboundIPRangeExclusionList: [\"300.1.1.1/8\"]\n")
-            .unwrap_err();
+        let e = parse_config("mesh:\n  outboundIPRangeExclusionList: [\"300.1.1.1/8\"]\n").unwrap_err();
         let t = err_text(&e);
         assert!(t.contains("outboundIPRangeExclusionList") && t.contains("300.1.1.1/8"), "{t}");
 
@@ -955,10 +902,7 @@ workloads:
     fn annotation_lists() {
         let mut a = BTreeMap::new();
         a.insert(osm_annotations::OUTBOUND_PORT_EXCLUSION.into(), " 6379, 7070 ".into());
-        a.insert(
-            osm_annotations::OUTBOUND_IP_RANGE_INCLUSION.into(),
-            "192.0.2.0/24,198.51.100.7".into(),
-        );
+        a.insert(osm_annotations::OUTBOUND_IP_RANGE_INCLUSION.into(), "192.0.2.0/24,198.51.100.7".into());
         a.insert("openservicemesh.io/sidecar-injection".into(), "enabled".into());
         let p = parse_annotations(Preset::Osm, &a).unwrap();
         assert_eq!(p.outbound_port_exclusion, vec![6379, 7070]);
@@ -999,7 +943,8 @@ workloads:
     /// empty list) but refused in a config file's `mesh` section.
     #[test]
     fn null_list_means_the_same_in_a_config_file_and_in_mesh_yaml() {
-        for key in ["outboundIPRangeExclusionList", "outboundIPRangeInclusionList", "inboundSourceIPRangeExclusionList"] {
+        for key in ["outboundIPRangeExclusionList", "outboundIPRangeInclusionList", "inboundSourceIPRangeExclusionList"]
+        {
             let file = parse_config(&format!("mesh:\n  {key}:\n")).unwrap().mesh;
             let doc = parse_mesh_document(Some(&format!("{key}: ~\n")), &[]).unwrap();
             assert_eq!(file, MeshConfig::default(), "{key}");
@@ -1014,7 +959,9 @@ workloads:
     /// a number). Both now go through `mesh_from_value`.
     #[test]
     fn yaml_tags_mean_the_same_in_a_config_file_and_in_mesh_yaml() {
-        for text in ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x", "proxyUID: !5", "proxyUID: !a 7"] {
+        for text in
+            ["outboundPortExclusionList: !pasoop", "outboundIPRangeExclusionList: !x", "proxyUID: !5", "proxyUID: !a 7"]
+        {
             let doc = parse_mesh_document(Some(text), &[]).map_err(|e| format!("{e:#}"));
             let file = parse_config(&format!("mesh:\n  {text}\n")).map(|c| c.mesh).map_err(|e| format!("{e:#}"));
             assert_eq!(doc.as_ref().ok(), file.as_ref().ok(), "{text}: {doc:?} / {file:?}");
@@ -1058,9 +1005,12 @@ mod dialects {
 
     #[test]
     fn presets_set_identity_ports_and_reserved_ports() {
-        for (name, uid, out, inb) in
-            [("osm", 1500, 15001, 15003), ("istio", 1337, 15001, 15006), ("linkerd", 2102, 4140, 4143), ("kuma", 5678, 15001, 15006)]
-        {
+        for (name, uid, out, inb) in [
+            ("osm", 1500, 15001, 15003),
+            ("istio", 1337, 15001, 15006),
+            ("linkerd", 2102, 4140, 4143),
+            ("kuma", 5678, 15001, 15006),
+        ] {
             let c = parse_config(&format!("mesh:\n  preset: {name}\n")).unwrap();
             assert_eq!((c.mesh.proxy_uid, c.mesh.outbound_port, c.mesh.inbound_port), (uid, out, inb), "{name}");
         }
@@ -1097,7 +1047,11 @@ mod dialects {
         assert_eq!(a.outbound_port_exclusion, vec![6379]);
         let none = parse_annotations(Preset::Istio, &ann(&[(INCLUDE_OUTBOUND_IP_RANGES, "")])).unwrap();
         assert_eq!(none.outbound_ip_range_inclusion_override, Some(Inclusion::Only(vec![])));
-        for (k, bad) in [(INCLUDE_INBOUND_PORTS, "80,x"), (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/40"), (INCLUDE_OUTBOUND_PORTS, "*,80")] {
+        for (k, bad) in [
+            (INCLUDE_INBOUND_PORTS, "80,x"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/40"),
+            (INCLUDE_OUTBOUND_PORTS, "*,80"),
+        ] {
             let t = format!("{:#}", parse_annotations(Preset::Istio, &ann(&[(k, bad)])).unwrap_err());
             assert!(t.contains(k) && t.contains(bad), "{t}");
         }
@@ -1167,7 +1121,8 @@ mod dialects {
         assert_eq!(k.outbound_ip_range_exclusion, vec!["203.0.113.0/24".parse::<IpNet>().unwrap()]);
         let t = format!(
             "{:#}",
-            parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.300")])).unwrap_err()
+            parse_annotations(Preset::Kuma, &ann(&[(kuma_annotations::EXCLUDE_INBOUND_IPS, "192.0.2.300")]))
+                .unwrap_err()
         );
         assert!(t.contains("exclude-inbound-ips") && t.contains("192.0.2.300"), "{t}");
     }
@@ -1187,10 +1142,16 @@ mod dialects {
             ("mesh:\n  acceleration: [sockmap]\n", "sockmap", "is a list"),
         ] {
             let t = format!("{:#}", parse_config(doc).unwrap_err());
-            assert!(t.contains("`mesh`") && t.contains("key `acceleration`") && t.contains(value) && t.contains(reason), "{doc:?}: {t}");
+            assert!(
+                t.contains("`mesh`") && t.contains("key `acceleration`") && t.contains(value) && t.contains(reason),
+                "{doc:?}: {t}"
+            );
         }
         // The Kubernetes ConfigMap's mesh.yaml goes through the same parser.
-        assert_eq!(parse_mesh_document(Some("acceleration: sockmap\n"), &[]).unwrap().acceleration, Acceleration::Sockmap);
+        assert_eq!(
+            parse_mesh_document(Some("acceleration: sockmap\n"), &[]).unwrap().acceleration,
+            Acceleration::Sockmap
+        );
         let t = format!("{:#}", parse_mesh_document(Some("acceleration: fast\n"), &[]).unwrap_err());
         assert!(t.contains("key `acceleration`") && t.contains("\"fast\""), "{t}");
     }
@@ -1198,7 +1159,10 @@ mod dialects {
     #[test]
     fn loopback_mode_and_preset_port_defaults() {
         let m = parse_config("mesh:\n  preset: linkerd\n").unwrap().mesh;
-        assert_eq!((m.outbound_port_exclusion.clone(), m.inbound_port_exclusion.clone()), (vec![4567, 4568], vec![4567, 4568]));
+        assert_eq!(
+            (m.outbound_port_exclusion.clone(), m.inbound_port_exclusion.clone()),
+            (vec![4567, 4568], vec![4567, 4568])
+        );
         assert_eq!(m.loopback, LoopbackMode::Bypass);
         let m = parse_config("mesh:\n  preset: linkerd\n  outboundPortExclusionList: []\n").unwrap().mesh;
         assert!(m.outbound_port_exclusion.is_empty(), "an explicit list replaces the preset's");

@@ -24,9 +24,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use redirector_common::{
-    counter, map_names, prog_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey,
-    TupleKey, WorkloadPolicy, LAYOUT_VERSION, MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS,
-    MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    counter, map_names, prog_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy,
+    LAYOUT_VERSION, MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS,
+    MAX_WORKLOADS,
 };
 
 use crate::{
@@ -61,7 +61,8 @@ fn ebpf_object() -> Result<&'static [u8]> {
     };
     let loaded = FROM_ENV.get_or_init(|| {
         let shown = path.to_string_lossy();
-        let bytes = std::fs::read(&path).map_err(|e| format!("{EBPF_OBJECT_ENV}={shown}: reading the eBPF object: {e}"))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| format!("{EBPF_OBJECT_ENV}={shown}: reading the eBPF object: {e}"))?;
         if !bytes.starts_with(b"\x7fELF") {
             return Err(format!("{EBPF_OBJECT_ENV}={shown}: not an ELF object"));
         }
@@ -187,9 +188,7 @@ impl Maps {
 
     /// Puts a listening socket (an fd we hold) into `LISTENERS`.
     pub fn register_listener(&mut self, key: ListenerKey, fd: &impl std::os::fd::AsRawFd) -> Result<()> {
-        self.listeners
-            .insert(key, fd.as_raw_fd(), 0)
-            .map_err(|e| full_or(e, map_names::LISTENERS, MAX_LISTENERS, 1))
+        self.listeners.insert(key, fd.as_raw_fd(), 0).map_err(|e| full_or(e, map_names::LISTENERS, MAX_LISTENERS, 1))
     }
 
     pub fn cidr_keys(&self) -> Result<Vec<(u32, CidrData)>> {
@@ -231,14 +230,14 @@ impl Maps {
 
     fn insert_entries(&mut self, e: &MapEntries) -> Result<()> {
         for (n, key) in e.ports.iter().enumerate() {
-            self.ports.insert(key, 1, 0).map_err(|err| {
-                full_or(err, map_names::PORTS, MAX_PORT_RULES, e.ports.len() - n)
-            })?;
+            self.ports
+                .insert(key, 1, 0)
+                .map_err(|err| full_or(err, map_names::PORTS, MAX_PORT_RULES, e.ports.len() - n))?;
         }
         for (n, (bits, data)) in e.cidrs.iter().enumerate() {
-            self.cidrs.insert(&Key::new(*bits, *data), 1, 0).map_err(|err| {
-                full_or(err, map_names::CIDRS, MAX_CIDR_RULES, e.cidrs.len() - n)
-            })?;
+            self.cidrs
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .map_err(|err| full_or(err, map_names::CIDRS, MAX_CIDR_RULES, e.cidrs.len() - n))?;
         }
         Ok(())
     }
@@ -419,7 +418,11 @@ impl FullMapWatch {
             .enumerate()
             .filter(|(i, _)| now[*i] > before[*i])
             .map(|(i, (_, map, capacity, what))| {
-                let size = if *capacity > 0 { format!("map {map} is full (capacity {capacity})") } else { format!("map {map} could not grow") };
+                let size = if *capacity > 0 {
+                    format!("map {map} is full (capacity {capacity})")
+                } else {
+                    format!("map {map} could not grow")
+                };
                 format!("{size}: {} {what}; nothing was evicted", now[i] - before[i])
             })
             .collect()
@@ -530,8 +533,7 @@ impl Dataplane {
         // version) must be refused here, not adopted.
         check_pinned_capacities(pin_dir)?;
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> =
-            map_names::PINNED.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> = map_names::PINNED.iter().map(|n| (*n, pin_dir.join(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -541,8 +543,8 @@ impl Dataplane {
         if let Some(why) = &accel_unavailable {
             log::warn!("sockmap acceleration unavailable (workloads asking for it are refused): {why}");
         }
-        let cgroup_file = File::open(cgroup)
-            .with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
+        let cgroup_file =
+            File::open(cgroup).with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
         for (name, ty) in PROGRAMS {
             let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
             let fd = match ty {
@@ -585,7 +587,14 @@ impl Dataplane {
             maps.meta.set(0, Meta { layout_version: LAYOUT_VERSION, last_policy_id: meta.last_policy_id }, 0)?;
         }
         maps.check_layout()?;
-        Ok(Self { pin_dir: pin_dir.to_owned(), maps, accel_unavailable, programmed: StdHashMap::new(), last_full_sweep: None, _ebpf: ebpf })
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            maps,
+            accel_unavailable,
+            programmed: StdHashMap::new(),
+            last_full_sweep: None,
+            _ebpf: ebpf,
+        })
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,
@@ -622,7 +631,8 @@ impl Dataplane {
         let unregistered: Vec<&Desired> =
             desired.iter().filter(|d| d.policy.inbound && !registered.contains(&d.cookie)).collect();
         if !unregistered.is_empty() {
-            let wanted: Vec<(&Path, u16)> = unregistered.iter().map(|d| (d.netns.as_path(), d.policy.inbound_port)).collect();
+            let wanted: Vec<(&Path, u16)> =
+                unregistered.iter().map(|d| (d.netns.as_path(), d.policy.inbound_port)).collect();
             match crate::listeners::find_listeners(&wanted) {
                 Ok(found) => {
                     for (d, fds) in unregistered.into_iter().zip(found) {
@@ -699,7 +709,8 @@ impl Dataplane {
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
         if let Ok(dir) = std::fs::read_dir(self.pin_dir.join("netns")) {
             for e in dir.flatten() {
-                let stale = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_none_or(|c| !inbound.contains(&c));
+                let stale =
+                    e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()).is_none_or(|c| !inbound.contains(&c));
                 if stale {
                     match std::fs::remove_file(e.path()) {
                         Ok(()) => report.removed_links += 1,
@@ -746,8 +757,7 @@ impl Dataplane {
             return Ok(());
         }
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> =
-            map_names::PINNED.iter().map(|n| (*n, self.pin_dir.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> = map_names::PINNED.iter().map(|n| (*n, self.pin_dir.join(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -759,8 +769,7 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("eBPF object has no program {}", prog_names::SK_LOOKUP))?
             .try_into()?;
         prog.load().with_context(|| format!("loading program {}", prog_names::SK_LOOKUP))?;
-        let netns = File::open(&d.netns)
-            .with_context(|| format!("opening network namespace {}", d.netns.display()))?;
+        let netns = File::open(&d.netns).with_context(|| format!("opening network namespace {}", d.netns.display()))?;
         let link = bpf_sys::link_create(prog.fd()?.as_fd(), netns.as_fd(), AttachType::SkLookup)
             .with_context(|| format!("attaching {} to {}", prog_names::SK_LOOKUP, d.netns.display()))?;
         std::fs::create_dir_all(self.pin_dir.join("netns"))?;
@@ -785,7 +794,8 @@ impl Dataplane {
 /// link: the map keeps it, so it outlives this agent like the pinned links.
 fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {
     let name = prog_names::SK_MSG;
-    let prog: &mut SkMsg = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?.try_into()?;
+    let prog: &mut SkMsg =
+        ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?.try_into()?;
     prog.load().with_context(|| format!("loading program {name}"))?;
     let prog_fd = prog.fd()?.as_fd().try_clone_to_owned()?;
     let map = match ebpf.map(map_names::ACCEL_SOCKETS) {
@@ -896,10 +906,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Whether every program's link is pinned (i.e. attached).
 pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
-    PROGRAMS
-        .iter()
-        .map(|(name, _)| (*name, bpf_sys::obj_get(&link_pin_path(pin_dir, name)).is_ok()))
-        .collect()
+    PROGRAMS.iter().map(|(name, _)| (*name, bpf_sys::obj_get(&link_pin_path(pin_dir, name)).is_ok())).collect()
 }
 
 pub const CAPACITIES: [(&str, u32); 6] = [

@@ -40,14 +40,7 @@ fn run_cases(netns: &Path, cases: &[Case]) -> Result<()> {
         if !ok {
             failed += 1;
         }
-        println!(
-            "  {:<4} {:<44} uid {:<5} -> {:<20} {}",
-            if ok { "ok" } else { "FAIL" },
-            c.what,
-            c.uid,
-            c.dst,
-            got
-        );
+        println!("  {:<4} {:<44} uid {:<5} -> {:<20} {}", if ok { "ok" } else { "FAIL" }, c.what, c.uid, c.dst, got);
     }
     if failed > 0 {
         bail!("{failed} demo connection(s) did not behave as expected");
@@ -86,11 +79,26 @@ pub fn run() -> Result<()> {
         run_cases(
             &topo.app.path(),
             &[
-                Case { what: "app -> remote service (redirected)", uid: 1000, dst: "192.0.2.10:80", expect_proxy: true },
-                Case { what: "proxy UID 1500 -> remote (bypass)", uid: 1500, dst: "192.0.2.10:80", expect_proxy: false },
+                Case {
+                    what: "app -> remote service (redirected)",
+                    uid: 1000,
+                    dst: "192.0.2.10:80",
+                    expect_proxy: true,
+                },
+                Case {
+                    what: "proxy UID 1500 -> remote (bypass)",
+                    uid: 1500,
+                    dst: "192.0.2.10:80",
+                    expect_proxy: false,
+                },
                 Case { what: "excluded CIDR 198.51.100.0/24", uid: 1000, dst: "198.51.100.10:80", expect_proxy: false },
                 Case { what: "excluded port 6379 (mesh)", uid: 1000, dst: "192.0.2.10:6379", expect_proxy: false },
-                Case { what: "excluded port 7070 (annotation)", uid: 1000, dst: "203.0.113.10:7070", expect_proxy: false },
+                Case {
+                    what: "excluded port 7070 (annotation)",
+                    uid: 1000,
+                    dst: "203.0.113.10:7070",
+                    expect_proxy: false,
+                },
                 Case { what: "127.0.0.1 (never redirected)", uid: 1000, dst: "127.0.0.1:8080", expect_proxy: false },
             ],
         )?;
@@ -103,8 +111,18 @@ pub fn run() -> Result<()> {
         run_cases(
             &topo.peer.path(),
             &[
-                Case { what: "peer -> pod :8080 (to the inbound proxy)", uid: 0, dst: "198.18.0.1:8080", expect_proxy: true },
-                Case { what: "peer -> pod :15010 (reserved, not redirected)", uid: 0, dst: "198.18.0.1:15010", expect_proxy: false },
+                Case {
+                    what: "peer -> pod :8080 (to the inbound proxy)",
+                    uid: 0,
+                    dst: "198.18.0.1:8080",
+                    expect_proxy: true,
+                },
+                Case {
+                    what: "peer -> pod :15010 (reserved, not redirected)",
+                    uid: 0,
+                    dst: "198.18.0.1:15010",
+                    expect_proxy: false,
+                },
             ],
         )?;
         println!("-- live change: annotation now also excludes port 80 (no restart)");
@@ -116,11 +134,17 @@ pub fn run() -> Result<()> {
             &topo.app.path(),
             &[
                 Case { what: "app -> remote :80 (now excluded)", uid: 1000, dst: "192.0.2.10:80", expect_proxy: false },
-                Case { what: "app -> remote :8080 (still redirected)", uid: 1000, dst: "192.0.2.10:8080", expect_proxy: true },
+                Case {
+                    what: "app -> remote :8080 (still redirected)",
+                    uid: 1000,
+                    dst: "192.0.2.10:8080",
+                    expect_proxy: true,
+                },
             ],
         )?;
         println!("-- bpftool map dump pinned {}/RDR_WORKLOADS", pins.path.display());
-        match testkit::sh("bpftool", &["map", "dump", "pinned", &pins.path.join("RDR_WORKLOADS").display().to_string()]) {
+        match testkit::sh("bpftool", &["map", "dump", "pinned", &pins.path.join("RDR_WORKLOADS").display().to_string()])
+        {
             Ok(out) => print!("{out}"),
             Err(e) => println!("   (bpftool not available: {e:#})"),
         }

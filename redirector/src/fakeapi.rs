@@ -407,7 +407,11 @@ fn serve(mut conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &Atomi
     let Some(res) = res else {
         record(&mut st, 404);
         drop(st);
-        return respond(&mut conn, 404, &status(404, "NotFound", &format!("the server could not find the requested resource ({plural}.{group})")));
+        return respond(
+            &mut conn,
+            404,
+            &status(404, "NotFound", &format!("the server could not find the requested resource ({plural}.{group})")),
+        );
     };
     let fields = req.query.get("fieldSelector");
     match verb {
@@ -436,7 +440,11 @@ fn serve(mut conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &Atomi
             if verb == "patch" {
                 // Merge the patch into the stored object (Events only).
                 let key = (ns.clone().unwrap_or_default(), name.clone().unwrap_or_default());
-                let mut base = st.resources[&res].objects.get(&key).cloned().unwrap_or(json!({"metadata": {"name": key.1, "namespace": key.0}}));
+                let mut base = st.resources[&res]
+                    .objects
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or(json!({"metadata": {"name": key.1, "namespace": key.0}}));
                 if let (Some(b), Some(p)) = (base.as_object_mut(), obj.as_object()) {
                     for (k, v) in p {
                         b.insert(k.clone(), v.clone());
@@ -455,7 +463,8 @@ fn serve(mut conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &Atomi
             record(&mut st, 200);
             let from: u64 = req.query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             let bookmarks = req.query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
-            let timeout = Duration::from_secs(req.query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
+            let timeout =
+                Duration::from_secs(req.query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290));
             let generation = st.generation;
             let expired = from != 0 && from < st.expired_below;
             drop(st);
@@ -467,7 +476,9 @@ fn serve(mut conn: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, stop: &Atomi
                 conn.flush()
             };
             if expired {
-                send(json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {from}"))}))?;
+                send(
+                    json!({"type": "ERROR", "object": status(410, "Expired", &format!("too old resource version: {from}"))}),
+                )?;
                 return write!(conn, "0\r\n\r\n").map_err(Into::into);
             }
             let started = Instant::now();

@@ -80,11 +80,8 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
         .iter()
         .map(|(cookie, w)| {
             let port_list = |kind| {
-                let mut v: Vec<u16> = ports
-                    .iter()
-                    .filter(|k| k.policy_id == w.policy_id && k.kind == kind)
-                    .map(|k| k.port)
-                    .collect();
+                let mut v: Vec<u16> =
+                    ports.iter().filter(|k| k.policy_id == w.policy_id && k.kind == kind).map(|k| k.port).collect();
                 v.sort_unstable();
                 v
             };
@@ -96,7 +93,11 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                     .iter()
                     .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id && d.kind == kind)
                     .filter_map(|(bits, d)| {
-                        let net = ipnet::IpNet::new(std::net::Ipv6Addr::from(d.addr).into(), (bits - CIDR_KEY_PREFIX_BITS) as u8).ok()?;
+                        let net = ipnet::IpNet::new(
+                            std::net::Ipv6Addr::from(d.addr).into(),
+                            (bits - CIDR_KEY_PREFIX_BITS) as u8,
+                        )
+                        .ok()?;
                         Some(crate::config::canonical_net(net))
                     })
                     .collect();
@@ -110,11 +111,8 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 proxy_uid: w.proxy_uid,
                 proxy_gid: (w.flags & flags::MATCH_PROXY_GID != 0).then_some(w.proxy_gid),
                 proxy_cgroup_id: (w.flags & flags::MATCH_PROXY_CGROUP != 0).then_some(w.proxy_cgroup_id),
-                outbound_redirect: SocketAddrV4::new(
-                    Ipv4Addr::from(w.redirect_ip4.to_ne_bytes()),
-                    w.outbound_port,
-                )
-                .to_string(),
+                outbound_redirect: SocketAddrV4::new(Ipv4Addr::from(w.redirect_ip4.to_ne_bytes()), w.outbound_port)
+                    .to_string(),
                 inbound_port: w.inbound_port,
                 outbound_enabled: w.flags & flags::OUT_ENABLED != 0,
                 outbound_port_exclusions: out_ports,
@@ -213,7 +211,8 @@ pub fn render_text(s: &Snapshot) -> String {
                 (false, _, _) => "off".to_string(),
                 (true, false, _) => "NOT attached (sk_lookup link missing)".to_string(),
                 (true, true, true) => "sk_lookup attached; no proxy listener yet (inbound SYNs dropped)".to_string(),
-                (true, true, false) => format!("sk_lookup attached; proxy listening ({})", w.inbound_listeners.join(", ")),
+                (true, true, false) =>
+                    format!("sk_lookup attached; proxy listening ({})", w.inbound_listeners.join(", ")),
             }
         );
     }

@@ -41,10 +41,7 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
         .iter()
         .map(|chain| ipt(format!("-N {chain}")))
         .collect();
-    c.push(ipt(format!(
-        "-A PROXY_REDIRECT -p tcp -j REDIRECT --to-port {}",
-        policy.outbound_port
-    )));
+    c.push(ipt(format!("-A PROXY_REDIRECT -p tcp -j REDIRECT --to-port {}", policy.outbound_port)));
     c.push(ipt(format!("-A PROXY_REDIRECT -p tcp --dport {OSM_ADMIN_PORT} -j ACCEPT")));
     c.push(ipt("-A OUTPUT -p tcp -j PROXY_OUTPUT".into()));
     c.push(ipt(format!("-A PROXY_OUTPUT -m owner --uid-owner {} -j RETURN", policy.proxy_uid)));
@@ -60,10 +57,7 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
             }
         }
     }
-    c.push(ipt(format!(
-        "-A PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port {}",
-        policy.inbound_port
-    )));
+    c.push(ipt(format!("-A PROXY_IN_REDIRECT -p tcp -j REDIRECT --to-port {}", policy.inbound_port)));
     c.push(ipt("-A PREROUTING -p tcp -j PROXY_INBOUND".into()));
     for port in OSM_INBOUND_RESERVED {
         c.push(ipt(format!("-A PROXY_INBOUND -p tcp --dport {port} -j RETURN")));
@@ -74,10 +68,7 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
     }
     let ports: Vec<u16> = policy.outbound_port_exclusion.iter().copied().collect();
     for chunk in ports.chunks(MULTIPORT_MAX) {
-        c.push(ipt(format!(
-            "-I PROXY_OUTPUT -p tcp --match multiport --dports {} -j RETURN",
-            join(chunk)
-        )));
+        c.push(ipt(format!("-I PROXY_OUTPUT -p tcp --match multiport --dports {} -j RETURN", join(chunk))));
     }
     // The reserved ports are static rules above (15904 is ours, not seed 004's).
     let ports: Vec<u16> = policy
@@ -87,10 +78,7 @@ pub fn osm_init_commands(policy: &Policy) -> Vec<String> {
         .filter(|p| !OSM_INBOUND_RESERVED.contains(p) && *p != OSM_HEALTHCHECK_PORT)
         .collect();
     for chunk in ports.chunks(MULTIPORT_MAX) {
-        c.push(ipt(format!(
-            "-I PROXY_INBOUND -p tcp --match multiport --dports {} -j RETURN",
-            join(chunk)
-        )));
+        c.push(ipt(format!("-I PROXY_INBOUND -p tcp --match multiport --dports {} -j RETURN", join(chunk))));
     }
     c
 }
@@ -149,10 +137,8 @@ impl IstioOptions {
 /// The nat table istio-iptables builds, as `iptables -t nat -S` lists it
 /// (the form seed 001 shows).
 pub fn istio_nat_listing(o: &IstioOptions) -> Vec<String> {
-    let mut l: Vec<String> = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]
-        .iter()
-        .map(|c| format!("-P {c} ACCEPT"))
-        .collect();
+    let mut l: Vec<String> =
+        ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"].iter().map(|c| format!("-P {c} ACCEPT")).collect();
     for c in ["ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_REDIRECT"] {
         l.push(format!("-N {c}"));
     }
@@ -231,10 +217,11 @@ pub fn linkerd_commands(p: &Policy) -> Vec<String> {
 /// inclusion lists; those fields of `p` must be empty.
 pub fn kuma_commands(p: &Policy) -> Vec<String> {
     let uid = p.proxy_uid;
-    let mut v: Vec<String> = ["KUMA_MESH_INBOUND", "KUMA_MESH_OUTBOUND", "KUMA_MESH_INBOUND_REDIRECT", "KUMA_MESH_OUTBOUND_REDIRECT"]
-        .iter()
-        .map(|c| format!("-N {c}"))
-        .collect();
+    let mut v: Vec<String> =
+        ["KUMA_MESH_INBOUND", "KUMA_MESH_OUTBOUND", "KUMA_MESH_INBOUND_REDIRECT", "KUMA_MESH_OUTBOUND_REDIRECT"]
+            .iter()
+            .map(|c| format!("-N {c}"))
+            .collect();
     for net in v4_nets(&p.outbound_ip_range_exclusion) {
         v.push(format!("-A OUTPUT -d {net} -j RETURN"));
     }
@@ -251,7 +238,9 @@ pub fn kuma_commands(p: &Policy) -> Vec<String> {
         v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp --dport {port} -j RETURN"));
     }
     v.push("-A KUMA_MESH_OUTBOUND -s 127.0.0.6/32 -o lo -j RETURN".into());
-    v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp -o lo ! -d 127.0.0.1/32 -m owner --uid-owner {uid} -j KUMA_MESH_INBOUND_REDIRECT"));
+    v.push(format!(
+        "-A KUMA_MESH_OUTBOUND -p tcp -o lo ! -d 127.0.0.1/32 -m owner --uid-owner {uid} -j KUMA_MESH_INBOUND_REDIRECT"
+    ));
     v.push(format!("-A KUMA_MESH_OUTBOUND -p tcp -o lo -m owner ! --uid-owner {uid} -j RETURN"));
     v.push(format!("-A KUMA_MESH_OUTBOUND -m owner --uid-owner {uid} -j RETURN"));
     v.push("-A KUMA_MESH_OUTBOUND -d 127.0.0.1/32 -j RETURN".into());
@@ -274,11 +263,7 @@ pub fn oracle_commands(preset: crate::config::Preset, p: &Policy) -> Vec<String>
 
 /// `iptables -t nat …` commands that build `listing` (policies skipped).
 pub fn listing_to_commands(listing: &[String]) -> Vec<String> {
-    listing
-        .iter()
-        .filter(|r| !r.starts_with("-P "))
-        .map(|r| format!("iptables -t nat {r}"))
-        .collect()
+    listing.iter().filter(|r| !r.starts_with("-P ")).map(|r| format!("iptables -t nat {r}")).collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -371,9 +356,7 @@ impl NatTable {
     /// workload's own addresses (a route through `lo`).
     pub fn output(&self, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> NatOutcome {
         match self.walk("OUTPUT", conn, local, 0) {
-            Some(Walk::Redirect(port)) => {
-                NatOutcome::Redirect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
-            }
+            Some(Walk::Redirect(port)) => NatOutcome::Redirect(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
             _ => NatOutcome::Unchanged,
         }
     }
@@ -501,12 +484,7 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
             },
             "--dport" => r.dports = Some(vec![next(&mut i)?.parse().context("--dport")?]),
             "--dports" => {
-                r.dports = Some(
-                    next(&mut i)?
-                        .split(',')
-                        .map(|p| p.parse().context("--dports"))
-                        .collect::<Result<_>>()?,
-                )
+                r.dports = Some(next(&mut i)?.split(',').map(|p| p.parse().context("--dports")).collect::<Result<_>>()?)
             }
             "-m" | "--match" => match next(&mut i)? {
                 "owner" | "multiport" | "tcp" => {}
@@ -613,7 +591,10 @@ mod tests {
         let inbound = NatOutcome::Redirect("127.0.0.1:15006".parse().unwrap());
         // 1: remote pod -> local pod: PREROUTING to 15006; Envoy then
         //    reaches the app from 127.0.0.6 (RULE 1).
-        assert_eq!(t.prerouting(PEER, "198.18.0.1:8080".parse().unwrap()), NatOutcome::Redirect("198.18.0.1:15006".parse().unwrap()));
+        assert_eq!(
+            t.prerouting(PEER, "198.18.0.1:8080".parse().unwrap()),
+            NatOutcome::Redirect("198.18.0.1:15006".parse().unwrap())
+        );
         let from_passthrough = OutboundConn { src: Some("127.0.0.6".parse().unwrap()), ..c(1337, "198.18.0.1:8080") };
         assert_eq!(t.output(&from_passthrough, &pod), NatOutcome::Unchanged);
         // 2: local pod -> remote pod: app to 15001, Envoy out untouched.
@@ -641,17 +622,17 @@ mod tests {
         let t = NatTable::from_commands(&listing_to_commands(&istio_nat_listing(&seed_001_options()))).unwrap();
         let pod: BTreeSet<IpAddr> = ["198.18.0.1".parse().unwrap()].into();
         for src in ["127.0.0.6", "::ffff:127.0.0.6"] {
-            let c = OutboundConn { src: Some(src.parse().unwrap()), ..OutboundConn::tcp(1000, "127.255.255.255:15001".parse().unwrap()) };
+            let c = OutboundConn {
+                src: Some(src.parse().unwrap()),
+                ..OutboundConn::tcp(1000, "127.255.255.255:15001".parse().unwrap())
+            };
             assert_eq!(t.output(&c, &pod), NatOutcome::Unchanged, "{src}");
         }
     }
 
     #[test]
     fn multiport_rules_are_chunked() {
-        let mesh = MeshConfig {
-            outbound_port_exclusion: (1000..1040).collect(),
-            ..MeshConfig::default()
-        };
+        let mesh = MeshConfig { outbound_port_exclusion: (1000..1040).collect(), ..MeshConfig::default() };
         let p = compile(&mesh, &WorkloadAnnotations::default());
         let cmds = osm_init_commands(&p);
         assert_eq!(cmds.iter().filter(|c| c.contains("--dports")).count(), 3);
@@ -754,7 +735,8 @@ mod properties {
     }
 
     fn any_preset_policy() -> impl Strategy<Value = (Preset, Policy)> {
-        prop::sample::select(Preset::ALL.to_vec()).prop_flat_map(|preset| policy_for(preset).prop_map(move |p| (preset, p)))
+        prop::sample::select(Preset::ALL.to_vec())
+            .prop_flat_map(|preset| policy_for(preset).prop_map(move |p| (preset, p)))
     }
 
     fn policy() -> impl Strategy<Value = Policy> {

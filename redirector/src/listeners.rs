@@ -181,7 +181,14 @@ mod tests {
         let (b, _b) = namespace_listening_on(&["127.0.0.1:15003"]);
         let (c, _c) = namespace_listening_on(&[]);
         let missing = Path::new("/nonexistent/ns/net");
-        let wanted = [(a.as_path(), 15003), (b.as_path(), 15003), (c.as_path(), 15003), (missing, 15003), (a.as_path(), 15001), (b.as_path(), 15001)];
+        let wanted = [
+            (a.as_path(), 15003),
+            (b.as_path(), 15003),
+            (c.as_path(), 15003),
+            (missing, 15003),
+            (a.as_path(), 15001),
+            (b.as_path(), 15001),
+        ];
         let found = find_listeners(&wanted).unwrap();
         let families = |i: usize| -> Vec<u16> { found[i].as_ref().unwrap().iter().map(|(f, _)| *f).collect() };
         assert_eq!(families(0), vec![AF_INET, AF_INET6]);

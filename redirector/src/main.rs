@@ -8,7 +8,11 @@ mod bench;
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "redirector", version, about = "eBPF transparent redirection for service-mesh sidecars (replaces osm-init/istio-init iptables rules)")]
+#[command(
+    name = "redirector",
+    version,
+    about = "eBPF transparent redirection for service-mesh sidecars (replaces osm-init/istio-init iptables rules)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -189,9 +193,7 @@ enum Cmd {
 /// `30s`, `500ms`, `2m`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let (num, unit) = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((t, "s"), |i| (&t[..i], &t[i..]));
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| (&t[..i], &t[i..]));
     let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
@@ -273,7 +275,8 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
-            let uid = pod_uid.ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
+            let uid = pod_uid
+                .ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
             let msg = redirector::k8s::registry::wait_ready(&socket, &uid, timeout)?;
             println!("ready: {msg}");
             Ok(())
@@ -332,11 +335,8 @@ fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration)
     loop {
         let last_err: String = match dataplane::Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
             Ok(Some(w)) => {
-                let missing: Vec<&str> = dataplane::links_pinned(pin_dir)
-                    .into_iter()
-                    .filter(|(_, ok)| !ok)
-                    .map(|(n, _)| n)
-                    .collect();
+                let missing: Vec<&str> =
+                    dataplane::links_pinned(pin_dir).into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
                 // Inbound capture is part of "programmed": without it a
                 // connection could reach the application around the proxy.
                 let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
@@ -400,7 +400,8 @@ mod tests {
         let cmd: Vec<String> = serde_yaml::from_value(init["initContainers"][0]["command"].clone()).unwrap();
         let cli = Cli::try_parse_from(cmd.clone()).unwrap_or_else(|e| panic!("init container {cmd:?}: {e}"));
         assert!(matches!(cli.command, Cmd::WaitReady { agent_socket: Some(_), .. }));
-        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/uninstall/cleanup-daemonset.yaml")).unwrap();
+        let ds: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../deploy/uninstall/cleanup-daemonset.yaml")).unwrap();
         let c = &ds["spec"]["template"]["spec"]["containers"][0];
         let args: Vec<String> = serde_yaml::from_value(c["args"].clone()).unwrap();
         let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))

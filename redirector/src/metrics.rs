@@ -128,7 +128,12 @@ impl Metrics {
                 metric(&mut out, name, "gauge", help);
                 let _ = writeln!(out, "redirector_{name} {value}");
             }
-            metric(&mut out, "sync_duration_seconds", "histogram", "Time from a change (pod, annotation, mesh settings, registration) to its policy being in the maps.");
+            metric(
+                &mut out,
+                "sync_duration_seconds",
+                "histogram",
+                "Time from a change (pod, annotation, mesh settings, registration) to its policy being in the maps.",
+            );
             for (b, c) in SYNC_BUCKETS.iter().zip(m.sync.counts) {
                 let _ = writeln!(out, "redirector_sync_duration_seconds_bucket{{le=\"{b}\"}} {c}");
             }
@@ -139,7 +144,12 @@ impl Metrics {
             for (reason, n) in &m.errors {
                 let _ = writeln!(out, "redirector_errors_total{{reason=\"{reason}\"}} {n}");
             }
-            metric(&mut out, "registrations_total", "counter", "Pods that registered through the init container's socket.");
+            metric(
+                &mut out,
+                "registrations_total",
+                "counter",
+                "Pods that registered through the init container's socket.",
+            );
             let _ = writeln!(out, "redirector_registrations_total {}", m.registrations);
         }
         match crate::inspect::snapshot(&self.pin_dir) {
@@ -152,7 +162,12 @@ impl Metrics {
                 for f in &s.maps {
                     let _ = writeln!(out, "redirector_map_capacity{{map=\"{}\"}} {}", f.name, f.capacity);
                 }
-                metric(&mut out, "datapath_events_total", "counter", "Data-path decisions counted by the eBPF programs (redirected and bypassed connections by reason).");
+                metric(
+                    &mut out,
+                    "datapath_events_total",
+                    "counter",
+                    "Data-path decisions counted by the eBPF programs (redirected and bypassed connections by reason).",
+                );
                 for (name, n) in &s.counters {
                     let _ = writeln!(out, "redirector_datapath_events_total{{event=\"{name}\"}} {n}");
                 }
@@ -167,9 +182,8 @@ impl Metrics {
 
 /// Serves the endpoints on `addr` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the status endpoint on {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the status endpoint on {addr}"))?;
     log::info!("status endpoints on http://{}/{{healthz,readyz,metrics}}", listener.local_addr()?);
     loop {
         let (mut s, _) = match listener.accept().await {

@@ -13,12 +13,8 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// Runs `f` on a new thread that has joined the network namespace at
 /// `path`. Sockets `f` creates belong to that namespace.
-pub fn run_in_netns<T: Send + 'static>(
-    path: &Path,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let file = File::open(path)
-        .with_context(|| format!("opening network namespace {}", path.display()))?;
+pub fn run_in_netns<T: Send + 'static>(path: &Path, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
     let shown = path.display().to_string();
     std::thread::spawn(move || {
         enter_netns(&file).with_context(|| format!("entering network namespace {shown}"))?;
@@ -48,13 +44,7 @@ pub fn current_netns_cookie() -> Result<u64> {
         }
         let mut cookie: u64 = 0;
         let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        );
+        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         if rc != 0 {
@@ -72,9 +62,8 @@ pub fn netns_cookie(path: &Path) -> Result<u64> {
 
 /// Named namespaces under /run/netns (for `inspect` to put names on cookies).
 pub fn named_namespaces() -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let mut out: Vec<PathBuf> =
+        std::fs::read_dir("/run/netns").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     out.sort();
     out
 }

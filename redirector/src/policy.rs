@@ -58,9 +58,7 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
     let union_ports = |a: &[u16], b: &[u16]| a.iter().chain(b).copied().collect::<BTreeSet<_>>();
-    let union_nets = |a: &[IpNet], b: &[IpNet]| {
-        a.iter().chain(b).map(|n| canonical_net(*n)).collect::<BTreeSet<_>>()
-    };
+    let union_nets = |a: &[IpNet], b: &[IpNet]| a.iter().chain(b).map(|n| canonical_net(*n)).collect::<BTreeSet<_>>();
     let outbound_ip_range_inclusion = match &pod.outbound_ip_range_inclusion_override {
         Some(Inclusion::All) => None,
         Some(Inclusion::Only(v)) => Some(union_nets(v, &[])),
@@ -89,10 +87,7 @@ pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
         acceleration: mesh.acceleration,
         outbound_port_exclusion: union_ports(&mesh.outbound_port_exclusion, &pod.outbound_port_exclusion),
         outbound_port_inclusion: over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion),
-        outbound_ip_range_exclusion: union_nets(
-            &mesh.outbound_ip_range_exclusion,
-            &pod.outbound_ip_range_exclusion,
-        ),
+        outbound_ip_range_exclusion: union_nets(&mesh.outbound_ip_range_exclusion, &pod.outbound_ip_range_exclusion),
         outbound_ip_range_inclusion,
         inbound_port_exclusion,
         inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
@@ -295,10 +290,7 @@ pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
         IpNet::V4(n) => (v4_mapped(n.network().octets()), V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len())),
         IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
     };
-    (
-        CIDR_KEY_PREFIX_BITS + bits,
-        CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] },
-    )
+    (CIDR_KEY_PREFIX_BITS + bits, CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] })
 }
 
 /// The trie entries of one range. IPv4 addresses are looked up in their
@@ -424,7 +416,8 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
     if has_port(port_kind::OUTBOUND_EXCLUDE) {
         return Verdict::Pass(Bypass::ExcludedPort);
     }
-    let to_lo = (is_v4 && addr[12] == 127) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) || trie_hit(cidr_kind::LOCAL_ADDRESS);
+    let to_lo =
+        (is_v4 && addr[12] == 127) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) || trie_hit(cidr_kind::LOCAL_ADDRESS);
     let target = |p: u16| -> SocketAddr {
         let v4 = Ipv4Addr::from(w.redirect_ip4.to_ne_bytes());
         match conn.dst {
@@ -474,8 +467,7 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
 }
 
 fn trie_bits(d: &CidrData) -> Vec<bool> {
-    let bytes: Vec<u8> =
-        d.policy_id_be.iter().chain([d.kind].iter()).chain(d.addr.iter()).copied().collect();
+    let bytes: Vec<u8> = d.policy_id_be.iter().chain([d.kind].iter()).chain(d.addr.iter()).copied().collect();
     bytes.iter().flat_map(|b| (0..8).rev().map(move |i| b >> i & 1 == 1)).collect()
 }
 
@@ -567,7 +559,11 @@ workloads:
             ));
             let e = map_entries(&p, 9);
             assert!(e.cidrs.len() <= 2 * 96, "{list}: {} entries", e.cidrs.len());
-            let mut dsts = vec![(format!("[{v6_in}]:80"), true), ("192.0.2.10:80".into(), false), ("[::ffff:192.0.2.10]:80".into(), false)];
+            let mut dsts = vec![
+                (format!("[{v6_in}]:80"), true),
+                ("192.0.2.10:80".into(), false),
+                ("[::ffff:192.0.2.10]:80".into(), false),
+            ];
             dsts.extend(v6_out.map(|o| (format!("[{o}]:80"), false)));
             for (dst, excluded) in dsts {
                 let c = conn(1000, &dst);

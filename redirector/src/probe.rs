@@ -81,8 +81,8 @@ fn try_load(prog_type: u32, attach: u32, call: Option<i32>) -> std::result::Resu
     put32(&mut attr, 28, log.len() as u32);
     put64(&mut attr, 32, log.as_mut_ptr() as u64);
     put32(&mut attr, 68, attach); // expected_attach_type
-    // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_LOAD whose pointers
-    // (insns, license, log) outlive the call.
+                                  // SAFETY: attr is a zeroed bpf_attr for BPF_PROG_LOAD whose pointers
+                                  // (insns, license, log) outlive the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 5 as libc::c_long, attr.as_mut_ptr(), attr.len() as u32) };
     if rc >= 0 {
         // SAFETY: a new program fd we own; dropping it unloads the probe.
@@ -113,12 +113,7 @@ fn so_netns_cookie() -> std::result::Result<(), String> {
     crate::netns::current_netns_cookie().map(|_| ()).map_err(|e| format!("{e:#}"))
 }
 
-fn feature(
-    name: &'static str,
-    since: &'static str,
-    required: bool,
-    r: std::result::Result<(), String>,
-) -> Feature {
+fn feature(name: &'static str, since: &'static str, required: bool, r: std::result::Result<(), String>) -> Feature {
     Feature { name, since, required, supported: r.is_ok(), detail: r.err().unwrap_or_default() }
 }
 
@@ -304,7 +299,10 @@ mod tests {
         fs[3].detail = "unknown func bpf_get_netns_cookie#122".into();
         let t = format!("{:#}", require_acceleration(&fs).unwrap_err());
         assert!(t.contains("`mesh.acceleration: sockmap`") && t.contains("mesh.acceleration: none"), "{t}");
-        assert!(t.contains("bpf_get_netns_cookie in sk_msg programs (needs Linux 5.15)") && t.contains("unknown func"), "{t}");
+        assert!(
+            t.contains("bpf_get_netns_cookie in sk_msg programs (needs Linux 5.15)") && t.contains("unknown func"),
+            "{t}"
+        );
         assert!(!t.contains("kernel BTF"), "{t}");
         // This machine's kernel: the probe answers for every feature.
         // SAFETY: getuid has no preconditions.
@@ -325,7 +323,11 @@ mod tests {
             supported,
             detail: if supported { String::new() } else { "unknown func bpf_get_netns_cookie#122".into() },
         };
-        let fs = [f("a", "4.17", true, true), f("netns cookie in sockops", "5.15", true, false), f("btf", "5.4", false, false)];
+        let fs = [
+            f("a", "4.17", true, true),
+            f("netns cookie in sockops", "5.15", true, false),
+            f("btf", "5.4", false, false),
+        ];
         let t = format!("{:#}", require(&fs).unwrap_err());
         assert!(t.contains("netns cookie in sockops (needs Linux 5.15)") && t.contains("unknown func"), "{t}");
         assert!(!t.contains("btf"), "optional features do not refuse: {t}");

@@ -24,16 +24,10 @@ use crate::netns::enter_netns;
 
 /// Runs a command, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (is it installed?)"))?;
+    let out =
+        Command::new(program).args(args).output().with_context(|| format!("running {program} (is it installed?)"))?;
     if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -175,11 +169,7 @@ impl Drop for TestCgroup {
 
 /// Runs `f` on a thread inside `netns` with the given uid/gid (thread-local
 /// credentials, raw setresuid/setresgid so other threads keep theirs).
-pub fn in_netns_as<T: Send + 'static>(
-    netns: &Path,
-    uid: u32,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
+pub fn in_netns_as<T: Send + 'static>(netns: &Path, uid: u32, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     std::thread::spawn(move || -> Result<T> {
         enter_netns(&file)?;
@@ -431,13 +421,8 @@ pub fn original_dst_any(s: &TcpStream) -> std::io::Result<SocketAddr> {
     unsafe {
         let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        let rc = libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_IPV6,
-            80,
-            (&mut sa as *mut libc::sockaddr_in6).cast(),
-            &mut len,
-        );
+        let rc =
+            libc::getsockopt(s.as_raw_fd(), libc::SOL_IPV6, 80, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len);
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -462,10 +447,7 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddrV4> {
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(SocketAddrV4::new(
-            u32::from_be(sa.sin_addr.s_addr).into(),
-            u16::from_be(sa.sin_port),
-        ))
+        Ok(SocketAddrV4::new(u32::from_be(sa.sin_addr.s_addr).into(), u16::from_be(sa.sin_port)))
     }
 }
 
@@ -552,7 +534,12 @@ impl AgentProcess {
     }
 
     /// `bin` with `args` and extra environment, output to `log`.
-    pub fn spawn(bin: &Path, args: &[std::ffi::OsString], env: &[(&str, &std::ffi::OsStr)], log: &Path) -> Result<Self> {
+    pub fn spawn(
+        bin: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &std::ffi::OsStr)],
+        log: &Path,
+    ) -> Result<Self> {
         let out = File::create(log)?;
         let child = Command::new(bin)
             .args(args)
@@ -578,11 +565,7 @@ impl AgentProcess {
             .arg(pin_dir)
             .output()?;
         if !out.status.success() {
-            bail!(
-                "wait-ready failed: {}\nagent log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                self.log_text()
-            );
+            bail!("wait-ready failed: {}\nagent log:\n{}", String::from_utf8_lossy(&out.stderr), self.log_text());
         }
         Ok(())
     }

@@ -61,8 +61,17 @@ fn every_manifest_parses_and_is_in_the_agent_namespace() {
     let kinds: BTreeSet<&str> = docs.iter().filter_map(|(_, v)| v["kind"].as_str()).collect();
     assert_eq!(
         kinds,
-        ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Namespace", "Role", "RoleBinding", "ServiceAccount"]
-            .into()
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "Namespace",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ]
+        .into()
     );
     assert_eq!(one::<Namespace>("Namespace")[0].metadata.name.as_deref(), Some(NS));
     for kind in ["ConfigMap", "DaemonSet", "Role", "RoleBinding", "ServiceAccount"] {
@@ -143,7 +152,13 @@ fn configmap_and_rbac_match_the_agent_arguments() {
     assert_eq!(rule.resource_names.as_deref(), Some(&[cm.metadata.name.clone().unwrap()][..]));
     let mc = arg(&c, "meshconfig").unwrap().split_once('/').unwrap().1;
     let cr = one::<ClusterRole>("ClusterRole").pop().unwrap();
-    let mc_rule = cr.rules.as_ref().unwrap().iter().find(|r| r.resources.as_deref() == Some(&["meshconfigs".to_string()][..])).unwrap();
+    let mc_rule = cr
+        .rules
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|r| r.resources.as_deref() == Some(&["meshconfigs".to_string()][..]))
+        .unwrap();
     assert_eq!(mc_rule.resource_names.as_deref(), Some(&[mc.to_string()][..]));
     for r in cr.rules.as_ref().unwrap().iter().chain(role.rules.as_ref().unwrap()) {
         assert!(!r.verbs.iter().any(|v| v == "*" || v == "delete" || v == "update"), "{r:?}");

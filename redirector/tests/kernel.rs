@@ -100,7 +100,11 @@ impl Managed {
 
     /// `before_agent` starts servers inside the workload's cgroup (as a
     /// pod's processes are) but before the agent runs.
-    fn start_with(topo: Topology, config_template: &str, before_agent: impl FnOnce(&Topology) -> Vec<Server>) -> Managed {
+    fn start_with(
+        topo: Topology,
+        config_template: &str,
+        before_agent: impl FnOnce(&Topology) -> Vec<Server>,
+    ) -> Managed {
         Self::start_full(topo, config_template, before_agent, true)
     }
 
@@ -117,22 +121,24 @@ impl Managed {
         let cgroup = TestCgroup::new().unwrap();
         let early = before_agent(&topo);
         let pins = PinDir::new().unwrap();
-        let proxy = default_proxy
-            .then(|| Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap());
+        let proxy = default_proxy.then(|| Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap());
         let dir = tmpdir(tag);
         let config = dir.join("config.yaml");
         let proxy_cg = cgroup.path.join("proxy");
         std::fs::create_dir_all(&proxy_cg).unwrap();
-        std::fs::write(&config, render(config_template, &topo.app.path()).replace("{proxy_cgroup}", &proxy_cg.display().to_string()))
-            .unwrap();
-        let agent =
-            AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
+        std::fs::write(
+            &config,
+            render(config_template, &topo.app.path()).replace("{proxy_cgroup}", &proxy_cg.display().to_string()),
+        )
+        .unwrap();
+        let agent = AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
         Managed { topo, agent, pins, config, _proxy: proxy, _early: early, _cgroup: cgroup, dir, proxy_cg }
     }
 
     fn write_config(&self, template: &str) {
-        let text = render(template, &self.topo.app.path()).replace("{proxy_cgroup}", &self.proxy_cg.display().to_string());
+        let text =
+            render(template, &self.topo.app.path()).replace("{proxy_cgroup}", &self.proxy_cg.display().to_string());
         std::fs::write(&self.config, text).unwrap();
     }
 
@@ -182,11 +188,8 @@ fn settled_stale_entries(maps: &Maps, live: Option<u32>) -> Vec<String> {
     poll_until(
         || {
             let ports = maps.port_keys().unwrap().into_iter().filter(|k| Some(k.policy_id) != live);
-            let cidrs = maps
-                .cidr_keys()
-                .unwrap()
-                .into_iter()
-                .filter(|(_, d)| Some(u32::from_be_bytes(d.policy_id_be)) != live);
+            let cidrs =
+                maps.cidr_keys().unwrap().into_iter().filter(|(_, d)| Some(u32::from_be_bytes(d.policy_id_be)) != live);
             ports
                 .map(|k| format!("policy {} port {}", k.policy_id, k.port))
                 .chain(cidrs.map(|(bits, d)| format!("policy {} cidr /{bits}", u32::from_be_bytes(d.policy_id_be))))
@@ -273,10 +276,7 @@ fn differential(config: &str, cases: &[Case]) {
     );
     // Every redirected connection has closed: no original-destination
     // entry may be left behind.
-    let left = poll_until(
-        || Maps::open(&bpf.pins.path).unwrap().tracked_connections().unwrap().len(),
-        |n| *n == 0,
-    );
+    let left = poll_until(|| Maps::open(&bpf.pins.path).unwrap().tracked_connections().unwrap().len(), |n| *n == 0);
     assert_eq!(left, 0, "original-destination entries outlived their sockets");
 }
 
@@ -410,18 +410,15 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert!(m.probe(1000, "192.0.2.10:6379").starts_with("direct"));
 
     // A new agent adopts the pinned maps and replaces the links.
-    let mut agent2 = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &m.dir.join("agent2.log"))
-        .unwrap();
+    let mut agent2 =
+        AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &m.dir.join("agent2.log")).unwrap();
     agent2.wait_ready(bin(), &m.pins.path, &m.topo.app.path()).unwrap();
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
     agent2.stop();
 
     // `inspect` reads the state back.
-    let out = std::process::Command::new(bin())
-        .args(["inspect", "--json", "--pin-dir"])
-        .arg(&m.pins.path)
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["workloads"].as_array().unwrap().len(), 1);
@@ -601,7 +598,10 @@ fn restarts_under_load_lose_no_connection() {
                     },
                     |(stopped, redirecting)| *stopped && *redirecting,
                 );
-                assert!(stopped && redirecting, "the changed programs still run after going back (stopped {stopped}, redirecting {redirecting})");
+                assert!(
+                    stopped && redirecting,
+                    "the changed programs still run after going back (stopped {stopped}, redirecting {redirecting})"
+                );
             }
             _ => {}
         }
@@ -621,7 +621,13 @@ fn restarts_under_load_lose_no_connection() {
     );
     assert!(restarts.len() >= 8, "{restarts:?}");
     assert!(c.proxied > 0);
-    assert_eq!((c.failed, c.direct), (0, 0), "errors: {:?}\nagent log:\n{}", &c.errors[..c.errors.len().min(10)], m.agent.log_text());
+    assert_eq!(
+        (c.failed, c.direct),
+        (0, 0),
+        "errors: {:?}\nagent log:\n{}",
+        &c.errors[..c.errors.len().min(10)],
+        m.agent.log_text()
+    );
     // Nothing accumulated: the tracked-connection map is back to empty.
     let left = poll_until(|| Maps::open(&m.pins.path).unwrap().tracked_connections().unwrap().len(), |n| *n == 0);
     assert_eq!(left, 0, "original-destination entries outlived their sockets");
@@ -724,7 +730,8 @@ fn full_port_map_refuses_the_change_and_keeps_the_policy() {
     // Every port included, every port but one excluded, both directions:
     // 2 x 65,535 + 2 x 65,534 = 262,138 entries, within the 262,144
     // capacity; a changed policy needs a second generation of that size.
-    let all_but = |skip: u16| (1..=65535u16).filter(|p| *p != skip).map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    let all_but =
+        |skip: u16| (1..=65535u16).filter(|p| *p != skip).map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
     let config = |skip: u16| {
         format!(
             "mesh:\n  outboundPortExclusionList: [{0}]\n  inboundPortExclusionList: [{0}]\n  outboundPortInclusionList: [{1}]\n  inboundPortInclusionList: [{1}]\nworkloads:\n  - name: app\n    netns: {{netns}}\n",
@@ -746,7 +753,8 @@ fn full_port_map_refuses_the_change_and_keeps_the_policy() {
     assert!(m.probe(1000, "192.0.2.10:8080").starts_with("direct"));
     let after = poll_until(ports, |n| *n == before);
     assert_eq!(after, before, "the partly written generation was not swept");
-    let out = std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap();
+    let out =
+        std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let fill = v["maps"].as_array().unwrap().iter().find(|f| f["name"] == "RDR_PORTS").unwrap().clone();
     assert_eq!((fill["entries"].as_u64(), fill["capacity"].as_u64()), (Some(before as u64), Some(262_144)), "{fill}");
@@ -777,7 +785,11 @@ fn nonblocking_reconnect_and_fastopen_are_redirected() {
             libc::poll(&mut pfd, 1, 2000);
             let flags = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            out.push(("non-blocking connect", format!("rc {rc} errno {errno:?}: {}", read_answer(fd)), "proxy 192.0.2.10:80"));
+            out.push((
+                "non-blocking connect",
+                format!("rc {rc} errno {errno:?}: {}", read_answer(fd)),
+                "proxy 192.0.2.10:80",
+            ));
             libc::close(fd);
 
             // connect, AF_UNSPEC disconnect, connect to another destination.
@@ -796,7 +808,14 @@ fn nonblocking_reconnect_and_fastopen_are_redirected() {
             // TCP Fast Open: the destination comes with the first data.
             let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
             let msg = b"hello";
-            let rc = libc::sendto(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_FASTOPEN, (&first as *const libc::sockaddr_in).cast(), len);
+            let rc = libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_FASTOPEN,
+                (&first as *const libc::sockaddr_in).cast(),
+                len,
+            );
             let err = std::io::Error::last_os_error();
             let a = if rc >= 0 { read_answer(fd) } else { format!("sendto failed: {err}") };
             out.push(("sendto(MSG_FASTOPEN)", a, "proxy 192.0.2.10:80"));
@@ -866,7 +885,8 @@ fn random_config(rng: &mut u64, netns: &Path) -> String {
         *rng % n
     };
     const PORTS: [&str; 9] = ["80", "443", "6379", "7070", "8080", "9090", "15000", "99999", "http"];
-    const CIDRS: [&str; 6] = ["198.51.100.0/24", "203.0.113.0/25", "192.0.2.128/25", "2001:db8::/48", "10.0.0.0/33", "nope"];
+    const CIDRS: [&str; 6] =
+        ["198.51.100.0/24", "203.0.113.0/25", "192.0.2.128/25", "2001:db8::/48", "10.0.0.0/33", "nope"];
     let mut pick = |pool: &[&str], bad_from: usize| -> Vec<String> {
         let n = next(4);
         (0..n)
@@ -914,8 +934,7 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
         let e = redirector::policy::map_entries(&compile(&cfg.mesh, &w.annotations), 0);
         Some(entries_fingerprint(e.workload, &e.ports, &e.cidrs))
     };
-    let mut given: std::collections::BTreeSet<String> =
-        fingerprint_of(&render(EXCLUSIONS, &app)).into_iter().collect();
+    let mut given: std::collections::BTreeSet<String> = fingerprint_of(&render(EXCLUSIONS, &app)).into_iter().collect();
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let (mut valid, mut invalid, mut samples) = (0, 0, 0);
     let mut last_valid = String::new();
@@ -948,7 +967,9 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
     unsafe { libc::kill(m.agent.child.id() as i32, libc::SIGHUP) };
     let want = fingerprint_of(&last_valid).unwrap();
     let got = poll_until(|| pinned_fingerprint(&m.pins.path, cookie), |f| f.as_deref() == Some(want.as_str()));
-    println!("random change stream: {valid} valid and {invalid} invalid configs, {samples} mid-stream samples all whole");
+    println!(
+        "random change stream: {valid} valid and {invalid} invalid configs, {samples} mid-stream samples all whole"
+    );
     assert_eq!(got.as_deref(), Some(want.as_str()), "final state differs\n{}", m.agent.log_text());
     assert!(m.agent.child.try_wait().unwrap().is_none(), "agent died");
     // Nothing of earlier generations is left (the pass that switched the
@@ -989,7 +1010,12 @@ fn proxy_identified_by_cgroup_cannot_be_spoofed_by_uid() {
     assert!(proxy.starts_with("direct"), "the proxy's own connection was redirected: {proxy}");
     assert!(proxy_other_uid.starts_with("direct"), "{proxy_other_uid}");
     let v: serde_json::Value = serde_json::from_slice(
-        &std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap().stdout,
+        &std::process::Command::new(bin())
+            .args(["inspect", "--json", "--pin-dir"])
+            .arg(&m.pins.path)
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap();
     assert!(v["workloads"][0]["proxy_cgroup_id"].as_u64().unwrap() > 0, "{v}");
@@ -1044,16 +1070,13 @@ fn workload_given_by_pid_is_redirected() {
     let pins = PinDir::new().unwrap();
     let _proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
     // A process living in the workload namespace (like a pod's pause container).
-    let mut holder = std::process::Command::new("ip")
-        .args(["netns", "exec", &topo.app.name, "sleep", "60"])
-        .spawn()
-        .unwrap();
+    let mut holder =
+        std::process::Command::new("ip").args(["netns", "exec", &topo.app.name, "sleep", "60"]).spawn().unwrap();
     let dir = tmpdir("p");
     let config = dir.join("config.yaml");
     std::fs::write(&config, format!("workloads:\n  - name: by-pid\n    pid: {}\n", holder.id())).unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let agent =
-            AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
+        let agent = AgentProcess::start(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log")).unwrap();
         agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
         let got = testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
         assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}\n{}", agent.log_text());
@@ -1079,8 +1102,8 @@ fn sighup_reapplies_the_config() {
     let config = dir.join("config.yaml");
     std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
     // File polling effectively off: only SIGHUP can make the agent re-read.
-    let mut agent = AgentProcess::start_polling(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log"), "60m")
-        .unwrap();
+    let mut agent =
+        AgentProcess::start_polling(bin(), &config, &cgroup.path, &pins.path, &dir.join("agent.log"), "60m").unwrap();
     agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
     let probe = || testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
     assert!(probe().starts_with("proxy"));
@@ -1250,7 +1273,6 @@ workloads:
     netns: {netns}
 "#;
 
-
 /// The pod's service address in the dialect suites (a ClusterIP stand-in).
 const SERVICE: &str = "192.0.2.50:80";
 
@@ -1387,7 +1409,12 @@ fn differential_kuma() {
             from_excluded,
             peer_case("exclude-inbound-ports", format!("{pod}:7070"), "direct"),
             case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
-            case("app -> own service (kuma-dp loops to inbound)", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
+            case(
+                "app -> own service (kuma-dp loops to inbound)",
+                1000,
+                SERVICE,
+                format!("outbound {SERVICE} > {to_app}"),
+            ),
             case("app -> own pod IP (not redirected)", 1000, format!("{pod}:8080"), "direct"),
             case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
             case("kuma-dp -> localhost", 5678, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
@@ -1473,7 +1500,8 @@ fn unsupported_kernel_is_refused_clearly() {
         let name = m.split(" (Linux").next().unwrap();
         assert!(err.contains(name), "the refusal names {name}: {err}");
     }
-    let left: Vec<_> = std::fs::read_dir(&pins.path).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let left: Vec<_> =
+        std::fs::read_dir(&pins.path).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "nothing may be pinned after a refusal: {left:?}");
 }
 
@@ -1485,7 +1513,9 @@ fn raw_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, name
     }
     attr[28..28 + name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: a zero-padded bpf_attr; the kernel returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_mut_ptr(), attr.len() as u32) };
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, 0 /* BPF_MAP_CREATE */, attr.as_mut_ptr(), attr.len() as u32)
+    };
     assert!(fd >= 0, "BPF_MAP_CREATE {name}: {}", std::io::Error::last_os_error());
     // SAFETY: a new fd that nothing else owns.
     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
@@ -1511,17 +1541,25 @@ fn pinned_maps_of_another_layout_are_refused() {
     attr[8..16].copy_from_slice(&(&key as *const u32 as u64).to_ne_bytes());
     attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
     // SAFETY: key and value outlive the call; a zero-padded bpf_attr.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, attr.as_mut_ptr(), attr.len() as u32) };
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, attr.as_mut_ptr(), attr.len() as u32)
+    };
     assert_eq!(rc, 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
     redirector::bpf_sys::obj_pin(&meta, &old.path.join("RDR_META")).unwrap();
-    let err = format!("{:#}", redirector::dataplane::Dataplane::load(&old.path, &cgroup.path).err().expect("version 2 adopted"));
+    let err = format!(
+        "{:#}",
+        redirector::dataplane::Dataplane::load(&old.path, &cgroup.path).err().expect("version 2 adopted")
+    );
     assert!(err.contains("layout version 2") && err.contains("redirector cleanup"), "{err}");
     // No version stamped, but layout 2's 4,096 workloads.
     let unstamped = PinDir::new().unwrap();
     std::fs::create_dir_all(&unstamped.path).unwrap();
     let workloads = raw_map(1 /* BPF_MAP_TYPE_HASH */, 8, 40, 4096, "RDR_WORKLOADS");
     redirector::bpf_sys::obj_pin(&workloads, &unstamped.path.join("RDR_WORKLOADS")).unwrap();
-    let err = format!("{:#}", redirector::dataplane::Dataplane::load(&unstamped.path, &cgroup.path).err().expect("capacity 4096 adopted"));
+    let err = format!(
+        "{:#}",
+        redirector::dataplane::Dataplane::load(&unstamped.path, &cgroup.path).err().expect("capacity 4096 adopted")
+    );
     assert!(err.contains("RDR_WORKLOADS") && err.contains("capacity 4096") && err.contains("16384"), "{err}");
     for p in [&old.path, &unstamped.path] {
         assert!(std::fs::read_dir(p.join("links")).map_or(true, |mut d| d.next().is_none()), "nothing attached");

@@ -2,10 +2,7 @@
 //! Every step is idempotent: what is already there is left alone.
 mod vm;
 
-use std::{
-    path::PathBuf,
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -148,11 +145,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn missing_packages() -> Vec<&'static str> {
@@ -207,9 +200,7 @@ fn bootstrap() -> Result<()> {
 }
 
 fn build() -> Result<()> {
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "redirector"]))
+    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--release", "-p", "redirector"]))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -297,11 +288,7 @@ fn fuzz(args: &FuzzArgs) -> Result<()> {
         let log_path = logs.join(format!("{t}.log"));
         eprintln!("xtask: fuzzing {t} for {} s (log: {})", args.seconds, log_path.display());
         let log = std::fs::File::create(&log_path)?;
-        let status = cmd
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()
-            .with_context(|| format!("starting {cmd:?}"))?;
+        let status = cmd.stdout(log.try_clone()?).stderr(log).status().with_context(|| format!("starting {cmd:?}"))?;
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let mut r = FuzzRun { target: t.clone(), ..FuzzRun::default() };
         for line in text.lines() {

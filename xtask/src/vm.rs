@@ -473,8 +473,7 @@ fn build_guest_binaries() -> Result<Payload> {
         .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""name":"kernel""#))
         .find_map(json_executable)
         .context("cargo reported no executable for the `kernel` test target")?;
-    let payload =
-        Payload { redirector: target_dir().join(GUEST_TRIPLE).join("release/redirector"), kernel_tests };
+    let payload = Payload { redirector: target_dir().join(GUEST_TRIPLE).join("release/redirector"), kernel_tests };
     for bin in [&payload.redirector, &payload.kernel_tests] {
         let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
         if has_interpreter(&elf)? {
@@ -1196,7 +1195,16 @@ struct Outcome {
 
 impl Outcome {
     fn error(label: &'static str, error: String) -> Outcome {
-        Outcome { label, release: "?".into(), counts: None, rc: None, secs: 0.0, timed_out: false, error: Some(error), failures: Vec::new() }
+        Outcome {
+            label,
+            release: "?".into(),
+            counts: None,
+            rc: None,
+            secs: 0.0,
+            timed_out: false,
+            error: Some(error),
+            failures: Vec::new(),
+        }
     }
 
     fn from_boot(label: &'static str, release: &str, boot: Boot) -> Outcome {
@@ -1248,10 +1256,8 @@ impl Outcome {
 /// panic message), so a CI log names the failure without the serial log.
 fn failures(lines: &[String]) -> Vec<(String, Vec<String>)> {
     const KEEP: usize = 12;
-    let names: Vec<&str> = lines
-        .iter()
-        .filter_map(|l| l.trim().strip_prefix("test ")?.strip_suffix(" ... FAILED"))
-        .collect();
+    let names: Vec<&str> =
+        lines.iter().filter_map(|l| l.trim().strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
     names
         .iter()
         .map(|name| {
@@ -1261,7 +1267,9 @@ fn failures(lines: &[String]) -> Vec<(String, Vec<String>)> {
                 .skip_while(|l| l.trim() != header)
                 .skip(1)
                 .filter(|l| !l.trim().is_empty())
-                .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("---- ") && l.trim() != "failures:")
+                .take_while(|l| {
+                    !l.starts_with("stack backtrace:") && !l.starts_with("---- ") && l.trim() != "failures:"
+                })
                 .take(KEEP)
                 .cloned()
                 .collect();
@@ -1325,7 +1333,10 @@ test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; 
         let f = failures(&log);
         assert_eq!(f.len(), 2);
         assert_eq!(f[0].0, "kube::b");
-        assert_eq!(f[0].1, ["thread 'kube::b' (170) panicked at tests/kernel/kube.rs:363:5:", "assertion failed: ready"]);
+        assert_eq!(
+            f[0].1,
+            ["thread 'kube::b' (170) panicked at tests/kernel/kube.rs:363:5:", "assertion failed: ready"]
+        );
         assert_eq!(f[1].0, "c");
         assert_eq!(f[1].1, ["boom"]);
     }

@@ -77,7 +77,8 @@ fn snapshot(ids: &[u32]) -> Result<BTreeMap<u32, (u64, u64)>> {
 pub fn measure(pin_dir: &Path, f: impl FnOnce() -> Result<usize>) -> Result<Vec<ProgCost>> {
     let progs = programs(pin_dir)?;
     let ids: Vec<u32> = progs.iter().map(|(_, id)| *id).collect();
-    let on = aya::sys::enable_stats(BpfStats::RunTime).context("turning BPF run-time statistics on (BPF_ENABLE_STATS)")?;
+    let on =
+        aya::sys::enable_stats(BpfStats::RunTime).context("turning BPF run-time statistics on (BPF_ENABLE_STATS)")?;
     let before = snapshot(&ids)?;
     let ops = f()?;
     let after = snapshot(&ids)?;

@@ -22,7 +22,9 @@ use redirector_common::map_names;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    setup::{config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, TempDir, PROBE_PORT},
+    setup::{
+        config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, TempDir, PROBE_PORT,
+    },
     stats::Stats,
     sys,
 };
@@ -67,7 +69,12 @@ pub struct ChangeAtScale {
 /// each setup and times how long until a new connection sees it; then, for
 /// each of `scale`, the agent's flips again with that many other workloads
 /// in its config (`scale_changes` times).
-pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize, cgroup: &Path) -> Result<ChangeLatency> {
+pub fn change_to_in_force(
+    changes: usize,
+    scale: &[usize],
+    scale_changes: usize,
+    cgroup: &Path,
+) -> Result<ChangeLatency> {
     eprintln!("bench: change-to-in-force, {changes} changes per setup");
     let spec = Spec { agent_poll: "3600s", ..Spec::new(CHANGE_BASE) };
     let agent_setup = Setup::start(Kind::Redirector, "c0", spec, cgroup)?;
@@ -92,12 +99,16 @@ pub fn change_to_in_force(changes: usize, scale: &[usize], scale_changes: usize,
         let others = ParkedNamespaces::new(n)?;
         // Inbound off, as in the sync scenarios: the others have no proxy
         // listening (and the probe is outbound).
-        let texts = texts.clone().map(|t| t.replacen("mesh:\n", "mesh:\n  inbound: false\n", 1) + &others.workloads_yaml("w"));
+        let texts =
+            texts.clone().map(|t| t.replacen("mesh:\n", "mesh:\n  inbound: false\n", 1) + &others.workloads_yaml("w"));
         // Every workload programmed, the probed one redirected, before the
         // first timed change.
         flipper.settle(&texts[0])?;
         let bin = std::env::current_exe()?;
-        agent.process.wait_ready(&bin, &agent.pins.path, &others.last_netns()).context("the other workloads programmed")?;
+        agent
+            .process
+            .wait_ready(&bin, &agent.pins.path, &others.last_netns())
+            .context("the other workloads programmed")?;
         let mut f = flipper.flip(&texts, scale_changes)?;
         at_scale.push(ChangeAtScale {
             workloads: n + 1,
@@ -244,7 +255,8 @@ struct PassLog {
 fn log_time(line: &str) -> Option<Duration> {
     let t = line.split_whitespace().next()?.split_once('T')?.1.strip_suffix('Z')?;
     let mut parts = t.split(':');
-    let (h, m, sec): (u64, u64, f64) = (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
+    let (h, m, sec): (u64, u64, f64) =
+        (parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?);
     Some(Duration::from_secs(h * 3600 + m * 60) + Duration::from_secs_f64(sec))
 }
 
@@ -513,7 +525,8 @@ pub fn sync_child(workloads: usize, cgroup: &Path) -> Result<()> {
     let mut maps = Vec::new();
     for name in map_names::PINNED {
         let fd = redirector::bpf_sys::obj_get(&pins.path.join(name))?;
-        let memlock_bytes = sys::proc_field(&format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)), "memlock")?;
+        let memlock_bytes =
+            sys::proc_field(&format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)), "memlock")?;
         let capacity = aya::maps::MapInfo::from_pin(pins.path.join(name))
             .with_context(|| format!("map info of {name}"))?
             .max_entries();
@@ -549,7 +562,8 @@ fn ms(since: Instant) -> f64 {
 pub fn syncs(sizes: &[usize], max_real_pods: usize) -> Result<Vec<Sync>> {
     let policy = sync_policy()?;
     let rules = std::env::temp_dir().join(testkit::unique("redirector-bench-pod-rules-"));
-    std::fs::write(&rules, restore_input(&osm_init_commands(&policy))).with_context(|| format!("writing {}", rules.display()))?;
+    std::fs::write(&rules, restore_input(&osm_init_commands(&policy)))
+        .with_context(|| format!("writing {}", rules.display()))?;
     let r = (|| {
         let mut out = Vec::new();
         for &n in sizes {
@@ -668,7 +682,8 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let programmed_ms = programmed_ms.with_context(|| format!("the agent did not report its first pass:\n{}", agent.log_text()))?;
+        let programmed_ms =
+            programmed_ms.with_context(|| format!("the agent did not report its first pass:\n{}", agent.log_text()))?;
         agent.wait_ready(&bin, &pins.path, &workloads.last_netns())?;
         let status = format!("/proc/{}/status", agent.child.id());
         Ok(AgentScale {

@@ -153,7 +153,8 @@ fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64) -> Result<(Vec<Dur
 /// Connects and reads the proxy's line; `redirected`: it must have read
 /// an original destination. Then sends the mode byte.
 fn open(dst: SocketAddr, redirected: bool, mode: u8) -> Result<TcpStream> {
-    let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(1)).with_context(|| format!("connecting to {dst}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&dst, Duration::from_secs(1)).with_context(|| format!("connecting to {dst}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_nodelay(true)?;
     let mut line = Vec::new();

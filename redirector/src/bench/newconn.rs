@@ -72,7 +72,9 @@ pub fn run_size(plan: &Plan, excl: Exclusions, directions: &[Direction], cgroup:
         let st: Vec<Stats> = samples.iter_mut().map(|s| Stats::from_samples(s, total)).collect();
         let redirector = &setups[2];
         let bpf_programs = match &redirector.agent {
-            Some(a) => bpfstats::measure(&a.pins.path, || hammer_setup(redirector, dir, plan.secs, cgroup).map(|v| v.len()))?,
+            Some(a) => {
+                bpfstats::measure(&a.pins.path, || hammer_setup(redirector, dir, plan.secs, cgroup).map(|v| v.len()))?
+            }
             None => Vec::new(),
         };
         let what = match (excl.cidrs, excl.ports) {

@@ -19,8 +19,7 @@ use super::{
     stats::Stats,
 };
 
-const FONTS: [&str; 2] =
-    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+const FONTS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 /// none, iptables, redirector.
 const COLORS: [RGBColor; 3] = [RGBColor(90, 90, 90), RGBColor(214, 39, 40), RGBColor(31, 119, 180)];
@@ -30,9 +29,9 @@ fn font() -> bool {
     static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FOUND.get_or_init(|| {
         FONTS.iter().any(|path| {
-            std::fs::read(path)
-                .ok()
-                .is_some_and(|bytes| register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok())
+            std::fs::read(path).ok().is_some_and(|bytes| {
+                register_font("sans-serif", FontStyle::Normal, Box::leak(bytes.into_boxed_slice())).is_ok()
+            })
         })
     })
 }
@@ -94,12 +93,9 @@ fn rate_panel(
     (title, x_desc): (&str, &str),
     text: bool,
 ) -> Result<()> {
-    let ymax = points
-        .iter()
-        .flat_map(|(_, s)| s.setups.iter().map(|(_, st)| st.rate_per_s))
-        .fold(0.0, f64::max)
-        .max(1.0)
-        * 1.15;
+    let ymax =
+        points.iter().flat_map(|(_, s)| s.setups.iter().map(|(_, st)| st.rate_per_s)).fold(0.0, f64::max).max(1.0)
+            * 1.15;
     let n = points.len().max(1);
     let mut b = ChartBuilder::on(area);
     b.margin(12);
@@ -120,17 +116,14 @@ fn rate_panel(
     let mut mesh = chart.configure_mesh();
     mesh.disable_x_mesh();
     if text {
-        mesh.x_labels(n)
-            .x_label_formatter(&label)
-            .y_label_formatter(&count)
-            .y_desc("connections/s")
-            .x_desc(x_desc);
+        mesh.x_labels(n).x_label_formatter(&label).y_label_formatter(&count).y_desc("connections/s").x_desc(x_desc);
     } else {
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw().map_err(plot_err)?;
     for (k, color) in COLORS.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = points.iter().enumerate().map(|(i, (_, s))| (i as f64, s.setups[k].1.rate_per_s)).collect();
+        let pts: Vec<(f64, f64)> =
+            points.iter().enumerate().map(|(i, (_, s))| (i as f64, s.setups[k].1.rate_per_s)).collect();
         let style = ShapeStyle::from(color).stroke_width(3);
         let line = chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(plot_err)?;
         if text {
@@ -152,7 +145,9 @@ fn latency_cdfs(report: &Report, file: &Path, text: bool) -> Result<()> {
     let root = BitMapBackend::new(file, (1400, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let panels = root.split_evenly((2, 2));
-    let first = |dir: Direction| report.scenarios.iter().find(|s| s.direction == dir && s.excluded_cidrs == 0 && s.excluded_ports == 0);
+    let first = |dir: Direction| {
+        report.scenarios.iter().find(|s| s.direction == dir && s.excluded_cidrs == 0 && s.excluded_ports == 0)
+    };
     let largest = report
         .scenarios
         .iter()
@@ -179,7 +174,12 @@ fn latency_cdfs(report: &Report, file: &Path, text: bool) -> Result<()> {
     Ok(())
 }
 
-fn cdf_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, title: &str, lines: &[(String, Stats)], text: bool) -> Result<()> {
+fn cdf_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    lines: &[(String, Stats)],
+    text: bool,
+) -> Result<()> {
     let all = lines.iter().flat_map(|(_, s)| s.cdf_us.iter().copied());
     let (lo, hi) = all.fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let (lo, hi) = if hi > 0.0 { ((lo * 0.8).max(0.1), hi * 1.25) } else { (1.0, 10.0) };
@@ -246,7 +246,8 @@ mod tests {
     use crate::bench::{control::ChangeLatency, report::ControlPlane};
 
     fn stats(base: f64) -> Stats {
-        let mut v: Vec<std::time::Duration> = (1..500).map(|i| std::time::Duration::from_secs_f64((base + i as f64) * 1e-6)).collect();
+        let mut v: Vec<std::time::Duration> =
+            (1..500).map(|i| std::time::Duration::from_secs_f64((base + i as f64) * 1e-6)).collect();
         Stats::from_samples(&mut v, 0.05)
     }
 
@@ -257,7 +258,11 @@ mod tests {
             excluded_cidrs,
             excluded_ports,
             iptables_exclusion_rules: 0,
-            setups: ["none", "iptables", "redirector"].iter().zip([50.0, 90.0, 60.0]).map(|(n, b)| (n.to_string(), stats(b))).collect(),
+            setups: ["none", "iptables", "redirector"]
+                .iter()
+                .zip([50.0, 90.0, 60.0])
+                .map(|(n, b)| (n.to_string(), stats(b)))
+                .collect(),
             ratio_vs_none: 1.0,
             ratio_vs_iptables: 1.0,
             agent_rss_kib: None,

@@ -136,7 +136,8 @@ pub fn targets(scenarios: &[Scenario], established: &[Established], cp: &Control
 impl Report {
     pub fn write(&self, out: &Path) -> Result<()> {
         let json = out.join("results.json");
-        std::fs::write(&json, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", json.display()))?;
+        std::fs::write(&json, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", json.display()))?;
         let plots = super::plot::write_all(self, out)?;
         let mut md = self.markdown();
         md.push_str("\n### Plots\n\n");
@@ -206,7 +207,14 @@ impl Report {
             ("iptables: `iptables-restore` of osm-init's whole set, start → exit", &c.iptables_restore),
             ("iptables: start → new verdict seen", &c.iptables_in_force),
         ] {
-            let _ = writeln!(o, "| {what} | {} | {} | {} | {} |", ms(st.p50_us), ms(st.p90_us), ms(st.p99_us), ms(st.max_us));
+            let _ = writeln!(
+                o,
+                "| {what} | {} | {} | {} | {} |",
+                ms(st.p50_us),
+                ms(st.p90_us),
+                ms(st.p99_us),
+                ms(st.max_us)
+            );
         }
         if let Some(kib) = c.agent_rss_kib {
             let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
@@ -243,7 +251,9 @@ impl Report {
             .scenarios
             .iter()
             .filter(|s| s.direction == super::newconn::Direction::Outbound)
-            .filter_map(|s| Some(format!("{} MiB with {}", mib(s.agent_rss_kib?), s.name.split(", ").last().unwrap_or(""))))
+            .filter_map(|s| {
+                Some(format!("{} MiB with {}", mib(s.agent_rss_kib?), s.name.split(", ").last().unwrap_or("")))
+            })
             .collect();
         if !rss.is_empty() {
             let _ = writeln!(o, "In the new-connection scenarios (one workload): {}.", rss.join("; "));
@@ -277,8 +287,12 @@ impl Report {
         }
         if let Some(s) = self.control_plane.sync.last() {
             let _ = write!(o, "\nMap memory at {} workloads (memlock, KiB): ", s.workloads);
-            let maps: Vec<String> =
-                s.redirector.maps.iter().map(|m| format!("{} {} (capacity {})", m.name, m.memlock_bytes / 1024, m.capacity)).collect();
+            let maps: Vec<String> = s
+                .redirector
+                .maps
+                .iter()
+                .map(|m| format!("{} {} (capacity {})", m.name, m.memlock_bytes / 1024, m.capacity))
+                .collect();
             let _ = writeln!(o, "{}.", maps.join(", "));
         }
         o
@@ -345,7 +359,11 @@ impl Report {
                     .iter()
                     .filter(|p| p.program == *n)
                     .fold((0u64, 0u64, 0f64), |a, p| (a.0 + p.runs, a.1 + p.run_time_ns, a.2 + p.runs_per_op));
-                let cell = if runs == 0 { "–".to_string() } else { format!("{:.0} ({:.2})", ns as f64 / runs as f64, per_op) };
+                let cell = if runs == 0 {
+                    "–".to_string()
+                } else {
+                    format!("{:.0} ({:.2})", ns as f64 / runs as f64, per_op)
+                };
                 let _ = write!(o, " {cell} |");
             }
             o.push('\n');

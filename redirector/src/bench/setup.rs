@@ -173,7 +173,9 @@ impl BenchProxy {
                 }
                 let Ok(mut s) = s else { continue };
                 let line = match mode {
-                    ProxyMode::Direct => format!("direct {}\n", s.local_addr().map(|a| a.to_string()).unwrap_or_default()),
+                    ProxyMode::Direct => {
+                        format!("direct {}\n", s.local_addr().map(|a| a.to_string()).unwrap_or_default())
+                    }
                     _ => testkit::proxy_answer(&s),
                 };
                 let answered = s.write_all(line.as_bytes());
@@ -218,7 +220,8 @@ impl Drop for BenchProxy {
         let wake = self.wake;
         // As root: never redirected (the proxy UID check is for 1500, but
         // 127.0.0.1 always passes), so this reaches the loop and ends it.
-        let woke = testkit::in_netns_as(&self.netns, 0, move || TcpStream::connect_timeout(&wake, Duration::from_secs(1)));
+        let woke =
+            testkit::in_netns_as(&self.netns, 0, move || TcpStream::connect_timeout(&wake, Duration::from_secs(1)));
         if let (Ok(Ok(_)), Some(t)) = (woke, self.thread.take()) {
             let _ = t.join();
         }
@@ -311,9 +314,17 @@ impl Setup {
                 let pins = PinDir::new()?;
                 let dir = TempDir::new("redirector-bench-")?;
                 let cfg = dir.0.join("config.yaml");
-                std::fs::write(&cfg, config_with(&app, spec.excl, kind == Kind::Sockmap)).with_context(|| format!("writing {}", cfg.display()))?;
+                std::fs::write(&cfg, config_with(&app, spec.excl, kind == Kind::Sockmap))
+                    .with_context(|| format!("writing {}", cfg.display()))?;
                 let bin = std::env::current_exe()?;
-                let a = AgentProcess::start_polling(&bin, &cfg, cgroup, &pins.path, &dir.0.join("agent.log"), spec.agent_poll)?;
+                let a = AgentProcess::start_polling(
+                    &bin,
+                    &cfg,
+                    cgroup,
+                    &pins.path,
+                    &dir.0.join("agent.log"),
+                    spec.agent_poll,
+                )?;
                 a.wait_ready(&bin, &pins.path, &app)?;
                 agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
@@ -376,7 +387,8 @@ pub fn in_cgroup<T>(cgroup: Option<&Path>, f: impl FnOnce() -> T) -> Result<T> {
         .find_map(|l| l.strip_prefix("0::").map(|p| root.join(p.trim_start_matches('/'))))
         .unwrap_or_else(|| root.clone());
     let pid = std::process::id().to_string();
-    std::fs::write(cg.join("cgroup.procs"), &pid).with_context(|| format!("joining the bench cgroup {}", cg.display()))?;
+    std::fs::write(cg.join("cgroup.procs"), &pid)
+        .with_context(|| format!("joining the bench cgroup {}", cg.display()))?;
     let r = f();
     if std::fs::write(here.join("cgroup.procs"), &pid).is_err() {
         std::fs::write(root.join("cgroup.procs"), &pid).context("leaving the bench cgroup")?;

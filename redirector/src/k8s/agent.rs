@@ -119,7 +119,14 @@ impl<T> Watched<T> {
     }
 
     /// Applies one watcher event; true if the collection changed.
-    fn apply<K>(&mut self, what: &str, ev: Result<Event<K>, watcher::Error>, key: impl Fn(&K) -> String, conv: impl Fn(&K) -> Option<T>, metrics: &Metrics) -> bool {
+    fn apply<K>(
+        &mut self,
+        what: &str,
+        ev: Result<Event<K>, watcher::Error>,
+        key: impl Fn(&K) -> String,
+        conv: impl Fn(&K) -> Option<T>,
+        metrics: &Metrics,
+    ) -> bool {
         match ev {
             Ok(Event::Apply(k)) => {
                 let Some(v) = conv(&k) else { return false };
@@ -211,8 +218,8 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let metrics = Metrics::new(opts.pin_dir.clone());
     if let Some(addr) = opts.metrics_addr {
         let m = metrics.clone();
-        let listener_check = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the status endpoint on {addr}"))?;
+        let listener_check =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding the status endpoint on {addr}"))?;
         drop(listener_check);
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, m).await {
@@ -263,7 +270,10 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
         match api.list(&ListParams::default().fields(&format!("metadata.name={name}"))).await {
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                info!("{MESHCONFIG_KIND} {}/{} not served (CRD not installed): mesh settings from the ConfigMap only", ar.api_version, MESHCONFIG_PLURAL);
+                info!(
+                    "{MESHCONFIG_KIND} {}/{} not served (CRD not installed): mesh settings from the ConfigMap only",
+                    ar.api_version, MESHCONFIG_PLURAL
+                );
                 meshconfig.synced = true;
             }
             _ => mcs = watch_one(api, name),
@@ -453,11 +463,7 @@ impl Loop {
         let ns = regarding.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
         let ev = K8sEvent {
             metadata: ObjectMeta {
-                name: Some(format!(
-                    "{}.{:x}",
-                    regarding.name.as_deref().unwrap_or("redirector"),
-                    now.as_nanosecond()
-                )),
+                name: Some(format!("{}.{:x}", regarding.name.as_deref().unwrap_or("redirector"), now.as_nanosecond())),
                 namespace: Some(ns.clone()),
                 ..Default::default()
             },
@@ -488,21 +494,28 @@ impl Loop {
     /// The current mesh settings, publishing an Event when the sources
     /// became invalid; the last good settings stay in force.
     fn resolve_mesh(&mut self) -> Option<MeshConfig> {
-        let sources = MeshSources {
-            configmap: self.opts.configmap.as_ref().and_then(|(ns, name)| {
-                self.configmap.items.get(name).map(|text| (format!("{ns}/{name}"), text.clone()))
-            }),
-            meshconfig: self.opts.meshconfig.as_ref().and_then(|(ns, name)| {
-                self.meshconfig.items.get(name).map(|o| (format!("{ns}/{name}"), o.clone()))
-            }),
-        };
+        let sources =
+            MeshSources {
+                configmap: self.opts.configmap.as_ref().and_then(|(ns, name)| {
+                    self.configmap.items.get(name).map(|text| (format!("{ns}/{name}"), text.clone()))
+                }),
+                meshconfig: self.opts.meshconfig.as_ref().and_then(|(ns, name)| {
+                    self.meshconfig.items.get(name).map(|o| (format!("{ns}/{name}"), o.clone()))
+                }),
+            };
         match sources.resolve() {
             Ok(m) => {
                 if self.mesh_error.take().is_some() {
                     info!("mesh settings valid again");
                 }
                 if self.mesh.as_ref() != Some(&m) {
-                    info!("mesh settings: preset {}, proxy UID {}, outbound {}, inbound {}", m.preset.name(), m.proxy_uid, m.outbound_port, m.inbound_port);
+                    info!(
+                        "mesh settings: preset {}, proxy UID {}, outbound {}, inbound {}",
+                        m.preset.name(),
+                        m.proxy_uid,
+                        m.outbound_port,
+                        m.inbound_port
+                    );
                 }
                 self.mesh = Some(m);
             }
@@ -510,10 +523,19 @@ impl Loop {
                 let text = format!("{e:#}");
                 if self.mesh_error.as_deref() != Some(text.as_str()) {
                     self.metrics.error("invalid_mesh_config");
-                    error!("{text}; {}", if self.mesh.is_some() { "keeping the last good mesh settings" } else { "no pod is (re)programmed until they are valid" });
+                    error!(
+                        "{text}; {}",
+                        if self.mesh.is_some() {
+                            "keeping the last good mesh settings"
+                        } else {
+                            "no pod is (re)programmed until they are valid"
+                        }
+                    );
                     let (api_version, kind, full) = match &source {
                         Source::ConfigMap(n) => ("v1".to_string(), "ConfigMap", n.clone()),
-                        Source::MeshConfig(n) => (format!("{MESHCONFIG_GROUP}/{}", self.opts.meshconfig_version), MESHCONFIG_KIND, n.clone()),
+                        Source::MeshConfig(n) => {
+                            (format!("{MESHCONFIG_GROUP}/{}", self.opts.meshconfig_version), MESHCONFIG_KIND, n.clone())
+                        }
                     };
                     let (ns, name) = full.split_once('/').unwrap_or(("", &full));
                     let reference = ObjectReference {
@@ -523,7 +545,12 @@ impl Loop {
                         name: Some(name.into()),
                         ..Default::default()
                     };
-                    self.publish(EventKind::Warning, "InvalidMeshConfig", format!("{text}; keeping the last good mesh settings"), reference);
+                    self.publish(
+                        EventKind::Warning,
+                        "InvalidMeshConfig",
+                        format!("{text}; keeping the last good mesh settings"),
+                        reference,
+                    );
                     self.mesh_error = Some(text);
                 }
             }
@@ -554,7 +581,14 @@ impl Loop {
         };
         let proxy_cgroups = self.find_proxy_cgroups(&mesh, &rules);
         let p = plan(
-            &Inputs { pods: &self.pods.items, mesh: &mesh, rules: &rules, netns: &netns, pinned: &pinned, proxy_cgroups: &proxy_cgroups },
+            &Inputs {
+                pods: &self.pods.items,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &netns,
+                pinned: &pinned,
+                proxy_cgroups: &proxy_cgroups,
+            },
             &mut self.plan_state,
         );
         for ev in &p.events {
@@ -588,7 +622,14 @@ impl Loop {
                 self.failed_pods.insert(name.clone(), msg.clone());
                 if self.pod_errors.get(uid) != Some(msg) {
                     if let Some(pod) = self.pods.items.get(uid) {
-                        let ev = PodEvent { uid: uid.clone(), namespace: pod.namespace.clone(), name: pod.name.clone(), kind: EventKind::Warning, reason: "RedirectionFailed", message: msg.clone() };
+                        let ev = PodEvent {
+                            uid: uid.clone(),
+                            namespace: pod.namespace.clone(),
+                            name: pod.name.clone(),
+                            kind: EventKind::Warning,
+                            reason: "RedirectionFailed",
+                            message: msg.clone(),
+                        };
                         self.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(&ev));
                     }
                     self.pod_errors.insert(uid.clone(), msg.clone());
@@ -596,12 +637,25 @@ impl Loop {
             }
         }
         let live: BTreeSet<&String> = p.uids.values().collect();
-        self.pod_errors.retain(|uid, _| live.contains(uid) && p.uids.iter().any(|(n, u)| u == uid && errors.contains_key(n)));
+        self.pod_errors
+            .retain(|uid, _| live.contains(uid) && p.uids.iter().any(|(n, u)| u == uid && errors.contains_key(n)));
         let meshed = self.pods.items.values().filter(|x| x.is_live() && is_meshed(x, &rules)).count();
         self.metrics.set_gauge("pods_meshed", "Live pods on this node that carry the sidecar.", meshed as u64);
-        self.metrics.set_gauge("pods_programmed", "Meshed pods whose policy is in the maps.", self.ready_pods.len() as u64);
-        self.metrics.set_gauge("pods_unresolved", "Running meshed pods whose network namespace is not found yet.", p.unresolved.len() as u64);
-        self.metrics.set_gauge("pods_skipped", "Meshed pods that cannot be redirected (host network).", p.skipped.len() as u64);
+        self.metrics.set_gauge(
+            "pods_programmed",
+            "Meshed pods whose policy is in the maps.",
+            self.ready_pods.len() as u64,
+        );
+        self.metrics.set_gauge(
+            "pods_unresolved",
+            "Running meshed pods whose network namespace is not found yet.",
+            p.unresolved.len() as u64,
+        );
+        self.metrics.set_gauge(
+            "pods_skipped",
+            "Meshed pods that cannot be redirected (host network).",
+            p.skipped.len() as u64,
+        );
         self.metrics.set_ready(None);
         self.answer_waiters();
         true
@@ -626,7 +680,11 @@ impl Loop {
             let found = cached.or_else(|| {
                 let found = discover::container_cgroup(&self.opts.cgroup, &p.uid, id);
                 if let Some(path) = &found {
-                    info!("pod {}: proxy container `{name}` ({id}) identified by its cgroup {}", p.key(), path.display());
+                    info!(
+                        "pod {}: proxy container `{name}` ({id}) identified by its cgroup {}",
+                        p.key(),
+                        path.display()
+                    );
                 }
                 found
             });
@@ -685,14 +743,18 @@ impl Loop {
         for mut w in std::mem::take(&mut self.waiters) {
             let reply = match (self.pods.items.get(&w.uid), &rules) {
                 _ if !self.synced() => Reply::waiting(self.waiting_for()),
-                (_, None) => Reply::waiting(format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default())),
+                (_, None) => {
+                    Reply::waiting(format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default()))
+                }
                 (None, _) => Reply::waiting(format!("pod UID {} not seen on node {node} yet", w.uid)),
                 (Some(p), Some(rules)) if !is_meshed(p, rules) => Reply::error(format!(
                     "pod {} is not meshed (rules: {}); remove the redirector init container or fix the rules",
                     p.key(),
                     rules.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
                 )),
-                (Some(p), _) if p.host_network => Reply::error(format!("pod {} uses the node's network namespace; it cannot be redirected", p.key())),
+                (Some(p), _) if p.host_network => {
+                    Reply::error(format!("pod {} uses the node's network namespace; it cannot be redirected", p.key()))
+                }
                 (Some(p), _) => match (self.ready_pods.get(&p.key()), self.failed_pods.get(&p.key())) {
                     (Some(_), _) => {
                         let cookie = self.netns.get(&w.uid).map(|h| h.cookie).unwrap_or_default();

@@ -208,9 +208,18 @@ mod tests {
             format!("kubepods/burstable/pod{UID}/5d7c0a"),
             format!("kubepods/burstable/pod{UID}/pause1"),
             format!("kubepods/burstable/pod{other}/5d7c0a"),
-            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-ab12.scope", other.replace('-', "_")),
-            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-cd34.scope", other.replace('-', "_")),
-            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-ef56", other.replace('-', "_")),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-ab12.scope",
+                other.replace('-', "_")
+            ),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-cd34.scope",
+                other.replace('-', "_")
+            ),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/crio-ef56",
+                other.replace('-', "_")
+            ),
         ];
         for d in &dirs {
             std::fs::create_dir_all(root.join(d)).unwrap();

@@ -93,7 +93,9 @@ mod tests {
     #[test]
     fn configmap_base_and_meshconfig_lists() {
         let mut s = MeshSources {
-            configmap: cm("preset: osm\nproxyUID: 1500\noutboundPortExclusionList: [6379]\ninboundPortExclusionList: [9090]\n"),
+            configmap: cm(
+                "preset: osm\nproxyUID: 1500\noutboundPortExclusionList: [6379]\ninboundPortExclusionList: [9090]\n",
+            ),
             meshconfig: None,
         };
         let m = s.resolve().unwrap();
@@ -119,7 +121,10 @@ mod tests {
         let (src, e) = s.resolve().unwrap_err();
         assert_eq!(src, Source::ConfigMap("redirector-system/redirector-config".into()));
         let msg = format!("{e:#}");
-        assert!(msg.contains("redirector-system/redirector-config") && msg.contains("proxyUID") && msg.contains("-1"), "{msg}");
+        assert!(
+            msg.contains("redirector-system/redirector-config") && msg.contains("proxyUID") && msg.contains("-1"),
+            "{msg}"
+        );
 
         let s = MeshSources {
             configmap: None,
@@ -131,7 +136,12 @@ mod tests {
         let (src, e) = s.resolve().unwrap_err();
         assert_eq!(src, Source::MeshConfig("osm-system/osm-mesh-config".into()));
         let msg = format!("{e:#}");
-        assert!(msg.contains("osm-mesh-config") && msg.contains("outboundIPRangeExclusionList") && msg.contains("10.0.0.0/33"), "{msg}");
+        assert!(
+            msg.contains("osm-mesh-config")
+                && msg.contains("outboundIPRangeExclusionList")
+                && msg.contains("10.0.0.0/33"),
+            "{msg}"
+        );
 
         let s = MeshSources { configmap: None, meshconfig: Some(("a/b".into(), json!({"spec": {"traffic": 3}}))) };
         assert!(format!("{:#}", s.resolve().unwrap_err().1).contains("spec.traffic"));

@@ -205,7 +205,17 @@ mod tests {
         let all = pods(vec![pod("web", &[(PORTS, "6379")]), plain, done, pending]);
         let ns = netns(&[("uid-web", 11), ("uid-plain", 12), ("uid-done", 13)]);
         let mut st = PlanState::default();
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &BTreeMap::new() }, &mut st);
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &BTreeSet::new(),
+                proxy_cgroups: &BTreeMap::new(),
+            },
+            &mut st,
+        );
         assert_eq!(p.workloads.len(), 1);
         assert_eq!(p.workloads[0].name, "shop/web");
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
@@ -222,7 +232,17 @@ mod tests {
         let mut st = PlanState::default();
         let run = |annotations: &[(&str, &str)], st: &mut PlanState| {
             let all = pods(vec![pod("web", annotations)]);
-            plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, st)
+            plan(
+                &Inputs {
+                    pods: &all,
+                    mesh: &mesh,
+                    rules: &rules,
+                    netns: &ns,
+                    pinned: &pinned,
+                    proxy_cgroups: &BTreeMap::new(),
+                },
+                st,
+            )
         };
         let p = run(&[(PORTS, "6379")], &mut st);
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
@@ -253,7 +273,17 @@ mod tests {
         let all = pods(vec![h]);
         let ns = netns(&[("uid-node-agent", 1)]);
         let mut st = PlanState::default();
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &BTreeMap::new() }, &mut st);
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &BTreeSet::new(),
+                proxy_cgroups: &BTreeMap::new(),
+            },
+            &mut st,
+        );
         assert!(p.workloads.is_empty());
         assert_eq!(p.events[0].reason, "HostNetworkNotRedirected");
         assert_eq!(p.skipped.len(), 1);
@@ -274,7 +304,17 @@ mod tests {
 
         // Only one pod's namespace found so far: nothing may be swept.
         let ns = netns(&[("uid-web", 11)]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &pinned,
+                proxy_cgroups: &BTreeMap::new(),
+            },
+            &mut st,
+        );
         assert_eq!(p.unresolved, vec!["shop/api"]);
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
@@ -283,7 +323,17 @@ mod tests {
 
         // Both found: the stale cookie goes, both pods are (re)written.
         let ns = netns(&[("uid-web", 11), ("uid-api", 12)]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &pinned,
+                proxy_cgroups: &BTreeMap::new(),
+            },
+            &mut st,
+        );
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &BTreeSet::new(), &d, &p.keep);
         assert_eq!(ops.remove, vec![99]);
@@ -303,7 +353,17 @@ mod tests {
 
         // A pod deleted: its cookie is removed.
         let all = pods(vec![pod("web", &[])]);
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &pinned, proxy_cgroups: &BTreeMap::new() }, &mut st);
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &pinned,
+                proxy_cgroups: &BTreeMap::new(),
+            },
+            &mut st,
+        );
         let d = desired(&p, &mesh, &ns);
         let ops = diff(&pinned, &programmed, &linked, &d, &p.keep);
         assert_eq!(ops.remove, vec![12]);
@@ -317,10 +377,22 @@ mod tests {
         let rules = MeshedWhen::defaults(Preset::Osm);
         let all = pods(vec![pod("web", &[]), pod("db", &[])]);
         let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
-        let cg: BTreeMap<String, PathBuf> = [("uid-web".to_string(), PathBuf::from("/sys/fs/cgroup/kubepods/podx/ab"))].into();
+        let cg: BTreeMap<String, PathBuf> =
+            [("uid-web".to_string(), PathBuf::from("/sys/fs/cgroup/kubepods/podx/ab"))].into();
         let mut st = PlanState::default();
-        let p = plan(&Inputs { pods: &all, mesh: &mesh, rules: &rules, netns: &ns, pinned: &BTreeSet::new(), proxy_cgroups: &cg }, &mut st);
-        let by_name: BTreeMap<&str, Option<&PathBuf>> = p.workloads.iter().map(|w| (w.name.as_str(), w.proxy_cgroup.as_ref())).collect();
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &BTreeSet::new(),
+                proxy_cgroups: &cg,
+            },
+            &mut st,
+        );
+        let by_name: BTreeMap<&str, Option<&PathBuf>> =
+            p.workloads.iter().map(|w| (w.name.as_str(), w.proxy_cgroup.as_ref())).collect();
         assert_eq!(by_name["shop/web"], Some(&cg["uid-web"]));
         assert_eq!(by_name["shop/db"], None);
     }

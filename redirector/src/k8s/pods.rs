@@ -113,14 +113,12 @@ impl MeshedWhen {
             // OSM's injector labels every injected pod with its proxy UUID
             // and adds the `envoy` container.
             Preset::Osm => vec![label("osm-proxy-uuid"), MeshedWhen::Container(proxy_container(preset).into())],
-            Preset::Istio => vec![
-                annotation("sidecar.istio.io/status", None),
-                MeshedWhen::Container(proxy_container(preset).into()),
-            ],
-            Preset::Linkerd => vec![
-                label("linkerd.io/control-plane-ns"),
-                MeshedWhen::Container(proxy_container(preset).into()),
-            ],
+            Preset::Istio => {
+                vec![annotation("sidecar.istio.io/status", None), MeshedWhen::Container(proxy_container(preset).into())]
+            }
+            Preset::Linkerd => {
+                vec![label("linkerd.io/control-plane-ns"), MeshedWhen::Container(proxy_container(preset).into())]
+            }
             Preset::Kuma => vec![
                 annotation("kuma.io/sidecar-injected", Some("true")),
                 MeshedWhen::Container(proxy_container(preset).into()),
@@ -133,9 +131,9 @@ impl FromStr for MeshedWhen {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| anyhow!("{s:?} is not a rule: use label:KEY[=VALUE], annotation:KEY[=VALUE] or container:NAME"))?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            anyhow!("{s:?} is not a rule: use label:KEY[=VALUE], annotation:KEY[=VALUE] or container:NAME")
+        })?;
         let (key, value) = match rest.split_once('=') {
             Some((k, v)) => (k.to_string(), Some(v.to_string())),
             None => (rest.to_string(), None),
@@ -191,7 +189,9 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
-        for text in ["label:osm-proxy-uuid", "annotation:kuma.io/sidecar-injected=true", "container:envoy", "label:a=b=c"] {
+        for text in
+            ["label:osm-proxy-uuid", "annotation:kuma.io/sidecar-injected=true", "container:envoy", "label:a=b=c"]
+        {
             let rule: MeshedWhen = text.parse().unwrap();
             assert_eq!(rule.to_string(), text);
         }

@@ -126,10 +126,9 @@ async fn handle(stream: tokio::net::UnixStream, proc_root: &Path, tx: mpsc::Send
     let registration = (|| -> Result<(Request, u32, NetnsHandle)> {
         let req: Request = serde_json::from_str(line.trim())
             .with_context(|| format!("request {:?}: not {{\"podUid\": \"…\"}}", line.trim()))?;
-        let pid = cred
-            .pid()
-            .and_then(|p| u32::try_from(p).ok())
-            .ok_or_else(|| anyhow!("the client's PID is not visible to the agent (is the agent in the host PID namespace?)"))?;
+        let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).ok_or_else(|| {
+            anyhow!("the client's PID is not visible to the agent (is the agent in the host PID namespace?)")
+        })?;
         // The namespace is only taken from a process of that pod: another
         // pod cannot register its namespace under this pod's UID.
         match pod_uid_of_pid(proc_root, pid) {
@@ -255,9 +254,11 @@ mod tests {
             let (tx, _rx) = mpsc::channel(4);
             tokio::spawn(serve(l, PathBuf::from("/proc"), tx));
             let s2 = sock.clone();
-            tokio::task::spawn_blocking(move || wait_ready(&s2, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", Duration::from_secs(5)))
-                .await
-                .unwrap()
+            tokio::task::spawn_blocking(move || {
+                wait_ready(&s2, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", Duration::from_secs(5))
+            })
+            .await
+            .unwrap()
         });
         let _ = std::fs::remove_file(&sock);
         let e = format!("{:#}", res.unwrap_err());

@@ -13,8 +13,7 @@ use redirector::{
     testkit::{self, PinDir, Proto, Server, TestCgroup},
 };
 use redirector_common::{
-    map_names, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6, MAX_LISTENERS, MAX_TRACKED_CONNECTIONS,
-    MAX_WORKLOADS,
+    map_names, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6, MAX_LISTENERS, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 use super::{bin, poll_until, require_kernel, Managed, EXCLUSIONS};
@@ -82,7 +81,15 @@ fn fake_tuple(i: u32) -> TupleKey {
     let mut a = [0u8; 16];
     a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
     a[12..].copy_from_slice(&i.to_be_bytes());
-    TupleKey { netns_cookie: 0, family: AF_INET6, client_port: 1, proxy_port: 15001, _pad: 0, client_addr: a, proxy_addr: a }
+    TupleKey {
+        netns_cookie: 0,
+        family: AF_INET6,
+        client_port: 1,
+        proxy_port: 15001,
+        _pad: 0,
+        client_addr: a,
+        proxy_addr: a,
+    }
 }
 
 /// RDR_ORIG_TUPLE (a hash of 262,144, written by the programs): full, a
@@ -99,7 +106,9 @@ fn full_tracking_map_fails_closed_and_is_reported() {
     let mut tuples = open_tuples(&m.pins.path);
     let baseline = tuples.keys().count() as u32;
     for i in 0..MAX_TRACKED_CONNECTIONS - baseline {
-        tuples.insert(fake_tuple(i), OrigDst { family: AF_INET6, port_be: 80u16.to_be(), flags: 0, addr: [0; 16] }, 0).unwrap();
+        tuples
+            .insert(fake_tuple(i), OrigDst { family: AF_INET6, port_be: 80u16.to_be(), flags: 0, addr: [0; 16] }, 0)
+            .unwrap();
     }
     let answer = m.probe(1000, "192.0.2.10:80");
     assert!(answer.starts_with("proxy no-original-dst"), "{answer}");
@@ -138,7 +147,12 @@ fn full_workload_map_refuses_the_new_workload_and_keeps_the_others() {
     let desired = |cookies: &[u64]| -> Vec<Desired> {
         cookies
             .iter()
-            .map(|c| Desired { name: format!("w{c}"), cookie: *c, netns: "/nonexistent".into(), policy: policy.clone() })
+            .map(|c| Desired {
+                name: format!("w{c}"),
+                cookie: *c,
+                netns: "/nonexistent".into(),
+                policy: policy.clone(),
+            })
             .collect()
     };
     // Cookies of namespaces that do not exist: 1 << 60 upwards.
@@ -168,7 +182,11 @@ fn full_workload_map_refuses_the_new_workload_and_keeps_the_others() {
     assert_eq!(dp.maps.workloads().unwrap().len(), MAX_WORKLOADS as usize - 9);
     // The policy lists of every workload are intact (one generation each).
     let ports = dp.maps.port_keys().unwrap().len();
-    assert_eq!(ports, (MAX_WORKLOADS as usize - 9) * dp.maps.port_keys().unwrap().iter().filter(|k| k.policy_id == pinned[&a].policy_id).count());
+    assert_eq!(
+        ports,
+        (MAX_WORKLOADS as usize - 9)
+            * dp.maps.port_keys().unwrap().iter().filter(|k| k.policy_id == pinned[&a].policy_id).count()
+    );
     drop(dp);
     redirector::dataplane::cleanup(&pins.path).unwrap();
 }
@@ -213,7 +231,8 @@ fn full_listener_map_drops_inbound_and_recovers() {
     // Closing sockets removes their entries; the agent's retry registers
     // the proxy.
     drop(holders.pop());
-    let got = poll_until(|| testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, dst).unwrap(), |g| g.starts_with("proxy"));
+    let got =
+        poll_until(|| testkit::probe(&m.topo.peer.path(), 0, Proto::Tcp, dst).unwrap(), |g| g.starts_with("proxy"));
     assert!(got.starts_with(&format!("proxy {pod}:8080")), "{got}\n{}", m.agent.log_text());
     drop(holders);
     let left = poll_until(|| Maps::open(&m.pins.path).unwrap().listener_keys().unwrap().len(), |n| *n == 1);
@@ -280,7 +299,9 @@ fn listener_map_filler() {
     let (pins, netns) = (Path::new(parts[0]), Path::new(parts[1]));
     let (first, count): (u32, u32) = (parts[2].parse().unwrap(), parts[3].parse().unwrap());
     let sockets = testkit::in_netns_as(netns, 0, move || {
-        (first..first + count).map(|i| std::net::TcpListener::bind(("127.0.0.1", 20_000 + i as u16)).unwrap()).collect::<Vec<_>>()
+        (first..first + count)
+            .map(|i| std::net::TcpListener::bind(("127.0.0.1", 20_000 + i as u16)).unwrap())
+            .collect::<Vec<_>>()
     })
     .unwrap();
     let mut maps = Maps::open(pins).unwrap();
@@ -314,9 +335,15 @@ fn apply_retires_exactly_what_it_replaced() {
         p.inbound = false;
         p
     };
-    let d = |c: u64, p: &redirector::policy::Policy| Desired { name: format!("w{c}"), cookie: c, netns: "/nonexistent".into(), policy: p.clone() };
+    let d = |c: u64, p: &redirector::policy::Policy| Desired {
+        name: format!("w{c}"),
+        cookie: c,
+        netns: "/nonexistent".into(),
+        policy: p.clone(),
+    };
     let (w1, w2, w3) = ((1u64 << 60) + 1, (1 << 60) + 2, (1 << 60) + 3);
-    let (p1, p2, p3) = (policy("6379,7070", "192.0.2.0/24"), policy("80,81,82", "198.51.100.0/24,2001:db8::/32"), policy("", ""));
+    let (p1, p2, p3) =
+        (policy("6379,7070", "192.0.2.0/24"), policy("80,81,82", "198.51.100.0/24,2001:db8::/32"), policy("", ""));
     // Exactly the entries of the policies in force, by their ids.
     let expected = |dp: &Dataplane, policies: &[(u64, &redirector::policy::Policy)]| {
         let pinned = dp.maps.workloads().unwrap();
@@ -331,8 +358,10 @@ fn apply_retires_exactly_what_it_replaced() {
         (ports, cidrs)
     };
     let actual = |dp: &Dataplane| {
-        let mut ports: Vec<_> = dp.maps.port_keys().unwrap().into_iter().map(|k| (k.policy_id, k.port, k.kind)).collect();
-        let mut cidrs: Vec<_> = dp.maps.cidr_keys().unwrap().into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)).collect();
+        let mut ports: Vec<_> =
+            dp.maps.port_keys().unwrap().into_iter().map(|k| (k.policy_id, k.port, k.kind)).collect();
+        let mut cidrs: Vec<_> =
+            dp.maps.cidr_keys().unwrap().into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)).collect();
         ports.sort();
         cidrs.sort();
         (ports, cidrs)
@@ -357,7 +386,11 @@ fn apply_retires_exactly_what_it_replaced() {
     assert_eq!((r.removed, r.programmed.clone()), (1, vec![format!("w{w1}")]));
     let e1 = redirector::policy::map_entries(&p1, 0);
     let e2 = redirector::policy::map_entries(&p2, 0);
-    assert_eq!(r.swept, e1.ports.len() + e1.cidrs.len() + e2.ports.len() + e2.cidrs.len(), "retired a different number of entries");
+    assert_eq!(
+        r.swept,
+        e1.ports.len() + e1.cidrs.len() + e2.ports.len() + e2.cidrs.len(),
+        "retired a different number of entries"
+    );
     // Now: the policies in force plus the orphan's entries, nothing else.
     let now = actual(&dp);
     let (mut want_ports, mut want_cidrs) = expected(&dp, &[(w1, &p1b), (w3, &p3)]);

@@ -224,11 +224,18 @@ impl KubeAgent {
         api.write_kubeconfig(&kubeconfig).unwrap();
         let socket = dir.join("agent.sock");
         let status = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let mut args: Vec<OsString> = ["run", "--kube", "--node-name", NODE, "--resync", "300ms"].map(OsString::from).to_vec();
+        let mut args: Vec<OsString> =
+            ["run", "--kube", "--node-name", NODE, "--resync", "300ms"].map(OsString::from).to_vec();
         args.extend(["--cgroup".into(), cgroup.into(), "--pin-dir".into(), pins.into()]);
-        args.extend(["--agent-socket".into(), socket.clone().into(), "--metrics-addr".into(), status.to_string().into()]);
+        args.extend([
+            "--agent-socket".into(),
+            socket.clone().into(),
+            "--metrics-addr".into(),
+            status.to_string().into(),
+        ]);
         args.extend(extra.iter().map(OsString::from));
-        let proc = AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();
+        let proc =
+            AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();
         let agent = KubeAgent { proc, socket, status };
         let ready = poll_until(|| agent.get("/readyz"), |(code, _)| *code == 200);
         assert_eq!(ready.0, 200, "agent not ready: {}\nlog:\n{}", ready.1, agent.proc.log_text());
@@ -248,10 +255,7 @@ impl KubeAgent {
 }
 
 fn events_for<'a>(events: &'a [Value], name: &str, reason: &str) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
-        .collect()
+    events.iter().filter(|e| e["regarding"]["name"] == name && e["reason"] == reason).collect()
 }
 
 fn programmed(pins: &Path, cookie: u64) -> bool {
@@ -265,9 +269,10 @@ fn rule_allows(rule: &PolicyRule, r: &Served) -> bool {
     has(&rule.api_groups, &r.group)
         && has(&rule.resources, &r.resource)
         && rule.verbs.iter().any(|v| v == &r.verb || v == "*")
-        && rule.resource_names.as_ref().is_none_or(|names| {
-            names.is_empty() || r.name.as_ref().is_some_and(|n| names.contains(n))
-        })
+        && rule
+            .resource_names
+            .as_ref()
+            .is_none_or(|names| names.is_empty() || r.name.as_ref().is_some_and(|n| names.contains(n)))
 }
 
 /// deploy/rbac.yaml's rules: (namespace of a Role or None, rule).
@@ -385,7 +390,9 @@ fn kube_agent_end_to_end() {
         |e| events_for(e, "b", "InvalidAnnotation").iter().any(|x| x["note"].as_str().unwrap_or("").contains("eighty")),
     );
     assert!(
-        events_for(&events, "b", "InvalidAnnotation").iter().any(|x| x["note"].as_str().unwrap_or("").contains("eighty")),
+        events_for(&events, "b", "InvalidAnnotation")
+            .iter()
+            .any(|x| x["note"].as_str().unwrap_or("").contains("eighty")),
         "{events:#?}"
     );
 
@@ -539,9 +546,14 @@ fn kube_proxy_identified_by_its_container_cgroup() {
     a.run_process();
     let app_cg = a.cg.dirs[0].clone();
     let envoy_cg = a.cg.add_container("e0a1b2c3");
-    let agent = KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--proxy-identity", "cgroup"]);
+    let agent =
+        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--proxy-identity", "cgroup"]);
     let dst = "192.0.2.10:80";
-    let probe = |cg: &Path, uid: u32| in_cgroup(cg, &cgroup.path, || testkit::probe(&a.topo.app.path(), uid, Proto::Tcp, dst.parse().unwrap()).unwrap());
+    let probe = |cg: &Path, uid: u32| {
+        in_cgroup(cg, &cgroup.path, || {
+            testkit::probe(&a.topo.app.path(), uid, Proto::Tcp, dst.parse().unwrap()).unwrap()
+        })
+    };
     let got = a.probe_until(dst, |g| g.starts_with("proxy"));
     assert!(got.starts_with("proxy 192.0.2.10:80"), "{}", agent.proc.log_text());
     let uid_only = |what: &str| {
@@ -568,7 +580,11 @@ fn kube_proxy_identified_by_its_container_cgroup() {
         || Maps::open(&pins.path).unwrap().workload(a.cookie()).unwrap().unwrap(),
         |w| w.flags & redirector_common::flags::MATCH_PROXY_CGROUP != 0,
     );
-    assert!(w.flags & redirector_common::flags::MATCH_PROXY_CGROUP != 0, "proxy cgroup never programmed\n{}", agent.proc.log_text());
+    assert!(
+        w.flags & redirector_common::flags::MATCH_PROXY_CGROUP != 0,
+        "proxy cgroup never programmed\n{}",
+        agent.proc.log_text()
+    );
     assert_eq!(w.proxy_cgroup_id, ino, "not the envoy container's cgroup");
     let spoof = probe(&app_cg, 1500);
     assert!(spoof.starts_with("proxy 192.0.2.10:80"), "an app process running as UID 1500 went direct: {spoof}");

@@ -243,7 +243,8 @@ fn sockmap_only_for_local_app_proxy_pairs_and_only_when_on() {
     let cookie = netns_cookie(&app).unwrap();
     let l = proxy_listener(&app);
     let inspect = |pins: &Path| -> serde_json::Value {
-        let out = std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(pins).output().unwrap();
+        let out =
+            std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(pins).output().unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     };
 
@@ -369,6 +370,7 @@ fn sockmap_survives_restart_and_cleanup_detaches_it() {
     let direct = testkit::probe(&app, 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
     assert!(direct.starts_with("direct 192.0.2.10:80"), "{direct}");
     drop((a, p, a2, p2));
-    let loaded = poll_until(|| second.iter().chain(&first).filter(|id| bpf_sys::prog_by_id(**id).is_ok()).count(), |n| *n == 0);
+    let loaded =
+        poll_until(|| second.iter().chain(&first).filter(|id| bpf_sys::prog_by_id(**id).is_ok()).count(), |n| *n == 0);
     assert_eq!(loaded, 0, "sk_msg programs still loaded after cleanup and the last connection closed");
 }
