@@ -13,10 +13,9 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use redirector::{
-    config::{parse_annotations, Inclusion, MeshConfig, Preset, WorkloadAnnotations},
-    k8s::pods::MeshedWhen,
-    policy::{compile, map_entries},
+use redirector_policy::{
+    compile, k8s::pods::MeshedWhen, map_entries, parse_annotations, Inclusion, MeshSettings, Preset,
+    WorkloadAnnotations,
 };
 use redirector_fuzz::{
     check_annotations, check_connections, check_entries, check_policy, edge_connections, render_annotations,
@@ -94,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
             check_bounded(&a);
             let again = parse(preset, &render_annotations(preset, &a));
             assert_eq!(again.as_ref(), Ok(&a), "printed back, {a:?} parses differently");
-            let mesh = MeshConfig::for_preset(preset);
+            let mesh = MeshSettings::for_preset(preset);
             let p = compile(&mesh, &a);
             check_policy(&mesh, &a, &p);
             let p = p.with_local_addresses(["198.18.0.1".parse().unwrap()]);

@@ -11,10 +11,7 @@
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
-use redirector::{
-    config::{parse_config, Config, NetnsRef},
-    policy::{compile, map_entries},
-};
+use redirector_policy::{compile, map_entries, parse_config, Config, NetnsRef};
 use redirector_fuzz::{check_annotations, check_entries, check_mesh, check_policy, render_annotations, render_mesh};
 use serde_yaml::{Mapping, Value};
 

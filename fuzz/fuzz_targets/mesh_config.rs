@@ -8,9 +8,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use redirector::{
-    config::{parse_config, parse_mesh_document, MeshConfig},
+use redirector_policy::{
     k8s::mesh::{MeshSources, Source, MESHCONFIG_TRAFFIC_KEYS},
+    parse_config, parse_mesh_document, MeshSettings,
 };
 use redirector_fuzz::{check_mesh, render_mesh};
 use serde_yaml::{Mapping, Value};
@@ -18,7 +18,7 @@ use serde_yaml::{Mapping, Value};
 const CM: &str = "redirector-system/redirector-config";
 const MC: &str = "osm-system/osm-mesh-config";
 
-fn lists(m: &MeshConfig) -> [String; 4] {
+fn lists(m: &MeshSettings) -> [String; 4] {
     [
         format!("{:?}", m.outbound_ip_range_exclusion),
         format!("{:?}", m.outbound_ip_range_inclusion),
@@ -28,7 +28,7 @@ fn lists(m: &MeshConfig) -> [String; 4] {
 }
 
 /// The text as the `mesh` section of a config file means the same.
-fn mesh_section_agrees(text: &str, want: Option<&MeshConfig>) {
+fn mesh_section_agrees(text: &str, want: Option<&MeshSettings>) {
     let Ok(v @ (Value::Mapping(_) | Value::Null)) = serde_yaml::from_str::<Value>(text) else { return };
     let mut doc = Mapping::new();
     doc.insert("mesh".into(), if v.is_null() { Value::Mapping(Mapping::new()) } else { v });
@@ -82,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             let rest =
-                |m: &MeshConfig| (m.preset, m.proxy_uid, m.proxy_gid, m.outbound_port, m.inbound_port, m.loopback);
+                |m: &MeshSettings| (m.preset, m.proxy_uid, m.proxy_gid, m.outbound_port, m.inbound_port, m.loopback);
             assert_eq!(rest(&m), rest(b), "the MeshConfig changed more than its lists");
         }
         Err((Source::ConfigMap(n), e)) => {

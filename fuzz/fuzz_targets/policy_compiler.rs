@@ -11,9 +11,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use arbitrary::{Arbitrary, Unstructured};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use libfuzzer_sys::fuzz_target;
-use redirector::{
-    config::{Inclusion, LoopbackMode, MeshConfig, Preset, WorkloadAnnotations},
-    policy::{compile, map_entries, InboundConn, OutboundConn, Policy, Protocol},
+use redirector_policy::{
+    compile, map_entries, Inclusion, InboundConn, LoopbackMode, MeshSettings, OutboundConn, Policy, Preset, Protocol,
+    WorkloadAnnotations,
 };
 use redirector_fuzz::{check_connections, check_entries, check_policy, fixed_addresses, probes};
 
@@ -138,9 +138,9 @@ fn annotations(l: &ListsIn) -> WorkloadAnnotations {
     }
 }
 
-fn mesh(i: &Input, preset: Preset) -> MeshConfig {
+fn mesh(i: &Input, preset: Preset) -> MeshSettings {
     let l = annotations(&i.mesh);
-    let mut m = MeshConfig::for_preset(preset);
+    let mut m = MeshSettings::for_preset(preset);
     if !i.standard {
         m.proxy_uid = i.uid;
         m.proxy_gid = i.gid;

@@ -13,14 +13,13 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
-use redirector::{
-    config::{linkerd_annotations, osm_annotations, parse_annotations, parse_cidr, parse_port, Preset},
-    policy::cidr_entries,
+use redirector_policy::{
+    cidr_entries, linkerd_annotations, osm_annotations, parse_annotations, parse_cidr, parse_port, Preset,
 };
 use redirector_common::cidr_kind;
 use redirector_fuzz::{check_nets, fixed_addresses, in_nets, probes, trie_hit};
 
-fn one(preset: Preset, key: &str, value: &str) -> anyhow::Result<redirector::config::WorkloadAnnotations> {
+fn one(preset: Preset, key: &str, value: &str) -> anyhow::Result<redirector_policy::WorkloadAnnotations> {
     parse_annotations(preset, &BTreeMap::from([(key.to_string(), value.to_string())]))
 }
 

@@ -18,16 +18,12 @@ use std::{
 };
 
 use ipnet::IpNet;
-use redirector::{
-    config::{
-        canonical_net, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, Inclusion,
-        LoopbackMode, MeshConfig, Preset, WorkloadAnnotations,
-    },
-    iptables::{oracle_commands, NatOutcome, NatTable},
-    policy::{
-        evaluate, evaluate_entries, evaluate_inbound, map_entries, Bypass, InboundConn, MapEntries, OutboundConn,
-        Policy, Protocol, Verdict,
-    },
+use redirector_policy::{
+    canonical_net, evaluate, evaluate_entries, evaluate_inbound, istio_annotations, kuma_annotations,
+    linkerd_annotations, map_entries,
+    oracle::{oracle_commands, NatOutcome, NatTable},
+    osm_annotations, Bypass, Inclusion, InboundConn, LoopbackMode, MapEntries, MeshSettings, OutboundConn, Policy,
+    Preset, Protocol, Verdict, WorkloadAnnotations,
 };
 use redirector_common::{cidr_kind, flags, port_kind, v4_mapped, CidrData, CIDR_KEY_PREFIX_BITS};
 
@@ -161,8 +157,8 @@ fn yaml_list<T: ToString>(v: &[T], quote: bool) -> String {
 /// The `mesh` mapping (as YAML, one key a line, not indented) that parses
 /// to `m`, or None when `m` cannot be written (a preset's proxy GID cannot
 /// be removed, nor its reserved ports changed).
-pub fn render_mesh(m: &MeshConfig) -> Option<String> {
-    let d = MeshConfig::for_preset(m.preset);
+pub fn render_mesh(m: &MeshSettings) -> Option<String> {
+    let d = MeshSettings::for_preset(m.preset);
     if m.reserved_inbound_ports != d.reserved_inbound_ports || (m.proxy_gid.is_none() && d.proxy_gid.is_some()) {
         return None;
     }
@@ -193,11 +189,11 @@ pub fn render_mesh(m: &MeshConfig) -> Option<String> {
 }
 
 /// A mesh configuration the parser may return.
-pub fn check_mesh(m: &MeshConfig) {
+pub fn check_mesh(m: &MeshSettings) {
     assert_ne!(m.outbound_port, 0);
     assert_ne!(m.inbound_port, 0);
     assert_ne!(m.outbound_port, m.inbound_port, "one port for both listeners accepted");
-    assert_eq!(m.reserved_inbound_ports, MeshConfig::for_preset(m.preset).reserved_inbound_ports);
+    assert_eq!(m.reserved_inbound_ports, MeshSettings::for_preset(m.preset).reserved_inbound_ports);
     check_ports("outboundPortExclusionList", &m.outbound_port_exclusion);
     check_ports("inboundPortExclusionList", &m.inbound_port_exclusion);
     for v in [&m.outbound_port_inclusion, &m.inbound_port_inclusion].into_iter().flatten() {
@@ -215,7 +211,7 @@ fn nets(v: &[IpNet]) -> BTreeSet<IpNet> {
 /// `p` is the documented merge of `mesh` and `pod`: exclusion lists are
 /// unions (inbound with the preset's reserved ports), OSM's inclusion list
 /// a union, Istio's `include*` replaces the mesh value (`*`: everything).
-pub fn check_policy(mesh: &MeshConfig, pod: &WorkloadAnnotations, p: &Policy) {
+pub fn check_policy(mesh: &MeshSettings, pod: &WorkloadAnnotations, p: &Policy) {
     assert_eq!(
         (p.proxy_uid, p.proxy_gid, p.outbound_port, p.inbound_port, p.inbound, p.loopback),
         (mesh.proxy_uid, mesh.proxy_gid, mesh.outbound_port, mesh.inbound_port, mesh.inbound, mesh.loopback)
@@ -440,7 +436,7 @@ fn same_v4_outcome(oracle: NatOutcome, verdict: Verdict) -> bool {
 /// tests restrict themselves to): its proxy identity, ports, loopback
 /// rules, and only the lists it has.
 pub fn oracle_expresses(preset: Preset, p: &Policy) -> bool {
-    let d = MeshConfig::for_preset(preset);
+    let d = MeshSettings::for_preset(preset);
     let gid_ok = match preset {
         Preset::Istio => p.proxy_gid == Some(p.proxy_uid),
         Preset::Osm => true,
@@ -512,7 +508,7 @@ pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundC
         };
         // osm-init's static rules do not know osm-healthcheck's port, which
         // the OSM preset reserves (README, Dialects).
-        if preset == Preset::Osm && dst.port() == redirector::iptables::OSM_HEALTHCHECK_PORT {
+        if preset == Preset::Osm && dst.port() == redirector_policy::oracle::OSM_HEALTHCHECK_PORT {
             continue;
         }
         match (t.prerouting(src, dst), v) {

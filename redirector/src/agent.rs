@@ -9,11 +9,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{error, info, warn};
 
-use crate::{
-    config::{load_config, Config},
-    dataplane::{ApplyReport, Dataplane, Desired},
-    policy::compile,
-};
+use redirector_policy::{compile, load_config, Config};
+
+use crate::dataplane::{ApplyReport, Dataplane, Desired};
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -60,7 +58,7 @@ pub fn reconcile_keeping(
         .workloads
         .iter()
         .zip(&policies)
-        .map(|(w, p)| (w.netns.path(), p.loopback != crate::config::LoopbackMode::Osm))
+        .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
         .collect();
     let facts = crate::netns::survey(&wanted);
     for (((w, policy), fact), (path, _)) in cfg.workloads.iter().zip(policies).zip(facts).zip(wanted) {
@@ -84,8 +82,8 @@ pub fn reconcile_keeping(
                     keep.insert(*c);
                 }
                 let key = match w.netns {
-                    crate::config::NetnsRef::Path(_) => "netns",
-                    crate::config::NetnsRef::Pid(_) => "pid",
+                    redirector_policy::NetnsRef::Path(_) => "netns",
+                    redirector_policy::NetnsRef::Pid(_) => "pid",
                 };
                 failed.push((
                     w.name.clone(),
@@ -166,7 +164,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let features = crate::probe::probe();
     crate::probe::require(&features)?;
-    if cfg.mesh.acceleration == crate::config::Acceleration::Sockmap {
+    if cfg.mesh.acceleration == redirector_policy::Acceleration::Sockmap {
         // Refused at the start, before anything is loaded; a later change
         // to sockmap on such a kernel is refused per workload by `apply`.
         crate::probe::require_acceleration(&features)
@@ -255,7 +253,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             info!("{} changed: re-applying", opts.config.display());
         }
         last_text = text;
-        match crate::config::parse_config(&last_text) {
+        match redirector_policy::parse_config(&last_text) {
             Ok(cfg) => {
                 current = cfg;
                 retry = Retry::default();

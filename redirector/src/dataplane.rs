@@ -29,9 +29,11 @@ use redirector_common::{
     MAX_WORKLOADS,
 };
 
+pub use redirector_policy::{diff, Desired, Ops};
+use redirector_policy::{map_entries, MapEntries, Policy};
+
 use crate::{
     bpf_sys::{self, AttachType},
-    policy::{map_entries, MapEntries, Policy},
     sysfs,
 };
 
@@ -440,52 +442,6 @@ pub struct ApplyReport {
     pub errors: Vec<(String, anyhow::Error)>,
 }
 
-/// One workload the agent wants programmed.
-#[derive(Clone, Debug)]
-pub struct Desired {
-    pub name: String,
-    pub cookie: u64,
-    /// The workload's network namespace (for its sk_lookup link and for
-    /// finding a proxy that was listening before the agent started).
-    pub netns: PathBuf,
-    pub policy: Policy,
-}
-
-/// The map operations of one pass, as indexes into `desired` and cookies.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Ops {
-    pub program: Vec<usize>,
-    pub unchanged: Vec<usize>,
-    pub remove: Vec<u64>,
-}
-
-/// Pure mark and sweep: what to write so the maps hold exactly `desired`
-/// (plus `keep`), given the cookies `pinned` in the workloads map, what
-/// this agent last wrote (`programmed`; empty after a restart, so every
-/// workload is rewritten once) and the namespaces with an sk_lookup link.
-pub fn diff(
-    pinned: &BTreeSet<u64>,
-    programmed: &StdHashMap<u64, Policy>,
-    inbound_linked: &BTreeSet<u64>,
-    desired: &[Desired],
-    keep: &BTreeSet<u64>,
-) -> Ops {
-    let mut ops = Ops::default();
-    for (i, d) in desired.iter().enumerate() {
-        let in_force = programmed.get(&d.cookie) == Some(&d.policy)
-            && pinned.contains(&d.cookie)
-            && (!d.policy.inbound || inbound_linked.contains(&d.cookie));
-        if in_force {
-            ops.unchanged.push(i);
-        } else {
-            ops.program.push(i);
-        }
-    }
-    let wanted: BTreeSet<u64> = desired.iter().map(|d| d.cookie).collect();
-    ops.remove = pinned.iter().copied().filter(|c| !wanted.contains(c) && !keep.contains(c)).collect();
-    ops
-}
-
 /// The agent's data plane: the loaded object, the maps, and what it last
 /// programmed (so unchanged workloads are left alone).
 pub struct Dataplane {
@@ -816,7 +772,7 @@ pub fn refuse_unavailable_acceleration(
     let mut refused = Vec::new();
     for d in desired {
         match unavailable {
-            Some(why) if d.policy.acceleration == crate::config::Acceleration::Sockmap => refused.push((
+            Some(why) if d.policy.acceleration == redirector_policy::Acceleration::Sockmap => refused.push((
                 d.clone(),
                 anyhow!(
                     "workload `{}`: `mesh.acceleration: sockmap` is not available on this kernel ({why}); \

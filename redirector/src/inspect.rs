@@ -98,7 +98,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                             (bits - CIDR_KEY_PREFIX_BITS) as u8,
                         )
                         .ok()?;
-                        Some(crate::config::canonical_net(net))
+                        Some(redirector_policy::canonical_net(net))
                     })
                     .collect();
                 v.sort();

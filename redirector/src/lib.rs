@@ -8,17 +8,14 @@
 //! - [`probe`]: what the running kernel supports.
 pub mod agent;
 pub mod bpf_sys;
-pub mod config;
 pub mod dataplane;
 pub mod fakeapi;
 pub mod inspect;
-pub mod iptables;
 pub mod k8s;
 pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
-pub mod policy;
 pub mod probe;
 pub mod sysfs;
 pub mod testkit;

@@ -2,7 +2,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use redirector::{agent, config, dataplane, inspect, k8s::agent::ProxyIdentity, netns, sysfs};
+use redirector::{agent, dataplane, inspect, k8s::agent::ProxyIdentity, netns, sysfs};
 
 mod bench;
 mod demo;
@@ -49,7 +49,7 @@ struct KubeArgs {
     /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
     /// the preset's injector leaves on a pod).
     #[arg(long = "meshed-when")]
-    meshed_when: Vec<redirector::k8s::pods::MeshedWhen>,
+    meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
     /// How often running pods whose namespace is unknown are looked for in
     /// /proc.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -252,9 +252,9 @@ fn real_main(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Check { config } => {
-            let cfg = config::load_config(&config)?;
+            let cfg = redirector_policy::load_config(&config)?;
             for w in &cfg.workloads {
-                let p = redirector::policy::compile(&cfg.mesh, &w.annotations);
+                let p = redirector_policy::compile(&cfg.mesh, &w.annotations);
                 println!(
                     "workload `{}` ({}): {} outbound port exclusions, {} outbound IP range exclusions, {} inclusions, {} inbound port exclusions",
                     w.name,

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
-use redirector::k8s::mesh::{MeshSources, CONFIGMAP_KEY};
+use redirector_policy::k8s::mesh::{MeshSources, CONFIGMAP_KEY};
 use serde::Deserialize as _;
 
 fn deploy_dir() -> PathBuf {

@@ -9,11 +9,13 @@ use std::{
 };
 
 use redirector::{
-    config::parse_config,
     dataplane::Maps,
-    iptables::{oracle_commands, osm_init_script},
-    policy::compile,
     testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
+};
+use redirector_policy::{
+    compile,
+    oracle::{oracle_commands, osm_init_script},
+    parse_config,
 };
 
 #[path = "kernel/full_maps.rs"]
@@ -931,7 +933,7 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
     let fingerprint_of = |text: &str| -> Option<String> {
         let cfg = parse_config(text).ok()?;
         let w = cfg.workloads.first()?;
-        let e = redirector::policy::map_entries(&compile(&cfg.mesh, &w.annotations), 0);
+        let e = redirector_policy::map_entries(&compile(&cfg.mesh, &w.annotations), 0);
         Some(entries_fingerprint(e.workload, &e.ports, &e.cidrs))
     };
     let mut given: std::collections::BTreeSet<String> = fingerprint_of(&render(EXCLUSIONS, &app)).into_iter().collect();

@@ -12,13 +12,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use redirector::{
-    config::parse_config,
     dataplane::{Dataplane, Desired},
-    iptables::osm_init_commands,
-    policy::{compile, Policy},
     testkit::{self, PinDir},
 };
 use redirector_common::map_names;
+use redirector_policy::{compile, oracle::osm_init_commands, parse_config, Policy};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -735,7 +733,7 @@ mod tests {
     #[test]
     fn sync_policy_fits_the_maps_at_10000_workloads() {
         let p = sync_policy().unwrap();
-        let e = redirector::policy::map_entries(&p, 1);
+        let e = redirector_policy::map_entries(&p, 1);
         assert!(!p.inbound);
         assert_eq!((e.ports.len(), e.cidrs.len()), (8, 3));
         assert!(10_000 * e.ports.len() as u32 <= redirector_common::MAX_PORT_RULES);

@@ -15,12 +15,8 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _, Result};
-use redirector::{
-    config::parse_config,
-    iptables::osm_init_commands,
-    policy::{compile, Policy},
-    testkit::{self, AgentProcess, PinDir, Topology},
-};
+use redirector::testkit::{self, AgentProcess, PinDir, Topology};
+use redirector_policy::{compile, oracle::osm_init_commands, parse_config, Policy};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {

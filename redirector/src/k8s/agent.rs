@@ -40,16 +40,21 @@ use kube::{
 use log::{debug, error, info, warn};
 use tokio::sync::mpsc;
 
+use redirector_policy::{
+    k8s::{
+        mesh::{MeshSources, Source, CONFIGMAP_KEY},
+        plan::{plan, EventKind, Inputs, PlanState, PodEvent},
+        pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
+    },
+    Config, MeshSettings,
+};
+
 use super::{
     discover::{self, NetnsHandle},
-    mesh::{MeshSources, Source, CONFIGMAP_KEY},
-    plan::{plan, EventKind, Inputs, PlanState, PodEvent},
-    pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
     registry::{self, Registration, Reply},
 };
 use crate::{
     agent::{log_report, reconcile_keeping, AgentState},
-    config::{Config, MeshConfig},
     dataplane::Dataplane,
     metrics::Metrics,
 };
@@ -190,7 +195,7 @@ struct Loop {
     waiters: Vec<Waiter>,
     plan_state: PlanState,
     agent_state: AgentState,
-    mesh: Option<MeshConfig>,
+    mesh: Option<MeshSettings>,
     mesh_error: Option<String>,
     host_cookie: u64,
     last_scan: Option<Instant>,
@@ -446,7 +451,7 @@ impl Loop {
         format!("waiting for {}", parts.join(", "))
     }
 
-    fn rules(&self, mesh: &MeshConfig) -> Vec<MeshedWhen> {
+    fn rules(&self, mesh: &MeshSettings) -> Vec<MeshedWhen> {
         if self.opts.meshed_when.is_empty() {
             MeshedWhen::defaults(mesh.preset)
         } else {
@@ -493,7 +498,7 @@ impl Loop {
 
     /// The current mesh settings, publishing an Event when the sources
     /// became invalid; the last good settings stay in force.
-    fn resolve_mesh(&mut self) -> Option<MeshConfig> {
+    fn resolve_mesh(&mut self) -> Option<MeshSettings> {
         let sources =
             MeshSources {
                 configmap: self.opts.configmap.as_ref().and_then(|(ns, name)| {
@@ -666,7 +671,7 @@ impl Loop {
     /// while the container ID stays and the directory exists). Pods whose
     /// proxy does not run, or whose cgroup is not found, are left out:
     /// their proxy is identified by UID.
-    fn find_proxy_cgroups(&mut self, mesh: &MeshConfig, rules: &[MeshedWhen]) -> BTreeMap<String, PathBuf> {
+    fn find_proxy_cgroups(&mut self, mesh: &MeshSettings, rules: &[MeshedWhen]) -> BTreeMap<String, PathBuf> {
         let ProxyIdentity::Cgroup { container } = &self.opts.proxy_identity else {
             return BTreeMap::new();
         };

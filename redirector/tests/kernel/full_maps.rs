@@ -7,14 +7,13 @@ use std::{collections::BTreeSet, path::Path};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use redirector::{
-    config::parse_config,
     dataplane::{Dataplane, Desired, Maps},
-    policy::compile,
     testkit::{self, PinDir, Proto, Server, TestCgroup},
 };
 use redirector_common::{
     map_names, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6, MAX_LISTENERS, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
+use redirector_policy::{compile, parse_config};
 
 use super::{bin, poll_until, require_kernel, Managed, EXCLUSIONS};
 
@@ -331,11 +330,11 @@ fn apply_retires_exactly_what_it_replaced() {
         let mut a: std::collections::BTreeMap<String, String> = Default::default();
         a.insert("openservicemesh.io/outbound-port-exclusion-list".into(), ports.into());
         a.insert("openservicemesh.io/outbound-ip-range-exclusion-list".into(), cidrs.into());
-        let mut p = compile(&cfg.mesh, &redirector::config::parse_annotations(cfg.mesh.preset, &a).unwrap());
+        let mut p = compile(&cfg.mesh, &redirector_policy::parse_annotations(cfg.mesh.preset, &a).unwrap());
         p.inbound = false;
         p
     };
-    let d = |c: u64, p: &redirector::policy::Policy| Desired {
+    let d = |c: u64, p: &redirector_policy::Policy| Desired {
         name: format!("w{c}"),
         cookie: c,
         netns: "/nonexistent".into(),
@@ -345,11 +344,11 @@ fn apply_retires_exactly_what_it_replaced() {
     let (p1, p2, p3) =
         (policy("6379,7070", "192.0.2.0/24"), policy("80,81,82", "198.51.100.0/24,2001:db8::/32"), policy("", ""));
     // Exactly the entries of the policies in force, by their ids.
-    let expected = |dp: &Dataplane, policies: &[(u64, &redirector::policy::Policy)]| {
+    let expected = |dp: &Dataplane, policies: &[(u64, &redirector_policy::Policy)]| {
         let pinned = dp.maps.workloads().unwrap();
         let (mut ports, mut cidrs) = (Vec::new(), Vec::new());
         for (c, p) in policies {
-            let e = redirector::policy::map_entries(p, pinned[c].policy_id);
+            let e = redirector_policy::map_entries(p, pinned[c].policy_id);
             ports.extend(e.ports.into_iter().map(|k| (k.policy_id, k.port, k.kind)));
             cidrs.extend(e.cidrs.into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)));
         }
@@ -384,8 +383,8 @@ fn apply_retires_exactly_what_it_replaced() {
     let r = dp.apply(&[d(w1, &p1b), d(w3, &p3)], &BTreeSet::new());
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!((r.removed, r.programmed.clone()), (1, vec![format!("w{w1}")]));
-    let e1 = redirector::policy::map_entries(&p1, 0);
-    let e2 = redirector::policy::map_entries(&p2, 0);
+    let e1 = redirector_policy::map_entries(&p1, 0);
+    let e2 = redirector_policy::map_entries(&p2, 0);
     assert_eq!(
         r.swept,
         e1.ports.len() + e1.cidrs.len() + e2.ports.len() + e2.cidrs.len(),

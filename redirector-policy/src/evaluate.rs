@@ -1,114 +1,20 @@
-//! Policy: pure functions from parsed config to the desired map contents,
-//! plus a reference evaluator of what the data path does with a connection.
-//! No kernel, no I/O: unit- and property-tested.
+//! The reference evaluator: what the data path does with a connection,
+//! from the policy (`evaluate`, `evaluate_inbound`) and from the encoded
+//! map entries (`evaluate_entries`). No kernel, no I/O: the property tests
+//! hold these against the meshes' iptables rules.
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use ipnet::{IpNet, Ipv6Net};
-use redirector_common::{
-    cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
-    V4_MAPPED_PREFIX_BITS,
+use ipnet::IpNet;
+use redirector_common::{cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey};
+
+use crate::{
+    compile::{canonical_ip, Policy},
+    encode::MapEntries,
+    mesh::LoopbackMode,
 };
-
-use crate::config::{canonical_net, Acceleration, Inclusion, LoopbackMode, MeshConfig, WorkloadAnnotations};
-
-/// The merged policy of one workload: mesh settings ∪ pod annotations, as
-/// the mesh's injector merges them before it writes the init container's
-/// command line.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Policy {
-    pub proxy_uid: u32,
-    pub proxy_gid: Option<u32>,
-    /// The proxy is identified by this cgroup-v2 id instead of its UID/GID
-    /// (filled in by the agent from the workload's `proxyCgroup`).
-    pub proxy_cgroup: Option<u64>,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
-    pub redirect_ip4: Ipv4Addr,
-    pub redirect_ip6: Ipv6Addr,
-    pub inbound: bool,
-    pub loopback: LoopbackMode,
-    /// `mesh.acceleration` (sockmap for the app ↔ proxy connections).
-    pub acceleration: Acceleration,
-    pub outbound_port_exclusion: BTreeSet<u16>,
-    /// None: every port.
-    pub outbound_port_inclusion: Option<BTreeSet<u16>>,
-    pub outbound_ip_range_exclusion: BTreeSet<IpNet>,
-    /// None: every destination.
-    pub outbound_ip_range_inclusion: Option<BTreeSet<IpNet>>,
-    /// Includes the preset's reserved ports.
-    pub inbound_port_exclusion: BTreeSet<u16>,
-    /// None: every port.
-    pub inbound_port_inclusion: Option<BTreeSet<u16>>,
-    /// Inbound connections from these sources are not redirected.
-    pub inbound_source_exclusion: BTreeSet<IpNet>,
-    /// The workload's own addresses (the "-o lo" test of `LoopbackMode`);
-    /// filled in by the agent from the network namespace.
-    pub local_addresses: BTreeSet<IpAddr>,
-}
-
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-pub fn compile(mesh: &MeshConfig, pod: &WorkloadAnnotations) -> Policy {
-    let union_ports = |a: &[u16], b: &[u16]| a.iter().chain(b).copied().collect::<BTreeSet<_>>();
-    let union_nets = |a: &[IpNet], b: &[IpNet]| a.iter().chain(b).map(|n| canonical_net(*n)).collect::<BTreeSet<_>>();
-    let outbound_ip_range_inclusion = match &pod.outbound_ip_range_inclusion_override {
-        Some(Inclusion::All) => None,
-        Some(Inclusion::Only(v)) => Some(union_nets(v, &[])),
-        None => {
-            let u = union_nets(&mesh.outbound_ip_range_inclusion, &pod.outbound_ip_range_inclusion);
-            (!u.is_empty()).then_some(u)
-        }
-    };
-    let over = |pod: &Option<Inclusion<u16>>, mesh: &Option<Vec<u16>>| match pod {
-        Some(Inclusion::All) => None,
-        Some(Inclusion::Only(v)) => Some(v.iter().copied().collect()),
-        None => mesh.as_ref().map(|v| v.iter().copied().collect()),
-    };
-    let mut inbound_port_exclusion = union_ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion);
-    inbound_port_exclusion.extend(mesh.reserved_inbound_ports.iter().copied());
-    Policy {
-        proxy_uid: mesh.proxy_uid,
-        proxy_gid: mesh.proxy_gid,
-        proxy_cgroup: None,
-        outbound_port: mesh.outbound_port,
-        inbound_port: mesh.inbound_port,
-        redirect_ip4: Ipv4Addr::LOCALHOST,
-        redirect_ip6: Ipv6Addr::LOCALHOST,
-        inbound: mesh.inbound,
-        loopback: mesh.loopback,
-        acceleration: mesh.acceleration,
-        outbound_port_exclusion: union_ports(&mesh.outbound_port_exclusion, &pod.outbound_port_exclusion),
-        outbound_port_inclusion: over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion),
-        outbound_ip_range_exclusion: union_nets(&mesh.outbound_ip_range_exclusion, &pod.outbound_ip_range_exclusion),
-        outbound_ip_range_inclusion,
-        inbound_port_exclusion,
-        inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
-        inbound_source_exclusion: union_nets(&mesh.inbound_source_exclusion, &pod.inbound_source_exclusion),
-        local_addresses: BTreeSet::new(),
-    }
-}
-
-impl Policy {
-    /// The same policy identifying the proxy by its cgroup.
-    pub fn with_proxy_cgroup(mut self, cgroup_id: u64) -> Self {
-        self.proxy_cgroup = Some(cgroup_id);
-        self
-    }
-
-    /// The same policy knowing the workload's own addresses.
-    pub fn with_local_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
-        self.local_addresses = addrs.into_iter().map(canonical_ip).collect();
-        self
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -274,123 +180,6 @@ pub fn evaluate_inbound(policy: &Policy, conn: &InboundConn) -> Verdict {
     Verdict::Redirect(conn.dst)
 }
 
-/// The map entries that express one workload's policy under `policy_id`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapEntries {
-    pub workload: WorkloadPolicy,
-    pub ports: Vec<PortKey>,
-    /// (prefix length in trie bits, data).
-    pub cidrs: Vec<(u32, CidrData)>,
-}
-
-/// A CIDR trie entry; IPv4 in mapped form. An IPv6 range that covers the
-/// IPv4-mapped block needs [`cidr_entries`].
-pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
-    let (addr, bits) = match canonical_net(*net) {
-        IpNet::V4(n) => (v4_mapped(n.network().octets()), V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len())),
-        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
-    };
-    (CIDR_KEY_PREFIX_BITS + bits, CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] })
-}
-
-/// The trie entries of one range. IPv4 addresses are looked up in their
-/// IPv4-mapped form (`::ffff:0:0/96`), but an IPv6 range never matches an
-/// IPv4 destination (the evaluator's rule, and iptables': ip6tables never
-/// sees IPv4 packets). So an IPv6 range that covers the mapped block
-/// (`::/0` … `::/80`, `::ffff:0:0/81` … `/95`) is written as the pieces of
-/// it outside the block: at each depth from its prefix to 95, the sibling
-/// of the block's path (at most 96 entries).
-pub fn cidr_entries(policy_id: u32, kind: u8, net: &IpNet) -> Vec<(u32, CidrData)> {
-    let mapped = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
-    match canonical_net(*net) {
-        IpNet::V6(n) if n.contains(&Ipv6Net::new(mapped.into(), 96).expect("96 <= 128")) => (n.prefix_len()..96)
-            .map(|depth| {
-                let bit = 1u128 << (127 - u32::from(depth));
-                let keep = !(u128::MAX >> depth);
-                let piece = (mapped & keep) | (!mapped & bit);
-                let piece = Ipv6Net::new(piece.into(), depth + 1).expect("depth < 96");
-                cidr_entry(policy_id, kind, &IpNet::V6(piece))
-            })
-            .collect(),
-        n => vec![cidr_entry(policy_id, kind, &n)],
-    }
-}
-
-pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
-    let mut f = flags::OUT_ENABLED;
-    if policy.outbound_ip_range_inclusion.is_some() {
-        f |= flags::OUT_INCLUSION_SET;
-    }
-    if policy.outbound_port_inclusion.is_some() {
-        f |= flags::OUT_PORT_INCLUSION_SET;
-    }
-    if policy.proxy_gid.is_some() {
-        f |= flags::MATCH_PROXY_GID;
-    }
-    if policy.inbound {
-        f |= flags::IN_ENABLED;
-    }
-    if policy.inbound_port_inclusion.is_some() {
-        f |= flags::IN_PORT_INCLUSION_SET;
-    }
-    if !policy.inbound_source_exclusion.is_empty() {
-        f |= flags::IN_SOURCE_EXCLUSION_SET;
-    }
-    if policy.proxy_cgroup.is_some() {
-        f |= flags::MATCH_PROXY_CGROUP;
-    }
-    if policy.acceleration == Acceleration::Sockmap {
-        f |= flags::ACCEL_SOCKMAP;
-    }
-    match policy.loopback {
-        LoopbackMode::Osm => {}
-        LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
-        LoopbackMode::ProxyToInbound => f |= flags::LOCAL_TO_INBOUND | flags::LOCAL_PROXY_ONLY,
-        LoopbackMode::Bypass => f |= flags::LOCAL_BYPASS,
-    }
-    let workload = WorkloadPolicy {
-        policy_id,
-        flags: f,
-        proxy_uid: policy.proxy_uid,
-        proxy_gid: policy.proxy_gid.unwrap_or(u32::MAX),
-        outbound_port: policy.outbound_port,
-        inbound_port: policy.inbound_port,
-        redirect_ip4: u32::from_ne_bytes(policy.redirect_ip4.octets()),
-        redirect_ip6: policy.redirect_ip6.octets(),
-        proxy_cgroup_id: policy.proxy_cgroup.unwrap_or(0),
-    };
-    let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
-    let mut ports: Vec<PortKey> =
-        policy.outbound_port_exclusion.iter().map(port(port_kind::OUTBOUND_EXCLUDE)).collect();
-    ports.extend(policy.inbound_port_exclusion.iter().map(port(port_kind::INBOUND_EXCLUDE)));
-    for p in policy.outbound_port_inclusion.iter().flatten() {
-        ports.push(port(port_kind::OUTBOUND_INCLUDE)(p));
-    }
-    for p in policy.inbound_port_inclusion.iter().flatten() {
-        ports.push(port(port_kind::INBOUND_INCLUDE)(p));
-    }
-    let mut cidrs: Vec<(u32, CidrData)> = Vec::new();
-    let lists = [
-        (cidr_kind::OUTBOUND_EXCLUDE, Some(&policy.outbound_ip_range_exclusion)),
-        (cidr_kind::OUTBOUND_INCLUDE, policy.outbound_ip_range_inclusion.as_ref()),
-        (cidr_kind::INBOUND_SOURCE_EXCLUDE, Some(&policy.inbound_source_exclusion)),
-    ];
-    for (kind, list) in lists {
-        for n in list.into_iter().flatten() {
-            cidrs.extend(cidr_entries(policy_id, kind, n));
-        }
-    }
-    if policy.loopback != LoopbackMode::Osm {
-        for a in &policy.local_addresses {
-            cidrs.push(cidr_entry(policy_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
-        }
-    }
-    // Pieces of two ranges covering the mapped block can coincide.
-    let mut seen = std::collections::HashSet::new();
-    cidrs.retain(|(bits, d)| seen.insert((*bits, *d)));
-    MapEntries { workload, ports, cidrs }
-}
-
 /// Evaluates a connection against map *entries* the way the eBPF programs
 /// do (exact port lookups, longest-prefix lookups in one trie). Used to
 /// prove that `map_entries` encodes `evaluate` faithfully.
@@ -474,7 +263,7 @@ fn trie_bits(d: &CidrData) -> Vec<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_config;
+    use crate::*;
 
     fn conn(uid: u32, dst: &str) -> OutboundConn {
         OutboundConn::tcp(uid, dst.parse().unwrap())

@@ -7,9 +7,9 @@ use std::{
     path::PathBuf,
 };
 
-use crate::config::{parse_annotations, MeshConfig, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+use crate::{parse_annotations, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
 
-use super::pods::{is_meshed, MeshedWhen, PodInfo};
+use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
 
 /// What the planner remembers between passes.
 #[derive(Debug, Default)]
@@ -64,7 +64,7 @@ pub struct Plan {
 /// Inputs of [`plan`].
 pub struct Inputs<'a> {
     pub pods: &'a BTreeMap<String, PodInfo>,
-    pub mesh: &'a MeshConfig,
+    pub mesh: &'a MeshSettings,
     pub rules: &'a [MeshedWhen],
     /// Pod UID → its network namespace (as a path valid while the agent
     /// holds it) and cookie.
@@ -149,11 +149,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::Preset,
-        dataplane::{diff, Desired},
-        policy::compile,
-    };
+    use crate::{compile, diff, Desired, Preset};
 
     fn pod(name: &str, annotations: &[(&str, &str)]) -> PodInfo {
         PodInfo {
@@ -179,7 +175,7 @@ mod tests {
 
     /// What the agent would program: the plan's workloads with the
     /// cookies of their namespaces, compiled against the mesh.
-    fn desired(p: &Plan, mesh: &MeshConfig, ns: &BTreeMap<String, (PathBuf, u64)>) -> Vec<Desired> {
+    fn desired(p: &Plan, mesh: &MeshSettings, ns: &BTreeMap<String, (PathBuf, u64)>) -> Vec<Desired> {
         p.workloads
             .iter()
             .map(|w| {
@@ -193,7 +189,7 @@ mod tests {
 
     #[test]
     fn meshed_pods_with_a_namespace_are_programmed() {
-        let mesh = MeshConfig::default();
+        let mesh = MeshSettings::default();
         let rules = MeshedWhen::defaults(Preset::Osm);
         let mut plain = pod("plain", &[]);
         plain.labels.clear();
@@ -225,7 +221,7 @@ mod tests {
 
     #[test]
     fn bad_annotation_keeps_last_good_and_reports_once() {
-        let mesh = MeshConfig::default();
+        let mesh = MeshSettings::default();
         let rules = MeshedWhen::defaults(Preset::Osm);
         let ns = netns(&[("uid-web", 11)]);
         let pinned = BTreeSet::new();
@@ -266,7 +262,7 @@ mod tests {
 
     #[test]
     fn host_network_pods_are_skipped_with_an_event() {
-        let mesh = MeshConfig::default();
+        let mesh = MeshSettings::default();
         let rules = MeshedWhen::defaults(Preset::Osm);
         let mut h = pod("node-agent", &[]);
         h.host_network = true;
@@ -293,7 +289,7 @@ mod tests {
     /// data plane's pure diff.
     #[test]
     fn restart_reconcile_marks_and_sweeps() {
-        let mesh = MeshConfig::default();
+        let mesh = MeshSettings::default();
         let rules = MeshedWhen::defaults(Preset::Osm);
         let all = pods(vec![pod("web", &[]), pod("api", &[(PORTS, "9000")])]);
         // After a restart: cookies 11 and 12 are live pods, 99 a pod deleted
@@ -373,7 +369,7 @@ mod tests {
     /// keep the UID.
     #[test]
     fn proxy_cgroup_only_where_found() {
-        let mesh = MeshConfig::default();
+        let mesh = MeshSettings::default();
         let rules = MeshedWhen::defaults(Preset::Osm);
         let all = pods(vec![pod("web", &[]), pod("db", &[])]);
         let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);

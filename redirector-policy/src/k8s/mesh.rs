@@ -4,7 +4,7 @@
 //! `spec.traffic` lists replace the ConfigMap's four lists of the same names.
 use anyhow::{anyhow, Context as _, Result};
 
-use crate::config::{parse_mesh_document, MeshConfig};
+use crate::{parse_mesh_document, MeshSettings};
 
 /// The ConfigMap key holding the mesh settings.
 pub const CONFIGMAP_KEY: &str = "mesh.yaml";
@@ -38,7 +38,7 @@ pub enum Source {
 
 impl MeshSources {
     /// The merged settings, or the error with the source it is in.
-    pub fn resolve(&self) -> Result<MeshConfig, (Source, anyhow::Error)> {
+    pub fn resolve(&self) -> Result<MeshSettings, (Source, anyhow::Error)> {
         let text = self.configmap.as_ref().and_then(|(_, t)| t.as_deref());
         let base = parse_mesh_document(text, &[]).map_err(|e| {
             let name = self.configmap.as_ref().map(|(n, _)| n.clone()).unwrap_or_default();
@@ -78,7 +78,7 @@ fn traffic_overrides(object: &serde_json::Value) -> Result<Vec<(String, serde_ya
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Preset;
+    use crate::Preset;
     use serde_json::json;
 
     fn cm(text: &str) -> Option<(String, Option<String>)> {
@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn no_sources_is_the_osm_default() {
-        assert_eq!(MeshSources::default().resolve().unwrap(), MeshConfig::default());
+        assert_eq!(MeshSources::default().resolve().unwrap(), MeshSettings::default());
     }
 
     #[test]

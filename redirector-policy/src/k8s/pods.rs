@@ -3,9 +3,10 @@
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use anyhow::{anyhow, bail, Result};
+#[cfg(feature = "k8s")]
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::config::Preset;
+use crate::{dialect::Injected, Preset};
 
 /// What the agent keeps of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +29,7 @@ pub struct PodInfo {
 impl PodInfo {
     /// None for an object without a UID, name or namespace (never sent by a
     /// real API server).
+    #[cfg(feature = "k8s")]
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         let m = &pod.metadata;
         let spec = pod.spec.as_ref();
@@ -73,12 +75,7 @@ pub fn runtime_container_id(status_id: &str) -> Option<&str> {
 
 /// The name of the sidecar container the preset's injector adds.
 pub fn proxy_container(preset: Preset) -> &'static str {
-    match preset {
-        Preset::Osm => "envoy",
-        Preset::Istio => "istio-proxy",
-        Preset::Linkerd => "linkerd-proxy",
-        Preset::Kuma => "kuma-sidecar",
-    }
+    preset.proxy_container()
 }
 
 /// One rule that marks a pod as meshed. A pod is meshed when any rule of
@@ -107,23 +104,13 @@ impl MeshedWhen {
 
     /// What the mesh's injector leaves on a pod it injected.
     pub fn defaults(preset: Preset) -> Vec<MeshedWhen> {
-        let label = |k: &str| MeshedWhen::Label { key: k.into(), value: None };
-        let annotation = |k: &str, v: Option<&str>| MeshedWhen::Annotation { key: k.into(), value: v.map(Into::into) };
-        match preset {
-            // OSM's injector labels every injected pod with its proxy UUID
-            // and adds the `envoy` container.
-            Preset::Osm => vec![label("osm-proxy-uuid"), MeshedWhen::Container(proxy_container(preset).into())],
-            Preset::Istio => {
-                vec![annotation("sidecar.istio.io/status", None), MeshedWhen::Container(proxy_container(preset).into())]
-            }
-            Preset::Linkerd => {
-                vec![label("linkerd.io/control-plane-ns"), MeshedWhen::Container(proxy_container(preset).into())]
-            }
-            Preset::Kuma => vec![
-                annotation("kuma.io/sidecar-injected", Some("true")),
-                MeshedWhen::Container(proxy_container(preset).into()),
-            ],
-        }
+        // The mark the injector leaves on the pod (e.g. OSM's proxy UUID
+        // label), or the sidecar container it adds.
+        let mark = match preset.injected() {
+            Injected::Label(k) => MeshedWhen::Label { key: k.into(), value: None },
+            Injected::Annotation(k, v) => MeshedWhen::Annotation { key: k.into(), value: v.map(Into::into) },
+        };
+        vec![mark, MeshedWhen::Container(preset.proxy_container().into())]
     }
 }
 
@@ -223,6 +210,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "k8s")]
     fn from_pod_reads_the_fields() {
         let p: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
@@ -245,6 +233,7 @@ mod tests {
     /// Only running containers with a well-formed runtime ID count: a
     /// waiting or terminated proxy has no cgroup to identify it by.
     #[test]
+    #[cfg(feature = "k8s")]
     fn running_containers_and_their_ids() {
         let p: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1"},

@@ -1,0 +1,110 @@
+//! Compile: the merged policy of one workload from the mesh settings and
+//! its annotations, as the mesh's injector merges them. Pure.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    dialect::WorkloadAnnotations,
+    mesh::{Acceleration, LoopbackMode, MeshSettings},
+    values::{canonical_net, Inclusion},
+};
+
+/// The merged policy of one workload: mesh settings ∪ pod annotations, as
+/// the mesh's injector merges them before it writes the init container's
+/// command line.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Policy {
+    pub proxy_uid: u32,
+    pub proxy_gid: Option<u32>,
+    /// The proxy is identified by this cgroup-v2 id instead of its UID/GID
+    /// (filled in by the agent from the workload's `proxyCgroup`).
+    pub proxy_cgroup: Option<u64>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub redirect_ip4: Ipv4Addr,
+    pub redirect_ip6: Ipv6Addr,
+    pub inbound: bool,
+    pub loopback: LoopbackMode,
+    /// `mesh.acceleration` (sockmap for the app ↔ proxy connections).
+    pub acceleration: Acceleration,
+    pub outbound_port_exclusion: BTreeSet<u16>,
+    /// None: every port.
+    pub outbound_port_inclusion: Option<BTreeSet<u16>>,
+    pub outbound_ip_range_exclusion: BTreeSet<IpNet>,
+    /// None: every destination.
+    pub outbound_ip_range_inclusion: Option<BTreeSet<IpNet>>,
+    /// Includes the preset's reserved ports.
+    pub inbound_port_exclusion: BTreeSet<u16>,
+    /// None: every port.
+    pub inbound_port_inclusion: Option<BTreeSet<u16>>,
+    /// Inbound connections from these sources are not redirected.
+    pub inbound_source_exclusion: BTreeSet<IpNet>,
+    /// The workload's own addresses (the "-o lo" test of `LoopbackMode`);
+    /// filled in by the agent from the network namespace.
+    pub local_addresses: BTreeSet<IpAddr>,
+}
+
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+pub fn compile(mesh: &MeshSettings, pod: &WorkloadAnnotations) -> Policy {
+    let union_ports = |a: &[u16], b: &[u16]| a.iter().chain(b).copied().collect::<BTreeSet<_>>();
+    let union_nets = |a: &[IpNet], b: &[IpNet]| a.iter().chain(b).map(|n| canonical_net(*n)).collect::<BTreeSet<_>>();
+    let outbound_ip_range_inclusion = match &pod.outbound_ip_range_inclusion_override {
+        Some(Inclusion::All) => None,
+        Some(Inclusion::Only(v)) => Some(union_nets(v, &[])),
+        None => {
+            let u = union_nets(&mesh.outbound_ip_range_inclusion, &pod.outbound_ip_range_inclusion);
+            (!u.is_empty()).then_some(u)
+        }
+    };
+    let over = |pod: &Option<Inclusion<u16>>, mesh: &Option<Vec<u16>>| match pod {
+        Some(Inclusion::All) => None,
+        Some(Inclusion::Only(v)) => Some(v.iter().copied().collect()),
+        None => mesh.as_ref().map(|v| v.iter().copied().collect()),
+    };
+    let mut inbound_port_exclusion = union_ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion);
+    inbound_port_exclusion.extend(mesh.reserved_inbound_ports.iter().copied());
+    Policy {
+        proxy_uid: mesh.proxy_uid,
+        proxy_gid: mesh.proxy_gid,
+        proxy_cgroup: None,
+        outbound_port: mesh.outbound_port,
+        inbound_port: mesh.inbound_port,
+        redirect_ip4: Ipv4Addr::LOCALHOST,
+        redirect_ip6: Ipv6Addr::LOCALHOST,
+        inbound: mesh.inbound,
+        loopback: mesh.loopback,
+        acceleration: mesh.acceleration,
+        outbound_port_exclusion: union_ports(&mesh.outbound_port_exclusion, &pod.outbound_port_exclusion),
+        outbound_port_inclusion: over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion),
+        outbound_ip_range_exclusion: union_nets(&mesh.outbound_ip_range_exclusion, &pod.outbound_ip_range_exclusion),
+        outbound_ip_range_inclusion,
+        inbound_port_exclusion,
+        inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
+        inbound_source_exclusion: union_nets(&mesh.inbound_source_exclusion, &pod.inbound_source_exclusion),
+        local_addresses: BTreeSet::new(),
+    }
+}
+
+impl Policy {
+    /// The same policy identifying the proxy by its cgroup.
+    pub fn with_proxy_cgroup(mut self, cgroup_id: u64) -> Self {
+        self.proxy_cgroup = Some(cgroup_id);
+        self
+    }
+
+    /// The same policy knowing the workload's own addresses.
+    pub fn with_local_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.local_addresses = addrs.into_iter().map(canonical_ip).collect();
+        self
+    }
+}

@@ -1,0 +1,132 @@
+//! Encode: the map entries (the kernel ABI of `redirector-common`) that
+//! express one workload's policy under a policy id. Pure.
+use std::net::Ipv4Addr;
+
+use ipnet::{IpNet, Ipv6Net};
+use redirector_common::{
+    cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey, WorkloadPolicy, CIDR_KEY_PREFIX_BITS,
+    V4_MAPPED_PREFIX_BITS,
+};
+
+use crate::{
+    compile::Policy,
+    mesh::{Acceleration, LoopbackMode},
+    values::canonical_net,
+};
+
+/// The map entries that express one workload's policy under `policy_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntries {
+    pub workload: WorkloadPolicy,
+    pub ports: Vec<PortKey>,
+    /// (prefix length in trie bits, data).
+    pub cidrs: Vec<(u32, CidrData)>,
+}
+
+/// A CIDR trie entry; IPv4 in mapped form. An IPv6 range that covers the
+/// IPv4-mapped block needs [`cidr_entries`].
+pub fn cidr_entry(policy_id: u32, kind: u8, net: &IpNet) -> (u32, CidrData) {
+    let (addr, bits) = match canonical_net(*net) {
+        IpNet::V4(n) => (v4_mapped(n.network().octets()), V4_MAPPED_PREFIX_BITS + u32::from(n.prefix_len())),
+        IpNet::V6(n) => (n.network().octets(), u32::from(n.prefix_len())),
+    };
+    (CIDR_KEY_PREFIX_BITS + bits, CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] })
+}
+
+/// The trie entries of one range. IPv4 addresses are looked up in their
+/// IPv4-mapped form (`::ffff:0:0/96`), but an IPv6 range never matches an
+/// IPv4 destination (the evaluator's rule, and iptables': ip6tables never
+/// sees IPv4 packets). So an IPv6 range that covers the mapped block
+/// (`::/0` … `::/80`, `::ffff:0:0/81` … `/95`) is written as the pieces of
+/// it outside the block: at each depth from its prefix to 95, the sibling
+/// of the block's path (at most 96 entries).
+pub fn cidr_entries(policy_id: u32, kind: u8, net: &IpNet) -> Vec<(u32, CidrData)> {
+    let mapped = u128::from(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+    match canonical_net(*net) {
+        IpNet::V6(n) if n.contains(&Ipv6Net::new(mapped.into(), 96).expect("96 <= 128")) => (n.prefix_len()..96)
+            .map(|depth| {
+                let bit = 1u128 << (127 - u32::from(depth));
+                let keep = !(u128::MAX >> depth);
+                let piece = (mapped & keep) | (!mapped & bit);
+                let piece = Ipv6Net::new(piece.into(), depth + 1).expect("depth < 96");
+                cidr_entry(policy_id, kind, &IpNet::V6(piece))
+            })
+            .collect(),
+        n => vec![cidr_entry(policy_id, kind, &n)],
+    }
+}
+
+pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
+    let mut f = flags::OUT_ENABLED;
+    if policy.outbound_ip_range_inclusion.is_some() {
+        f |= flags::OUT_INCLUSION_SET;
+    }
+    if policy.outbound_port_inclusion.is_some() {
+        f |= flags::OUT_PORT_INCLUSION_SET;
+    }
+    if policy.proxy_gid.is_some() {
+        f |= flags::MATCH_PROXY_GID;
+    }
+    if policy.inbound {
+        f |= flags::IN_ENABLED;
+    }
+    if policy.inbound_port_inclusion.is_some() {
+        f |= flags::IN_PORT_INCLUSION_SET;
+    }
+    if !policy.inbound_source_exclusion.is_empty() {
+        f |= flags::IN_SOURCE_EXCLUSION_SET;
+    }
+    if policy.proxy_cgroup.is_some() {
+        f |= flags::MATCH_PROXY_CGROUP;
+    }
+    if policy.acceleration == Acceleration::Sockmap {
+        f |= flags::ACCEL_SOCKMAP;
+    }
+    match policy.loopback {
+        LoopbackMode::Osm => {}
+        LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
+        LoopbackMode::ProxyToInbound => f |= flags::LOCAL_TO_INBOUND | flags::LOCAL_PROXY_ONLY,
+        LoopbackMode::Bypass => f |= flags::LOCAL_BYPASS,
+    }
+    let workload = WorkloadPolicy {
+        policy_id,
+        flags: f,
+        proxy_uid: policy.proxy_uid,
+        proxy_gid: policy.proxy_gid.unwrap_or(u32::MAX),
+        outbound_port: policy.outbound_port,
+        inbound_port: policy.inbound_port,
+        redirect_ip4: u32::from_ne_bytes(policy.redirect_ip4.octets()),
+        redirect_ip6: policy.redirect_ip6.octets(),
+        proxy_cgroup_id: policy.proxy_cgroup.unwrap_or(0),
+    };
+    let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
+    let mut ports: Vec<PortKey> =
+        policy.outbound_port_exclusion.iter().map(port(port_kind::OUTBOUND_EXCLUDE)).collect();
+    ports.extend(policy.inbound_port_exclusion.iter().map(port(port_kind::INBOUND_EXCLUDE)));
+    for p in policy.outbound_port_inclusion.iter().flatten() {
+        ports.push(port(port_kind::OUTBOUND_INCLUDE)(p));
+    }
+    for p in policy.inbound_port_inclusion.iter().flatten() {
+        ports.push(port(port_kind::INBOUND_INCLUDE)(p));
+    }
+    let mut cidrs: Vec<(u32, CidrData)> = Vec::new();
+    let lists = [
+        (cidr_kind::OUTBOUND_EXCLUDE, Some(&policy.outbound_ip_range_exclusion)),
+        (cidr_kind::OUTBOUND_INCLUDE, policy.outbound_ip_range_inclusion.as_ref()),
+        (cidr_kind::INBOUND_SOURCE_EXCLUDE, Some(&policy.inbound_source_exclusion)),
+    ];
+    for (kind, list) in lists {
+        for n in list.into_iter().flatten() {
+            cidrs.extend(cidr_entries(policy_id, kind, n));
+        }
+    }
+    if policy.loopback != LoopbackMode::Osm {
+        for a in &policy.local_addresses {
+            cidrs.push(cidr_entry(policy_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
+        }
+    }
+    // Pieces of two ranges covering the mapped block can coincide.
+    let mut seen = std::collections::HashSet::new();
+    cidrs.retain(|(bits, d)| seen.insert((*bits, *d)));
+    MapEntries { workload, ports, cidrs }
+}

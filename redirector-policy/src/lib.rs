@@ -1,0 +1,43 @@
+//! redirector-policy: what redirector programs, decided without a kernel.
+//! No I/O but reading a config file; no aya, tokio or kube.
+//!
+//! - [`values`]: ports, port ranges, CIDRs, lists;
+//! - [`mesh`]: mesh-wide settings ([`MeshSettings`]) and their document;
+//! - [`dialect`]: one module per mesh (annotation keys and parser, preset
+//!   defaults, sidecar container, injector mark);
+//! - [`config`]: the config file (mesh + workloads);
+//! - [`compile`]: mesh settings + annotations → [`Policy`];
+//! - [`encode`]: [`Policy`] → map entries (the kernel ABI);
+//! - [`evaluate`]: the reference evaluator (from the policy and from the
+//!   encoded entries);
+//! - [`k8s`]: Kubernetes planning (pods, mesh sources, plan);
+//! - `oracle` (feature `oracle`): the meshes' iptables rule generators and
+//!   a nat-table interpreter, the differential tests' oracle.
+pub mod compile;
+pub mod config;
+pub mod dialect;
+pub mod diff;
+pub mod encode;
+pub mod evaluate;
+pub mod k8s;
+pub mod mesh;
+#[cfg(any(test, feature = "oracle"))]
+pub mod oracle;
+pub mod values;
+
+pub use compile::{compile, Policy};
+pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
+pub use dialect::{
+    istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, parse_annotations, Preset,
+    PresetDefaults, WorkloadAnnotations,
+};
+pub use diff::{diff, Desired, Ops};
+pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
+pub use evaluate::{
+    evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
+};
+pub use mesh::{
+    parse_mesh_document, Acceleration, LoopbackMode, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
+    DEFAULT_PROXY_UID,
+};
+pub use values::{canonical_net, parse_cidr, parse_port, Inclusion};
