@@ -2,12 +2,8 @@
 //! build-std=core, BTF) and leaves the object in OUT_DIR for the agent to
 //! embed. With AYA_BUILD_SKIP=1 (e.g. `cargo check` on a machine without
 //! bpf-linker) an empty placeholder is written instead; the agent then
-//! refuses to start with a message saying so.
-//!
-//! A second object, `redirector-ebpf-upgrade-test`, is the same programs
-//! built with the eBPF crate's `upgrade-test` feature (connect4/6 also count
-//! `upgrade_test_build`): the restart test replaces the running programs with
-//! it under load, as an upgrade to a build with changed programs would.
+//! refuses to start with a message saying so. (The restart test's changed
+//! build of the same programs is built by redirector-testkit.)
 use std::{env, fs, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
@@ -17,23 +13,10 @@ fn main() -> anyhow::Result<()> {
     if skip.unwrap_or(false) {
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
         fs::write(&object, b"")?;
-        fs::write(out_dir.join("redirector-ebpf-upgrade-test"), b"")?;
         return Ok(());
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("..").join("redirector-ebpf");
     let root = root.to_str().expect("utf-8 path").to_owned();
-    // Both builds write OUT_DIR/redirector-ebpf: the variant first, renamed,
-    // then the object the agent runs.
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "redirector-ebpf",
-            root_dir: &root,
-            features: &["upgrade-test"],
-            ..Default::default()
-        }],
-        aya_build::Toolchain::default(),
-    )?;
-    fs::rename(&object, out_dir.join("redirector-ebpf-upgrade-test"))?;
     aya_build::build_ebpf(
         [aya_build::Package { name: "redirector-ebpf", root_dir: &root, ..Default::default() }],
         aya_build::Toolchain::default(),

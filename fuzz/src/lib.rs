@@ -507,7 +507,7 @@ pub fn check_connections(preset: Preset, p: &Policy, id: u32, conns: &[OutboundC
             continue;
         };
         // osm-init's static rules do not know osm-healthcheck's port, which
-        // the OSM preset reserves (README, Dialects).
+        // the OSM preset reserves (docs/dialects.md).
         if preset == Preset::Osm && dst.port() == redirector_policy::oracle::OSM_HEALTHCHECK_PORT {
             continue;
         }

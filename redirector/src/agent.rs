@@ -133,7 +133,7 @@ pub fn log_report(report: &ApplyReport) {
 #[derive(Debug, Default)]
 struct Retry {
     at: Option<std::time::Instant>,
-    delay: std::time::Duration,
+    delay: Duration,
 }
 
 impl Retry {
@@ -142,7 +142,7 @@ impl Retry {
             *self = Self::default();
             return;
         }
-        self.delay = (self.delay * 2).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
+        self.delay = (self.delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
         self.at = Some(std::time::Instant::now() + self.delay);
     }
 

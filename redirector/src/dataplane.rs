@@ -40,12 +40,6 @@ use crate::{
 /// The eBPF object built by build.rs (empty with AYA_BUILD_SKIP=1).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf"));
 
-/// The same programs built with the eBPF crate's `upgrade-test` feature:
-/// connect4/6 also count `upgrade_test_build`. The restart test upgrades a
-/// running agent to it (through `REDIRECTOR_EBPF_OBJECT`) under load.
-pub static UPGRADE_TEST_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf-upgrade-test"));
-
 /// Environment variable naming an eBPF object file to load instead of the
 /// embedded one (another build of the programs with the same map layout).
 pub const EBPF_OBJECT_ENV: &str = "REDIRECTOR_EBPF_OBJECT";
@@ -401,7 +395,7 @@ impl FullMapWatch {
         (
             counter::ACCEL_SOCKET_ADD_FAILED,
             map_names::ACCEL_SOCKETS,
-            redirector_common::MAX_ACCEL_SOCKETS,
+            MAX_ACCEL_SOCKETS,
             "sockets of accelerated connections stayed on TCP (they work, without acceleration)",
         ),
     ];
@@ -807,10 +801,7 @@ fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
 
 /// Refuses pinned maps whose capacity is not this build's.
 fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
-    let expected = CAPACITIES
-        .iter()
-        .copied()
-        .chain([(map_names::META, 1), (map_names::COUNTERS, redirector_common::counter::COUNT)]);
+    let expected = CAPACITIES.iter().copied().chain([(map_names::META, 1), (map_names::COUNTERS, counter::COUNT)]);
     for (name, capacity) in expected {
         let path = pin_dir.join(name);
         if !path.exists() {

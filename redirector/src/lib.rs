@@ -1,15 +1,17 @@
 //! redirector: eBPF transparent redirection for service-mesh sidecars.
 //!
-//! - [`config`]: parsing (config file, annotations) into typed values;
-//! - [`policy`]: pure desired state and a reference evaluator;
-//! - [`iptables`]: the osm-init rule set, as the oracle;
+//! What to program is decided in `redirector-policy` (parsing, dialects,
+//! compile, map encoding, Kubernetes planning); this crate does it:
+//!
 //! - [`dataplane`]: the only code that loads programs and writes maps;
 //! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back;
-//! - [`probe`]: what the running kernel supports.
+//! - [`k8s`]: the Kubernetes agent (watches, discovery, registry);
+//! - [`probe`]: what the running kernel supports;
+//! - [`bpf_sys`], [`netns`], [`sysfs`], [`listeners`]: system calls and
+//!   kernel interfaces.
 pub mod agent;
 pub mod bpf_sys;
 pub mod dataplane;
-pub mod fakeapi;
 pub mod inspect;
 pub mod k8s;
 pub mod listeners;
@@ -18,4 +20,3 @@ pub mod metrics;
 pub mod netns;
 pub mod probe;
 pub mod sysfs;
-pub mod testkit;

@@ -4,9 +4,6 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use redirector::{agent, dataplane, inspect, k8s::agent::ProxyIdentity, netns, sysfs};
 
-mod bench;
-mod demo;
-
 #[derive(Parser)]
 #[command(
     name = "redirector",
@@ -99,7 +96,7 @@ enum Cmd {
     /// of a config file (SIGHUP or a change of the file re-applies it), or,
     /// with --kube, the meshed pods of this node.
     Run {
-        /// YAML config file (see README: Config reference).
+        /// YAML config file (see docs/configuration.md, "Config file").
         #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
         config: Option<PathBuf>,
         /// cgroup-v2 directory to attach to (default: the cgroup2 mount).
@@ -160,27 +157,6 @@ enum Cmd {
         /// node done); a failed cleanup still exits non-zero at once.
         #[arg(long)]
         wait: bool,
-    },
-    /// A self-contained live demonstration in throwaway namespaces.
-    Demo,
-    /// New-connection rate and latency, outbound and inbound, under no
-    /// redirection, osm-init's iptables rules and redirector, side by side.
-    Bench {
-        /// Two sizes, short rounds: a smoke check (under 2 minutes).
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "target/bench")]
-        out: PathBuf,
-    },
-    /// (For `bench`.) One full sync of N synthetic workloads in a process
-    /// of its own; prints what it measured as JSON.
-    #[command(hide = true)]
-    BenchSync {
-        #[arg(long)]
-        workloads: usize,
-        /// An empty test cgroup to attach the programs to.
-        #[arg(long)]
-        cgroup: PathBuf,
     },
     /// Probe the kernel for every hook and helper the data path needs;
     /// exits non-zero if a required one is missing.
@@ -311,9 +287,6 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo => demo::run(),
-        Cmd::Bench { quick, out } => bench::run(quick, &out),
-        Cmd::BenchSync { workloads, cgroup } => bench::sync_child(workloads, &cgroup),
         Cmd::Probe { json } => {
             let features = redirector::probe::probe();
             if json {

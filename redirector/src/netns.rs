@@ -43,7 +43,7 @@ pub fn current_netns_cookie() -> Result<u64> {
             return Err(std::io::Error::last_os_error()).context("socket()");
         }
         let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        let mut len = size_of::<u64>() as libc::socklen_t;
         let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len);
         let err = std::io::Error::last_os_error();
         libc::close(fd);

@@ -19,7 +19,8 @@ enum Task {
     /// Install what the build and the tests need (Debian packages, rust-src
     /// for nightly, bpf-linker for LLVM 22) and mount bpffs.
     Bootstrap,
-    /// Build the agent (target/release/redirector, eBPF object embedded).
+    /// Build the agent (target/release/redirector, eBPF object embedded)
+    /// and the demo/bench driver beside it (target/release/redirector-lab).
     Build,
     /// Unit, property and kernel integration tests (needs root).
     Test {
@@ -40,6 +41,10 @@ enum Task {
     /// The kernel tests inside qemu VMs on Debian's cloud kernels
     /// (5.10, 6.1, 6.12, newest backport); needs root for apt.
     VmTest(vm::Args),
+    /// The tree's habits: `cargo fmt --check` (workspace and fuzz crate)
+    /// and `cargo clippy --all-targets -- -D warnings` on the host crates
+    /// (installs the rustfmt and clippy components if missing).
+    Lint,
     /// Fuzz the parsers and the policy compiler (cargo-fuzz, libFuzzer,
     /// nightly), one target after the other; corpora in fuzz/corpus/<target>,
     /// logs in target/fuzz/<target>.log. Exits non-zero if a target crashed.
@@ -92,13 +97,12 @@ fn main() -> Result<()> {
         Task::Demo => {
             bootstrap()?;
             build()?;
-            let bin = target_dir().join("release/redirector");
-            run(Command::new(bin).arg("demo"))
+            run(Command::new(target_dir().join("release/redirector-lab")).arg("demo"))
         }
         Task::Bench { quick } => {
             bootstrap()?;
             build()?;
-            let mut cmd = Command::new(target_dir().join("release/redirector"));
+            let mut cmd = Command::new(target_dir().join("release/redirector-lab"));
             cmd.arg("bench").arg("--out").arg(target_dir().join("bench"));
             if quick {
                 cmd.arg("--quick");
@@ -109,6 +113,7 @@ fn main() -> Result<()> {
             bootstrap()?;
             vm::vm_test(&args)
         }
+        Task::Lint => lint(),
         Task::Fuzz(args) => fuzz(&args),
     }
 }
@@ -199,8 +204,21 @@ fn bootstrap() -> Result<()> {
     Ok(())
 }
 
+/// The agent (`target/release/redirector`) and the never-shipped
+/// `redirector-lab` beside it (demo, bench), which runs that agent.
 fn build() -> Result<()> {
-    run(Command::new("cargo").current_dir(workspace_root()).args(["build", "--release", "-p", "redirector"]))
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "redirector",
+        "-p",
+        "redirector-testkit",
+        "--bin",
+        "redirector",
+        "--bin",
+        "redirector-lab",
+    ]))
 }
 
 fn test(args: &[String]) -> Result<()> {
@@ -216,6 +234,33 @@ fn test(args: &[String]) -> Result<()> {
         .args(["--lib", "--bins", "--tests", "--"])
         .arg("--test-threads=1")
         .args(args))
+}
+
+fn lint() -> Result<()> {
+    for component in ["rustfmt", "clippy"] {
+        let installed = Command::new("rustup")
+            .args(["component", "list", "--installed"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with(component)))
+            .unwrap_or(false);
+        if !installed {
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").current_dir(root.join("fuzz")).args(["fmt", "--check"]))?;
+    // Lints need no eBPF object: the placeholder keeps this to seconds.
+    run(Command::new("cargo").current_dir(&root).env("AYA_BUILD_SKIP", "1").args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "redirector-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }
 
 /// What one fuzz run did, read from libFuzzer's output.

@@ -6,14 +6,12 @@
 use std::{collections::BTreeSet, path::Path};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use redirector::{
-    dataplane::{Dataplane, Desired, Maps},
-    testkit::{self, PinDir, Proto, Server, TestCgroup},
-};
+use redirector::dataplane::{Dataplane, Desired, Maps};
 use redirector_common::{
     map_names, ListenerKey, OrigDst, TupleKey, AF_INET, AF_INET6, MAX_LISTENERS, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 use redirector_policy::{compile, parse_config};
+use redirector_testkit::{self as testkit, PinDir, Proto, Server, TestCgroup};
 
 use super::{bin, poll_until, require_kernel, Managed, EXCLUSIONS};
 

@@ -1,4 +1,4 @@
-//! Kubernetes mode against a fake API server (`redirector::fakeapi`), with
+//! Kubernetes mode against a fake API server (`redirector_testkit::fakeapi`), with
 //! real namespaces, real programs and a real agent process: pods on the
 //! node, their annotations, the ConfigMap and OSM's MeshConfig drive the
 //! maps; the init-container gate; watch disconnects and 410 Gone; an agent
@@ -14,11 +14,11 @@ use std::{
 };
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
-use redirector::{
-    dataplane::Maps,
+use redirector::{dataplane::Maps, netns::netns_cookie};
+use redirector_testkit::{
+    self as testkit,
     fakeapi::{FakeApi, Resource, Served},
-    netns::netns_cookie,
-    testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology},
+    AgentProcess, PinDir, Proto, Server, TestCgroup, Topology,
 };
 use serde_json::{json, Value};
 

@@ -17,9 +17,9 @@ use redirector::{
     bpf_sys::{self, AttachType},
     dataplane::Maps,
     netns::netns_cookie,
-    testkit::{self, AgentProcess, Proto, Server, Topology},
 };
 use redirector_common::map_names;
+use redirector_testkit::{self as testkit, AgentProcess, Proto, Server, Topology};
 
 use super::{bin, poll_until, require_kernel, Managed};
 

@@ -1,4 +1,4 @@
-//! `redirector bench`: the cost of redirection, measured side by side in
+//! `redirector-lab bench` (`cargo xtask bench`): the cost of redirection, measured side by side in
 //! one run under three setups, alternated round by round so drift hits all
 //! three alike:
 //!

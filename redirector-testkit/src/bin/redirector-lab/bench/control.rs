@@ -11,12 +11,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use redirector::{
-    dataplane::{Dataplane, Desired},
-    testkit::{self, PinDir},
-};
+use redirector::dataplane::{Dataplane, Desired};
 use redirector_common::map_names;
 use redirector_policy::{compile, oracle::osm_init_commands, parse_config, Policy};
+use redirector_testkit::{self as testkit, PinDir};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -102,7 +100,7 @@ pub fn change_to_in_force(
         // Every workload programmed, the probed one redirected, before the
         // first timed change.
         flipper.settle(&texts[0])?;
-        let bin = std::env::current_exe()?;
+        let bin = testkit::agent_binary()?;
         agent
             .process
             .wait_ready(&bin, &agent.pins.path, &others.last_netns())
@@ -475,7 +473,7 @@ const SYNC_POLICY: &str = "OSM defaults, 3 excluded ports, 3 excluded CIDRs, inb
 /// Synthetic netns cookies: far above the kernel's (which count from 1).
 const COOKIE_BASE: u64 = 1 << 48;
 
-/// `redirector bench-sync`: one full sync in this process, JSON on stdout.
+/// `redirector-lab bench-sync`: one full sync in this process, JSON on stdout.
 pub fn sync_child(workloads: usize, cgroup: &Path) -> Result<()> {
     let rss = || sys::proc_field("/proc/self/status", "VmRSS");
     let rss_start_kib = rss()?;
@@ -662,7 +660,7 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
         let dir = TempDir::new("redirector-bench-agent-")?;
         let file = dir.0.join("config.yaml");
         std::fs::write(&file, cfg).with_context(|| format!("writing {}", file.display()))?;
-        let bin = std::env::current_exe()?;
+        let bin = testkit::agent_binary()?;
         let t = Instant::now();
         let agent = testkit::AgentProcess::start(&bin, &file, &cgroup.path, &pins.path, &dir.0.join("agent.log"))?;
         let (mut attached_ms, mut programmed_ms) = (None, None);

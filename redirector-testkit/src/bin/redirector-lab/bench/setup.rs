@@ -15,8 +15,8 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _, Result};
-use redirector::testkit::{self, AgentProcess, PinDir, Topology};
 use redirector_policy::{compile, oracle::osm_init_commands, parse_config, Policy};
+use redirector_testkit::{self as testkit, AgentProcess, PinDir, Topology};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -312,7 +312,7 @@ impl Setup {
                 let cfg = dir.0.join("config.yaml");
                 std::fs::write(&cfg, config_with(&app, spec.excl, kind == Kind::Sockmap))
                     .with_context(|| format!("writing {}", cfg.display()))?;
-                let bin = std::env::current_exe()?;
+                let bin = testkit::agent_binary()?;
                 let a = AgentProcess::start_polling(
                     &bin,
                     &cfg,

@@ -1,5 +1,7 @@
-//! Throwaway network namespaces, a test cgroup, tiny servers, a demo proxy
-//! and a probing client: shared by the kernel tests and `redirector demo`.
+//! Test support, never shipped: throwaway network namespaces, a test
+//! cgroup, tiny servers, a demo proxy, a probing client and an agent
+//! process ([`fakeapi`]: a Kubernetes API server stand-in), shared by the
+//! kernel tests and the `redirector-lab` binary (demo, bench).
 //!
 //! Everything here talks only to loopback or to documentation addresses
 //! inside namespaces it created, and removes what it created on drop.
@@ -20,7 +22,16 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use crate::netns::enter_netns;
+use redirector::netns::enter_netns;
+
+pub mod fakeapi;
+
+/// The agent's programs built with the eBPF crate's `upgrade-test`
+/// feature: connect4/6 also count `upgrade_test_build`. The restart test
+/// upgrades a running agent to it (through `REDIRECTOR_EBPF_OBJECT`) under
+/// load.
+pub static UPGRADE_TEST_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf-upgrade-test"));
 
 /// Runs a command, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
@@ -134,7 +145,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Result<Self> {
-        let root = crate::sysfs::cgroup2_root()?;
+        let root = redirector::sysfs::cgroup2_root()?;
         let rel = std::fs::read_to_string("/proc/self/cgroup")?
             .lines()
             .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
@@ -154,7 +165,7 @@ impl Drop for TestCgroup {
         let back = std::fs::write(self.original.join("cgroup.procs"), std::process::id().to_string());
         if back.is_err() {
             // The original group may not accept processes; fall back to the root.
-            if let Ok(root) = crate::sysfs::cgroup2_root() {
+            if let Ok(root) = redirector::sysfs::cgroup2_root() {
                 let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
             }
         }
@@ -362,7 +373,7 @@ fn connect_from(source: Option<SocketAddr>, dst: SocketAddr) -> std::io::Result<
         sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
         sin_zero: [0; 8],
     };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: a fresh socket owned by OwnedFd; sockaddr_in values live
     // across the calls that read them.
     unsafe {
@@ -377,7 +388,7 @@ fn connect_from(source: Option<SocketAddr>, dst: SocketAddr) -> std::io::Result<
             libc::SOL_SOCKET,
             libc::SO_SNDTIMEO,
             (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            size_of::<libc::timeval>() as libc::socklen_t,
         );
         let s = sin(src);
         if libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len) != 0 {
@@ -420,7 +431,7 @@ pub fn original_dst_any(s: &TcpStream) -> std::io::Result<SocketAddr> {
     // SAFETY: getsockopt into a properly sized sockaddr_in6.
     unsafe {
         let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let mut len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
         let rc =
             libc::getsockopt(s.as_raw_fd(), libc::SOL_IPV6, 80, (&mut sa as *mut libc::sockaddr_in6).cast(), &mut len);
         if rc != 0 {
@@ -436,7 +447,7 @@ pub fn original_dst(s: &TcpStream) -> std::io::Result<SocketAddrV4> {
     // SAFETY: getsockopt into a properly sized sockaddr_in.
     unsafe {
         let mut sa: libc::sockaddr_in = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let rc = libc::getsockopt(
             s.as_raw_fd(),
             libc::SOL_IP,
@@ -607,17 +618,34 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = crate::dataplane::cleanup(&self.path);
+        let _ = redirector::dataplane::cleanup(&self.path);
     }
 }
 
 /// Mounts bpffs on /sys/fs/bpf if it is not there yet.
 pub fn ensure_bpffs() -> Result<()> {
     let p = Path::new("/sys/fs/bpf");
-    if crate::sysfs::is_bpffs(p) {
+    if redirector::sysfs::is_bpffs(p) {
         return Ok(());
     }
     std::fs::create_dir_all(p)?;
     sh("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"])?;
     Ok(())
+}
+
+/// The agent binary the demo and the bench run: `REDIRECTOR_BIN` if set,
+/// else `redirector` beside the running executable (cargo puts both in
+/// its target directory).
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("REDIRECTOR_BIN").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let bin = std::env::current_exe()?.with_file_name("redirector");
+    if !bin.is_file() {
+        bail!(
+            "the agent binary {} is missing: build it with `cargo xtask build`, or name it in REDIRECTOR_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }

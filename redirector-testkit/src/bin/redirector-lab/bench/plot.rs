@@ -305,7 +305,7 @@ mod tests {
     /// any text (a machine without fonts-dejavu-core).
     #[test]
     fn plots_render_with_and_without_text() {
-        let dir = std::env::temp_dir().join(redirector::testkit::unique("redirector-plot-test-"));
+        let dir = std::env::temp_dir().join(redirector_testkit::unique("redirector-plot-test-"));
         std::fs::create_dir_all(&dir).unwrap();
         let r = report();
         let mut texts = vec![false];

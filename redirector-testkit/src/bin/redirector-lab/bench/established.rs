@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use redirector::testkit;
+use redirector_testkit as testkit;
 use serde::Serialize;
 
 use super::{

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use redirector::testkit::{self, addrs::POD_IP};
+use redirector_testkit::{self as testkit, addrs::POD_IP};
 use serde::Serialize;
 
 use super::{

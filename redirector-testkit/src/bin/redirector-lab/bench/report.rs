@@ -261,7 +261,7 @@ impl Report {
         let _ = write!(
             o,
             "\n### Full sync\n\nredirector: `Dataplane::apply` of N synthetic workloads in a process of its own \
-             (`redirector bench-sync`: the agent's data-plane code without its event loop). osm-init: \
+             (`redirector-lab bench-sync`: the agent's data-plane code without its event loop). osm-init: \
              `iptables-restore` of the same per-pod policy into a fresh network namespace per pod, one after the other.\n\n{SYNC_HEADER}"
         );
         for s in &self.control_plane.sync {

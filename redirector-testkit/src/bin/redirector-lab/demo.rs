@@ -1,9 +1,9 @@
-//! `redirector demo`: a live redirect in throwaway namespaces, scoped to a
+//! `redirector-lab demo` (`cargo xtask demo`): a live redirect in throwaway namespaces, scoped to a
 //! demo cgroup, cleaned up at the end (also on failure).
 use std::{net::SocketAddrV4, path::Path, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use redirector::testkit::{self, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology};
+use redirector_testkit::{self as testkit, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology};
 
 fn config(netns: &Path, extra_port_exclusions: &str) -> String {
     format!(
@@ -61,7 +61,7 @@ fn wait_for(agent: &AgentProcess, done: impl Fn() -> Result<bool>) -> Result<()>
 }
 
 pub fn run() -> Result<()> {
-    let bin = std::env::current_exe()?;
+    let bin = redirector_testkit::agent_binary()?;
     println!("== redirector demo: workload netns + peer netns (documentation addresses only)");
     let topo = Topology::new("demo").context("creating demo namespaces (are you root?)")?;
     let cgroup = TestCgroup::new().context("creating the demo cgroup")?;
