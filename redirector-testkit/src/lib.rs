@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use redirector::netns::enter_netns;
+use redirector::sys::netns::enter_netns;
 
 pub mod fakeapi;
 
@@ -145,7 +145,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new() -> Result<Self> {
-        let root = redirector::sysfs::cgroup2_root()?;
+        let root = redirector::sys::mounts::cgroup2_root()?;
         let rel = std::fs::read_to_string("/proc/self/cgroup")?
             .lines()
             .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
@@ -165,7 +165,7 @@ impl Drop for TestCgroup {
         let back = std::fs::write(self.original.join("cgroup.procs"), std::process::id().to_string());
         if back.is_err() {
             // The original group may not accept processes; fall back to the root.
-            if let Ok(root) = redirector::sysfs::cgroup2_root() {
+            if let Ok(root) = redirector::sys::mounts::cgroup2_root() {
                 let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
             }
         }
@@ -625,7 +625,7 @@ impl Drop for PinDir {
 /// Mounts bpffs on /sys/fs/bpf if it is not there yet.
 pub fn ensure_bpffs() -> Result<()> {
     let p = Path::new("/sys/fs/bpf");
-    if redirector::sysfs::is_bpffs(p) {
+    if redirector::sys::mounts::is_bpffs(p) {
         return Ok(());
     }
     std::fs::create_dir_all(p)?;

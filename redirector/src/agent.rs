@@ -2,7 +2,7 @@
 //! config file, and re-apply on SIGHUP or when the file changes.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -60,7 +60,7 @@ pub fn reconcile_keeping(
         .zip(&policies)
         .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
         .collect();
-    let facts = crate::netns::survey(&wanted);
+    let facts = crate::sys::netns::survey(&wanted);
     for (((w, policy), fact), (path, _)) in cfg.workloads.iter().zip(policies).zip(facts).zip(wanted) {
         let found = fact.and_then(|fact| {
             let mut policy = policy;
@@ -69,7 +69,7 @@ pub fn reconcile_keeping(
             }
             if let Some(cg) = &w.proxy_cgroup {
                 policy = policy
-                    .with_proxy_cgroup(crate::sysfs::cgroup_id(cg).with_context(|| {
+                    .with_proxy_cgroup(crate::sys::mounts::cgroup_id(cg).with_context(|| {
                         format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
                     })?);
             }
@@ -162,12 +162,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let cfg = load_config(&opts.config)?;
     let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
-    let features = crate::probe::probe();
-    crate::probe::require(&features)?;
+    let features = crate::sys::features::probe();
+    crate::sys::features::require(&features)?;
     if cfg.mesh.acceleration == redirector_policy::Acceleration::Sockmap {
         // Refused at the start, before anything is loaded; a later change
         // to sockmap on such a kernel is refused per workload by `apply`.
-        crate::probe::require_acceleration(&features)
+        crate::sys::features::require_acceleration(&features)
             .with_context(|| format!("config file {}", opts.config.display()))?;
     }
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
@@ -269,5 +269,32 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
         opts.pin_dir.display()
     );
+    Ok(())
+}
+
+/// `redirector check`: parses and compiles a config file without touching
+/// the kernel, printing each workload's list sizes; an error for each
+/// rejected workload.
+pub fn check(config: &Path) -> Result<()> {
+    let cfg = load_config(config)?;
+    for w in &cfg.workloads {
+        let p = compile(&cfg.mesh, &w.annotations);
+        println!(
+            "workload `{}` ({}): {} outbound port exclusions, {} outbound IP range exclusions, {} inclusions, {} inbound port exclusions",
+            w.name,
+            w.netns,
+            p.outbound_port_exclusion.len(),
+            p.outbound_ip_range_exclusion.len(),
+            p.outbound_ip_range_inclusion.as_ref().map_or(0, |s| s.len()),
+            p.inbound_port_exclusion.len()
+        );
+    }
+    if !cfg.rejected.is_empty() {
+        for (_, e) in &cfg.rejected {
+            eprintln!("error: {e:#}");
+        }
+        anyhow::bail!("{} workload(s) rejected", cfg.rejected.len());
+    }
+    println!("config {} is valid", config.display());
     Ok(())
 }

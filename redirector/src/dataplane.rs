@@ -32,9 +32,9 @@ use redirector_common::{
 pub use redirector_policy::{diff, Desired, Ops};
 use redirector_policy::{map_entries, MapEntries, Policy};
 
-use crate::{
-    bpf_sys::{self, AttachType},
-    sysfs,
+use crate::sys::{
+    bpf::{self, AttachType},
+    mounts,
 };
 
 /// The eBPF object built by build.rs (empty with AYA_BUILD_SKIP=1).
@@ -464,7 +464,7 @@ impl Dataplane {
     /// the new ones are attached (never a moment with nothing attached).
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
         let object = ebpf_object()?;
-        sysfs::prepare_pin_dir(pin_dir)?;
+        mounts::prepare_pin_dir(pin_dir)?;
         if pin_dir.join(map_names::META).exists() {
             // Refuse before anything is changed if the pinned layout differs
             // (0 means a previous agent died before it stamped the maps).
@@ -519,13 +519,13 @@ impl Dataplane {
                 AttachType::SkLookup => bail!("{name} is attached per network namespace"),
                 AttachType::SkMsgVerdict => bail!("{name} is attached to its sockhash"),
             };
-            let link = bpf_sys::link_create(fd.as_fd(), cgroup_file.as_fd(), ty)
+            let link = bpf::link_create(fd.as_fd(), cgroup_file.as_fd(), ty)
                 .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
             let final_path = link_pin_path(pin_dir, name);
             // bpffs rejects names with dots.
             let tmp_path = pin_dir.join("links").join(format!("{name}-next"));
             let _ = std::fs::remove_file(&tmp_path);
-            bpf_sys::obj_pin(&link, &tmp_path)?;
+            bpf::obj_pin(&link, &tmp_path)?;
             // Atomically replaces the previous agent's link pin; the old
             // link detaches once nothing refers to it.
             std::fs::rename(&tmp_path, &final_path)
@@ -583,7 +583,7 @@ impl Dataplane {
         if !unregistered.is_empty() {
             let wanted: Vec<(&Path, u16)> =
                 unregistered.iter().map(|d| (d.netns.as_path(), d.policy.inbound_port)).collect();
-            match crate::listeners::find_listeners(&wanted) {
+            match crate::sys::listeners::find_listeners(&wanted) {
                 Ok(found) => {
                     for (d, fds) in unregistered.into_iter().zip(found) {
                         if let Err(e) = fds.and_then(|fds| self.register_listeners(d.cookie, fds)) {
@@ -703,7 +703,7 @@ impl Dataplane {
     /// cookie to its network namespace, unless one is pinned already.
     fn ensure_inbound(&mut self, d: &Desired) -> Result<()> {
         let pin = netns_link_pin_path(&self.pin_dir, d.cookie);
-        if !d.policy.inbound || bpf_sys::obj_get(&pin).is_ok() {
+        if !d.policy.inbound || bpf::obj_get(&pin).is_ok() {
             return Ok(());
         }
         let mut loader = EbpfLoader::new();
@@ -720,16 +720,16 @@ impl Dataplane {
             .try_into()?;
         prog.load().with_context(|| format!("loading program {}", prog_names::SK_LOOKUP))?;
         let netns = File::open(&d.netns).with_context(|| format!("opening network namespace {}", d.netns.display()))?;
-        let link = bpf_sys::link_create(prog.fd()?.as_fd(), netns.as_fd(), AttachType::SkLookup)
+        let link = bpf::link_create(prog.fd()?.as_fd(), netns.as_fd(), AttachType::SkLookup)
             .with_context(|| format!("attaching {} to {}", prog_names::SK_LOOKUP, d.netns.display()))?;
         std::fs::create_dir_all(self.pin_dir.join("netns"))?;
-        bpf_sys::obj_pin(&link, &pin)?;
+        bpf::obj_pin(&link, &pin)?;
         Ok(())
     }
 
     /// Registers a proxy inbound listener that already existed when the
     /// workload was programmed (sockops sees only new `listen()` calls).
-    fn register_listeners(&mut self, cookie: u64, fds: crate::listeners::Listeners) -> Result<()> {
+    fn register_listeners(&mut self, cookie: u64, fds: crate::sys::listeners::Listeners) -> Result<()> {
         for (family, fd) in fds {
             let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
             self.maps.register_listener(key, &fd)?;
@@ -752,7 +752,7 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<()> {
         Some(Map::SockHash(m)) => m,
         _ => bail!("eBPF object has no sockhash {}", map_names::ACCEL_SOCKETS),
     };
-    bpf_sys::map_prog_attach(prog_fd.as_fd(), map.fd().as_fd(), AttachType::SkMsgVerdict)
+    bpf::map_prog_attach(prog_fd.as_fd(), map.fd().as_fd(), AttachType::SkMsgVerdict)
         .with_context(|| format!("attaching {name} to map {}", map_names::ACCEL_SOCKETS))
 }
 
@@ -786,12 +786,12 @@ pub fn refuse_unavailable_acceleration(
 /// removal of the pin does it.
 fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
     let path = pin_dir.join(map_names::ACCEL_SOCKETS);
-    let Ok(map) = bpf_sys::obj_get(&path) else { return Ok(0) };
-    let Ok(ids) = bpf_sys::attached_ids(map.as_fd(), AttachType::SkMsgVerdict) else { return Ok(0) };
+    let Ok(map) = bpf::obj_get(&path) else { return Ok(0) };
+    let Ok(ids) = bpf::attached_ids(map.as_fd(), AttachType::SkMsgVerdict) else { return Ok(0) };
     let mut n = 0;
     for id in ids {
-        if let Ok(prog) = bpf_sys::prog_by_id(id) {
-            bpf_sys::map_prog_detach(prog.as_fd(), map.as_fd(), AttachType::SkMsgVerdict)
+        if let Ok(prog) = bpf::prog_by_id(id) {
+            bpf::map_prog_detach(prog.as_fd(), map.as_fd(), AttachType::SkMsgVerdict)
                 .with_context(|| format!("detaching program {id} from {}", path.display()))?;
             n += 1;
         }
@@ -853,7 +853,7 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Whether every program's link is pinned (i.e. attached).
 pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
-    PROGRAMS.iter().map(|(name, _)| (*name, bpf_sys::obj_get(&link_pin_path(pin_dir, name)).is_ok())).collect()
+    PROGRAMS.iter().map(|(name, _)| (*name, bpf::obj_get(&link_pin_path(pin_dir, name)).is_ok())).collect()
 }
 
 pub const CAPACITIES: [(&str, u32); 6] = [
@@ -864,3 +864,49 @@ pub const CAPACITIES: [(&str, u32); 6] = [
     (map_names::LISTENERS, MAX_LISTENERS),
     (map_names::ACCEL_SOCKETS, MAX_ACCEL_SOCKETS),
 ];
+
+/// The init-container gate of the standalone agent (`redirector wait-ready`):
+/// waits until the workload in namespace `ns` (default: this process's) is
+/// programmed, its programs attached and, if it has inbound redirection, its
+/// sk_lookup link pinned; returns the line to print. Fails closed on
+/// timeout, naming what is missing.
+pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Result<String> {
+    let (cookie, shown) = match &ns {
+        Some(p) => (crate::sys::netns::netns_cookie(p)?, p.display().to_string()),
+        None => (crate::sys::netns::current_netns_cookie()?, "this process's network namespace".to_string()),
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last_err: String = match Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
+            Ok(Some(w)) => {
+                let missing: Vec<&str> =
+                    links_pinned(pin_dir).into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
+                // Inbound capture is part of "programmed": without it a
+                // connection could reach the application around the proxy.
+                let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
+                    && !netns_link_pin_path(pin_dir, cookie).exists();
+                if missing.is_empty() && !inbound_missing {
+                    return Ok(format!(
+                        "ready: {shown} (netns cookie {cookie}) is programmed with policy #{}",
+                        w.policy_id
+                    ));
+                }
+                if missing.is_empty() {
+                    "inbound capture (sk_lookup) not attached to the namespace yet".to_string()
+                } else {
+                    format!("programs not attached: {}", missing.join(", "))
+                }
+            }
+            Ok(None) => "the agent has no policy for this namespace yet".into(),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "{shown} (netns cookie {cookie}) not programmed after {timeout:?}: {last_err}; \
+                 is the agent running with --pin-dir {} and is this workload in its config?",
+                pin_dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     dataplane::{links_pinned, Maps, CAPACITIES},
-    netns,
+    sys::netns,
 };
 
 #[derive(Serialize)]

@@ -6,17 +6,11 @@
 //! - [`dataplane`]: the only code that loads programs and writes maps;
 //! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back;
 //! - [`k8s`]: the Kubernetes agent (watches, discovery, registry);
-//! - [`probe`]: what the running kernel supports;
-//! - [`bpf_sys`], [`netns`], [`sysfs`], [`listeners`]: system calls and
-//!   kernel interfaces.
+//! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features.
 pub mod agent;
-pub mod bpf_sys;
 pub mod dataplane;
 pub mod inspect;
 pub mod k8s;
-pub mod listeners;
 pub mod logging;
 pub mod metrics;
-pub mod netns;
-pub mod probe;
-pub mod sysfs;
+pub mod sys;

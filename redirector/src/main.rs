@@ -1,184 +1,14 @@
-use std::{path::PathBuf, time::Duration};
+//! `redirector`: the agent and its CLI ([`cli`]); each command is a call
+//! into the library.
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
-use redirector::{agent, dataplane, inspect, k8s::agent::ProxyIdentity, netns, sysfs};
+use clap::Parser as _;
+use redirector::{agent, dataplane, inspect, k8s::agent::ProxyIdentity, sys::mounts};
 
-#[derive(Parser)]
-#[command(
-    name = "redirector",
-    version,
-    about = "eBPF transparent redirection for service-mesh sidecars (replaces osm-init/istio-init iptables rules)"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-    /// Log format: text, or json (one object per line).
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-}
+mod cli;
 
-/// `run --kube`: Kubernetes as the source of desired state.
-#[derive(clap::Args)]
-struct KubeArgs {
-    /// Watch this node's pods and the mesh settings in the Kubernetes API
-    /// (in-cluster service account, or KUBECONFIG).
-    #[arg(long)]
-    kube: bool,
-    /// This node's name (downward API `spec.nodeName`).
-    #[arg(long, env = "NODE_NAME", required_if_eq("kube", "true"))]
-    node_name: Option<String>,
-    /// Unix socket for the init containers' `wait-ready --agent-socket`.
-    #[arg(long, default_value = "/var/run/redirector/agent.sock")]
-    agent_socket: PathBuf,
-    /// NAMESPACE/NAME of the ConfigMap whose `mesh.yaml` holds the mesh
-    /// settings ("" for none: preset defaults).
-    #[arg(long, default_value = "redirector-system/redirector-config", value_parser = parse_object_name)]
-    configmap: ObjectName,
-    /// NAMESPACE/NAME of OSM's MeshConfig, read when its CRD is installed
-    /// ("" for none).
-    #[arg(long, default_value = "osm-system/osm-mesh-config", value_parser = parse_object_name)]
-    meshconfig: ObjectName,
-    /// API version of the MeshConfig CRD.
-    #[arg(long, default_value = "v1alpha2")]
-    meshconfig_version: String,
-    /// A pod is meshed when any rule matches: label:KEY[=VALUE],
-    /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
-    /// the preset's injector leaves on a pod).
-    #[arg(long = "meshed-when")]
-    meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
-    /// How often running pods whose namespace is unknown are looked for in
-    /// /proc.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    resync: Duration,
-    /// This agent's pod name, as the reporting instance of its Events.
-    #[arg(long, env = "POD_NAME", default_value = "redirector")]
-    pod_name: String,
-    /// How a pod's proxy is told from its application: `uid` (its UID and
-    /// GID, as the meshes' iptables rules) or `cgroup` (the cgroup of the
-    /// pod's proxy container, so an application process running as the
-    /// proxy's UID is still redirected; by UID until the container runs).
-    #[arg(long, value_enum, default_value = "uid")]
-    proxy_identity: ProxyIdentityArg,
-    /// The proxy container's name, for --proxy-identity=cgroup (default:
-    /// the preset's sidecar: envoy, istio-proxy, linkerd-proxy,
-    /// kuma-sidecar).
-    #[arg(long)]
-    proxy_container: Option<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum ProxyIdentityArg {
-    Uid,
-    Cgroup,
-}
-
-#[derive(Clone, Debug)]
-struct ObjectName(Option<(String, String)>);
-
-fn parse_object_name(s: &str) -> Result<ObjectName, String> {
-    if s.is_empty() {
-        return Ok(ObjectName(None));
-    }
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(ObjectName(Some((ns.to_string(), name.to_string()))))
-        }
-        _ => Err(format!("{s:?} is not NAMESPACE/NAME (or \"\" for none)")),
-    }
-}
-
-// Parsed once; the size of `run`'s arguments does not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Subcommand)]
-enum Cmd {
-    /// Load and attach the programs and keep the workloads programmed: those
-    /// of a config file (SIGHUP or a change of the file re-applies it), or,
-    /// with --kube, the meshed pods of this node.
-    Run {
-        /// YAML config file (see docs/configuration.md, "Config file").
-        #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
-        config: Option<PathBuf>,
-        /// cgroup-v2 directory to attach to (default: the cgroup2 mount).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// How often the config file is checked for changes.
-        #[arg(long, default_value = "1s", value_parser = parse_duration)]
-        poll_interval: Duration,
-        /// Serve /healthz, /readyz and /metrics on this address.
-        #[arg(long)]
-        metrics_addr: Option<std::net::SocketAddr>,
-        #[command(flatten)]
-        kube: KubeArgs,
-    },
-    /// Validate a config file without touching the kernel.
-    Check {
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Exit 0 once the workload in this network namespace is programmed
-    /// (the init-container gate); non-zero on timeout, so it fails closed.
-    WaitReady {
-        /// Network namespace path (/run/netns/NAME or /proc/PID/ns/net);
-        /// default: this process's own.
-        #[arg(long, conflicts_with = "agent_socket")]
-        netns: Option<PathBuf>,
-        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        timeout: Duration,
-        /// Kubernetes mode: ask the node agent over this unix socket (it
-        /// takes the namespace from this process) instead of reading the
-        /// pinned maps.
-        #[arg(long)]
-        agent_socket: Option<PathBuf>,
-        /// This pod's UID (downward API `metadata.uid`), with --agent-socket.
-        #[arg(long, env = "POD_UID")]
-        pod_uid: Option<String>,
-    },
-    /// Show the programmed state: programs, workloads, lists, map fill, counters.
-    Inspect {
-        #[arg(long)]
-        json: bool,
-        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
-    /// Detach every program and remove every pin this agent owns.
-    Cleanup {
-        #[arg(long, default_value = sysfs::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Accepted for symmetry with `run`; links are found through their pins.
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// After cleaning up, stay running until SIGTERM (the uninstall
-        /// DaemonSet's container, so `kubectl rollout status` reports every
-        /// node done); a failed cleanup still exits non-zero at once.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Probe the kernel for every hook and helper the data path needs;
-    /// exits non-zero if a required one is missing.
-    Probe {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// `30s`, `500ms`, `2m`, or plain seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| (&t[..i], &t[i..]));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
+use cli::{Cli, Cmd, ProxyIdentityArg};
 
 fn main() {
     let cli = Cli::parse();
@@ -194,7 +24,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, kube } => {
             let cgroup = match cgroup {
                 Some(c) => c,
-                None => sysfs::cgroup2_root()?,
+                None => mounts::cgroup2_root()?,
             };
             // Two workers: a reconcile pass is synchronous (block_in_place),
             // and the watch connections, the registry socket and the status
@@ -227,29 +57,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 })),
             }
         }
-        Cmd::Check { config } => {
-            let cfg = redirector_policy::load_config(&config)?;
-            for w in &cfg.workloads {
-                let p = redirector_policy::compile(&cfg.mesh, &w.annotations);
-                println!(
-                    "workload `{}` ({}): {} outbound port exclusions, {} outbound IP range exclusions, {} inclusions, {} inbound port exclusions",
-                    w.name,
-                    w.netns,
-                    p.outbound_port_exclusion.len(),
-                    p.outbound_ip_range_exclusion.len(),
-                    p.outbound_ip_range_inclusion.as_ref().map_or(0, |s| s.len()),
-                    p.inbound_port_exclusion.len()
-                );
-            }
-            if !cfg.rejected.is_empty() {
-                for (_, e) in &cfg.rejected {
-                    eprintln!("error: {e:#}");
-                }
-                bail!("{} workload(s) rejected", cfg.rejected.len());
-            }
-            println!("config {} is valid", config.display());
-            Ok(())
-        }
+        Cmd::Check { config } => agent::check(&config),
         Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
             let uid = pod_uid
                 .ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
@@ -257,7 +65,10 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("ready: {msg}");
             Ok(())
         }
-        Cmd::WaitReady { netns: ns, pin_dir, timeout, .. } => wait_ready(ns, &pin_dir, timeout),
+        Cmd::WaitReady { netns: ns, pin_dir, timeout, .. } => {
+            println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout)?);
+            Ok(())
+        }
         Cmd::Inspect { json, pin_dir } => {
             let s = inspect::snapshot(&pin_dir)?;
             if json {
@@ -288,119 +99,13 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Probe { json } => {
-            let features = redirector::probe::probe();
+            let features = redirector::sys::features::probe();
             if json {
                 println!("{}", serde_json::to_string_pretty(&features)?);
             } else {
-                print!("{}", redirector::probe::render(&features));
+                print!("{}", redirector::sys::features::render(&features));
             }
-            redirector::probe::require(&features)
+            redirector::sys::features::require(&features)
         }
-    }
-}
-
-fn wait_ready(ns: Option<PathBuf>, pin_dir: &std::path::Path, timeout: Duration) -> Result<()> {
-    let (cookie, shown) = match &ns {
-        Some(p) => (netns::netns_cookie(p)?, p.display().to_string()),
-        None => (netns::current_netns_cookie()?, "this process's network namespace".to_string()),
-    };
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let last_err: String = match dataplane::Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
-            Ok(Some(w)) => {
-                let missing: Vec<&str> =
-                    dataplane::links_pinned(pin_dir).into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
-                // Inbound capture is part of "programmed": without it a
-                // connection could reach the application around the proxy.
-                let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
-                    && !dataplane::netns_link_pin_path(pin_dir, cookie).exists();
-                if missing.is_empty() && !inbound_missing {
-                    println!("ready: {shown} (netns cookie {cookie}) is programmed with policy #{}", w.policy_id);
-                    return Ok(());
-                }
-                if missing.is_empty() {
-                    "inbound capture (sk_lookup) not attached to the namespace yet".to_string()
-                } else {
-                    format!("programs not attached: {}", missing.join(", "))
-                }
-            }
-            Ok(None) => "the agent has no policy for this namespace yet".into(),
-            Err(e) => format!("{e:#}"),
-        };
-        if std::time::Instant::now() >= deadline {
-            bail!(
-                "{shown} (netns cookie {cookie}) not programmed after {timeout:?}: {last_err}; \
-                 is the agent running with --pin-dir {} and is this workload in its config?",
-                pin_dir.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("5h").is_err());
-        assert!(parse_duration("abc").is_err());
-    }
-
-    /// The command lines in deploy/ are accepted by this CLI.
-    #[test]
-    fn deploy_command_lines_parse() {
-        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/daemonset.yaml")).unwrap();
-        let args: Vec<String> =
-            serde_yaml::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
-        // NODE_NAME comes from the downward API at run time.
-        let with_node = args.iter().cloned().chain(["--node-name".to_string(), "node-1".to_string()]);
-        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(with_node))
-            .unwrap_or_else(|e| panic!("daemonset args {args:?}: {e}"));
-        match cli.command {
-            Cmd::Run { config: None, kube, metrics_addr: Some(_), .. } => {
-                assert!(kube.kube);
-                assert_eq!(kube.configmap.0, Some(("redirector-system".into(), "redirector-config".into())));
-            }
-            _ => panic!("daemonset does not run `run --kube` with a status address"),
-        }
-        let init: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/init-container.yaml")).unwrap();
-        let cmd: Vec<String> = serde_yaml::from_value(init["initContainers"][0]["command"].clone()).unwrap();
-        let cli = Cli::try_parse_from(cmd.clone()).unwrap_or_else(|e| panic!("init container {cmd:?}: {e}"));
-        assert!(matches!(cli.command, Cmd::WaitReady { agent_socket: Some(_), .. }));
-        let ds: serde_yaml::Value =
-            serde_yaml::from_str(include_str!("../../deploy/uninstall/cleanup-daemonset.yaml")).unwrap();
-        let c = &ds["spec"]["template"]["spec"]["containers"][0];
-        let args: Vec<String> = serde_yaml::from_value(c["args"].clone()).unwrap();
-        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))
-            .unwrap_or_else(|e| panic!("cleanup daemonset args {args:?}: {e}"));
-        match cli.command {
-            Cmd::Cleanup { pin_dir, wait: true, .. } => assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/redirector")),
-            _ => panic!("the cleanup DaemonSet does not run `cleanup --wait`"),
-        }
-    }
-
-    #[test]
-    fn kube_flags() {
-        assert!(Cli::try_parse_from(["redirector", "run"]).is_err(), "--config or --kube is required");
-        assert!(Cli::try_parse_from(["redirector", "run", "--config", "c.yaml", "--kube"]).is_err());
-        assert!(parse_object_name("a/b/c").is_err());
-        assert!(parse_object_name("").unwrap().0.is_none());
-        let e = Cli::try_parse_from(["redirector", "run", "--kube", "--node-name", "n", "--meshed-when", "pod:x"])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("pod:x"), "{e}");
-    }
-
-    #[test]
-    fn cli_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
     }
 }

@@ -216,7 +216,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    crate::probe::require(&crate::probe::probe())?;
+    crate::sys::features::require(&crate::sys::features::probe())?;
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
@@ -289,7 +289,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut configmap = Watched::new();
     configmap.synced = opts.configmap.is_none();
 
-    let host_cookie = crate::netns::current_netns_cookie()?;
+    let host_cookie = crate::sys::netns::current_netns_cookie()?;
     let mut lp = Loop {
         dp,
         metrics,

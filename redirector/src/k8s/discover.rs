@@ -104,7 +104,7 @@ pub struct NetnsHandle {
 impl NetnsHandle {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-        let cookie = crate::netns::netns_cookie(&fd_path(&file))?;
+        let cookie = crate::sys::netns::netns_cookie(&fd_path(&file))?;
         Ok(Self { file, cookie, source: path.to_owned() })
     }
 
@@ -196,7 +196,7 @@ mod tests {
         std::os::unix::fs::symlink("/proc/self/ns/net", root.join("7/ns/net")).unwrap();
         std::fs::create_dir_all(root.join("8")).unwrap();
         std::fs::write(root.join("8/cgroup"), "0::/system.slice/x.service\n").unwrap();
-        let own = crate::netns::current_netns_cookie().unwrap();
+        let own = crate::sys::netns::current_netns_cookie().unwrap();
         assert!(scan(&root, &[UID], own).is_empty());
         let found = scan(&root, &[UID], own.wrapping_add(1));
         assert_eq!(found.len(), 1);

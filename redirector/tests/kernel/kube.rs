@@ -14,7 +14,7 @@ use std::{
 };
 
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
-use redirector::{dataplane::Maps, netns::netns_cookie};
+use redirector::{dataplane::Maps, sys::netns::netns_cookie};
 use redirector_testkit::{
     self as testkit,
     fakeapi::{FakeApi, Resource, Served},

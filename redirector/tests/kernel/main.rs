@@ -49,7 +49,7 @@ fn require_kernel() -> bool {
         let _ = writeln!(
             std::io::stderr(),
             "SKIP {name}: kernel {} lacks {}",
-            redirector::probe::kernel_release(),
+            redirector::sys::features::kernel_release(),
             missing.join(", ")
         );
     }
@@ -76,7 +76,7 @@ fn missing_features() -> Vec<String> {
     static MISSING: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     MISSING
         .get_or_init(|| {
-            redirector::probe::probe()
+            redirector::sys::features::probe()
                 .into_iter()
                 .filter(|f| f.required && !f.supported)
                 .map(|f| format!("{} (Linux {})", f.name, f.since))
@@ -442,7 +442,7 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert!(v["counters"]["redirected"].as_u64().unwrap() >= 3);
 
     // Attached while pinned (the check below is not vacuous).
-    use redirector::bpf_sys::{attached_count, AttachType};
+    use redirector::sys::bpf::{attached_count, AttachType};
     use std::os::fd::AsFd as _;
     let cg = std::fs::File::open(&m._cgroup.path).unwrap();
     let ns = std::fs::File::open(m.topo.app.path()).unwrap();
@@ -500,7 +500,7 @@ fn connection_load(
     let file = std::fs::File::open(netns).unwrap();
     std::thread::spawn(move || {
         use std::io::Read as _;
-        redirector::netns::enter_netns(&file).unwrap();
+        redirector::sys::netns::enter_netns(&file).unwrap();
         // SAFETY: raw syscalls change only this thread's credentials.
         unsafe {
             assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
@@ -696,7 +696,7 @@ fn connection_churn_leaves_no_tracking_entries() {
             let file = std::fs::File::open(m.topo.app.path()).unwrap();
             std::thread::spawn(move || {
                 use std::io::Read as _;
-                redirector::netns::enter_netns(&file).unwrap();
+                redirector::sys::netns::enter_netns(&file).unwrap();
                 // SAFETY: raw syscalls change only this thread's credentials.
                 unsafe {
                     assert_eq!(libc::syscall(libc::SYS_setresgid, 1000, 1000, 1000), 0);
@@ -943,7 +943,7 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
     }
     let mut m = Managed::start("z", EXCLUSIONS);
     let app = m.topo.app.path();
-    let cookie = redirector::netns::netns_cookie(&app).unwrap();
+    let cookie = redirector::sys::netns::netns_cookie(&app).unwrap();
     let fingerprint_of = |text: &str| -> Option<String> {
         let cfg = parse_config(text).ok()?;
         let w = cfg.workloads.first()?;
@@ -1562,7 +1562,7 @@ fn pinned_maps_of_another_layout_are_refused() {
         libc::syscall(libc::SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, attr.as_mut_ptr(), attr.len() as u32)
     };
     assert_eq!(rc, 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
-    redirector::bpf_sys::obj_pin(&meta, &old.path.join("RDR_META")).unwrap();
+    redirector::sys::bpf::obj_pin(&meta, &old.path.join("RDR_META")).unwrap();
     let err = format!(
         "{:#}",
         redirector::dataplane::Dataplane::load(&old.path, &cgroup.path).err().expect("version 2 adopted")
@@ -1572,7 +1572,7 @@ fn pinned_maps_of_another_layout_are_refused() {
     let unstamped = PinDir::new().unwrap();
     std::fs::create_dir_all(&unstamped.path).unwrap();
     let workloads = raw_map(1 /* BPF_MAP_TYPE_HASH */, 8, 40, 4096, "RDR_WORKLOADS");
-    redirector::bpf_sys::obj_pin(&workloads, &unstamped.path.join("RDR_WORKLOADS")).unwrap();
+    redirector::sys::bpf::obj_pin(&workloads, &unstamped.path.join("RDR_WORKLOADS")).unwrap();
     let err = format!(
         "{:#}",
         redirector::dataplane::Dataplane::load(&unstamped.path, &cgroup.path).err().expect("capacity 4096 adopted")

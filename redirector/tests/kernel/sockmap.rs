@@ -14,9 +14,9 @@ use std::{
 };
 
 use redirector::{
-    bpf_sys::{self, AttachType},
     dataplane::Maps,
-    netns::netns_cookie,
+    sys::bpf::{self, AttachType},
+    sys::netns::netns_cookie,
 };
 use redirector_common::map_names;
 use redirector_testkit::{self as testkit, AgentProcess, Proto, Server, Topology};
@@ -323,8 +323,8 @@ fn sockmap_survives_restart_and_cleanup_detaches_it() {
     let l = proxy_listener(&app);
     let sockhash = m.pins.path.join(map_names::ACCEL_SOCKETS);
     let attached = || {
-        let fd = bpf_sys::obj_get(&sockhash).unwrap();
-        bpf_sys::attached_ids(fd.as_fd(), AttachType::SkMsgVerdict).unwrap()
+        let fd = bpf::obj_get(&sockhash).unwrap();
+        bpf::attached_ids(fd.as_fd(), AttachType::SkMsgVerdict).unwrap()
     };
     let first = attached();
     assert_eq!(first.len(), 1, "{first:?}");
@@ -371,6 +371,6 @@ fn sockmap_survives_restart_and_cleanup_detaches_it() {
     assert!(direct.starts_with("direct 192.0.2.10:80"), "{direct}");
     drop((a, p, a2, p2));
     let loaded =
-        poll_until(|| second.iter().chain(&first).filter(|id| bpf_sys::prog_by_id(**id).is_ok()).count(), |n| *n == 0);
+        poll_until(|| second.iter().chain(&first).filter(|id| bpf::prog_by_id(**id).is_ok()).count(), |n| *n == 0);
     assert_eq!(loaded, 0, "sk_msg programs still loaded after cleanup and the last connection closed");
 }

@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context as _, Result};
 use aya::{programs::loaded_programs, sys::Stats as BpfStats};
 use redirector::{
-    bpf_sys,
     dataplane::{link_pin_path, PROGRAMS},
+    sys::bpf,
 };
 use redirector_common::{map_names, prog_names};
 use serde::Serialize;
@@ -36,7 +36,7 @@ pub struct ProgCost {
 /// from their pinned links (`prog_id` in the link's fdinfo).
 fn programs(pin_dir: &Path) -> Result<Vec<(String, u32)>> {
     let id = |path: &Path| -> Result<u32> {
-        let fd = bpf_sys::obj_get(path)?;
+        let fd = bpf::obj_get(path)?;
         let v = sys::proc_field(&format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)), "prog_id")
             .with_context(|| format!("the program of link {}", path.display()))?;
         Ok(v as u32)
@@ -51,8 +51,8 @@ fn programs(pin_dir: &Path) -> Result<Vec<(String, u32)>> {
         }
     }
     // sk_msg hangs on its sockhash, not on a link: ask the map (5.19+).
-    if let Ok(map) = bpf_sys::obj_get(&pin_dir.join(map_names::ACCEL_SOCKETS)) {
-        let attached = bpf_sys::attached_ids(std::os::fd::AsFd::as_fd(&map), bpf_sys::AttachType::SkMsgVerdict);
+    if let Ok(map) = bpf::obj_get(&pin_dir.join(map_names::ACCEL_SOCKETS)) {
+        let attached = bpf::attached_ids(std::os::fd::AsFd::as_fd(&map), bpf::AttachType::SkMsgVerdict);
         for id in attached.unwrap_or_default() {
             out.push((prog_names::SK_MSG.to_string(), id));
         }

@@ -520,7 +520,7 @@ pub fn sync_child(workloads: usize, cgroup: &Path) -> Result<()> {
     let cidr_entries = dp.maps.cidr_keys()?.len();
     let mut maps = Vec::new();
     for name in map_names::PINNED {
-        let fd = redirector::bpf_sys::obj_get(&pins.path.join(name))?;
+        let fd = redirector::sys::bpf::obj_get(&pins.path.join(name))?;
         let memlock_bytes =
             sys::proc_field(&format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)), "memlock")?;
         let capacity = aya::maps::MapInfo::from_pin(pins.path.join(name))

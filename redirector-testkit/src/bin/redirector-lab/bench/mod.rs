@@ -137,7 +137,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     let control_plane = report::ControlPlane { change, sync, agent };
     let report = report::Report {
         machine: format!("{} cores", std::thread::available_parallelism().map_or(0, |n| n.get())),
-        kernel: redirector::probe::kernel_release(),
+        kernel: redirector::sys::features::kernel_release(),
         quick,
         loadavg_1min_before: load_before,
         loadavg_1min_after: sys::loadavg(),

@@ -151,7 +151,7 @@ impl BenchProxy {
         let file = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let l = redirector::netns::enter_netns(&file)
+            let l = redirector::sys::netns::enter_netns(&file)
                 .and_then(|()| std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}")));
             let l = match l {
                 Ok(l) => {
@@ -354,7 +354,7 @@ pub struct BenchCgroup {
 
 impl BenchCgroup {
     pub fn new(prefix: &str) -> Result<Self> {
-        let path = redirector::sysfs::cgroup2_root()?.join(testkit::unique(prefix));
+        let path = redirector::sys::mounts::cgroup2_root()?.join(testkit::unique(prefix));
         std::fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Self { path })
     }
@@ -377,7 +377,7 @@ impl Drop for BenchCgroup {
 /// programs are attached there) and goes back for the others.
 pub fn in_cgroup<T>(cgroup: Option<&Path>, f: impl FnOnce() -> T) -> Result<T> {
     let Some(cg) = cgroup else { return Ok(f()) };
-    let root = redirector::sysfs::cgroup2_root()?;
+    let root = redirector::sys::mounts::cgroup2_root()?;
     let here = std::fs::read_to_string("/proc/self/cgroup")?
         .lines()
         .find_map(|l| l.strip_prefix("0::").map(|p| root.join(p.trim_start_matches('/'))))

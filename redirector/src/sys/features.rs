@@ -110,7 +110,7 @@ fn try_load(prog_type: u32, attach: u32, call: Option<i32>) -> std::result::Resu
 }
 
 fn so_netns_cookie() -> std::result::Result<(), String> {
-    crate::netns::current_netns_cookie().map(|_| ()).map_err(|e| format!("{e:#}"))
+    crate::sys::netns::current_netns_cookie().map(|_| ()).map_err(|e| format!("{e:#}"))
 }
 
 fn feature(name: &'static str, since: &'static str, required: bool, r: std::result::Result<(), String>) -> Feature {

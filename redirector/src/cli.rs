@@ -1,0 +1,249 @@
+//! The command line: clap types only (parsed once in `main`). Every flag,
+//! default and environment variable of the shipped CLI is declared here.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand};
+use redirector::sys::mounts;
+
+#[derive(Parser)]
+#[command(
+    name = "redirector",
+    version,
+    about = "eBPF transparent redirection for service-mesh sidecars (replaces osm-init/istio-init iptables rules)"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Cmd,
+    /// Log format: text, or json (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub(crate) log_format: String,
+}
+
+/// `run --kube`: Kubernetes as the source of desired state.
+#[derive(clap::Args)]
+pub(crate) struct KubeArgs {
+    /// Watch this node's pods and the mesh settings in the Kubernetes API
+    /// (in-cluster service account, or KUBECONFIG).
+    #[arg(long)]
+    pub(crate) kube: bool,
+    /// This node's name (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kube", "true"))]
+    pub(crate) node_name: Option<String>,
+    /// Unix socket for the init containers' `wait-ready --agent-socket`.
+    #[arg(long, default_value = "/var/run/redirector/agent.sock")]
+    pub(crate) agent_socket: PathBuf,
+    /// NAMESPACE/NAME of the ConfigMap whose `mesh.yaml` holds the mesh
+    /// settings ("" for none: preset defaults).
+    #[arg(long, default_value = "redirector-system/redirector-config", value_parser = parse_object_name)]
+    pub(crate) configmap: ObjectName,
+    /// NAMESPACE/NAME of OSM's MeshConfig, read when its CRD is installed
+    /// ("" for none).
+    #[arg(long, default_value = "osm-system/osm-mesh-config", value_parser = parse_object_name)]
+    pub(crate) meshconfig: ObjectName,
+    /// API version of the MeshConfig CRD.
+    #[arg(long, default_value = "v1alpha2")]
+    pub(crate) meshconfig_version: String,
+    /// A pod is meshed when any rule matches: label:KEY[=VALUE],
+    /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
+    /// the preset's injector leaves on a pod).
+    #[arg(long = "meshed-when")]
+    pub(crate) meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
+    /// How often running pods whose namespace is unknown are looked for in
+    /// /proc.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(crate) resync: Duration,
+    /// This agent's pod name, as the reporting instance of its Events.
+    #[arg(long, env = "POD_NAME", default_value = "redirector")]
+    pub(crate) pod_name: String,
+    /// How a pod's proxy is told from its application: `uid` (its UID and
+    /// GID, as the meshes' iptables rules) or `cgroup` (the cgroup of the
+    /// pod's proxy container, so an application process running as the
+    /// proxy's UID is still redirected; by UID until the container runs).
+    #[arg(long, value_enum, default_value = "uid")]
+    pub(crate) proxy_identity: ProxyIdentityArg,
+    /// The proxy container's name, for --proxy-identity=cgroup (default:
+    /// the preset's sidecar: envoy, istio-proxy, linkerd-proxy,
+    /// kuma-sidecar).
+    #[arg(long)]
+    pub(crate) proxy_container: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum ProxyIdentityArg {
+    Uid,
+    Cgroup,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct ObjectName(pub(crate) Option<(String, String)>);
+
+pub(crate) fn parse_object_name(s: &str) -> Result<ObjectName, String> {
+    if s.is_empty() {
+        return Ok(ObjectName(None));
+    }
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ObjectName(Some((ns.to_string(), name.to_string()))))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME (or \"\" for none)")),
+    }
+}
+
+// Parsed once; the size of `run`'s arguments does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Load and attach the programs and keep the workloads programmed: those
+    /// of a config file (SIGHUP or a change of the file re-applies it), or,
+    /// with --kube, the meshed pods of this node.
+    Run {
+        /// YAML config file (see docs/configuration.md, "Config file").
+        #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+        config: Option<PathBuf>,
+        /// cgroup-v2 directory to attach to (default: the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// How often the config file is checked for changes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        poll_interval: Duration,
+        /// Serve /healthz, /readyz and /metrics on this address.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Validate a config file without touching the kernel.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Exit 0 once the workload in this network namespace is programmed
+    /// (the init-container gate); non-zero on timeout, so it fails closed.
+    WaitReady {
+        /// Network namespace path (/run/netns/NAME or /proc/PID/ns/net);
+        /// default: this process's own.
+        #[arg(long, conflicts_with = "agent_socket")]
+        netns: Option<PathBuf>,
+        #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Kubernetes mode: ask the node agent over this unix socket (it
+        /// takes the namespace from this process) instead of reading the
+        /// pinned maps.
+        #[arg(long)]
+        agent_socket: Option<PathBuf>,
+        /// This pod's UID (downward API `metadata.uid`), with --agent-socket.
+        #[arg(long, env = "POD_UID")]
+        pod_uid: Option<String>,
+    },
+    /// Show the programmed state: programs, workloads, lists, map fill, counters.
+    Inspect {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Detach every program and remove every pin this agent owns.
+    Cleanup {
+        #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Accepted for symmetry with `run`; links are found through their pins.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// After cleaning up, stay running until SIGTERM (the uninstall
+        /// DaemonSet's container, so `kubectl rollout status` reports every
+        /// node done); a failed cleanup still exits non-zero at once.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Probe the kernel for every hook and helper the data path needs;
+    /// exits non-zero if a required one is missing.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `30s`, `500ms`, `2m`, or plain seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| (&t[..i], &t[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    /// The command lines in deploy/ are accepted by this CLI.
+    #[test]
+    fn deploy_command_lines_parse() {
+        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/daemonset.yaml")).unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        // NODE_NAME comes from the downward API at run time.
+        let with_node = args.iter().cloned().chain(["--node-name".to_string(), "node-1".to_string()]);
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(with_node))
+            .unwrap_or_else(|e| panic!("daemonset args {args:?}: {e}"));
+        match cli.command {
+            Cmd::Run { config: None, kube, metrics_addr: Some(_), .. } => {
+                assert!(kube.kube);
+                assert_eq!(kube.configmap.0, Some(("redirector-system".into(), "redirector-config".into())));
+            }
+            _ => panic!("daemonset does not run `run --kube` with a status address"),
+        }
+        let init: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/init-container.yaml")).unwrap();
+        let cmd: Vec<String> = serde_yaml::from_value(init["initContainers"][0]["command"].clone()).unwrap();
+        let cli = Cli::try_parse_from(cmd.clone()).unwrap_or_else(|e| panic!("init container {cmd:?}: {e}"));
+        assert!(matches!(cli.command, Cmd::WaitReady { agent_socket: Some(_), .. }));
+        let ds: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../deploy/uninstall/cleanup-daemonset.yaml")).unwrap();
+        let c = &ds["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = serde_yaml::from_value(c["args"].clone()).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("cleanup daemonset args {args:?}: {e}"));
+        match cli.command {
+            Cmd::Cleanup { pin_dir, wait: true, .. } => assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/redirector")),
+            _ => panic!("the cleanup DaemonSet does not run `cleanup --wait`"),
+        }
+    }
+
+    #[test]
+    fn kube_flags() {
+        assert!(Cli::try_parse_from(["redirector", "run"]).is_err(), "--config or --kube is required");
+        assert!(Cli::try_parse_from(["redirector", "run", "--config", "c.yaml", "--kube"]).is_err());
+        assert!(parse_object_name("a/b/c").is_err());
+        assert!(parse_object_name("").unwrap().0.is_none());
+        let e = Cli::try_parse_from(["redirector", "run", "--kube", "--node-name", "n", "--meshed-when", "pod:x"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("pod:x"), "{e}");
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
