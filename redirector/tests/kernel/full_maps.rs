@@ -410,3 +410,45 @@ fn apply_retires_exactly_what_it_replaced() {
     drop(dp);
     redirector::dataplane::cleanup(&pins.path).unwrap();
 }
+
+/// A full map refuses the change cleanly: the agent names the map and its
+/// capacity, the workload keeps its previous policy (connections behave
+/// as before), the partly written generation is swept, and `inspect`
+/// shows the fill level.
+#[test]
+fn full_port_map_refuses_the_change_and_keeps_the_policy() {
+    if !require_kernel() {
+        return;
+    }
+    // Every port included, every port but one excluded, both directions:
+    // 2 x 65,535 + 2 x 65,534 = 262,138 entries, within the 262,144
+    // capacity; a changed policy needs a second generation of that size.
+    let all_but =
+        |skip: u16| (1..=65535u16).filter(|p| *p != skip).map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+    let config = |skip: u16| {
+        format!(
+            "mesh:\n  outboundPortExclusionList: [{0}]\n  inboundPortExclusionList: [{0}]\n  outboundPortInclusionList: [{1}]\n  inboundPortInclusionList: [{1}]\nworkloads:\n  - name: app\n    netns: {{netns}}\n",
+            all_but(skip),
+            all_but(0)
+        )
+    };
+    let m = Managed::start("f", &config(80));
+    let ports = || Maps::open(&m.pins.path).unwrap().port_keys().unwrap().len();
+    let before = ports();
+    assert!(before > 260_000, "{before}");
+    // Port 80 is the one port not excluded: redirected.
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    assert!(m.probe(1000, "192.0.2.10:8080").starts_with("direct"));
+    m.write_config(&config(8080));
+    m.wait_for_log("RDR_PORTS is full (capacity 262144)", "the full port map");
+    // The previous policy stays in force, whole; the failed generation is gone.
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    assert!(m.probe(1000, "192.0.2.10:8080").starts_with("direct"));
+    let after = poll_until(ports, |n| *n == before);
+    assert_eq!(after, before, "the partly written generation was not swept");
+    let out =
+        std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(&m.pins.path).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let fill = v["maps"].as_array().unwrap().iter().find(|f| f["name"] == "RDR_PORTS").unwrap().clone();
+    assert_eq!((fill["entries"].as_u64(), fill["capacity"].as_u64()), (Some(before as u64), Some(262_144)), "{fill}");
+}
