@@ -7,7 +7,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash},
     Ebpf,
@@ -17,6 +17,8 @@ use redirector_common::{
     LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_WORKLOADS,
 };
 use redirector_policy::{map_entries, MapEntries, Policy};
+
+use crate::error::{MapFull, PinnedLayout};
 
 /// Typed handles on the pinned maps.
 pub struct Maps {
@@ -70,12 +72,7 @@ impl Maps {
     pub(super) fn check_layout(&self) -> Result<()> {
         let meta = self.meta()?;
         if meta.layout_version != LAYOUT_VERSION {
-            bail!(
-                "pinned maps have layout version {} but this agent uses version {}; \
-                 run `redirector cleanup` with the old agent's version (or remove the pin directory) first",
-                meta.layout_version,
-                LAYOUT_VERSION
-            );
+            return Err(PinnedLayout::Version { found: meta.layout_version, expected: LAYOUT_VERSION }.into());
         }
         Ok(())
     }
@@ -249,35 +246,6 @@ fn ignore_missing(e: MapError) -> Result<(), MapError> {
         MapError::KeyNotFound => Ok(()),
         MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         e => Err(e),
-    }
-}
-
-/// A map refused an entry because it is full (nothing was evicted).
-#[derive(Debug)]
-pub struct MapFull {
-    pub map: String,
-    pub capacity: u32,
-    pub still_needed: usize,
-}
-
-impl std::fmt::Display for MapFull {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "map {} is full (capacity {}); {} more entries did not fit, nothing was evicted",
-            self.map, self.capacity, self.still_needed
-        )
-    }
-}
-
-impl std::error::Error for MapFull {}
-
-impl MapFull {
-    /// Whether `e` is a policy map (workloads, ports, CIDRs) refusing a
-    /// change: only another input change can make room there, so retrying
-    /// the same input would only rewrite and roll back the same entries.
-    pub fn is_policy_map_full(e: &anyhow::Error) -> bool {
-        e.chain().any(|c| c.downcast_ref::<MapFull>().is_some_and(|f| f.map != map_names::LISTENERS))
     }
 }
 

@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{Array, MapData},
     Ebpf,
@@ -41,7 +41,7 @@ use redirector_policy::{map_entries, MapEntries, Policy};
 pub use self::{
     attach::refuse_unavailable_acceleration,
     fullmap::FullMapWatch,
-    maps::{MapFull, Maps},
+    maps::Maps,
     object::{EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
@@ -51,7 +51,8 @@ use self::{
     object::{ebpf_object, loader},
     pins::check_pinned_capacities,
 };
-use crate::sys::mounts;
+pub use crate::error::MapFull;
+use crate::{error::PinnedLayout, sys::mounts};
 
 /// What one apply pass did, for logs and tests.
 #[derive(Debug, Default)]
@@ -99,11 +100,12 @@ impl Dataplane {
             let meta: Array<MapData, Meta> = Array::try_from(open_pinned(pin_dir, map_names::META)?)?;
             let version = meta.get(&0, 0)?.layout_version;
             if version != 0 && version != LAYOUT_VERSION {
-                bail!(
-                    "pinned maps in {} have layout version {version} but this agent uses version {LAYOUT_VERSION}; \
-                     run `redirector cleanup` with the agent that created them (or remove the pin directory) first",
-                    pin_dir.display()
-                );
+                return Err(PinnedLayout::VersionIn {
+                    pin_dir: pin_dir.to_owned(),
+                    found: version,
+                    expected: LAYOUT_VERSION,
+                }
+                .into());
             }
         }
         // aya reuses a pinned map whatever its size: a map pinned by an

@@ -12,7 +12,7 @@ use redirector_common::{
 };
 
 use super::{attach::detach_sk_msg, object::PROGRAMS, Maps};
-use crate::sys::bpf;
+use crate::{error::PinnedLayout, sys::bpf};
 
 /// Pin of the `sk_lookup` link of the workload with netns `cookie`.
 pub fn netns_link_pin_path(pin_dir: &Path, cookie: u64) -> PathBuf {
@@ -35,11 +35,7 @@ pub(super) fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
             .with_context(|| format!("reading the pinned map {}", path.display()))?
             .max_entries();
         if pinned != capacity {
-            bail!(
-                "pinned map {} has capacity {pinned} but this agent's {name} has {capacity} (another map layout); \
-                 run `redirector cleanup` with the agent that created it (or remove the pin directory) first",
-                path.display()
-            );
+            return Err(PinnedLayout::Capacity { path, map: name, pinned, expected: capacity }.into());
         }
     }
     Ok(())
