@@ -146,3 +146,38 @@ pub(super) fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use redirector_policy::{compile, Acceleration, MeshSettings, WorkloadAnnotations};
+
+    use super::*;
+
+    fn desired(name: &str, cookie: u64, acceleration: Acceleration) -> Desired {
+        let policy = compile(&MeshSettings::default(), &WorkloadAnnotations::default());
+        let policy = redirector_policy::Policy { acceleration, ..policy };
+        Desired { name: name.into(), cookie, netns: format!("/proc/self/fd/{cookie}").into(), policy }
+    }
+
+    #[test]
+    fn with_acceleration_available_nothing_is_refused() {
+        let want = [desired("a", 1, Acceleration::Sockmap), desired("b", 2, Acceleration::None)];
+        let (ok, refused) = refuse_unavailable_acceleration(&want, None);
+        assert_eq!(ok.iter().map(|d| d.cookie).collect::<Vec<_>>(), [1, 2]);
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn without_acceleration_only_the_workloads_asking_for_it_are_refused() {
+        let want = [desired("a", 1, Acceleration::Sockmap), desired("b", 2, Acceleration::None)];
+        let (ok, refused) = refuse_unavailable_acceleration(&want, Some("sk_msg did not load"));
+        assert_eq!(ok.iter().map(|d| d.cookie).collect::<Vec<_>>(), [2]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0.cookie, 1);
+        assert_eq!(
+            refused[0].1.to_string(),
+            "workload `a`: `mesh.acceleration: sockmap` is not available on this kernel (sk_msg did not load); \
+             policy not applied, previous policy kept (set `mesh.acceleration: none`)"
+        );
+    }
+}

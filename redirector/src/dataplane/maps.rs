@@ -261,3 +261,57 @@ fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyh
         anyhow::Error::new(err).context(format!("writing map {map}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use aya::sys::SyscallError;
+
+    use super::*;
+
+    fn syscall(errno: i32) -> MapError {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn e2big_enospc_and_enomem_mean_the_map_is_full() {
+        for errno in [libc::E2BIG, libc::ENOSPC, libc::ENOMEM] {
+            let e = full_or(syscall(errno), map_names::PORTS, MAX_PORT_RULES, 5);
+            let full = e.downcast_ref::<MapFull>().unwrap_or_else(|| panic!("errno {errno}: {e:#}"));
+            assert_eq!((full.map.as_str(), full.capacity, full.still_needed), (map_names::PORTS, MAX_PORT_RULES, 5));
+            assert!(MapFull::is_policy_map_full(&e));
+            assert_eq!(
+                e.to_string(),
+                "map RDR_PORTS is full (capacity 262144); 5 more entries did not fit, nothing was evicted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_listener_map_is_full_but_not_a_policy_map() {
+        let e = full_or(syscall(libc::E2BIG), map_names::LISTENERS, MAX_LISTENERS, 1);
+        assert!(e.downcast_ref::<MapFull>().is_some());
+        assert!(!MapFull::is_policy_map_full(&e));
+    }
+
+    #[test]
+    fn other_write_failures_name_the_map_and_are_not_full() {
+        for err in [syscall(libc::EPERM), syscall(libc::EINVAL), MapError::KeyNotFound] {
+            let e = full_or(err, map_names::WORKLOADS, MAX_WORKLOADS, 1);
+            assert!(e.downcast_ref::<MapFull>().is_none(), "{e:#}");
+            assert!(!MapFull::is_policy_map_full(&e));
+            assert_eq!(e.to_string(), "writing map RDR_WORKLOADS");
+            assert!(e.chain().nth(1).is_some_and(|c| c.downcast_ref::<MapError>().is_some()), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn missing_keys_are_ignored_and_other_errors_kept() {
+        assert!(ignore_missing(MapError::KeyNotFound).is_ok());
+        assert!(ignore_missing(syscall(libc::ENOENT)).is_ok());
+        assert!(matches!(ignore_missing(syscall(libc::EPERM)), Err(MapError::SyscallError(_))));
+        assert!(matches!(ignore_missing(syscall(libc::E2BIG)), Err(MapError::SyscallError(_))));
+    }
+}

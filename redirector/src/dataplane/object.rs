@@ -60,3 +60,24 @@ pub const PROGRAMS: [(&str, AttachType); 6] = [
     (prog_names::CONNECT4, AttachType::Inet4Connect),
     (prog_names::CONNECT6, AttachType::Inet6Connect),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_programs_attach_last() {
+        let names: Vec<&str> = PROGRAMS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                prog_names::SOCKOPS,
+                prog_names::GETSOCKOPT,
+                prog_names::GETPEERNAME4,
+                prog_names::GETPEERNAME6,
+                prog_names::CONNECT4,
+                prog_names::CONNECT6
+            ]
+        );
+    }
+}

@@ -130,3 +130,97 @@ pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Resul
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of this test's own under the temporary directory,
+    /// removed on drop (plain files: no bpffs, no kernel objects).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("redirector-pins-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn cgroup_links_are_pinned_under_links_by_program_name() {
+        let pin = Path::new("/sys/fs/bpf/redirector");
+        assert_eq!(link_pin_path(pin, "rdr_connect4"), Path::new("/sys/fs/bpf/redirector/links/rdr_connect4"));
+    }
+
+    #[test]
+    fn sk_lookup_links_are_pinned_under_netns_by_decimal_cookie() {
+        let pin = Path::new("/sys/fs/bpf/redirector");
+        assert_eq!(netns_link_pin_path(pin, 4097), Path::new("/sys/fs/bpf/redirector/netns/4097"));
+        assert_eq!(netns_link_pin_path(pin, u64::MAX), Path::new("/sys/fs/bpf/redirector/netns/18446744073709551615"));
+    }
+
+    #[test]
+    fn every_program_has_its_own_link_pin() {
+        let pin = Path::new("/p");
+        let pins: std::collections::BTreeSet<PathBuf> = PROGRAMS.iter().map(|(n, _)| link_pin_path(pin, n)).collect();
+        assert_eq!(pins.len(), PROGRAMS.len());
+        // bpffs rejects names with dots, and the attach uses `<name>-next`.
+        assert!(PROGRAMS.iter().all(|(n, _)| !n.contains('.') && !n.contains('/')), "{PROGRAMS:?}");
+    }
+
+    #[test]
+    fn capacities_are_this_builds_constants() {
+        assert_eq!(
+            CAPACITIES,
+            [
+                ("RDR_WORKLOADS", MAX_WORKLOADS),
+                ("RDR_PORTS", MAX_PORT_RULES),
+                ("RDR_CIDRS", MAX_CIDR_RULES),
+                ("RDR_ORIG_TUPLE", MAX_TRACKED_CONNECTIONS),
+                ("RDR_LISTENERS", MAX_LISTENERS),
+                ("RDR_ACCEL_SOCKS", MAX_ACCEL_SOCKETS),
+            ]
+        );
+    }
+
+    #[test]
+    fn cleanup_of_a_missing_pin_dir_removes_nothing() {
+        let dir = TempDir::new("missing");
+        assert_eq!(cleanup(&dir.0.join("absent")).unwrap(), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn cleanup_removes_link_pins_then_maps_then_the_directory() {
+        let dir = TempDir::new("layout");
+        let pin = dir.0.join("pin");
+        std::fs::create_dir_all(pin.join("links")).unwrap();
+        std::fs::create_dir_all(pin.join("netns")).unwrap();
+        for p in [link_pin_path(&pin, "rdr_sockops"), netns_link_pin_path(&pin, 7), pin.join("RDR_META")] {
+            std::fs::write(&p, b"").unwrap();
+        }
+        let removed = cleanup(&pin).unwrap();
+        assert_eq!(removed, [pin.join("links/rdr_sockops"), pin.join("netns/7"), pin.join("RDR_META")]);
+        assert!(!pin.exists());
+    }
+
+    #[test]
+    fn cleanup_refuses_an_unexpected_directory() {
+        let dir = TempDir::new("unexpected");
+        let pin = dir.0.join("pin");
+        std::fs::create_dir_all(pin.join("other")).unwrap();
+        let err = cleanup(&pin).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("unexpected directory {} in the pin directory; not removing it", pin.join("other").display())
+        );
+        assert!(pin.join("other").exists());
+    }
+}
