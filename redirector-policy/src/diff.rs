@@ -53,3 +53,111 @@ pub fn diff(
     ops.remove = pinned.iter().copied().filter(|c| !wanted.contains(c) && !keep.contains(c)).collect();
     ops
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{compile, MeshSettings, WorkloadAnnotations};
+
+    /// A compiled policy; `inbound` says whether it needs an sk_lookup
+    /// link, `port` tells two policies apart.
+    fn policy(inbound: bool, port: u16) -> Policy {
+        let p = compile(&MeshSettings::default(), &WorkloadAnnotations::default());
+        Policy { inbound, outbound_port: port, ..p }
+    }
+
+    fn desired(name: &str, cookie: u64, policy: Policy) -> Desired {
+        Desired { name: name.into(), cookie, netns: PathBuf::from(format!("/proc/self/fd/{cookie}")), policy }
+    }
+
+    fn set(cookies: &[u64]) -> BTreeSet<u64> {
+        cookies.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_workload_pinned_as_last_programmed_is_unchanged() {
+        let want = [desired("a", 1, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001))]);
+        let ops = diff(&set(&[1]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![0], remove: vec![] });
+    }
+
+    #[test]
+    fn a_changed_policy_is_programmed() {
+        let want = [desired("a", 1, policy(false, 15002))];
+        let programmed = HashMap::from([(1, policy(false, 15001))]);
+        let ops = diff(&set(&[1]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![0], unchanged: vec![], remove: vec![] });
+    }
+
+    #[test]
+    fn a_new_workload_is_programmed() {
+        let want = [desired("a", 1, policy(false, 15001)), desired("b", 2, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001))]);
+        let ops = diff(&set(&[1]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![1], unchanged: vec![0], remove: vec![] });
+    }
+
+    #[test]
+    fn a_workload_missing_from_the_pinned_map_is_programmed_again() {
+        // Programmed by this agent, but its entry is gone from the map.
+        let want = [desired("a", 1, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001))]);
+        let ops = diff(&set(&[]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![0], unchanged: vec![], remove: vec![] });
+    }
+
+    #[test]
+    fn a_pinned_workload_no_longer_desired_is_removed() {
+        let want = [desired("a", 1, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001)), (2, policy(false, 15001))]);
+        let ops = diff(&set(&[1, 2, 3]), &programmed, &set(&[]), &want, &set(&[]));
+        // 3 was pinned by someone else (an earlier agent): removed too.
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![0], remove: vec![2, 3] });
+    }
+
+    #[test]
+    fn a_kept_workload_is_neither_removed_nor_programmed() {
+        let want = [desired("a", 1, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001)), (2, policy(false, 15001))]);
+        let ops = diff(&set(&[1, 2]), &programmed, &set(&[]), &want, &set(&[2]));
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![0], remove: vec![] });
+    }
+
+    #[test]
+    fn after_a_restart_every_desired_workload_is_rewritten_once() {
+        // Nothing programmed by this process yet, everything still pinned
+        // by the previous agent, the inbound link included.
+        let want = [desired("a", 1, policy(false, 15001)), desired("b", 2, policy(true, 15001))];
+        let ops = diff(&set(&[1, 2, 3]), &HashMap::new(), &set(&[2]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![0, 1], unchanged: vec![], remove: vec![3] });
+        // The next pass, having written them, leaves them alone.
+        let programmed = HashMap::from([(1, policy(false, 15001)), (2, policy(true, 15001))]);
+        let ops = diff(&set(&[1, 2]), &programmed, &set(&[2]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![0, 1], remove: vec![] });
+    }
+
+    #[test]
+    fn an_inbound_workload_without_its_sk_lookup_link_is_programmed() {
+        let want = [desired("a", 1, policy(true, 15001))];
+        let programmed = HashMap::from([(1, policy(true, 15001))]);
+        let ops = diff(&set(&[1]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![0], unchanged: vec![], remove: vec![] });
+        let ops = diff(&set(&[1]), &programmed, &set(&[1]), &want, &set(&[]));
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![0], remove: vec![] });
+    }
+
+    #[test]
+    fn an_outbound_only_workload_needs_no_sk_lookup_link() {
+        let want = [desired("a", 1, policy(false, 15001))];
+        let programmed = HashMap::from([(1, policy(false, 15001))]);
+        let ops = diff(&set(&[1]), &programmed, &set(&[]), &want, &set(&[]));
+        assert_eq!(ops.unchanged, vec![0]);
+    }
+
+    #[test]
+    fn nothing_desired_and_nothing_kept_removes_everything_pinned() {
+        let ops = diff(&set(&[4, 5]), &HashMap::new(), &set(&[4]), &[], &set(&[]));
+        assert_eq!(ops, Ops { program: vec![], unchanged: vec![], remove: vec![4, 5] });
+    }
+}

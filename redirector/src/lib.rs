@@ -4,11 +4,13 @@
 //! compile, map encoding, Kubernetes planning); this crate does it:
 //!
 //! - [`dataplane`]: the only code that loads programs and writes maps;
+//! - [`error`]: the errors callers branch on (full maps, pinned layouts);
 //! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back;
 //! - [`k8s`]: the Kubernetes agent (watches, discovery, registry);
 //! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features.
 pub mod agent;
 pub mod dataplane;
+pub mod error;
 pub mod inspect;
 pub mod k8s;
 pub mod logging;

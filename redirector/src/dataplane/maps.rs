@@ -1,0 +1,317 @@
+//! Typed handles on the maps: the reads `inspect`, `wait-ready` and the
+//! tests use, and the generational writes (a policy's list entries go in
+//! under a fresh id, then its workload switches to it; retired ids are
+//! deleted exactly or swept).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash},
+    Ebpf,
+};
+use redirector_common::{
+    counter, map_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy,
+    LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_WORKLOADS,
+};
+use redirector_policy::{map_entries, MapEntries, Policy};
+
+use crate::error::{MapFull, PinnedLayout};
+
+/// Typed handles on the pinned maps.
+pub struct Maps {
+    pub(super) meta: Array<MapData, Meta>,
+    workloads: HashMap<MapData, u64, WorkloadPolicy>,
+    ports: HashMap<MapData, PortKey, u8>,
+    cidrs: LpmTrie<MapData, CidrData, u8>,
+    tuples: HashMap<MapData, TupleKey, OrigDst>,
+    counters: PerCpuArray<MapData, u64>,
+    listeners: SockHash<MapData, ListenerKey>,
+    accel: SockHash<MapData, SockKey>,
+}
+
+pub(super) fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!("opening pinned map {} (is the agent running, with this --pin-dir?)", path.display())
+    })?;
+    Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+}
+
+impl Maps {
+    /// Opens the maps an agent pinned (for `inspect`, `wait-ready`, tests).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let maps = Self::from_source(|name| open_pinned(pin_dir, name))?;
+        maps.check_layout()?;
+        Ok(maps)
+    }
+
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Self::from_source(|name| ebpf.take_map(name).ok_or_else(|| anyhow!("eBPF object has no map {name}")))
+    }
+
+    fn from_source(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        Ok(Self {
+            meta: Array::try_from(get(map_names::META)?)?,
+            workloads: HashMap::try_from(get(map_names::WORKLOADS)?)?,
+            ports: HashMap::try_from(get(map_names::PORTS)?)?,
+            cidrs: LpmTrie::try_from(get(map_names::CIDRS)?)?,
+            tuples: HashMap::try_from(get(map_names::ORIG_BY_TUPLE)?)?,
+            counters: PerCpuArray::try_from(get(map_names::COUNTERS)?)?,
+            listeners: SockHash::try_from(get(map_names::LISTENERS)?)?,
+            accel: SockHash::try_from(get(map_names::ACCEL_SOCKETS)?)?,
+        })
+    }
+
+    pub fn meta(&self) -> Result<Meta> {
+        Ok(self.meta.get(&0, 0)?)
+    }
+
+    pub(super) fn check_layout(&self) -> Result<()> {
+        let meta = self.meta()?;
+        if meta.layout_version != LAYOUT_VERSION {
+            return Err(PinnedLayout::Version { found: meta.layout_version, expected: LAYOUT_VERSION }.into());
+        }
+        Ok(())
+    }
+
+    pub fn workloads(&self) -> Result<BTreeMap<u64, WorkloadPolicy>> {
+        let mut out = BTreeMap::new();
+        for item in self.workloads.iter() {
+            let (k, v) = item?;
+            out.insert(k, v);
+        }
+        Ok(out)
+    }
+
+    pub fn workload(&self, cookie: u64) -> Result<Option<WorkloadPolicy>> {
+        match self.workloads.get(&cookie, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn port_keys(&self) -> Result<Vec<PortKey>> {
+        Ok(self.ports.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Registered inbound listeners (netns cookie, family).
+    pub fn listener_keys(&self) -> Result<Vec<ListenerKey>> {
+        Ok(self.listeners.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Keys of the sockets in `ACCEL_SOCKETS` (both ends of every
+    /// accelerated connection open now).
+    pub fn accel_socket_keys(&self) -> Result<Vec<SockKey>> {
+        Ok(self.accel.keys().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Puts a listening socket (an fd we hold) into `LISTENERS`.
+    pub fn register_listener(&mut self, key: ListenerKey, fd: &impl std::os::fd::AsRawFd) -> Result<()> {
+        self.listeners.insert(key, fd.as_raw_fd(), 0).map_err(|e| full_or(e, map_names::LISTENERS, MAX_LISTENERS, 1))
+    }
+
+    pub fn cidr_keys(&self) -> Result<Vec<(u32, CidrData)>> {
+        let mut out = Vec::new();
+        for k in self.cidrs.keys() {
+            let k = k?;
+            out.push((k.prefix_len(), k.data()));
+        }
+        Ok(out)
+    }
+
+    pub fn tracked_connections(&self) -> Result<Vec<(TupleKey, OrigDst)>> {
+        Ok(self.tuples.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Sum over CPUs of each counter, by name.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let v = self.counters.get(&(i as u32), 0)?;
+                Ok((*name, v.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Sum over CPUs of one counter (an index of `counter`).
+    pub fn counter(&self, index: u32) -> Result<u64> {
+        Ok(self.counters.get(&index, 0)?.iter().sum())
+    }
+
+    fn alloc_policy_id(&mut self) -> Result<u32> {
+        let mut meta = self.meta()?;
+        meta.last_policy_id = meta.last_policy_id.wrapping_add(1).max(1);
+        self.meta.set(0, meta, 0).context("writing RDR_META")?;
+        Ok(meta.last_policy_id)
+    }
+
+    fn insert_entries(&mut self, e: &MapEntries) -> Result<()> {
+        for (n, key) in e.ports.iter().enumerate() {
+            self.ports
+                .insert(key, 1, 0)
+                .map_err(|err| full_or(err, map_names::PORTS, MAX_PORT_RULES, e.ports.len() - n))?;
+        }
+        for (n, (bits, data)) in e.cidrs.iter().enumerate() {
+            self.cidrs
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .map_err(|err| full_or(err, map_names::CIDRS, MAX_CIDR_RULES, e.cidrs.len() - n))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes list entries whose policy id no workload refers to (entries
+    /// of replaced policies, of removed workloads, or of an agent that died
+    /// mid-update).
+    pub(super) fn sweep(&mut self) -> Result<usize> {
+        let live: BTreeSet<u32> = self.workloads()?.values().map(|w| w.policy_id).collect();
+        let mut removed = 0;
+        for key in self.port_keys()? {
+            if !live.contains(&key.policy_id) {
+                self.ports.remove(&key).or_else(ignore_missing)?;
+                removed += 1;
+            }
+        }
+        for (bits, data) in self.cidr_keys()? {
+            if !live.contains(&u32::from_be_bytes(data.policy_id_be)) {
+                self.cidrs.remove(&Key::new(bits, data)).or_else(ignore_missing)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes exactly the list entries of a policy that is no longer in
+    /// force (its id switched away or its workload removed); entries
+    /// already gone are fine. The count of entries deleted.
+    pub(super) fn retire(&mut self, e: &MapEntries) -> Result<usize> {
+        let gone = |r: Result<(), MapError>| -> Result<usize> {
+            match r {
+                Ok(()) => Ok(1),
+                Err(e) => ignore_missing(e).map(|()| 0).map_err(Into::into),
+            }
+        };
+        let mut removed = 0;
+        for key in &e.ports {
+            removed += gone(self.ports.remove(key))?;
+        }
+        for (bits, data) in &e.cidrs {
+            removed += gone(self.cidrs.remove(&Key::new(*bits, *data)))?;
+        }
+        Ok(removed)
+    }
+
+    /// Programs one workload's policy make-before-break: its lists go in
+    /// under a fresh policy id, then its `WORKLOADS` entry switches to that
+    /// id in one update. On any failure the new entries are removed and the
+    /// old policy stays in force.
+    pub fn program_workload(&mut self, cookie: u64, policy: &Policy) -> Result<u32> {
+        let id = self.alloc_policy_id()?;
+        let entries = map_entries(policy, id);
+        let result = self.insert_entries(&entries).and_then(|()| {
+            self.workloads
+                .insert(cookie, entries.workload, 0)
+                .map_err(|e| full_or(e, map_names::WORKLOADS, MAX_WORKLOADS, 1))
+        });
+        if let Err(e) = result {
+            // Roll back whatever went in under the new id.
+            for key in &entries.ports {
+                let _ = self.ports.remove(key);
+            }
+            for (bits, data) in &entries.cidrs {
+                let _ = self.cidrs.remove(&Key::new(*bits, *data));
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {
+        self.workloads.remove(&cookie).or_else(ignore_missing)?;
+        for family in [redirector_common::AF_INET, redirector_common::AF_INET6] {
+            let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
+            self.listeners.remove(&key).or_else(ignore_missing)?;
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(e: MapError) -> Result<(), MapError> {
+    match e {
+        MapError::KeyNotFound => Ok(()),
+        MapError::SyscallError(ref s) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        e => Err(e),
+    }
+}
+
+fn full_or(err: MapError, map: &str, capacity: u32, still_needed: usize) -> anyhow::Error {
+    let full = matches!(
+        &err,
+        MapError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC) | Some(libc::ENOMEM))
+    );
+    if full {
+        anyhow::Error::new(MapFull { map: map.to_owned(), capacity, still_needed })
+    } else {
+        anyhow::Error::new(err).context(format!("writing map {map}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::sys::SyscallError;
+
+    use super::*;
+
+    fn syscall(errno: i32) -> MapError {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_update_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn e2big_enospc_and_enomem_mean_the_map_is_full() {
+        for errno in [libc::E2BIG, libc::ENOSPC, libc::ENOMEM] {
+            let e = full_or(syscall(errno), map_names::PORTS, MAX_PORT_RULES, 5);
+            let full = e.downcast_ref::<MapFull>().unwrap_or_else(|| panic!("errno {errno}: {e:#}"));
+            assert_eq!((full.map.as_str(), full.capacity, full.still_needed), (map_names::PORTS, MAX_PORT_RULES, 5));
+            assert!(MapFull::is_policy_map_full(&e));
+            assert_eq!(
+                e.to_string(),
+                "map RDR_PORTS is full (capacity 262144); 5 more entries did not fit, nothing was evicted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_listener_map_is_full_but_not_a_policy_map() {
+        let e = full_or(syscall(libc::E2BIG), map_names::LISTENERS, MAX_LISTENERS, 1);
+        assert!(e.downcast_ref::<MapFull>().is_some());
+        assert!(!MapFull::is_policy_map_full(&e));
+    }
+
+    #[test]
+    fn other_write_failures_name_the_map_and_are_not_full() {
+        for err in [syscall(libc::EPERM), syscall(libc::EINVAL), MapError::KeyNotFound] {
+            let e = full_or(err, map_names::WORKLOADS, MAX_WORKLOADS, 1);
+            assert!(e.downcast_ref::<MapFull>().is_none(), "{e:#}");
+            assert!(!MapFull::is_policy_map_full(&e));
+            assert_eq!(e.to_string(), "writing map RDR_WORKLOADS");
+            assert!(e.chain().nth(1).is_some_and(|c| c.downcast_ref::<MapError>().is_some()), "{e:#}");
+        }
+    }
+
+    #[test]
+    fn missing_keys_are_ignored_and_other_errors_kept() {
+        assert!(ignore_missing(MapError::KeyNotFound).is_ok());
+        assert!(ignore_missing(syscall(libc::ENOENT)).is_ok());
+        assert!(matches!(ignore_missing(syscall(libc::EPERM)), Err(MapError::SyscallError(_))));
+        assert!(matches!(ignore_missing(syscall(libc::E2BIG)), Err(MapError::SyscallError(_))));
+    }
+}
