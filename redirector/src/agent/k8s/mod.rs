@@ -4,13 +4,16 @@
 //! - pods on this node (watcher with `spec.nodeName=<node>`), meshed by
 //!   the rules of [`MeshedWhen`];
 //! - mesh settings from the agent's ConfigMap and, when the CRD exists,
-//!   OSM's MeshConfig (see [`super::mesh`]);
+//!   OSM's MeshConfig (see [`redirector_policy::k8s::mesh`]);
 //! - each pod's network namespace from its init container's registration
-//!   ([`super::registry`]) or, for pods already running, from `/proc`
-//!   ([`super::discover`]);
+//!   ([`registry`]) or, for pods already running, from `/proc`
+//!   ([`discover`]);
 //! - nothing is swept before the first complete list of pods (and while a
 //!   running meshed pod's namespace is unknown), so a restarted agent keeps
 //!   every live pod redirected and removes only what is stale.
+pub mod discover;
+pub mod registry;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -49,15 +52,18 @@ use redirector_policy::{
     Config, MeshSettings,
 };
 
-use super::{
-    discover::{self, NetnsHandle},
-    registry::{self, Registration, Reply},
-};
 use crate::{
-    agent::{log_report, reconcile_keeping, AgentState},
+    agent::standalone::{log_report, reconcile_keeping, AgentState},
     dataplane::Dataplane,
     metrics::Metrics,
 };
+use discover::NetnsHandle;
+use registry::{Registration, Reply};
+
+/// The log target of these records: the module path they had before the
+/// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
+/// working.
+const LOG: &str = "redirector::k8s::agent";
 
 /// The API group/version/kind of OSM's MeshConfig.
 pub const MESHCONFIG_GROUP: &str = "config.openservicemesh.io";
@@ -155,7 +161,7 @@ impl<T> Watched<T> {
                     self.items = buf;
                 }
                 if !self.synced {
-                    info!("{what}: initial list complete ({} objects)", self.items.len());
+                    info!(target: LOG, "{what}: initial list complete ({} objects)", self.items.len());
                 }
                 self.synced = true;
                 self.last_error = None;
@@ -165,10 +171,10 @@ impl<T> Watched<T> {
                 metrics.error("watch");
                 let text = e.to_string();
                 if self.last_error.as_deref() != Some(text.as_str()) {
-                    warn!("{what}: {text}; retrying with backoff (objects seen so far are kept)");
+                    warn!(target: LOG, "{what}: {text}; retrying with backoff (objects seen so far are kept)");
                     self.last_error = Some(text);
                 } else {
-                    debug!("{what}: {text}");
+                    debug!(target: LOG, "{what}: {text}");
                 }
                 false
             }
@@ -228,12 +234,12 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         drop(listener_check);
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, m).await {
-                error!("{e:#}");
+                error!(target: LOG, "{e:#}");
             }
         });
     }
     let dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
-    info!(
+    info!(target: LOG,
         "node {}: attached to cgroup {}, maps and links pinned in {}",
         opts.node_name,
         opts.cgroup.display(),
@@ -241,10 +247,10 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     );
     let (reg_tx, reg_rx) = mpsc::channel::<Registration>(64);
     let listener = registry::bind(&opts.socket)?;
-    info!("init containers register on {}", opts.socket.display());
+    info!(target: LOG, "init containers register on {}", opts.socket.display());
     match &opts.proxy_identity {
-        ProxyIdentity::Uid => info!("proxy identity: its UID (and GID)"),
-        ProxyIdentity::Cgroup { container } => info!(
+        ProxyIdentity::Uid => info!(target: LOG, "proxy identity: its UID (and GID)"),
+        ProxyIdentity::Cgroup { container } => info!(target: LOG,
             "proxy identity: the cgroup of container `{}` under {} (its UID until that container runs)",
             container.as_deref().unwrap_or("<the preset's sidecar>"),
             opts.cgroup.display()
@@ -275,7 +281,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
         match api.list(&ListParams::default().fields(&format!("metadata.name={name}"))).await {
             Err(kube::Error::Api(s)) if s.code == 404 => {
-                info!(
+                info!(target: LOG,
                     "{MESHCONFIG_KIND} {}/{} not served (CRD not installed): mesh settings from the ConfigMap only",
                     ar.api_version, MESHCONFIG_PLURAL
                 );
@@ -355,7 +361,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             dirty_since = Some(Instant::now());
         }
     }
-    warn!(
+    warn!(target: LOG,
         "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
         lp.opts.pin_dir.display()
     );
@@ -409,12 +415,12 @@ impl Wakeups {
             _ = self.tick.tick() => {
                 for problem in full_maps.check(&lp.dp.maps) {
                     lp.metrics.error("map_full");
-                    error!("{problem}");
+                    error!(target: LOG, "{problem}");
                 }
                 lp.last_scan = None;
                 true
             }
-            _ = self.hup.recv() => { info!("SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
+            _ = self.hup.recv() => { info!(target: LOG, "SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
             _ = self.term.recv() => return None,
             _ = self.int.recv() => return None,
         })
@@ -491,7 +497,7 @@ impl Loop {
         tokio::spawn(async move {
             if let Err(e) = api.create(&PostParams::default(), &ev).await {
                 metrics.error("event_publish");
-                warn!("publishing Event {:?} in namespace {ns}: {e}", ev.reason);
+                warn!(target: LOG, "publishing Event {:?} in namespace {ns}: {e}", ev.reason);
             }
         });
     }
@@ -511,10 +517,10 @@ impl Loop {
         match sources.resolve() {
             Ok(m) => {
                 if self.mesh_error.take().is_some() {
-                    info!("mesh settings valid again");
+                    info!(target: LOG, "mesh settings valid again");
                 }
                 if self.mesh.as_ref() != Some(&m) {
-                    info!(
+                    info!(target: LOG,
                         "mesh settings: preset {}, proxy UID {}, outbound {}, inbound {}",
                         m.preset.name(),
                         m.proxy_uid,
@@ -528,7 +534,7 @@ impl Loop {
                 let text = format!("{e:#}");
                 if self.mesh_error.as_deref() != Some(text.as_str()) {
                     self.metrics.error("invalid_mesh_config");
-                    error!(
+                    error!(target: LOG,
                         "{text}; {}",
                         if self.mesh.is_some() {
                             "keeping the last good mesh settings"
@@ -580,7 +586,7 @@ impl Loop {
             Ok(w) => w.keys().copied().collect(),
             Err(e) => {
                 self.metrics.error("maps");
-                error!("reading the workloads map: {e:#}");
+                error!(target: LOG, "reading the workloads map: {e:#}");
                 return false;
             }
         };
@@ -600,11 +606,11 @@ impl Loop {
             if ev.reason == "InvalidAnnotation" {
                 self.metrics.error("invalid_annotation");
             }
-            warn!("pod {}/{}: {}: {}", ev.namespace, ev.name, ev.reason, ev.message);
+            warn!(target: LOG, "pod {}/{}: {}: {}", ev.namespace, ev.name, ev.reason, ev.message);
             self.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(ev));
         }
         if !p.unresolved.is_empty() {
-            debug!("network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
+            debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
         }
         let cfg = Config { mesh: mesh.clone(), workloads: p.workloads.clone(), rejected: Vec::new() };
         let report = reconcile_keeping(&mut self.dp, &cfg, &mut self.agent_state, &p.keep);
@@ -685,7 +691,7 @@ impl Loop {
             let found = cached.or_else(|| {
                 let found = discover::container_cgroup(&self.opts.cgroup, &p.uid, id);
                 if let Some(path) = &found {
-                    info!(
+                    info!(target: LOG,
                         "pod {}: proxy container `{name}` ({id}) identified by its cgroup {}",
                         p.key(),
                         path.display()
@@ -701,7 +707,7 @@ impl Loop {
                 None => {
                     let key = (p.uid.clone(), id.clone());
                     if !self.proxy_cgroups_missing.contains(&key) {
-                        warn!(
+                        warn!(target: LOG,
                             "pod {}: proxy container `{name}` runs ({id}) but no cgroup of it was found under {}; its proxy is identified by UID {} meanwhile",
                             p.key(),
                             self.opts.cgroup.display(),
@@ -736,7 +742,7 @@ impl Loop {
         let found = discover::scan(&self.opts.proc_root, &missing, self.host_cookie);
         for (uid, h) in found {
             let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
-            info!("pod {name}: network namespace found through {} (cookie {})", h.source.display(), h.cookie);
+            info!(target: LOG, "pod {name}: network namespace found through {} (cookie {})", h.source.display(), h.cookie);
             self.netns.insert(uid, h);
         }
     }

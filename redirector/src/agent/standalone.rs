@@ -13,6 +13,11 @@ use redirector_policy::{compile, load_config, Config};
 
 use crate::dataplane::{ApplyReport, Dataplane, Desired};
 
+/// The log target of these records: the module path they had before the
+/// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
+/// working.
+const LOG: &str = "redirector::agent";
+
 pub struct RunOptions {
     pub config: PathBuf,
     pub cgroup: PathBuf,
@@ -113,10 +118,10 @@ pub fn reconcile_keeping(
 
 pub fn log_report(report: &ApplyReport) {
     for (name, e) in &report.errors {
-        error!("{name}: {e:#}");
+        error!(target: LOG, "{name}: {e:#}");
     }
     let quiet = report.programmed.is_empty() && report.removed == 0 && report.swept == 0 && report.errors.is_empty();
-    log::log!(
+    log::log!(target: LOG,
         if quiet { log::Level::Debug } else { log::Level::Info },
         "applied: {} programmed {:?}, {} unchanged, {} removed, {} stale entries swept, {} errors",
         report.programmed.len(),
@@ -171,7 +176,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .with_context(|| format!("config file {}", opts.config.display()))?;
     }
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
-    info!("attached to cgroup {}, maps and links pinned in {}", opts.cgroup.display(), opts.pin_dir.display());
+    info!(target: LOG, "attached to cgroup {}, maps and links pinned in {}", opts.cgroup.display(), opts.pin_dir.display());
     let metrics = crate::metrics::Metrics::new(opts.pin_dir.clone());
     if let Some(addr) = opts.metrics_addr {
         // Bind now so a bad address fails the start, not a background task.
@@ -179,7 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let m = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(addr, m).await {
-                error!("{e:#}");
+                error!(target: LOG, "{e:#}");
             }
         });
     }
@@ -218,7 +223,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     loop {
         metrics.heartbeat();
         let forced = tokio::select! {
-            _ = hup.recv() => { info!("SIGHUP: re-reading {}", opts.config.display()); true }
+            _ = hup.recv() => { info!(target: LOG, "SIGHUP: re-reading {}", opts.config.display()); true }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => false,
@@ -226,7 +231,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let problems = full_maps.check(&dp.maps);
         for problem in &problems {
             metrics.error("map_full");
-            error!("{problem}");
+            error!(target: LOG, "{problem}");
         }
         if !problems.is_empty() && !retry.due() {
             // A listener the data path could not register is registered
@@ -234,14 +239,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             retry.after(true);
         }
         if retry.due() {
-            info!("retrying the workloads that failed");
+            info!(target: LOG, "retrying the workloads that failed");
             retry.after(pass(&mut dp, &current, &mut state));
         }
         let text = match std::fs::read_to_string(&opts.config) {
             Ok(t) => t,
             Err(e) => {
                 if forced {
-                    error!("reading {}: {e}; keeping the current configuration", opts.config.display());
+                    error!(target: LOG, "reading {}: {e}; keeping the current configuration", opts.config.display());
                 }
                 continue;
             }
@@ -250,7 +255,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             continue;
         }
         if !forced {
-            info!("{} changed: re-applying", opts.config.display());
+            info!(target: LOG, "{} changed: re-applying", opts.config.display());
         }
         last_text = text;
         match redirector_policy::parse_config(&last_text) {
@@ -261,11 +266,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Err(e) => {
                 metrics.error("invalid_config");
-                error!("config file {}: {e:#}; keeping the last good configuration", opts.config.display())
+                error!(target: LOG, "config file {}: {e:#}; keeping the last good configuration", opts.config.display())
             }
         }
     }
-    warn!(
+    warn!(target: LOG,
         "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
         opts.pin_dir.display()
     );
