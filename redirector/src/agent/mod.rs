@@ -1,8 +1,11 @@
 //! The agents: two sources of desired state over one data plane.
 //!
+//! - [`reconcile`]: the pass both call (the workloads wanted, the cookies
+//!   to keep, what earlier passes programmed → the maps) and its log line;
 //! - [`standalone`]: `redirector run --config FILE` (the config file,
 //!   SIGHUP, polling) and `redirector check`;
 //! - [`k8s`]: `redirector run --kube` (watches, namespace discovery, the
 //!   init containers' registry).
 pub mod k8s;
+pub mod reconcile;
 pub mod standalone;

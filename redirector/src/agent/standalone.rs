@@ -1,7 +1,7 @@
 //! The standalone agent: load the data plane, program the workloads of the
 //! config file, and re-apply on SIGHUP or when the file changes.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -11,7 +11,8 @@ use log::{error, info, warn};
 
 use redirector_policy::{compile, load_config, Config};
 
-use crate::dataplane::{ApplyReport, Dataplane, Desired};
+use super::reconcile::{log_report, reconcile, AgentState, Wanted};
+use crate::dataplane::Dataplane;
 
 /// The log target of these records: the module path they had before the
 /// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
@@ -24,113 +25,6 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     pub poll_interval: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
-}
-
-/// What the agent remembers between passes: the netns cookie of each
-/// workload it has programmed, so a workload whose new input is bad keeps
-/// its last good policy.
-#[derive(Default)]
-pub struct AgentState {
-    cookies: BTreeMap<String, u64>,
-}
-
-/// One reconcile pass from a parsed config.
-pub fn reconcile(dp: &mut Dataplane, cfg: &Config, state: &mut AgentState) -> ApplyReport {
-    reconcile_keeping(dp, cfg, state, &BTreeSet::new())
-}
-
-/// [`reconcile`], also keeping the pinned workloads in `extra_keep`.
-pub fn reconcile_keeping(
-    dp: &mut Dataplane,
-    cfg: &Config,
-    state: &mut AgentState,
-    extra_keep: &BTreeSet<u64>,
-) -> ApplyReport {
-    let mut keep = extra_keep.clone();
-    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
-    for (name, err) in &cfg.rejected {
-        if let Some(c) = state.cookies.get(name) {
-            keep.insert(*c);
-        }
-        failed.push((name.clone(), anyhow::anyhow!("{err:#}")));
-    }
-    let mut desired = Vec::new();
-    // The workload's own addresses matter only where connections routed
-    // through loopback are treated specially (Istio, Kuma, Linkerd); they
-    // are re-read on every pass, with the cookies, on one thread.
-    let policies: Vec<_> = cfg.workloads.iter().map(|w| compile(&cfg.mesh, &w.annotations)).collect();
-    let wanted: Vec<(PathBuf, bool)> = cfg
-        .workloads
-        .iter()
-        .zip(&policies)
-        .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
-        .collect();
-    let facts = crate::sys::netns::survey(&wanted);
-    for (((w, policy), fact), (path, _)) in cfg.workloads.iter().zip(policies).zip(facts).zip(wanted) {
-        let found = fact.and_then(|fact| {
-            let mut policy = policy;
-            if let Some(addresses) = fact.addresses {
-                policy = policy.with_local_addresses(addresses);
-            }
-            if let Some(cg) = &w.proxy_cgroup {
-                policy = policy
-                    .with_proxy_cgroup(crate::sys::mounts::cgroup_id(cg).with_context(|| {
-                        format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
-                    })?);
-            }
-            Ok((fact.cookie, policy))
-        });
-        match found {
-            Ok((cookie, policy)) => desired.push(Desired { name: w.name.clone(), cookie, netns: path.clone(), policy }),
-            Err(e) => {
-                if let Some(c) = state.cookies.get(&w.name) {
-                    keep.insert(*c);
-                }
-                let key = match w.netns {
-                    redirector_policy::NetnsRef::Path(_) => "netns",
-                    redirector_policy::NetnsRef::Pid(_) => "pid",
-                };
-                failed.push((
-                    w.name.clone(),
-                    e.context(format!(
-                        "workload `{}`: key `{key}`: value {}: network namespace not usable",
-                        w.name,
-                        path.display()
-                    )),
-                ));
-            }
-        }
-    }
-    let mut report = dp.apply(&desired, &keep);
-    let in_force: std::collections::HashSet<&String> = report.programmed.iter().chain(&report.unchanged).collect();
-    for d in &desired {
-        if in_force.contains(&d.name) {
-            state.cookies.insert(d.name.clone(), d.cookie);
-        }
-    }
-    let listed: BTreeSet<&String> =
-        cfg.workloads.iter().map(|w| &w.name).chain(cfg.rejected.iter().map(|(n, _)| n)).collect();
-    state.cookies.retain(|name, _| listed.contains(name));
-    failed.append(&mut report.errors);
-    report.errors = failed;
-    report
-}
-
-pub fn log_report(report: &ApplyReport) {
-    for (name, e) in &report.errors {
-        error!(target: LOG, "{name}: {e:#}");
-    }
-    let quiet = report.programmed.is_empty() && report.removed == 0 && report.swept == 0 && report.errors.is_empty();
-    log::log!(target: LOG,
-        if quiet { log::Level::Debug } else { log::Level::Info },
-        "applied: {} programmed {:?}, {} unchanged, {} removed, {} stale entries swept, {} errors",
-        report.programmed.len(),
-        report.programmed,
-        report.unchanged.len(),
-        report.removed,
-        report.swept,
-        report.errors.len()
-    );
 }
 
 /// When to re-apply a pass that had errors: 1 s after the first, doubling
@@ -191,7 +85,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut state = AgentState::default();
     let pass = |dp: &mut Dataplane, cfg: &Config, state: &mut AgentState| {
         let started = std::time::Instant::now();
-        let report = reconcile(dp, cfg, state);
+        let wanted =
+            Wanted { mesh: &cfg.mesh, workloads: &cfg.workloads, rejected: &cfg.rejected, keep: &BTreeSet::new() };
+        let report = reconcile(dp, &wanted, state);
         log_report(&report);
         metrics.observe_sync(started.elapsed());
         for _ in &report.errors {

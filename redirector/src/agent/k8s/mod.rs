@@ -49,11 +49,11 @@ use redirector_policy::{
         plan::{plan, EventKind, Inputs, PlanState, PodEvent},
         pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
     },
-    Config, MeshSettings,
+    MeshSettings,
 };
 
 use crate::{
-    agent::standalone::{log_report, reconcile_keeping, AgentState},
+    agent::reconcile::{log_report, reconcile, AgentState, Wanted},
     dataplane::Dataplane,
     metrics::Metrics,
 };
@@ -612,8 +612,8 @@ impl Loop {
         if !p.unresolved.is_empty() {
             debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
         }
-        let cfg = Config { mesh: mesh.clone(), workloads: p.workloads.clone(), rejected: Vec::new() };
-        let report = reconcile_keeping(&mut self.dp, &cfg, &mut self.agent_state, &p.keep);
+        let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
+        let report = reconcile(&mut self.dp, &wanted, &mut self.agent_state);
         log_report(&report);
         self.ready_pods.clear();
         self.failed_pods.clear();
