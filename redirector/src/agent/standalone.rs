@@ -7,11 +7,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use log::{error, info, warn};
+use log::{error, info};
 
 use redirector_policy::{compile, load_config, Config};
 
-use super::reconcile::{log_report, reconcile, AgentState, Wanted};
+use super::{
+    reconcile::{log_report, reconcile, AgentState, Wanted},
+    runtime::{Retry, Runtime, Signal, Signals},
+};
 use crate::dataplane::Dataplane;
 
 /// The log target of these records: the module path they had before the
@@ -27,38 +30,17 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// When to re-apply a pass that had errors: 1 s after the first, doubling
-/// up to 60 s while they persist.
-#[derive(Debug, Default)]
-struct Retry {
-    at: Option<std::time::Instant>,
-    delay: Duration,
-}
-
-impl Retry {
-    fn after(&mut self, failed: bool) {
-        if !failed {
-            *self = Self::default();
-            return;
-        }
-        self.delay = (self.delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        self.at = Some(std::time::Instant::now() + self.delay);
-    }
-
-    fn due(&self) -> bool {
-        self.at.is_some_and(|at| std::time::Instant::now() >= at)
-    }
-}
-
 /// Runs until SIGTERM/SIGINT. Programs stay attached after exit (their
 /// links are pinned); `redirector cleanup` removes them.
+///
+/// Where it differs from the Kubernetes agent (`docs/architecture.md`,
+/// "Standalone and Kubernetes agents: what differs"): SIGHUP re-reads the
+/// config file; `mesh.acceleration: sockmap` on a kernel without it is
+/// refused at the start (the settings are known then); a failed pass is
+/// retried with [`Retry`]'s backoff; the node is ready after the first
+/// pass; `redirector_sync_duration_seconds` times the pass alone.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    // Handlers first: once a workload is programmed (what `wait-ready`
-    // reports), a SIGHUP must re-read the config, not kill the agent.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut signals = Signals::install()?;
     let cfg = load_config(&opts.config)?;
     let mut last_text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let features = crate::sys::features::probe();
@@ -69,19 +51,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         crate::sys::features::require_acceleration(&features)
             .with_context(|| format!("config file {}", opts.config.display()))?;
     }
+    let mut rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
     info!(target: LOG, "attached to cgroup {}, maps and links pinned in {}", opts.cgroup.display(), opts.pin_dir.display());
-    let metrics = crate::metrics::Metrics::new(opts.pin_dir.clone());
-    if let Some(addr) = opts.metrics_addr {
-        // Bind now so a bad address fails the start, not a background task.
-        drop(std::net::TcpListener::bind(addr).with_context(|| format!("binding the status endpoint on {addr}"))?);
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
-                error!(target: LOG, "{e:#}");
-            }
-        });
-    }
+    let metrics = rt.metrics.clone();
     let mut state = AgentState::default();
     let pass = |dp: &mut Dataplane, cfg: &Config, state: &mut AgentState| {
         let started = std::time::Instant::now();
@@ -111,25 +84,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut retry = Retry::default();
     let mut current = cfg;
     retry.after(pass(&mut dp, &current, &mut state));
-    let mut full_maps = crate::dataplane::FullMapWatch::default();
 
     let mut tick = tokio::time::interval(opts.poll_interval);
     // No burst of catch-up ticks after a pass longer than the interval.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        metrics.heartbeat();
+        rt.metrics.heartbeat();
         let forced = tokio::select! {
-            _ = hup.recv() => { info!(target: LOG, "SIGHUP: re-reading {}", opts.config.display()); true }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            sig = signals.next() => match sig {
+                Signal::Hangup => { info!(target: LOG, "SIGHUP: re-reading {}", opts.config.display()); true }
+                Signal::Stop => break,
+            },
             _ = tick.tick() => false,
         };
-        let problems = full_maps.check(&dp.maps);
-        for problem in &problems {
-            metrics.error("map_full");
-            error!(target: LOG, "{problem}");
-        }
-        if !problems.is_empty() && !retry.due() {
+        if rt.check_full_maps(&dp.maps) && !retry.due() {
             // A listener the data path could not register is registered
             // by a pass (from /proc) once there is room: keep retrying.
             retry.after(true);
@@ -166,10 +134,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
         }
     }
-    warn!(target: LOG,
-        "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
-        opts.pin_dir.display()
-    );
+    rt.exit_notice();
     Ok(())
 }
 

@@ -53,7 +53,10 @@ use redirector_policy::{
 };
 
 use crate::{
-    agent::reconcile::{log_report, reconcile, AgentState, Wanted},
+    agent::{
+        reconcile::{log_report, reconcile, AgentState, Wanted},
+        runtime::{Runtime, Signal, Signals},
+    },
     dataplane::Dataplane,
     metrics::Metrics,
 };
@@ -193,6 +196,7 @@ struct Loop {
     opts: KubeOptions,
     dp: Dataplane,
     metrics: Arc<Metrics>,
+    rt: Runtime,
     client: Client,
     pods: Watched<PodInfo>,
     configmap: Watched<Option<String>>,
@@ -218,26 +222,13 @@ struct Loop {
 }
 
 pub async fn run(opts: KubeOptions) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let signals = Signals::install()?;
     crate::sys::features::require(&crate::sys::features::probe())?;
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
-    let metrics = Metrics::new(opts.pin_dir.clone());
-    if let Some(addr) = opts.metrics_addr {
-        let m = metrics.clone();
-        let listener_check =
-            std::net::TcpListener::bind(addr).with_context(|| format!("binding the status endpoint on {addr}"))?;
-        drop(listener_check);
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, m).await {
-                error!(target: LOG, "{e:#}");
-            }
-        });
-    }
+    let rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
+    let metrics = rt.metrics.clone();
     let dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
     info!(target: LOG,
         "node {}: attached to cgroup {}, maps and links pinned in {}",
@@ -299,6 +290,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut lp = Loop {
         dp,
         metrics,
+        rt,
         client,
         pods: Watched::new(),
         configmap,
@@ -323,11 +315,8 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     // of catch-up ticks: each would be another pass, and the watch streams
     // would wait behind them.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut inputs = Wakeups { pods, cms, mcs, reg_rx, tick, hup, term, int };
+    let mut inputs = Wakeups { pods, cms, mcs, reg_rx, tick, signals };
     let mut dirty_since: Option<Instant> = None;
-    // Full-map failures of the data path (the programs count them),
-    // checked on every resync tick.
-    let mut full_maps = crate::dataplane::FullMapWatch::default();
     'run: loop {
         lp.metrics.heartbeat();
         if let Some(since) = dirty_since {
@@ -346,12 +335,12 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         }
         // Wait for one input, then take every input already there before
         // the next pass: a burst of watch events is one pass, not one each.
-        let mut changed = match inputs.next(&mut lp, &mut full_maps).await {
+        let mut changed = match inputs.next(&mut lp).await {
             Some(c) => c,
             None => break 'run,
         };
         loop {
-            match inputs.next(&mut lp, &mut full_maps).now_or_never() {
+            match inputs.next(&mut lp).now_or_never() {
                 Some(Some(c)) => changed |= c,
                 Some(None) => break 'run,
                 None => break,
@@ -361,10 +350,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             dirty_since = Some(Instant::now());
         }
     }
-    warn!(target: LOG,
-        "exiting; redirection stays in force (links pinned in {}); `redirector cleanup` removes it",
-        lp.opts.pin_dir.display()
-    );
+    lp.rt.exit_notice();
     let _ = std::fs::remove_file(&lp.opts.socket);
     Ok(())
 }
@@ -376,15 +362,13 @@ struct Wakeups {
     mcs: WatchStream<DynamicObject>,
     reg_rx: mpsc::Receiver<Registration>,
     tick: tokio::time::Interval,
-    hup: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+    signals: Signals,
 }
 
 impl Wakeups {
     /// Waits for one input and applies it to the loop's state: Some(true)
     /// if the desired state may have changed, None on SIGTERM/SIGINT.
-    async fn next(&mut self, lp: &mut Loop, full_maps: &mut crate::dataplane::FullMapWatch) -> Option<bool> {
+    async fn next(&mut self, lp: &mut Loop) -> Option<bool> {
         Some(tokio::select! {
             Some(ev) = self.pods.next() => {
                 let node = lp.opts.node_name.clone();
@@ -413,16 +397,14 @@ impl Wakeups {
                 true
             }
             _ = self.tick.tick() => {
-                for problem in full_maps.check(&lp.dp.maps) {
-                    lp.metrics.error("map_full");
-                    error!(target: LOG, "{problem}");
-                }
+                lp.rt.check_full_maps(&lp.dp.maps);
                 lp.last_scan = None;
                 true
             }
-            _ = self.hup.recv() => { info!(target: LOG, "SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
-            _ = self.term.recv() => return None,
-            _ = self.int.recv() => return None,
+            sig = self.signals.next() => match sig {
+                Signal::Hangup => { info!(target: LOG, "SIGHUP: full resync"); lp.last_scan = None; lp.agent_state = AgentState::default(); true }
+                Signal::Stop => return None,
+            },
         })
     }
 }
