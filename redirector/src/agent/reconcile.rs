@@ -119,7 +119,8 @@ pub fn log_report(report: &ApplyReport) {
         error!(target: LOG, "{name}: {e:#}");
     }
     let quiet = report.programmed.is_empty() && report.removed == 0 && report.swept == 0 && report.errors.is_empty();
-    log::log!(target: LOG,
+    log::log!(
+        target: LOG,
         if quiet { log::Level::Debug } else { log::Level::Info },
         "applied: {} programmed {:?}, {} unchanged, {} removed, {} stale entries swept, {} errors",
         report.programmed.len(),
