@@ -13,13 +13,13 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use redirector_policy::{
-    compile, k8s::pods::MeshedWhen, map_entries, parse_annotations, Inclusion, MeshSettings, Preset,
-    WorkloadAnnotations,
-};
 use redirector_fuzz::{
     check_annotations, check_connections, check_entries, check_policy, edge_connections, render_annotations,
     vocabulary, ANNOTATION_KEYS,
+};
+use redirector_policy::{
+    compile, k8s::pods::MeshedWhen, map_entries, parse_annotations, Inclusion, MeshSettings, Preset,
+    WorkloadAnnotations,
 };
 
 fn parse(preset: Preset, a: &BTreeMap<String, String>) -> Result<WorkloadAnnotations, String> {

@@ -11,8 +11,8 @@
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
-use redirector_policy::{compile, map_entries, parse_config, Config, NetnsRef};
 use redirector_fuzz::{check_annotations, check_entries, check_mesh, check_policy, render_annotations, render_mesh};
+use redirector_policy::{compile, map_entries, parse_config, Config, NetnsRef};
 use serde_yaml::{Mapping, Value};
 
 fn summary(c: &Config) -> (String, String, Vec<String>) {

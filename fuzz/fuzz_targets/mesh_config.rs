@@ -8,11 +8,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use redirector_fuzz::{check_mesh, render_mesh};
 use redirector_policy::{
     k8s::mesh::{MeshSources, Source, MESHCONFIG_TRAFFIC_KEYS},
     parse_config, parse_mesh_document, MeshSettings,
 };
-use redirector_fuzz::{check_mesh, render_mesh};
 use serde_yaml::{Mapping, Value};
 
 const CM: &str = "redirector-system/redirector-config";

@@ -11,11 +11,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use arbitrary::{Arbitrary, Unstructured};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use libfuzzer_sys::fuzz_target;
+use redirector_fuzz::{check_connections, check_entries, check_policy, fixed_addresses, probes};
 use redirector_policy::{
-    compile, map_entries, Inclusion, InboundConn, LoopbackMode, MeshSettings, OutboundConn, Policy, Preset, Protocol,
+    compile, map_entries, InboundConn, Inclusion, LoopbackMode, MeshSettings, OutboundConn, Policy, Preset, Protocol,
     WorkloadAnnotations,
 };
-use redirector_fuzz::{check_connections, check_entries, check_policy, fixed_addresses, probes};
 
 /// Addresses that make rules match often: documentation ranges, loopback,
 /// the pod, mapped and IPv6 ones.

@@ -13,11 +13,11 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use libfuzzer_sys::fuzz_target;
+use redirector_common::cidr_kind;
+use redirector_fuzz::{check_nets, fixed_addresses, in_nets, probes, trie_hit};
 use redirector_policy::{
     cidr_entries, linkerd_annotations, osm_annotations, parse_annotations, parse_cidr, parse_port, Preset,
 };
-use redirector_common::cidr_kind;
-use redirector_fuzz::{check_nets, fixed_addresses, in_nets, probes, trie_hit};
 
 fn one(preset: Preset, key: &str, value: &str) -> anyhow::Result<redirector_policy::WorkloadAnnotations> {
     parse_annotations(preset, &BTreeMap::from([(key.to_string(), value.to_string())]))

@@ -18,14 +18,14 @@ use std::{
 };
 
 use ipnet::IpNet;
+use redirector_common::{cidr_kind, flags, port_kind, v4_mapped, CidrData, CIDR_KEY_PREFIX_BITS};
 use redirector_policy::{
     canonical_net, evaluate, evaluate_entries, evaluate_inbound, istio_annotations, kuma_annotations,
     linkerd_annotations, map_entries,
     oracle::{oracle_commands, NatOutcome, NatTable},
-    osm_annotations, Bypass, Inclusion, InboundConn, LoopbackMode, MapEntries, MeshSettings, OutboundConn, Policy,
+    osm_annotations, Bypass, InboundConn, Inclusion, LoopbackMode, MapEntries, MeshSettings, OutboundConn, Policy,
     Preset, Protocol, Verdict, WorkloadAnnotations,
 };
-use redirector_common::{cidr_kind, flags, port_kind, v4_mapped, CidrData, CIDR_KEY_PREFIX_BITS};
 
 /// Every annotation key of every dialect (the fuzz inputs pick from these).
 pub const ANNOTATION_KEYS: [&str; 17] = [
