@@ -53,7 +53,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let mut rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
     let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
-    info!(target: LOG, "attached to cgroup {}, maps and links pinned in {}", opts.cgroup.display(), opts.pin_dir.display());
+    info!(
+        target: LOG,
+        "attached to cgroup {}, maps and links pinned in {}",
+        opts.cgroup.display(),
+        opts.pin_dir.display()
+    );
     let metrics = rt.metrics.clone();
     let mut state = AgentState::default();
     let pass = |dp: &mut Dataplane, cfg: &Config, state: &mut AgentState| {

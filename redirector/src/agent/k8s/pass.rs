@@ -262,7 +262,12 @@ impl Agent {
         let found = discover::scan(&self.opts.proc_root, &missing, self.host_cookie);
         for (uid, h) in found {
             let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
-            info!(target: LOG, "pod {name}: network namespace found through {} (cookie {})", h.source.display(), h.cookie);
+            info!(
+                target: LOG,
+                "pod {name}: network namespace found through {} (cookie {})",
+                h.source.display(),
+                h.cookie
+            );
             self.netns.insert(uid, h);
         }
     }
