@@ -5,14 +5,13 @@
 //!
 //! - [`dataplane`]: the only code that loads programs and writes maps;
 //! - [`error`]: the errors callers branch on (full maps, pinned layouts);
-//! - [`agent`]: the reconcile loop; [`inspect`]: reading the state back;
-//! - [`k8s`]: the Kubernetes agent (watches, discovery, registry);
+//! - [`agent`]: the standalone and the Kubernetes agent over one reconcile
+//!   core; [`inspect`]: reading the state back;
 //! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features.
 pub mod agent;
 pub mod dataplane;
 pub mod error;
 pub mod inspect;
-pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod sys;

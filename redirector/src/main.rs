@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Parser as _;
-use redirector::{agent, dataplane, inspect, k8s::agent::ProxyIdentity, sys::mounts};
+use redirector::{
+    agent::{k8s::ProxyIdentity, standalone},
+    dataplane, inspect,
+    sys::mounts,
+};
 
 mod cli;
 
@@ -32,9 +36,9 @@ fn real_main(cli: Cli) -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             match config {
                 Some(config) => {
-                    rt.block_on(agent::run(agent::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))
+                    rt.block_on(standalone::run(standalone::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))
                 }
-                None => rt.block_on(redirector::k8s::agent::run(redirector::k8s::agent::KubeOptions {
+                None => rt.block_on(redirector::agent::k8s::run(redirector::agent::k8s::KubeOptions {
                     node_name: kube.node_name.unwrap_or_default(),
                     cgroup,
                     pin_dir,
@@ -57,11 +61,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 })),
             }
         }
-        Cmd::Check { config } => agent::check(&config),
+        Cmd::Check { config } => standalone::check(&config),
         Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
             let uid = pod_uid
                 .ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
-            let msg = redirector::k8s::registry::wait_ready(&socket, &uid, timeout)?;
+            let msg = redirector::agent::k8s::registry::wait_ready(&socket, &uid, timeout)?;
             println!("ready: {msg}");
             Ok(())
         }

@@ -5,13 +5,12 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Upper bounds (seconds) of the sync-latency histogram.
@@ -180,10 +179,9 @@ impl Metrics {
     }
 }
 
-/// Serves the endpoints on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the status endpoint on {addr}"))?;
+/// Serves the endpoints on `listener` (bound by the caller, so a bad
+/// address fails the agent's start) until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> Result<()> {
     log::info!("status endpoints on http://{}/{{healthz,readyz,metrics}}", listener.local_addr()?);
     loop {
         let (mut s, _) = match listener.accept().await {

@@ -27,6 +27,11 @@ use tokio::{
 
 use super::discover::{pod_uid_of_pid, NetnsHandle};
 
+/// The log target of these records: the module path they had before the
+/// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
+/// working.
+const LOG: &str = "redirector::k8s::registry";
+
 #[derive(Serialize, Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Request {
@@ -95,7 +100,7 @@ pub async fn serve(listener: tokio::net::UnixListener, proc_root: PathBuf, tx: m
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                log::error!("agent socket: accept: {e}");
+                log::error!(target: LOG, "agent socket: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -104,7 +109,7 @@ pub async fn serve(listener: tokio::net::UnixListener, proc_root: PathBuf, tx: m
         let proc_root = proc_root.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(stream, &proc_root, tx).await {
-                log::warn!("agent socket: {e:#}");
+                log::warn!(target: LOG, "agent socket: {e:#}");
             }
         });
     }
@@ -151,7 +156,7 @@ async fn handle(stream: tokio::net::UnixStream, proc_root: &Path, tx: mpsc::Send
         }
     };
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
-    log::info!("pod UID {} registered from PID {pid} (netns cookie {})", req.pod_uid, netns.cookie);
+    log::info!(target: LOG, "pod UID {} registered from PID {pid} (netns cookie {})", req.pod_uid, netns.cookie);
     tx.send(Registration { uid: req.pod_uid, pid, netns, reply: reply_tx })
         .await
         .map_err(|_| anyhow!("the agent is shutting down"))?;

@@ -1,0 +1,274 @@
+//! One reconcile pass of the Kubernetes agent: the mesh settings from
+//! their sources, each pod's namespace and proxy cgroup, the plan, then
+//! the shared reconcile core; Events and gauges from its report.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Instant,
+};
+
+use log::{debug, error, info, warn};
+
+use redirector_policy::{
+    k8s::{
+        mesh::MeshSources,
+        plan::{plan, EventKind, Inputs, PodEvent},
+        pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
+    },
+    MeshSettings,
+};
+
+use super::{
+    discover,
+    events::{mesh_source_ref, pod_ref},
+    Agent, ProxyIdentity,
+};
+use crate::agent::reconcile::{log_report, reconcile, Wanted};
+
+/// The log target of these records: the module path they had before the
+/// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
+/// working.
+const LOG: &str = "redirector::k8s::agent";
+
+impl Agent {
+    /// The current mesh settings, publishing an Event when the sources
+    /// became invalid; the last good settings stay in force.
+    pub(super) fn resolve_mesh(&mut self) -> Option<MeshSettings> {
+        let sources =
+            MeshSources {
+                configmap: self.opts.configmap.as_ref().and_then(|(ns, name)| {
+                    self.configmap.items.get(name).map(|text| (format!("{ns}/{name}"), text.clone()))
+                }),
+                meshconfig: self.opts.meshconfig.as_ref().and_then(|(ns, name)| {
+                    self.meshconfig.items.get(name).map(|o| (format!("{ns}/{name}"), o.clone()))
+                }),
+            };
+        match sources.resolve() {
+            Ok(m) => {
+                if self.mesh_error.take().is_some() {
+                    info!(target: LOG, "mesh settings valid again");
+                }
+                if self.mesh.as_ref() != Some(&m) {
+                    info!(
+                        target: LOG,
+                        "mesh settings: preset {}, proxy UID {}, outbound {}, inbound {}",
+                        m.preset.name(),
+                        m.proxy_uid,
+                        m.outbound_port,
+                        m.inbound_port
+                    );
+                }
+                self.mesh = Some(m);
+            }
+            Err((source, e)) => {
+                let text = format!("{e:#}");
+                if self.mesh_error.as_deref() != Some(text.as_str()) {
+                    self.rt.metrics.error("invalid_mesh_config");
+                    error!(
+                        target: LOG,
+                        "{text}; {}",
+                        if self.mesh.is_some() {
+                            "keeping the last good mesh settings"
+                        } else {
+                            "no pod is (re)programmed until they are valid"
+                        }
+                    );
+                    let reference = mesh_source_ref(&source, &self.opts.meshconfig_version);
+                    self.events.publish(
+                        EventKind::Warning,
+                        "InvalidMeshConfig",
+                        format!("{text}; keeping the last good mesh settings"),
+                        reference,
+                    );
+                    self.mesh_error = Some(text);
+                }
+            }
+        }
+        self.mesh.clone()
+    }
+
+    /// One reconcile pass. False if it could not run (no valid mesh
+    /// settings yet).
+    pub(super) fn pass(&mut self) -> bool {
+        let Some(mesh) = self.resolve_mesh() else {
+            let why = format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default());
+            self.rt.metrics.set_ready(Some(why));
+            self.answer_waiters();
+            return false;
+        };
+        let rules = self.rules(&mesh);
+        self.find_namespaces(&rules);
+        let netns: BTreeMap<String, (PathBuf, u64)> =
+            self.netns.iter().map(|(uid, h)| (uid.clone(), (h.path(), h.cookie))).collect();
+        let pinned: BTreeSet<u64> = match self.dp.maps.workloads() {
+            Ok(w) => w.keys().copied().collect(),
+            Err(e) => {
+                self.rt.metrics.error("maps");
+                error!(target: LOG, "reading the workloads map: {e:#}");
+                return false;
+            }
+        };
+        let proxy_cgroups = self.find_proxy_cgroups(&mesh, &rules);
+        let p = plan(
+            &Inputs {
+                pods: &self.pods.items,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &netns,
+                pinned: &pinned,
+                proxy_cgroups: &proxy_cgroups,
+            },
+            &mut self.plan_state,
+        );
+        for ev in &p.events {
+            if ev.reason == "InvalidAnnotation" {
+                self.rt.metrics.error("invalid_annotation");
+            }
+            warn!(target: LOG, "pod {}/{}: {}: {}", ev.namespace, ev.name, ev.reason, ev.message);
+            self.events.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(ev));
+        }
+        if !p.unresolved.is_empty() {
+            debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
+        }
+        let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
+        let report = reconcile(&mut self.dp, &wanted, &mut self.agent_state);
+        log_report(&report);
+        self.ready_pods.clear();
+        self.failed_pods.clear();
+        let mut errors: BTreeMap<String, String> = BTreeMap::new();
+        for (name, e) in &report.errors {
+            self.rt.metrics.error("apply");
+            errors.entry(name.clone()).or_default().push_str(&format!("{e:#}; "));
+        }
+        for name in report.programmed.iter().chain(&report.unchanged) {
+            if !errors.contains_key(name) {
+                self.ready_pods.insert(name.clone(), String::new());
+            }
+        }
+        // A failure on a pod is published once per distinct message.
+        for (name, msg) in &errors {
+            if let Some(uid) = p.uids.get(name) {
+                self.failed_pods.insert(name.clone(), msg.clone());
+                if self.pod_errors.get(uid) != Some(msg) {
+                    if let Some(pod) = self.pods.items.get(uid) {
+                        let ev = PodEvent {
+                            uid: uid.clone(),
+                            namespace: pod.namespace.clone(),
+                            name: pod.name.clone(),
+                            kind: EventKind::Warning,
+                            reason: "RedirectionFailed",
+                            message: msg.clone(),
+                        };
+                        self.events.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(&ev));
+                    }
+                    self.pod_errors.insert(uid.clone(), msg.clone());
+                }
+            }
+        }
+        let live: BTreeSet<&String> = p.uids.values().collect();
+        self.pod_errors
+            .retain(|uid, _| live.contains(uid) && p.uids.iter().any(|(n, u)| u == uid && errors.contains_key(n)));
+        let meshed = self.pods.items.values().filter(|x| x.is_live() && is_meshed(x, &rules)).count();
+        self.rt.metrics.set_gauge("pods_meshed", "Live pods on this node that carry the sidecar.", meshed as u64);
+        self.rt.metrics.set_gauge(
+            "pods_programmed",
+            "Meshed pods whose policy is in the maps.",
+            self.ready_pods.len() as u64,
+        );
+        self.rt.metrics.set_gauge(
+            "pods_unresolved",
+            "Running meshed pods whose network namespace is not found yet.",
+            p.unresolved.len() as u64,
+        );
+        self.rt.metrics.set_gauge(
+            "pods_skipped",
+            "Meshed pods that cannot be redirected (host network).",
+            p.skipped.len() as u64,
+        );
+        self.rt.metrics.set_ready(None);
+        self.answer_waiters();
+        true
+    }
+
+    /// With `ProxyIdentity::Cgroup`: pod UID → the cgroup directory of its
+    /// running proxy container, found under the agent's cgroup (cached
+    /// while the container ID stays and the directory exists). Pods whose
+    /// proxy does not run, or whose cgroup is not found, are left out:
+    /// their proxy is identified by UID.
+    fn find_proxy_cgroups(&mut self, mesh: &MeshSettings, rules: &[MeshedWhen]) -> BTreeMap<String, PathBuf> {
+        let ProxyIdentity::Cgroup { container } = &self.opts.proxy_identity else {
+            return BTreeMap::new();
+        };
+        let name = container.clone().unwrap_or_else(|| proxy_container(mesh.preset).to_string());
+        let mut cache = std::mem::take(&mut self.proxy_cgroups);
+        let mut out = BTreeMap::new();
+        let mut missing = BTreeSet::new();
+        for p in self.pods.items.values().filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules)) {
+            let Some(id) = p.running.get(&name) else { continue };
+            let cached = cache.remove(&p.uid).filter(|(cid, path)| cid == id && path.is_dir()).map(|(_, path)| path);
+            let found = cached.or_else(|| {
+                let found = discover::container_cgroup(&self.opts.cgroup, &p.uid, id);
+                if let Some(path) = &found {
+                    info!(
+                        target: LOG,
+                        "pod {}: proxy container `{name}` ({id}) identified by its cgroup {}",
+                        p.key(),
+                        path.display()
+                    );
+                }
+                found
+            });
+            match found {
+                Some(path) => {
+                    self.proxy_cgroups.insert(p.uid.clone(), (id.clone(), path.clone()));
+                    out.insert(p.uid.clone(), path);
+                }
+                None => {
+                    let key = (p.uid.clone(), id.clone());
+                    if !self.proxy_cgroups_missing.contains(&key) {
+                        warn!(
+                            target: LOG,
+                            "pod {}: proxy container `{name}` runs ({id}) but no cgroup of it was found under {}; its proxy is identified by UID {} meanwhile",
+                            p.key(),
+                            self.opts.cgroup.display(),
+                            mesh.proxy_uid
+                        );
+                    }
+                    missing.insert(key);
+                }
+            }
+        }
+        self.proxy_cgroups_missing = missing;
+        out
+    }
+
+    /// Looks in /proc for meshed pods whose namespace is not known (pods
+    /// started before the agent), at most once per resync period.
+    fn find_namespaces(&mut self, rules: &[MeshedWhen]) {
+        if self.last_scan.is_some_and(|t| t.elapsed() < self.opts.resync) {
+            return;
+        }
+        let missing: Vec<&str> = self
+            .pods
+            .items
+            .values()
+            .filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules) && !self.netns.contains_key(&p.uid))
+            .map(|p| p.uid.as_str())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        let found = discover::scan(&self.opts.proc_root, &missing, self.host_cookie);
+        for (uid, h) in found {
+            let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
+            info!(
+                target: LOG,
+                "pod {name}: network namespace found through {} (cookie {})",
+                h.source.display(),
+                h.cookie
+            );
+            self.netns.insert(uid, h);
+        }
+    }
+}
