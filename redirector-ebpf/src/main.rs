@@ -1,12 +1,14 @@
-//! eBPF side of redirector: one module per hook, maps in `maps`; connect4
-//! and connect6 share a core (`connect`), the decision chain is
-//! `redirector_common::decide` over `lookups`.
+//! eBPF side of redirector: one module per hook, maps in `maps`; the
+//! connect and getpeername hooks share a core per pair (`connect`,
+//! `getpeername`), the decision chain is `redirector_common::decide` over
+//! `lookups`.
 #![no_std]
 #![no_main]
 
 mod connect;
 mod connect4;
 mod connect6;
+mod getpeername;
 mod getpeername4;
 mod getpeername6;
 mod getsockopt;
