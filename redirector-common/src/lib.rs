@@ -1,11 +1,14 @@
-//! Map keys and values shared by the eBPF programs and the agent.
+//! Map keys and values shared by the eBPF programs and the agent, and (in
+//! [`decide`]) the decision chain both of them run.
 //!
-//! Every type here is `#[repr(C)]`, has explicit padding and contains no
+//! Every map type here is `#[repr(C)]`, has explicit padding and contains no
 //! `bool`, enum or `Option`, so the kernel, the BTF that describes it and
 //! the agent all agree on its layout. Addresses are kept in network byte
 //! order (as the kernel hands them to the programs); ports are in host byte
 //! order unless a field says otherwise.
 #![no_std]
+
+pub mod decide;
 
 /// Version of the map layout below. The agent stores it in the `META` map
 /// and refuses to adopt pinned maps that carry another version.

@@ -1,24 +1,25 @@
 //! `cgroup/getpeername4`: an application whose connect was redirected sees
 //! the peer it dialed, not the proxy's listener.
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirector_common::{counter, orig_flags, AF_INET};
+use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
+use redirector_common::{OrigDst, AF_INET};
 
-use crate::maps::{count, sock_orig};
+use crate::getpeername::{getpeername, PeerFamily};
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn rdr_getpeername4(ctx: SockAddrContext) -> i32 {
-    let sa = unsafe { &mut *ctx.sock_addr };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    let orig = unsafe { sock_orig(sk, None) };
-    if orig.is_null() {
-        return 1;
+    getpeername::<V4>(&ctx)
+}
+
+struct V4;
+
+impl PeerFamily for V4 {
+    #[inline(always)]
+    fn shows(family: u16) -> bool {
+        family == AF_INET
     }
-    let orig = unsafe { *orig };
-    if orig.family != AF_INET || orig.flags & orig_flags::APP_SIDE == 0 {
-        return 1;
+
+    #[inline(always)]
+    fn write_addr(sa: &mut bpf_sock_addr, orig: &OrigDst) {
+        sa.user_ip4 = u32::from_ne_bytes([orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]]);
     }
-    sa.user_ip4 = u32::from_ne_bytes([orig.addr[0], orig.addr[1], orig.addr[2], orig.addr[3]]);
-    sa.user_port = u32::from(orig.port_be);
-    count(counter::PEERNAME_REWRITTEN);
-    1
 }

@@ -1,13 +1,18 @@
-//! eBPF side of redirector: one module per hook, maps in `maps`.
+//! eBPF side of redirector: one module per hook, maps in `maps`; the
+//! connect and getpeername hooks share a core per pair (`connect`,
+//! `getpeername`), the decision chain is `redirector_common::decide` over
+//! `lookups`.
 #![no_std]
 #![no_main]
 
+mod connect;
 mod connect4;
 mod connect6;
-mod decide;
+mod getpeername;
 mod getpeername4;
 mod getpeername6;
 mod getsockopt;
+mod lookups;
 mod maps;
 mod sk_lookup;
 mod sk_msg;

@@ -74,7 +74,6 @@ pub unsafe fn sock_orig(sk: *mut bpf_sock, init: Option<&mut OrigDst>) -> *mut O
 }
 
 pub const IPPROTO_TCP: u32 = 6;
-pub const LOCALHOST6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Address words as the kernel hands them (network order in each `u32`)
 /// to bytes.

@@ -8,10 +8,14 @@
 //! sk_lookup programs cannot ask for their network namespace, so the agent
 //! loads one instance per workload with `RDR_SELF_NETNS` set to its cookie.
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use redirector_common::{cidr_kind, counter, flags, v4_in16, v4_mapped, ListenerKey, AF_INET, AF_INET6};
+use redirector_common::{
+    cidr_kind, counter,
+    decide::{inbound_redirected, is_local_peer, Lookups as _},
+    flags, v4_in16, v4_mapped, ListenerKey, AF_INET, AF_INET6,
+};
 
 use crate::{
-    decide::{cidr_hit, inbound_redirected, is_local_peer},
+    lookups::Maps,
     maps::{count, words_to_bytes, IPPROTO_TCP, RDR_LISTENERS, RDR_WORKLOADS},
 };
 
@@ -71,7 +75,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if is_local_peer(family, &local, &remote) {
         return SK_PASS;
     }
-    if !inbound_redirected(&policy, l.local_port as u16) {
+    if !inbound_redirected(&Maps, &policy, l.local_port as u16) {
         count(counter::INBOUND_BYPASS_PORT);
         return SK_PASS;
     }
@@ -79,7 +83,7 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
         // Source exclusions live in the CIDR trie, IPv4 in mapped form.
         let remote_key =
             if family == AF_INET { v4_mapped([remote[0], remote[1], remote[2], remote[3]]) } else { remote };
-        if cidr_hit(policy.policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, &remote_key) {
+        if Maps.cidr_hit(policy.policy_id, cidr_kind::INBOUND_SOURCE_EXCLUDE, &remote_key) {
             count(counter::INBOUND_BYPASS_SOURCE);
             return SK_PASS;
         }

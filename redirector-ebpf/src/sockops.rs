@@ -15,11 +15,13 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use redirector_common::{
-    counter, flags, is_v4_mapped, orig_flags, v4_in16, ListenerKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6,
+    counter,
+    decide::{inbound_redirected, is_local_peer},
+    flags, is_v4_mapped, orig_flags, v4_in16, ListenerKey, OrigDst, SockKey, TupleKey, AF_INET, AF_INET6,
 };
 
 use crate::{
-    decide::{inbound_redirected, is_local_peer},
+    lookups::Maps,
     maps::{count, sock_orig, words_to_bytes, RDR_ACCEL_SOCKS, RDR_LISTENERS, RDR_ORIG_TUPLE, RDR_WORKLOADS},
 };
 
@@ -194,7 +196,7 @@ fn passive_established(ctx: &SockOpsContext) {
             // (a client dialing the inbound port itself reaches the proxy
             // directly; iptables would report that port, so do we.)
             if policy.flags & flags::IN_ENABLED == 0
-                || !(e.local_port == policy.inbound_port || inbound_redirected(&policy, e.local_port))
+                || !(e.local_port == policy.inbound_port || inbound_redirected(&Maps, &policy, e.local_port))
                 || is_local_peer(e.family, &e.local, &e.remote)
             {
                 return;

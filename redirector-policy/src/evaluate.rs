@@ -8,7 +8,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use redirector_common::{cidr_kind, flags, port_kind, v4_mapped, CidrData, PortKey};
+use redirector_common::{
+    decide::{decide, is_proxy_with, Action, Dst, Lookups, Reason},
+    v4_mapped, CidrData, PortKey, WorkloadPolicy,
+};
 
 use crate::{
     compile::{canonical_ip, Policy},
@@ -180,10 +183,32 @@ pub fn evaluate_inbound(policy: &Policy, conn: &InboundConn) -> Verdict {
     Verdict::Redirect(conn.dst)
 }
 
-/// Evaluates a connection against map *entries* the way the eBPF programs
-/// do (exact port lookups, longest-prefix lookups in one trie). Used to
-/// prove that `map_entries` encodes `evaluate` faithfully.
+/// Evaluates a connection against map *entries* with the eBPF programs'
+/// own chain (`redirector_common::decide`) over exact port lookups and
+/// longest-prefix lookups in one trie. Used to prove that `map_entries`
+/// encodes `evaluate` faithfully.
 pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
+    /// The entries as the maps hold them, and the connecting task.
+    struct Entries<'a> {
+        e: &'a MapEntries,
+        conn: &'a OutboundConn,
+    }
+    impl Lookups for Entries<'_> {
+        fn port_rule(&self, policy_id: u32, kind: u8, port: u16) -> bool {
+            self.e.ports.contains(&PortKey { policy_id, port, kind, _pad: 0 })
+        }
+        fn cidr_hit(&self, policy_id: u32, kind: u8, addr: &[u8; 16]) -> bool {
+            let probe = CidrData { policy_id_be: policy_id.to_be_bytes(), kind, addr: *addr, _pad: [0; 3] };
+            self.e.cidrs.iter().any(|(bits, data)| {
+                let bits = *bits as usize;
+                trie_bits(data)[..bits] == trie_bits(&probe)[..bits]
+            })
+        }
+        fn is_proxy(&self, policy: &WorkloadPolicy) -> bool {
+            let c = self.conn;
+            is_proxy_with(policy, || c.cgroup, || u64::from(c.gid) << 32 | u64::from(c.uid))
+        }
+    }
     let w = &e.workload;
     if conn.protocol != Protocol::Tcp {
         return Verdict::Pass(Bypass::NotTcp);
@@ -193,20 +218,7 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     };
-    let has_port = |kind: u8| e.ports.contains(&PortKey { policy_id: w.policy_id, port, kind, _pad: 0 });
-    let trie_hit = |kind: u8| {
-        let probe = CidrData { policy_id_be: w.policy_id.to_be_bytes(), kind, addr, _pad: [0; 3] };
-        e.cidrs.iter().any(|(bits, data)| {
-            let bits = *bits as usize;
-            trie_bits(data)[..bits] == trie_bits(&probe)[..bits]
-        })
-    };
-    let localhost = if is_v4 { addr[12..] == [127, 0, 0, 1] } else { ip == IpAddr::V6(Ipv6Addr::LOCALHOST) };
-    if has_port(port_kind::OUTBOUND_EXCLUDE) {
-        return Verdict::Pass(Bypass::ExcludedPort);
-    }
-    let to_lo =
-        (is_v4 && addr[12] == 127) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST) || trie_hit(cidr_kind::LOCAL_ADDRESS);
+    let from_passthrough = conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)));
     let target = |p: u16| -> SocketAddr {
         let v4 = Ipv4Addr::from(w.redirect_ip4.to_ne_bytes());
         match conn.dst {
@@ -215,44 +227,15 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
             SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::from(w.redirect_ip6).into(), p),
         }
     };
-    let is_proxy = if w.flags & flags::MATCH_PROXY_CGROUP != 0 {
-        conn.cgroup == w.proxy_cgroup_id
-    } else {
-        conn.uid == w.proxy_uid || (w.flags & flags::MATCH_PROXY_GID != 0 && conn.gid == w.proxy_gid)
-    };
-    if w.flags & flags::LOCAL_PROXY_ONLY != 0 && trie_hit(cidr_kind::OUTBOUND_EXCLUDE) {
-        return Verdict::Pass(Bypass::ExcludedCidr);
+    match decide(&Entries { e, conn }, w, &Dst { addr, is_v4, port, from_passthrough }) {
+        Action::Pass(Reason::ExcludedPort) => Verdict::Pass(Bypass::ExcludedPort),
+        Action::Pass(Reason::ExcludedCidr) => Verdict::Pass(Bypass::ExcludedCidr),
+        Action::Pass(Reason::Localhost) => Verdict::Pass(Bypass::Localhost),
+        Action::Pass(Reason::Proxy) => Verdict::Pass(Bypass::ProxyUid),
+        Action::Pass(Reason::NotIncluded) => Verdict::Pass(Bypass::NotIncluded),
+        Action::Outbound => Verdict::Redirect(target(w.outbound_port)),
+        Action::Inbound => Verdict::Redirect(target(w.inbound_port)),
     }
-    if w.flags & flags::LOCAL_TO_INBOUND != 0 && to_lo {
-        if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
-            return Verdict::Pass(Bypass::Localhost);
-        }
-        if w.flags & flags::LOCAL_PROXY_ONLY != 0 && !is_proxy {
-            return Verdict::Pass(Bypass::Localhost);
-        }
-        if !localhost {
-            return Verdict::Redirect(target(w.inbound_port));
-        }
-    }
-    if w.flags & flags::LOCAL_BYPASS != 0 && to_lo {
-        return Verdict::Pass(Bypass::Localhost);
-    }
-    if is_proxy {
-        return Verdict::Pass(Bypass::ProxyUid);
-    }
-    if localhost {
-        return Verdict::Pass(Bypass::Localhost);
-    }
-    if trie_hit(cidr_kind::OUTBOUND_EXCLUDE) {
-        return Verdict::Pass(Bypass::ExcludedCidr);
-    }
-    if w.flags & flags::OUT_PORT_INCLUSION_SET != 0 && !has_port(port_kind::OUTBOUND_INCLUDE) {
-        return Verdict::Pass(Bypass::NotIncluded);
-    }
-    if w.flags & flags::OUT_INCLUSION_SET != 0 && !trie_hit(cidr_kind::OUTBOUND_INCLUDE) {
-        return Verdict::Pass(Bypass::NotIncluded);
-    }
-    Verdict::Redirect(target(w.outbound_port))
 }
 
 fn trie_bits(d: &CidrData) -> Vec<bool> {
@@ -264,6 +247,7 @@ fn trie_bits(d: &CidrData) -> Vec<bool> {
 mod tests {
     use super::*;
     use crate::*;
+    use redirector_common::flags;
 
     fn conn(uid: u32, dst: &str) -> OutboundConn {
         OutboundConn::tcp(uid, dst.parse().unwrap())
