@@ -8,8 +8,9 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
+    dialect::LoopbackMode,
     dialect::WorkloadAnnotations,
-    mesh::{Acceleration, LoopbackMode, MeshSettings},
+    mesh::{Acceleration, MeshSettings},
     values::{canonical_net, Inclusion},
 };
 

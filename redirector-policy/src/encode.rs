@@ -8,11 +8,7 @@ use redirector_common::{
     V4_MAPPED_PREFIX_BITS,
 };
 
-use crate::{
-    compile::Policy,
-    mesh::{Acceleration, LoopbackMode},
-    values::canonical_net,
-};
+use crate::{compile::Policy, dialect::LoopbackMode, mesh::Acceleration, values::canonical_net};
 
 /// The map entries that express one workload's policy under `policy_id`.
 #[derive(Clone, Debug, PartialEq, Eq)]

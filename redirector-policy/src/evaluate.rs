@@ -15,8 +15,8 @@ use redirector_common::{
 
 use crate::{
     compile::{canonical_ip, Policy},
+    dialect::LoopbackMode,
     encode::MapEntries,
-    mesh::LoopbackMode,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

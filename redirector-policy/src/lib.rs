@@ -28,7 +28,7 @@ pub mod values;
 pub use compile::{compile, Policy};
 pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
-    istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, parse_annotations, Preset,
+    istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, parse_annotations, LoopbackMode, Preset,
     PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
@@ -37,7 +37,6 @@ pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
 pub use mesh::{
-    parse_mesh_document, Acceleration, LoopbackMode, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT,
-    DEFAULT_PROXY_UID,
+    parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };
 pub use values::{canonical_net, parse_cidr, parse_port, Inclusion};

@@ -6,50 +6,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
-    dialect::Preset,
+    dialect::{LoopbackMode, Preset},
     values::{parse_cidr, parse_port, port_from_i64},
 };
-
-/// What happens to a connection whose route is the loopback device
-/// (127.0.0.0/8, ::1, or one of the workload's own addresses).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LoopbackMode {
-    /// osm-init: only 127.0.0.1/32 returns; everything else is outbound.
-    Osm,
-    /// istio-iptables / Kuma: `-o lo -s 127.0.0.6 RETURN`, then
-    /// `-o lo ! -d 127.0.0.1 → inbound listener` for every user.
-    ToInbound,
-    /// Kuma (and istio-iptables from 1.10): `-o lo -s 127.0.0.6 RETURN`,
-    /// the proxy's `-o lo ! -d 127.0.0.1` to the inbound listener, every
-    /// other user's `-o lo` returns; outbound IP exclusions come first.
-    ProxyToInbound,
-    /// Linkerd proxy-init: `-o lo -j RETURN`.
-    Bypass,
-}
-
-impl LoopbackMode {
-    pub const ALL: [LoopbackMode; 4] =
-        [LoopbackMode::Osm, LoopbackMode::ToInbound, LoopbackMode::ProxyToInbound, LoopbackMode::Bypass];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            LoopbackMode::Osm => "osm",
-            LoopbackMode::ToInbound => "to-inbound",
-            LoopbackMode::ProxyToInbound => "proxy-to-inbound",
-            LoopbackMode::Bypass => "bypass",
-        }
-    }
-}
-
-impl std::str::FromStr for LoopbackMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| anyhow!("value {s:?} is not a loopback mode (osm, to-inbound, proxy-to-inbound, bypass)"))
-    }
-}
 
 /// `mesh.acceleration`: how bytes of established app ↔ proxy connections
 /// travel.

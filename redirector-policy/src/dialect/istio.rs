@@ -3,11 +3,8 @@
 //! the mesh's, as istio-injector does.
 use anyhow::Result;
 
-use super::{Injected, PresetDefaults, WorkloadAnnotations};
-use crate::{
-    mesh::LoopbackMode,
-    values::{parse_cidr, parse_inclusion, parse_list, parse_port},
-};
+use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use crate::values::{parse_cidr, parse_inclusion, parse_list, parse_port};
 
 /// Istio's pod annotations (traffic.sidecar.istio.io/*).
 pub mod annotations {

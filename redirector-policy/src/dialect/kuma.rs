@@ -2,11 +2,8 @@
 //! and the `traffic.kuma.io/*` pod annotations. Port lists accept ranges.
 use anyhow::Result;
 
-use super::{Injected, PresetDefaults, WorkloadAnnotations};
-use crate::{
-    mesh::LoopbackMode,
-    values::{flatten_ranges, parse_cidr, parse_list},
-};
+use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use crate::values::{flatten_ranges, parse_cidr, parse_list};
 
 /// Kuma's pod annotations (traffic.kuma.io/*).
 pub mod annotations {

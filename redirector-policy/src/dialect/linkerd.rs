@@ -3,11 +3,8 @@
 //! (`4000-4100`) as Linkerd's do.
 use anyhow::Result;
 
-use super::{Injected, PresetDefaults, WorkloadAnnotations};
-use crate::{
-    mesh::LoopbackMode,
-    values::{flatten_ranges, parse_cidr, parse_list},
-};
+use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use crate::values::{flatten_ranges, parse_cidr, parse_list};
 
 /// Linkerd's pod annotations (config.linkerd.io/*).
 pub mod annotations {

@@ -3,11 +3,8 @@
 //! MeshConfig's).
 use anyhow::Result;
 
-use super::{Injected, PresetDefaults, WorkloadAnnotations};
-use crate::{
-    mesh::LoopbackMode,
-    values::{parse_cidr, parse_list, parse_port},
-};
+use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use crate::values::{parse_cidr, parse_list, parse_port};
 
 /// OSM's annotation keys (pod scoped lists, merged with the mesh lists).
 pub mod annotations {

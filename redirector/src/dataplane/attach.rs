@@ -128,25 +128,6 @@ pub fn refuse_unavailable_acceleration(
     (ok, refused)
 }
 
-/// Detaches the `sk_msg` program from the pinned `ACCEL_SOCKETS` map (the
-/// map's removal would detach it too, but only once no process holds the
-/// map open). Kernels before 5.19 cannot list a map's programs: then the
-/// removal of the pin does it.
-pub(super) fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
-    let path = pin_dir.join(map_names::ACCEL_SOCKETS);
-    let Ok(map) = bpf::obj_get(&path) else { return Ok(0) };
-    let Ok(ids) = bpf::attached_ids(map.as_fd(), AttachType::SkMsgVerdict) else { return Ok(0) };
-    let mut n = 0;
-    for id in ids {
-        if let Ok(prog) = bpf::prog_by_id(id) {
-            bpf::map_prog_detach(prog.as_fd(), map.as_fd(), AttachType::SkMsgVerdict)
-                .with_context(|| format!("detaching program {id} from {}", path.display()))?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
 #[cfg(test)]
 mod tests {
     use redirector_policy::{compile, Acceleration, MeshSettings, WorkloadAnnotations};

@@ -1,6 +1,7 @@
 //! The pin directory: where links and maps are pinned, what is pinned
 //! (capacities, readiness) and removing it all.
 use std::{
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -11,8 +12,11 @@ use redirector_common::{
     MAX_WORKLOADS,
 };
 
-use super::{attach::detach_sk_msg, object::PROGRAMS, Maps};
-use crate::{error::PinnedLayout, sys::bpf};
+use super::{object::PROGRAMS, Maps};
+use crate::{
+    error::PinnedLayout,
+    sys::bpf::{self, AttachType},
+};
 
 /// Pin of the `sk_lookup` link of the workload with netns `cookie`.
 pub fn netns_link_pin_path(pin_dir: &Path, cookie: u64) -> PathBuf {
@@ -129,6 +133,25 @@ pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Resul
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Detaches the `sk_msg` program from the pinned `ACCEL_SOCKETS` map (the
+/// map's removal would detach it too, but only once no process holds the
+/// map open). Kernels before 5.19 cannot list a map's programs: then the
+/// removal of the pin does it.
+pub(super) fn detach_sk_msg(pin_dir: &Path) -> Result<usize> {
+    let path = pin_dir.join(map_names::ACCEL_SOCKETS);
+    let Ok(map) = bpf::obj_get(&path) else { return Ok(0) };
+    let Ok(ids) = bpf::attached_ids(map.as_fd(), AttachType::SkMsgVerdict) else { return Ok(0) };
+    let mut n = 0;
+    for id in ids {
+        if let Ok(prog) = bpf::prog_by_id(id) {
+            bpf::map_prog_detach(prog.as_fd(), map.as_fd(), AttachType::SkMsgVerdict)
+                .with_context(|| format!("detaching program {id} from {}", path.display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
