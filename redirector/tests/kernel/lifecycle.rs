@@ -406,7 +406,7 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
             }
             None => invalid += 1,
         }
-        std::fs::write(&m.config, &text).unwrap();
+        write_atomically(&m.config, &text);
         if i % 3 == 0 {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(m.agent.child.id() as i32, libc::SIGHUP) };
@@ -420,7 +420,7 @@ fn random_change_stream_ends_with_exactly_the_final_state() {
         }
     }
     assert!(m.agent.child.try_wait().unwrap().is_none(), "agent died:\n{}", m.agent.log_text());
-    std::fs::write(&m.config, &last_valid).unwrap();
+    write_atomically(&m.config, &last_valid);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(m.agent.child.id() as i32, libc::SIGHUP) };
     let want = fingerprint_of(&last_valid).unwrap();

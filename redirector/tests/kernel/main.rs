@@ -168,7 +168,7 @@ impl Managed {
     fn write_config(&self, template: &str) {
         let text =
             render(template, &self.topo.app.path()).replace("{proxy_cgroup}", &self.proxy_cg.display().to_string());
-        std::fs::write(&self.config, text).unwrap();
+        write_atomically(&self.config, &text);
     }
 
     /// Runs `f` with this whole (single-threaded test) process moved into
@@ -198,6 +198,17 @@ impl Managed {
 
 /// Calls `f` every 50 ms until `done` holds or 60 s pass (an emulated
 /// kernel-VM guest is slow); returns the last value.
+/// Replaces a config file the way an atomic editor or a ConfigMap update
+/// does (write beside it, rename over it), so the agent's poll never reads
+/// a half-written file: `fs::write` truncates first, and a poll between
+/// the truncation and the write saw an empty config (no workloads) and
+/// unprogrammed the workload (seen once on the 7.3 VM).
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 fn poll_until<T>(mut f: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
