@@ -1159,7 +1159,8 @@ fn skipped_tests(lines: &[String]) -> u32 {
         .iter()
         .filter_map(|l| {
             let rest = &l[l.find("SKIP ")? + "SKIP ".len()..];
-            let (name, _) = rest.split_once(':')?;
+            // `: ` ends the name; a test in a module is `module::name`.
+            let (name, _) = rest.split_once(": ")?;
             (!name.is_empty() && !name.contains(' ')).then_some(name)
         })
         .collect();
@@ -1303,6 +1304,21 @@ fn print_summary(outcomes: &[Outcome]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_tests_are_counted_by_their_full_path() {
+        let lines: Vec<String> = [
+            "test lifecycle::sighup_reapplies_the_config ... SKIP lifecycle::sighup_reapplies_the_config: kernel 5.10 lacks x",
+            "test lifecycle::restarts_under_load_lose_no_connection ... SKIP lifecycle::restarts_under_load_lose_no_connection: kernel 5.10 lacks x",
+            "SKIP top_level_test: kernel 5.10 lacks x",
+            "SKIP top_level_test: printed twice",
+            "test kernel_support::unsupported_kernel_is_refused_clearly ... ok",
+        ]
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+        assert_eq!(skipped_tests(&lines), 3);
+    }
 
     #[test]
     fn failed_tests_are_named_with_their_panic_message() {
