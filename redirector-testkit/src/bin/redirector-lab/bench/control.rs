@@ -21,7 +21,7 @@ use super::{
     setup::{
         config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, TempDir, PROBE_PORT,
     },
-    stats::Stats,
+    stats::{mib, Stats},
     sys,
 };
 
@@ -579,7 +579,7 @@ pub fn syncs(sizes: &[usize], max_real_pods: usize) -> Result<Vec<Sync>> {
                 redirector,
                 iptables,
             };
-            println!("{}", super::report::sync_row(&s));
+            println!("{}", sync_row(&s));
             out.push(s);
         }
         Ok(out)
@@ -695,6 +695,30 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
     })();
     drop(workloads);
     result
+}
+
+/// One full-sync row, as printed while running and in `results.md`.
+pub fn sync_row(s: &Sync) -> String {
+    let r = &s.redirector;
+    let i = &s.iptables;
+    format!(
+        "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} / {} | {:.1} | {:.0} ({}{}) | {:.3} |",
+        s.workloads,
+        r.load_ms,
+        r.sync_ms,
+        r.resync_unchanged_ms,
+        r.one_change_ms,
+        r.port_entries,
+        r.cidr_entries,
+        mib(r.rss_start_kib),
+        mib(r.rss_loaded_kib),
+        mib(r.rss_synced_kib),
+        r.map_memory_bytes as f64 / (1024.0 * 1024.0),
+        i.total_ms,
+        i.measured_pods,
+        if i.extrapolated { ", extrapolated" } else { "" },
+        s.ratio_vs_iptables
+    )
 }
 
 #[cfg(test)]

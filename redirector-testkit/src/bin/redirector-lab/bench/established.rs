@@ -129,7 +129,7 @@ fn measure(plan: &Plan, setups: &[Setup]) -> Result<Vec<Established>> {
             bpf_programs,
             bpf_programs_sockmap,
         };
-        println!("{}", super::report::established_row(&e));
+        println!("{}", established_row(&e));
         out.push(e);
     }
     Ok(out)
@@ -208,4 +208,25 @@ fn throughput(dst: SocketAddr, redirected: bool, size: usize, secs: f64) -> Resu
         bail!("the proxy read {read} bytes of the {sent} sent to {dst}");
     }
     Ok((sent, took))
+}
+
+/// One established-traffic row: transactions/s (p50/p99 µs) or MiB/s.
+pub fn established_row(e: &Established) -> String {
+    let cell = |st: &Stats| match e.pattern {
+        Pattern::RequestResponse => format!("{:.0}/s ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us),
+        Pattern::Throughput => format!("{:.0} MiB/s", st.rate_per_s),
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        e.name,
+        cell(&e.setups[0].1),
+        cell(&e.setups[1].1),
+        cell(&e.setups[2].1),
+        cell(&e.setups[3].1),
+        e.ratio_vs_none,
+        e.ratio_vs_iptables,
+        e.sockmap_vs_none,
+        e.sockmap_vs_iptables,
+        e.sockmap_vs_redirector
+    )
 }

@@ -149,5 +149,6 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         established,
         control_plane,
     };
-    report.write(out)
+    let plots = plot::write_all(&report, out)?;
+    report.write(out, &plots.files, plots.with_text)
 }

@@ -95,7 +95,7 @@ pub fn run_size(plan: &Plan, excl: Exclusions, directions: &[Direction], cgroup:
             agent_rss_kib: redirector.agent_rss_kib(),
             bpf_programs,
         };
-        println!("{}", super::report::newconn_row(&sc));
+        println!("{}", newconn_row(&sc));
         out.push(sc);
     }
     Ok(out)
@@ -153,4 +153,22 @@ fn hammer(netns: &Path, dst: SocketAddr, secs: f64, redirected: bool) -> Result<
         bail!("{} connection(s) to {dst} failed", lat.1);
     }
     Ok(lat.0)
+}
+
+fn rate_cell(st: &Stats) -> String {
+    format!("{:.0} ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us)
+}
+
+/// One results row, as printed while running and in `results.md`.
+pub fn newconn_row(s: &Scenario) -> String {
+    format!(
+        "| {} | {} | {} | {} | {} | {:.2} | {:.2} |",
+        s.name,
+        s.iptables_exclusion_rules,
+        rate_cell(&s.setups[0].1),
+        rate_cell(&s.setups[1].1),
+        rate_cell(&s.setups[2].1),
+        s.ratio_vs_none,
+        s.ratio_vs_iptables
+    )
 }

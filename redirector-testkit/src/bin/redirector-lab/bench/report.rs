@@ -1,15 +1,18 @@
 //! results.json and results.md.
-use std::{fmt::Write as _, path::Path};
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::{
     bpfstats::ProgCost,
-    control::{AgentScale, ChangeLatency, Sync},
-    established::{Established, Pattern},
-    newconn::Scenario,
-    stats::Stats,
+    control::{sync_row, AgentScale, ChangeLatency, Sync},
+    established::{established_row, Established, Pattern},
+    newconn::{newconn_row, Scenario},
+    stats::{mib, ms},
 };
 
 #[derive(Serialize)]
@@ -134,18 +137,19 @@ pub fn targets(scenarios: &[Scenario], established: &[Established], cp: &Control
 }
 
 impl Report {
-    pub fn write(&self, out: &Path) -> Result<()> {
+    /// Writes results.json and results.md (which links the `plots`, or
+    /// describes them when they carry no text).
+    pub fn write(&self, out: &Path, plots: &[PathBuf], plots_have_text: bool) -> Result<()> {
         let json = out.join("results.json");
         std::fs::write(&json, serde_json::to_string_pretty(self)?)
             .with_context(|| format!("writing {}", json.display()))?;
-        let plots = super::plot::write_all(self, out)?;
         let mut md = self.markdown();
         md.push_str("\n### Plots\n\n");
-        for f in &plots.files {
+        for f in plots {
             let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let _ = writeln!(md, "![{name}]({name})");
         }
-        if !plots.with_text {
+        if !plots_have_text {
             md.push_str(
                 "\nNo TrueType font was found (fonts-dejavu-core), so the plots carry no text. rate_vs_rules.png, left to right: \
                  outbound vs excluded CIDRs, inbound vs excluded CIDRs, outbound vs excluded ports; latency_cdf.png: outbound and \
@@ -301,27 +305,6 @@ impl Report {
 
 const ESTABLISHED_HEADER: &str = "| pattern | none | iptables | redirector | sockmap | redirector/none | redirector/iptables | sockmap/none | sockmap/iptables | sockmap/redirector |\n|---|---|---|---|---|---|---|---|---|---|\n";
 
-/// One established-traffic row: transactions/s (p50/p99 µs) or MiB/s.
-pub fn established_row(e: &Established) -> String {
-    let cell = |st: &Stats| match e.pattern {
-        Pattern::RequestResponse => format!("{:.0}/s ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us),
-        Pattern::Throughput => format!("{:.0} MiB/s", st.rate_per_s),
-    };
-    format!(
-        "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-        e.name,
-        cell(&e.setups[0].1),
-        cell(&e.setups[1].1),
-        cell(&e.setups[2].1),
-        cell(&e.setups[3].1),
-        e.ratio_vs_none,
-        e.ratio_vs_iptables,
-        e.sockmap_vs_none,
-        e.sockmap_vs_iptables,
-        e.sockmap_vs_redirector
-    )
-}
-
 impl Report {
     /// ns per run (runs per connection or transaction) of each program.
     fn bpf_table(&self) -> String {
@@ -372,56 +355,6 @@ impl Report {
     }
 }
 
-fn ms(us: f64) -> String {
-    format!("{:.2}", us / 1e3)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
-}
-
 const SYNC_HEADER: &str = "| workloads | redirector load ms | sync ms | re-sync (unchanged) ms | one change ms | port / CIDR entries | RSS start / loaded / synced MiB | map memory MiB | osm-init restores ms (pods measured) | redirector/iptables |\n|---|---|---|---|---|---|---|---|---|---|\n";
 
-/// One full-sync row, as printed while running and in `results.md`.
-pub fn sync_row(s: &Sync) -> String {
-    let r = &s.redirector;
-    let i = &s.iptables;
-    format!(
-        "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} / {} | {} / {} / {} | {:.1} | {:.0} ({}{}) | {:.3} |",
-        s.workloads,
-        r.load_ms,
-        r.sync_ms,
-        r.resync_unchanged_ms,
-        r.one_change_ms,
-        r.port_entries,
-        r.cidr_entries,
-        mib(r.rss_start_kib),
-        mib(r.rss_loaded_kib),
-        mib(r.rss_synced_kib),
-        r.map_memory_bytes as f64 / (1024.0 * 1024.0),
-        i.total_ms,
-        i.measured_pods,
-        if i.extrapolated { ", extrapolated" } else { "" },
-        s.ratio_vs_iptables
-    )
-}
-
 const NEWCONN_HEADER: &str = "| scenario | iptables rules | none conn/s (p50/p99 µs) | iptables conn/s (p50/p99 µs) | redirector conn/s (p50/p99 µs) | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|---|\n";
-
-fn rate_cell(st: &Stats) -> String {
-    format!("{:.0} ({:.0}/{:.0})", st.rate_per_s, st.p50_us, st.p99_us)
-}
-
-/// One results row, as printed while running and in `results.md`.
-pub fn newconn_row(s: &Scenario) -> String {
-    format!(
-        "| {} | {} | {} | {} | {} | {:.2} | {:.2} |",
-        s.name,
-        s.iptables_exclusion_rules,
-        rate_cell(&s.setups[0].1),
-        rate_cell(&s.setups[1].1),
-        rate_cell(&s.setups[2].1),
-        s.ratio_vs_none,
-        s.ratio_vs_iptables
-    )
-}

@@ -71,6 +71,16 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
+/// Microseconds as milliseconds with two decimals.
+pub fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1e3)
+}
+
+/// KiB as MiB with one decimal.
+pub fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
