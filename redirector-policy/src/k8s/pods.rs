@@ -73,11 +73,6 @@ pub fn runtime_container_id(status_id: &str) -> Option<&str> {
     (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(id)
 }
 
-/// The name of the sidecar container the preset's injector adds.
-pub fn proxy_container(preset: Preset) -> &'static str {
-    preset.proxy_container()
-}
-
 /// One rule that marks a pod as meshed. A pod is meshed when any rule of
 /// the agent's list matches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -258,7 +253,7 @@ mod tests {
         }
         for preset in [Preset::Osm, Preset::Istio, Preset::Linkerd, Preset::Kuma] {
             let rules = MeshedWhen::defaults(preset);
-            assert!(rules.contains(&MeshedWhen::Container(proxy_container(preset).into())), "{preset:?}");
+            assert!(rules.contains(&MeshedWhen::Container(preset.proxy_container().into())), "{preset:?}");
         }
     }
 }

@@ -13,7 +13,7 @@ use redirector_policy::{
     k8s::{
         mesh::MeshSources,
         plan::{plan, EventKind, Inputs, PodEvent},
-        pods::{is_meshed, proxy_container, MeshedWhen, PodInfo},
+        pods::{is_meshed, MeshedWhen, PodInfo},
     },
     MeshSettings,
 };
@@ -199,7 +199,7 @@ impl Agent {
         let ProxyIdentity::Cgroup { container } = &self.opts.proxy_identity else {
             return BTreeMap::new();
         };
-        let name = container.clone().unwrap_or_else(|| proxy_container(mesh.preset).to_string());
+        let name = container.clone().unwrap_or_else(|| mesh.preset.proxy_container().to_string());
         let mut cache = std::mem::take(&mut self.proxy_cgroups);
         let mut out = BTreeMap::new();
         let mut missing = BTreeSet::new();
