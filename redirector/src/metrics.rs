@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Upper bounds (seconds) of the sync-latency histogram.
@@ -179,6 +179,39 @@ impl Metrics {
     }
 }
 
+/// Binds the status endpoint. `[::]:PORT` is dual-stack whatever the
+/// node's `net.ipv6.bindv6only` says (IPV6_V6ONLY is cleared), so one
+/// DaemonSet argument serves kubelet's probes on IPv4-only, dual-stack and
+/// IPv6-only clusters. A node without IPv6 fails the bind with the address
+/// family's error: say `--metrics-addr=0.0.0.0:PORT` there (no silent
+/// fallback to another address than the one asked for).
+pub fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    use std::os::fd::AsRawFd as _;
+    let socket = if addr.is_ipv6() { tokio::net::TcpSocket::new_v6() } else { tokio::net::TcpSocket::new_v4() };
+    let socket = socket.with_context(|| format!("--metrics-addr={addr}: creating the socket"))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        let off: libc::c_int = 0;
+        // SAFETY: a valid socket descriptor and a c_int option value of the
+        // size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&off as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("--metrics-addr={addr}: clearing IPV6_V6ONLY"));
+        }
+    }
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr).with_context(|| format!("--metrics-addr={addr}: binding the status endpoint"))?;
+    socket.listen(128).with_context(|| format!("--metrics-addr={addr}: listening"))
+}
+
 /// Serves the endpoints on `listener` (bound by the caller, so a bad
 /// address fails the agent's start) until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> Result<()> {
@@ -246,6 +279,22 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `[::]` answers on both loopbacks (kubelet probes the pod's IPv4 or
+    /// IPv6 address, whichever the cluster has), independent of the
+    /// `bindv6only` sysctl.
+    #[tokio::test]
+    async fn unspecified_v6_status_address_is_dual_stack() {
+        let l = bind("[::]:0".parse().unwrap()).unwrap();
+        let port = l.local_addr().unwrap().port();
+        for peer in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            let (c, a) = tokio::join!(tokio::net::TcpStream::connect(&peer), l.accept());
+            c.unwrap_or_else(|e| panic!("connect {peer}: {e}"));
+            a.unwrap();
+        }
+        let v4 = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+    }
 
     #[test]
     fn histogram_is_cumulative() {

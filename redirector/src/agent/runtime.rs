@@ -78,9 +78,7 @@ impl Runtime {
     pub async fn start(target: &'static str, pin_dir: PathBuf, metrics_addr: Option<SocketAddr>) -> Result<Self> {
         let metrics = Metrics::new(pin_dir.clone());
         if let Some(addr) = metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the status endpoint on {addr}"))?;
+            let listener = crate::metrics::bind(addr)?;
             let m = metrics.clone();
             tokio::spawn(async move {
                 if let Err(e) = crate::metrics::serve(listener, m).await {
