@@ -17,6 +17,8 @@ mod maps;
 mod sk_lookup;
 mod sk_msg;
 mod sockops;
+#[cfg(feature = "socklb-standin")]
+mod standin_socklb;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -33,6 +33,12 @@ pub mod fakeapi;
 pub static UPGRADE_TEST_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf-upgrade-test"));
 
+/// The agent's programs plus `standin_sock4_connect` /
+/// `standin_sock4_getpeername` and their maps: a stand-in for Cilium's
+/// socket load balancer (see `redirector-ebpf/src/standin_socklb.rs`).
+pub static SOCKLB_STANDIN_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector-ebpf-socklb-standin"));
+
 /// Runs a command, failing with its stderr.
 pub fn sh(program: &str, args: &[&str]) -> Result<String> {
     let out =

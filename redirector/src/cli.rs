@@ -26,6 +26,12 @@ pub(crate) struct KubeArgs {
     /// (in-cluster service account, or KUBECONFIG).
     #[arg(long)]
     pub(crate) kube: bool,
+    /// Where the programs attach: `kubepods` (the kubelet's pods cgroup,
+    /// found under --cgroup: below programs attached at the root, such as
+    /// Cilium's socket load balancer, and never the node's own services),
+    /// or a cgroup-v2 directory (default: --cgroup itself).
+    #[arg(long, requires = "kube")]
+    pub(crate) attach_cgroup: Option<PathBuf>,
     /// This node's name (downward API `spec.nodeName`).
     #[arg(long, env = "NODE_NAME", required_if_eq("kube", "true"))]
     pub(crate) node_name: Option<String>,

@@ -40,6 +40,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 }
                 None => rt.block_on(redirector::agent::k8s::run(redirector::agent::k8s::KubeOptions {
                     node_name: kube.node_name.unwrap_or_default(),
+                    attach_cgroup: match kube.attach_cgroup {
+                        Some(p) if p.as_os_str() == "kubepods" => redirector::sys::kubepods::find(&cgroup)?,
+                        Some(p) => p,
+                        None => cgroup.clone(),
+                    },
                     cgroup,
                     pin_dir,
                     socket: kube.agent_socket,

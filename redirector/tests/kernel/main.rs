@@ -9,6 +9,7 @@
 //! agent, the iptables workload, the differential driver, waiting):
 //! [`differential`] (against the meshes' iptables rules), [`dual_stack`],
 //! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
+//! [`coexistence`] (a socket load balancer on a parent cgroup),
 //! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
 //! (the Kubernetes agent against a fake API server), [`kernel_support`].
 use std::{
@@ -25,6 +26,7 @@ use redirector_policy::{
 };
 use redirector_testkit::{self as testkit, AgentProcess, PinDir, Proto, Server, TestCgroup, Topology};
 
+mod coexistence;
 mod connections;
 mod differential;
 mod dual_stack;

@@ -72,7 +72,10 @@ pub const MESHCONFIG_PLURAL: &str = "meshconfigs";
 
 pub struct KubeOptions {
     pub node_name: String,
+    /// The cgroup2 mount: pods' cgroups are found below it.
     pub cgroup: PathBuf,
+    /// Where the programs attach (the kubelet's pods cgroup, or `cgroup`).
+    pub attach_cgroup: PathBuf,
     pub pin_dir: PathBuf,
     /// The unix socket the init containers talk to.
     pub socket: PathBuf,
@@ -153,12 +156,12 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
     let rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
-    let dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
+    let dp = Dataplane::load(&opts.pin_dir, &opts.attach_cgroup)?;
     info!(
         target: LOG,
         "node {}: attached to cgroup {}, maps and links pinned in {}",
         opts.node_name,
-        opts.cgroup.display(),
+        opts.attach_cgroup.display(),
         opts.pin_dir.display()
     );
     let (reg_tx, reg_rx) = mpsc::channel::<Registration>(64);
