@@ -17,8 +17,10 @@ fn main() -> anyhow::Result<()> {
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("..").join("redirector-ebpf");
     let root = root.to_str().expect("utf-8 path").to_owned();
+    // The layout-upgrade test's agent embeds programs of its own layout.
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_LAYOUT_NEXT").is_some() { &["layout-next"] } else { &[] };
     aya_build::build_ebpf(
-        [aya_build::Package { name: "redirector-ebpf", root_dir: &root, ..Default::default() }],
+        [aya_build::Package { name: "redirector-ebpf", root_dir: &root, features, ..Default::default() }],
         aya_build::Toolchain::default(),
     )?;
     Ok(())

@@ -10,16 +10,24 @@
 
 pub mod decide;
 
-/// Version of the map layout below. The agent stores it in the `META` map
-/// and refuses to adopt pinned maps that carry another version.
+/// Version of the map layout below. The agent stores it in the `META` map;
+/// it migrates pinned state of an older layout (see the agent's
+/// `dataplane::migrate`) and refuses a newer one.
+#[cfg(not(feature = "layout-next"))]
 pub const LAYOUT_VERSION: u32 = 5;
+/// The layout-upgrade test's "next layout" (feature `layout-next`).
+#[cfg(feature = "layout-next")]
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
 /// (Layout 3 raised workloads from 4,096 and the list maps from 65,536, so
 /// that 10,000 workloads with a few port and CIDR rules each fit; the list
 /// maps are not preallocated, so an unused capacity costs little.)
+#[cfg(not(feature = "layout-next"))]
 pub const MAX_WORKLOADS: u32 = 16_384;
+#[cfg(feature = "layout-next")]
+pub const MAX_WORKLOADS: u32 = 32_768;
 /// 16 per workload at full capacity (an OSM workload has 5 reserved
 /// inbound ports before any of its own).
 pub const MAX_PORT_RULES: u32 = 262_144;

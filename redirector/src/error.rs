@@ -52,13 +52,15 @@ pub enum PinnedLayout {
          run `redirector cleanup` with the old agent's version (or remove the pin directory) first"
     )]
     Version { found: u32, expected: u32 },
-    /// Found by `Dataplane::load` before anything is changed.
+    /// Found by `Dataplane::load` before anything is changed: a newer
+    /// agent's layout (an older one is migrated).
     #[error(
-        "pinned maps in {} have layout version {found} but this agent uses version {expected}; \
-         run `redirector cleanup` with the agent that created them (or remove the pin directory) first",
+        "pinned maps in {} have layout version {found}, newer than this agent's {expected}: a newer agent \
+         programmed this node and this agent cannot migrate back, so it changed nothing (redirection stays as \
+         the newer agent left it); run the newer agent, or `redirector cleanup` with it first",
         .pin_dir.display()
     )]
-    VersionIn { pin_dir: PathBuf, found: u32, expected: u32 },
+    Newer { pin_dir: PathBuf, found: u32, expected: u32 },
     /// A pinned map's capacity differs from this build's (aya would adopt
     /// it whatever its size).
     #[error(
@@ -114,12 +116,13 @@ mod tests {
     }
 
     #[test]
-    fn layout_version_in_pin_dir_message_is_unchanged() {
-        let e = PinnedLayout::VersionIn { pin_dir: "/sys/fs/bpf/redirector".into(), found: 2, expected: 3 };
+    fn newer_layout_message_says_nothing_changed() {
+        let e = PinnedLayout::Newer { pin_dir: "/sys/fs/bpf/redirector".into(), found: 6, expected: 5 };
         assert_eq!(
             e.to_string(),
-            "pinned maps in /sys/fs/bpf/redirector have layout version 2 but this agent uses version 3; run \
-             `redirector cleanup` with the agent that created them (or remove the pin directory) first"
+            "pinned maps in /sys/fs/bpf/redirector have layout version 6, newer than this agent's 5: a newer agent \
+             programmed this node and this agent cannot migrate back, so it changed nothing (redirection stays as \
+             the newer agent left it); run the newer agent, or `redirector cleanup` with it first"
         );
     }
 

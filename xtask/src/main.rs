@@ -227,11 +227,29 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the kernel tests attach eBPF programs and create namespaces: run `cargo xtask test` as root");
     }
+    // The layout-upgrade test's agent of the next map layout, built first:
+    // the test run's own build then puts the shipped agent back in
+    // target/release/redirector.
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "redirector",
+        "--bin",
+        "redirector",
+        "--features",
+        "layout-next",
+    ]))?;
+    let layout_next = target_dir().join("layout-next/redirector");
+    std::fs::create_dir_all(layout_next.parent().expect("a parent"))?;
+    std::fs::copy(target_dir().join("release/redirector"), &layout_next).context("copying the next-layout agent")?;
     // One cargo invocation: unit and property tests of every crate, then the
     // kernel tests. One thread: the kernel tests move the process between
     // cgroups.
     run(Command::new("cargo")
         .current_dir(workspace_root())
+        .env("REDIRECTOR_LAYOUT_NEXT_BIN", &layout_next)
         .args(["test", "--release", "--workspace", "--exclude", "redirector-ebpf"])
         .args(["--lib", "--bins", "--tests", "--"])
         .arg("--test-threads=1")

@@ -445,6 +445,8 @@ fn ensure_host_tools() -> Result<()> {
 
 struct Payload {
     redirector: PathBuf,
+    /// The layout-upgrade test's next-layout agent.
+    layout_next: PathBuf,
     kernel_tests: PathBuf,
 }
 
@@ -460,6 +462,13 @@ fn build_guest_binaries() -> Result<Payload> {
             .args([sub, "--release", "--target", GUEST_TRIPLE, "-p", "redirector"]);
         cmd
     };
+    // The next-layout agent first: the plain build after it puts the
+    // shipped agent back at target/<triple>/release/redirector.
+    run(cargo("build").args(["--bin", "redirector", "--features", "layout-next"]))?;
+    let release = target_dir().join(GUEST_TRIPLE).join("release");
+    let layout_next = target_dir().join(GUEST_TRIPLE).join("layout-next/redirector");
+    fs::create_dir_all(layout_next.parent().expect("a parent"))?;
+    fs::copy(release.join("redirector"), &layout_next).context("copying the next-layout agent")?;
     run(cargo("build").args(["--bin", "redirector"]))?;
     let mut test = cargo("test");
     test.args(["--test", "kernel", "--no-run", "--message-format=json"]).stderr(Stdio::inherit());
@@ -473,8 +482,8 @@ fn build_guest_binaries() -> Result<Payload> {
         .filter(|l| l.contains(r#""reason":"compiler-artifact""#) && l.contains(r#""name":"kernel""#))
         .find_map(json_executable)
         .context("cargo reported no executable for the `kernel` test target")?;
-    let payload = Payload { redirector: target_dir().join(GUEST_TRIPLE).join("release/redirector"), kernel_tests };
-    for bin in [&payload.redirector, &payload.kernel_tests] {
+    let payload = Payload { redirector: release.join("redirector"), layout_next, kernel_tests };
+    for bin in [&payload.redirector, &payload.layout_next, &payload.kernel_tests] {
         let elf = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
         if has_interpreter(&elf)? {
             bail!("{} is dynamically linked (crt-static did not apply)", bin.display());
@@ -962,6 +971,7 @@ fn base_initramfs(busybox: &Path, payload: &Payload) -> Result<Initramfs> {
     image.file("etc/passwd", Data::Bytes(b"root:x:0:0:root:/root:/bin/sh\n".to_vec()), 0o644);
     image.file("etc/group", Data::Bytes(b"root:x:0:\n".to_vec()), 0o644);
     image.file("bin/redirector", Data::Host(payload.redirector.clone()), 0o755);
+    image.file("bin/redirector-layout-next", Data::Host(payload.layout_next.clone()), 0o755);
     image.file("bin/kernel-tests", Data::Host(payload.kernel_tests.clone()), 0o755);
     Ok(image)
 }
@@ -1022,7 +1032,7 @@ fn init_script(modules: &[String], test_args: &[String]) -> String {
         "ip link set lo up\n\
          echo \"REDIRECTOR-VM: running the kernel tests on $(uname -r)\"\n\
          cd /tmp\n\
-         REDIRECTOR_BIN=/bin/redirector REDIRECTOR_CHURN_CONNECTIONS=2000 RUST_BACKTRACE=1 /bin/kernel-tests --test-threads=1{args}\n\
+         REDIRECTOR_BIN=/bin/redirector REDIRECTOR_LAYOUT_NEXT_BIN=/bin/redirector-layout-next REDIRECTOR_CHURN_CONNECTIONS=2000 RUST_BACKTRACE=1 /bin/kernel-tests --test-threads=1{args}\n\
          rc=$?\n\
          echo \"{RESULT_MARKER} rc=$rc kernel=$(uname -r)\"\n\
          sync\n\

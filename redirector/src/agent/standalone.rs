@@ -102,6 +102,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             },
             _ = tick.tick() => false,
         };
+        dp.drain_retired();
         if rt.check_full_maps(&dp.maps) && !retry.due() {
             // A listener the data path could not register is registered
             // by a pass (from /proc) once there is room: keep retrying.

@@ -16,10 +16,13 @@
 //! - `maps`: typed reads and the generational writes of the maps;
 //! - `pins`: the pin layout, capacities, readiness, cleanup;
 //! - `fullmap`: full maps the data path ran into (its counters);
+//! - `migrate`: carrying pinned state of an older map layout across an
+//!   upgrade (`<pin>/retired-v<N>/` while it drains);
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
 mod fullmap;
 mod maps;
+mod migrate;
 mod object;
 mod pins;
 
@@ -42,6 +45,7 @@ pub use self::{
     attach::refuse_unavailable_acceleration,
     fullmap::FullMapWatch,
     maps::Maps,
+    migrate::{retired_connect_attached, retired_sets},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
@@ -78,6 +82,10 @@ pub struct Dataplane {
     /// whole sweeps a pass deletes exactly the entries of the policies it
     /// replaced or removed, which it knows from `programmed`.
     last_full_sweep: Option<Instant>,
+    /// A layout migration waiting for a workload was reported.
+    migration_wait_reported: bool,
+    /// This layout's maps hold every workload: older layouts may retire.
+    older_layouts_may_retire: bool,
     _ebpf: Ebpf,
 }
 
@@ -99,13 +107,24 @@ impl Dataplane {
             // (0 means a previous agent died before it stamped the maps).
             let meta: Array<MapData, Meta> = Array::try_from(open_pinned(pin_dir, map_names::META)?)?;
             let version = meta.get(&0, 0)?.layout_version;
-            if version != 0 && version != LAYOUT_VERSION {
-                return Err(PinnedLayout::VersionIn {
+            drop(meta);
+            if version > LAYOUT_VERSION {
+                return Err(PinnedLayout::Newer {
                     pin_dir: pin_dir.to_owned(),
                     found: version,
                     expected: LAYOUT_VERSION,
                 }
                 .into());
+            }
+            if version != 0 && version < LAYOUT_VERSION {
+                let dir = migrate::retire(pin_dir, version)?;
+                log::warn!(
+                    "pinned maps in {} have the older layout {version}: migrating to layout {LAYOUT_VERSION}; the \
+                     old programs keep redirecting from {} until this agent has programmed every workload, then \
+                     drain",
+                    pin_dir.display(),
+                    dir.display()
+                );
             }
         }
         // aya reuses a pinned map whatever its size: a map pinned by an
@@ -131,6 +150,8 @@ impl Dataplane {
             accel_unavailable,
             programmed: StdHashMap::new(),
             last_full_sweep: None,
+            migration_wait_reported: false,
+            older_layouts_may_retire: false,
             _ebpf: ebpf,
         })
     }
@@ -242,6 +263,7 @@ impl Dataplane {
             }
         }
         self.clear_retired(&retired, whole, &mut report);
+        self.retire_older_layouts(desired, keep, &report);
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
@@ -258,6 +280,54 @@ impl Dataplane {
             }
         }
         report
+    }
+
+    /// Moves a layout migration on (see `migrate`) once this layout's maps
+    /// hold every desired and kept workload: until then the older layout's
+    /// programs go on redirecting new connections.
+    fn retire_older_layouts(&mut self, desired: &[Desired], keep: &BTreeSet<u64>, report: &ApplyReport) {
+        if retired_sets(&self.pin_dir).is_empty() {
+            return;
+        }
+        let programmed: BTreeSet<u64> = self.maps.workloads().map(|w| w.keys().copied().collect()).unwrap_or_default();
+        let missing: Vec<String> = desired
+            .iter()
+            .filter(|d| !programmed.contains(&d.cookie))
+            .map(|d| d.name.clone())
+            .chain(keep.iter().filter(|c| !programmed.contains(c)).map(|c| format!("netns cookie {c}")))
+            .collect();
+        if !report.errors.is_empty() || !missing.is_empty() {
+            if !self.migration_wait_reported {
+                log::warn!(
+                    "layout migration waits: the older layout's programs keep redirecting new connections until \
+                     every workload is programmed in layout {LAYOUT_VERSION} (not yet: {})",
+                    missing.iter().chain(report.errors.iter().map(|(n, _)| n)).cloned().collect::<Vec<_>>().join(", ")
+                );
+                self.migration_wait_reported = true;
+            }
+            self.older_layouts_may_retire = false;
+            return;
+        }
+        self.older_layouts_may_retire = true;
+        self.drain_retired();
+    }
+
+    /// Moves a layout migration on between passes (the agents call it on
+    /// their periodic tick): a retired layout is removed once the last
+    /// connection it redirected has closed.
+    pub fn drain_retired(&mut self) {
+        if !self.older_layouts_may_retire {
+            return;
+        }
+        for step in migrate::progress(&self.pin_dir) {
+            match step {
+                Ok(line) => log::info!("{line}"),
+                Err(e) => log::warn!("layout migration: {e:#}"),
+            }
+        }
+        if retired_sets(&self.pin_dir).is_empty() {
+            self.older_layouts_may_retire = false;
+        }
     }
 
     /// Deletes the entries of retired policies: exactly `retired`, or,

@@ -65,6 +65,11 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     for e in std::fs::read_dir(pin_dir)? {
         let p = e?.path();
+        if p.is_dir() && super::migrate::retired_sets(pin_dir).iter().any(|(_, d)| *d == p) {
+            // An older layout still draining after an upgrade.
+            removed.extend(cleanup(&p)?);
+            continue;
+        }
         if p.is_dir() {
             bail!("unexpected directory {} in the pin directory; not removing it", p.display());
         }

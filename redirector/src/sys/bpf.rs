@@ -11,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
@@ -86,6 +87,26 @@ pub fn obj_get(path: &Path) -> Result<OwnedFd> {
     let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening pin {}", path.display()))?;
     // SAFETY: new fd owned by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether the map pinned at `path` has no entry (`BPF_MAP_GET_NEXT_KEY`
+/// from no key: ENOENT means empty), whatever its key and value types: a
+/// retired layout's maps are read without knowing their types.
+pub fn pinned_map_is_empty(path: &Path) -> Result<bool> {
+    let key_size = aya::maps::MapInfo::from_pin(path)
+        .with_context(|| format!("reading the pinned map {}", path.display()))?
+        .key_size() as usize;
+    let map = obj_get(path)?;
+    let mut key = vec![0u8; key_size.max(1)];
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, map.as_raw_fd() as u32);
+    put_u64(&mut attr, 8, 0);
+    put_u64(&mut attr, 16, key.as_mut_ptr() as u64);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+        Err(e) => Err(e).with_context(|| format!("BPF_MAP_GET_NEXT_KEY on {}", path.display())),
+    }
 }
 
 /// `BPF_PROG_QUERY`: how many programs of attach type `ty` are attached to

@@ -124,17 +124,17 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
 
 /// Outcome counts of a connection load.
 #[derive(Debug, Default)]
-struct LoadCounts {
-    proxied: u64,
-    direct: u64,
-    failed: u64,
-    errors: Vec<String>,
+pub(super) struct LoadCounts {
+    pub(super) proxied: u64,
+    pub(super) direct: u64,
+    pub(super) failed: u64,
+    pub(super) errors: Vec<String>,
 }
 
 /// Connects from `netns` as `uid` to `dst` in a loop until `stop`, each
 /// connection reading the one-line answer (about 1 ms apart: a few hundred
 /// connections per second, bounded by `stop`).
-fn connection_load(
+pub(super) fn connection_load(
     netns: &Path,
     uid: u32,
     dst: std::net::SocketAddr,

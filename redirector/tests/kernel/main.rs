@@ -11,7 +11,8 @@
 //! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
 //! [`coexistence`] (a socket load balancer on a parent cgroup),
 //! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
-//! (the Kubernetes agent against a fake API server), [`kernel_support`].
+//! (the Kubernetes agent against a fake API server), [`kernel_support`],
+//! [`upgrade`] (across a map-layout change).
 use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
@@ -36,6 +37,7 @@ mod kernel_support;
 mod kube;
 mod lifecycle;
 mod sockmap;
+mod upgrade;
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
 

@@ -303,6 +303,7 @@ impl Agent {
             }
             Input::Resync => {
                 self.rt.check_full_maps(&self.dp.maps);
+                self.dp.drain_retired();
                 self.last_scan = None;
                 true
             }
