@@ -64,9 +64,15 @@ pub(super) enum MeshConfigInput {
 
 type WatchStream<K> = Pin<Box<dyn Stream<Item = Result<Event<K>, watcher::Error>> + Send>>;
 
-/// Lists from the watch cache (see the module's documentation).
+/// Lists from the watch cache (see the module's documentation), in one
+/// page: kube-core drops `resourceVersion=0` from a list that also has a
+/// `limit` (`ListParams::populate_qp`), which would make every list a
+/// quorum read again, and the watch cache serves a `resourceVersion=0`
+/// list whole anyway. The lists are small (one node's pods, one object).
 fn config() -> watcher::Config {
-    watcher::Config::default().any_semantic()
+    let mut cfg = watcher::Config::default().any_semantic();
+    cfg.page_size = None;
+    cfg
 }
 
 fn watch_one<K>(api: Api<K>, name: &str) -> WatchStream<K>
@@ -340,6 +346,13 @@ impl<T> Watched<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_ask_for_the_watch_cache() {
+        let c = config();
+        assert_eq!(c.list_semantic, watcher::ListSemantic::Any);
+        assert_eq!(c.page_size, None, "with a limit, kube-core leaves out resourceVersion=0");
+    }
 
     fn err() -> Result<Event<()>, watcher::Error> {
         Err(watcher::Error::NoResourceVersion)
