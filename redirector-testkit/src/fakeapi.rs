@@ -165,6 +165,10 @@ struct State {
     generation: u64,
     requests: Vec<Served>,
     next_uid: u64,
+    /// The test process and this server's port: the UIDs of two servers
+    /// never meet, also across test runs on one machine (the agent finds
+    /// pods in /proc by their UID).
+    uid_prefix: (u32, u16),
     /// Denied as RBAC would (403), every verb.
     forbidden: BTreeSet<Resource>,
     /// The next requests answered with this 5xx status.
@@ -194,7 +198,7 @@ impl FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the fake API server")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let mut st = State { rv: 100, ..Default::default() };
+        let mut st = State { rv: 100, uid_prefix: (std::process::id(), addr.port()), ..Default::default() };
         for r in resources.iter().cloned().chain([Resource::events(), Resource::nodes()]) {
             st.resources.insert(r.clone(), Collection::default());
             st.served.insert(r);
@@ -347,7 +351,8 @@ fn store(st: &mut State, res: &Resource, mut obj: Value) -> Value {
     let name = obj.pointer("/metadata/name").and_then(Value::as_str).expect("object has a name").to_string();
     if obj.pointer("/metadata/uid").is_none() {
         st.next_uid += 1;
-        obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", st.next_uid));
+        obj["metadata"]["uid"] =
+            json!(format!("{:08x}-{:04x}-4000-8000-{:012x}", st.uid_prefix.0, st.uid_prefix.1, st.next_uid));
     }
     obj["metadata"]["resourceVersion"] = json!(rv.to_string());
     obj["apiVersion"] = json!(res.api_version());
