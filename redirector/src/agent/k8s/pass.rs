@@ -123,7 +123,8 @@ impl Agent {
             let why = format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default());
             self.rt.metrics.set_ready(Some(why));
             self.answer_waiters();
-            self.tend_events(&BTreeSet::new(), &BTreeSet::new());
+            // No plan ran: the pods' problems stand as last seen.
+            self.tend_events(None);
             return false;
         };
         let rules = self.rules(&mesh);
@@ -224,18 +225,22 @@ impl Agent {
         let plan_problems: BTreeSet<String> =
             self.pods.items.keys().filter(|uid| self.plan_state.has_problem(uid)).map(|u| plan_key(u)).collect();
         let apply_problems: BTreeSet<String> = self.pod_errors.keys().map(|u| apply_key(u)).collect();
-        self.tend_events(&plan_problems, &apply_problems);
+        self.tend_events(Some((&plan_problems, &apply_problems)));
         self.set_ready_after_pass();
         self.answer_waiters();
         true
     }
 
     /// Forgets the Events of problems that are over and refreshes those
-    /// that last.
-    fn tend_events(&self, plan_problems: &BTreeSet<String>, apply_problems: &BTreeSet<String>) {
+    /// that last; `pods`: the pods' problems after this pass (None: as
+    /// they were).
+    fn tend_events(&self, pods: Option<(&BTreeSet<String>, &BTreeSet<String>)>) {
         let mesh_problem = self.mesh_error.is_some();
-        self.events
-            .retain(|k| (k == MESH_KEY && mesh_problem) || plan_problems.contains(k) || apply_problems.contains(k));
+        self.events.retain(|k| match pods {
+            _ if k == MESH_KEY => mesh_problem,
+            Some((plan, apply)) => plan.contains(k) || apply.contains(k),
+            None => true,
+        });
         self.events.tend();
     }
 
