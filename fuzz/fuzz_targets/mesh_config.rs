@@ -1,7 +1,8 @@
 //! Kubernetes mode's mesh settings: the ConfigMap's `mesh.yaml` text and
 //! OSM's MeshConfig object (`spec.traffic` lists). Input: the YAML text,
 //! then optionally a NUL byte and the MeshConfig as JSON. Checks: errors
-//! are errors naming their source; the result is valid; `mesh.yaml` means
+//! are errors naming their source; a text that parses but names no preset
+//! is refused; the result is valid; `mesh.yaml` means
 //! what the `mesh` section of a config file means; the MeshConfig's lists
 //! replace the ConfigMap's and the others stay; printed back, the settings
 //! parse to themselves.
@@ -10,7 +11,7 @@
 use libfuzzer_sys::fuzz_target;
 use redirector_fuzz::{check_mesh, render_mesh};
 use redirector_policy::{
-    k8s::mesh::{MeshSources, Source, MESHCONFIG_TRAFFIC_KEYS},
+    k8s::mesh::{ConfigMapSource, MeshSources, Source, MESHCONFIG_TRAFFIC_KEYS},
     parse_config, parse_mesh_document, MeshSettings,
 };
 use serde_yaml::{Mapping, Value};
@@ -44,8 +45,9 @@ fuzz_target!(|data: &[u8]| {
         Some((t, j)) => (t, serde_json::from_str::<serde_json::Value>(j).ok()),
         None => (input, None),
     };
-    let base = MeshSources { configmap: Some((CM.into(), Some(text.into()))), meshconfig: None };
+    let base = MeshSources { configmap: ConfigMapSource::Present(CM.into(), Some(text.into())), meshconfig: None };
     let base_result = base.resolve();
+    let document = parse_mesh_document(Some(text), &[]);
     match &base_result {
         Ok(m) => {
             check_mesh(m);
@@ -58,7 +60,13 @@ fuzz_target!(|data: &[u8]| {
             assert!(format!("{e:#}").contains(CM), "{e:#}");
         }
     }
-    mesh_section_agrees(text, base_result.as_ref().ok());
+    match (&base_result, &document) {
+        (Ok(m), Ok(d)) => assert_eq!(m, d, "the ConfigMap and the document parser differ"),
+        (Err((_, e)), Ok(_)) => assert!(format!("{e:#}").contains("key `preset` is missing"), "{e:#}"),
+        (Ok(_), Err(e)) => panic!("accepted in the ConfigMap, refused as a document: {e:#}"),
+        (Err(_), Err(_)) => {}
+    }
+    mesh_section_agrees(text, document.as_ref().ok());
 
     let Some(object) = json else { return };
     let with = MeshSources { meshconfig: Some((MC.into(), object.clone())), ..base };

@@ -588,7 +588,11 @@ impl AgentProcess {
     }
 
     pub fn stop(&mut self) {
-        // SAFETY: signalling our own child.
+        // Already exited and reaped: its PID may belong to another process.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: signalling our own child, not yet reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {

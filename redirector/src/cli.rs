@@ -39,16 +39,29 @@ pub(crate) struct KubeArgs {
     #[arg(long, default_value = "/var/run/redirector/agent.sock")]
     pub(crate) agent_socket: PathBuf,
     /// NAMESPACE/NAME of the ConfigMap whose `mesh.yaml` holds the mesh
-    /// settings ("" for none: preset defaults).
+    /// settings; it must exist and name the preset ("" for none: OSM's
+    /// preset defaults).
     #[arg(long, default_value = "redirector-system/redirector-config", value_parser = parse_object_name)]
     pub(crate) configmap: ObjectName,
-    /// NAMESPACE/NAME of OSM's MeshConfig, read when its CRD is installed
-    /// ("" for none).
-    #[arg(long, default_value = "osm-system/osm-mesh-config", value_parser = parse_object_name)]
-    pub(crate) meshconfig: ObjectName,
+    /// NAMESPACE/NAME of OSM's MeshConfig, read with preset osm while its
+    /// CRD is installed ("" for none) [default: osm-system/osm-mesh-config;
+    /// given with another preset, it is warned about]
+    #[arg(long, value_parser = parse_object_name)]
+    pub(crate) meshconfig: Option<ObjectName>,
     /// API version of the MeshConfig CRD.
     #[arg(long, default_value = "v1alpha2")]
     pub(crate) meshconfig_version: String,
+    /// How often a MeshConfig CRD that is not served is looked for again.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub(crate) meshconfig_recheck: Duration,
+    /// How often the Event of a problem that lasts is refreshed (keep it
+    /// below the API server's --event-ttl, 1h by default).
+    #[arg(long, default_value = "30m", value_parser = parse_positive_duration)]
+    pub(crate) event_refresh: Duration,
+    /// The node taint removed once the agent is ready ("" for none); put
+    /// it on nodes at registration (kubelet --register-with-taints).
+    #[arg(long, default_value = "redirector.dev/agent-not-ready", value_parser = parse_taint_key)]
+    pub(crate) startup_taint: TaintKey,
     /// A pod is meshed when any rule matches: label:KEY[=VALUE],
     /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
     /// the preset's injector leaves on a pod).
@@ -93,6 +106,57 @@ pub(crate) fn parse_object_name(s: &str) -> Result<ObjectName, String> {
         }
         _ => Err(format!("{s:?} is not NAMESPACE/NAME (or \"\" for none)")),
     }
+}
+
+/// The default `--meshconfig`.
+pub(crate) const DEFAULT_MESHCONFIG: (&str, &str) = ("osm-system", "osm-mesh-config");
+
+#[derive(Clone, Debug)]
+pub(crate) struct TaintKey(pub(crate) Option<String>);
+
+/// A taint key is a qualified name: `[prefix/]name`, the prefix a DNS
+/// subdomain, the name at most 63 characters of `[A-Za-z0-9._-]` starting
+/// and ending alphanumeric (the API server's `IsQualifiedName`).
+pub(crate) fn parse_taint_key(s: &str) -> Result<TaintKey, String> {
+    if s.is_empty() {
+        return Ok(TaintKey(None));
+    }
+    let bad = |why: &str| format!("{s:?} is not a taint key: {why}");
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(p) = prefix {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if p.len() > 253 || !p.split('.').all(label_ok) {
+            return Err(bad("its prefix must be a DNS subdomain"));
+        }
+    }
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty()
+        || name.len() > 63
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || !edge_ok(name.chars().next())
+        || !edge_ok(name.chars().last())
+    {
+        return Err(bad("its name must be 1-63 characters of [A-Za-z0-9._-], alphanumeric at both ends"));
+    }
+    Ok(TaintKey(Some(s.to_string())))
+}
+
+/// A duration above zero.
+pub(crate) fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than 0"));
+    }
+    Ok(d)
 }
 
 // Parsed once; the size of `run`'s arguments does not matter.
@@ -245,6 +309,29 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("pod:x"), "{e}");
+        let run = |extra: &[&str]| {
+            let base = ["redirector", "run", "--kube", "--node-name", "n"];
+            Cli::try_parse_from(base.iter().chain(extra)).map(|c| match c.command {
+                Cmd::Run { kube, .. } => kube,
+                _ => unreachable!(),
+            })
+        };
+        let k = run(&[]).unwrap();
+        assert!(k.meshconfig.is_none(), "not given: the default, read only with preset osm");
+        assert_eq!(k.startup_taint.0.as_deref(), Some("redirector.dev/agent-not-ready"));
+        assert_eq!(k.event_refresh, Duration::from_secs(1800));
+        let k = run(&["--meshconfig", "", "--startup-taint", ""]).unwrap();
+        assert!(k.meshconfig.unwrap().0.is_none() && k.startup_taint.0.is_none());
+        for bad in [
+            &["--startup-taint", "Bad_Domain/x"][..],
+            &["--startup-taint", "a/-x"],
+            &["--startup-taint", "a/b/c"],
+            &["--event-refresh", "0s"],
+            &["--meshconfig-recheck", "0"],
+        ] {
+            assert!(run(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(run(&["--startup-taint", "example.com/agent_not.ready-1"]).is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{ConfigMap, Container, Namespace, ResourceQuota, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
-use redirector_policy::k8s::mesh::{MeshSources, CONFIGMAP_KEY};
+use redirector_policy::k8s::mesh::{ConfigMapSource, MeshSources, CONFIGMAP_KEY};
 use serde::Deserialize as _;
 
 fn deploy_dir() -> PathBuf {
@@ -143,7 +143,8 @@ fn configmap_and_rbac_match_the_agent_arguments() {
     assert_eq!(format!("{}/{}", cm.metadata.namespace.clone().unwrap(), cm.metadata.name.clone().unwrap()), cm_name);
     let text = cm.data.as_ref().unwrap().get(CONFIGMAP_KEY).cloned();
     assert!(text.is_some(), "the ConfigMap has no {CONFIGMAP_KEY}");
-    let mesh = MeshSources { configmap: Some((cm_name.to_string(), text)), meshconfig: None }.resolve();
+    let mesh =
+        MeshSources { configmap: ConfigMapSource::Present(cm_name.to_string(), text), meshconfig: None }.resolve();
     assert!(mesh.is_ok(), "{:?}", mesh.err().map(|(_, e)| format!("{e:#}")));
 
     // resourceNames name exactly the objects the agent watches.

@@ -22,6 +22,15 @@ pub struct PlanState {
     reported: BTreeMap<String, String>,
 }
 
+impl PlanState {
+    /// Whether the pod (by UID) has a problem the planner reported (a bad
+    /// annotation, host network) that still lasts: its Event is kept
+    /// fresh while this holds.
+    pub fn has_problem(&self, uid: &str) -> bool {
+        self.reported.contains_key(uid)
+    }
+}
+
 /// Severity of an [`PodEvent`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {

@@ -220,6 +220,14 @@ impl KubeAgent {
     }
 
     fn start_with(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
+        let agent = Self::spawn(api, cgroup, pins, dir, log, extra);
+        let ready = poll_until(|| agent.get("/readyz"), |(code, _)| *code == 200);
+        assert_eq!(ready.0, 200, "agent not ready: {}\nlog:\n{}", ready.1, agent.proc.log_text());
+        agent
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    fn spawn(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
         let socket = dir.join("agent.sock");
@@ -236,10 +244,7 @@ impl KubeAgent {
         args.extend(extra.iter().map(OsString::from));
         let proc =
             AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();
-        let agent = KubeAgent { proc, socket, status };
-        let ready = poll_until(|| agent.get("/readyz"), |(code, _)| *code == 200);
-        assert_eq!(ready.0, 200, "agent not ready: {}\nlog:\n{}", ready.1, agent.proc.log_text());
-        agent
+        KubeAgent { proc, socket, status }
     }
 
     /// GET on the status endpoint: (status code, body).
@@ -323,6 +328,21 @@ fn check_rbac(served: &[Served], all_needed: bool) {
     assert!(!all_needed || unused.is_empty(), "rules in deploy/rbac.yaml no request needed:\n{}", unused.join("\n"));
 }
 
+/// Every list (first lists and relists) is served from the watch cache:
+/// `resourceVersion=0&resourceVersionMatch=NotOlderThan`, not a quorum
+/// read.
+fn check_lists_use_the_watch_cache(served: &[Served]) {
+    let lists: Vec<&Served> = served.iter().filter(|r| r.verb == "list").collect();
+    assert!(!lists.is_empty());
+    for r in lists {
+        assert_eq!(
+            (r.resource_version.as_deref(), r.resource_version_match.as_deref()),
+            (Some("0"), Some("NotOlderThan")),
+            "a quorum list: {r:?}"
+        );
+    }
+}
+
 #[test]
 fn kube_agent_end_to_end() {
     if !require_kernel() {
@@ -342,11 +362,34 @@ fn kube_agent_end_to_end() {
         o
     });
 
+    // The node carries the start-up taint (and another one).
+    let other_taint = json!({"key": "example.com/maintenance", "value": "x", "effect": "NoSchedule"});
+    api.put(
+        &Resource::nodes(),
+        json!({"metadata": {"name": NODE}, "spec": {"taints": [
+            {"key": "redirector.dev/agent-not-ready", "effect": "NoSchedule"}, other_taint.clone()]}}),
+    );
+
     // Pod A runs before the agent starts.
     let mut a = Pod::create(&api, &cgroup.path, "ka", "a", "Running", json!({}));
     a.run_process();
-    let mut agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent1.log");
+    let mut agent =
+        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent1.log", &["--event-refresh", "2s"]);
     let log = |agent: &KubeAgent| agent.proc.log_text();
+    // Ready: the start-up taint goes, the other stays.
+    let taints = poll_until(
+        || api.get(&Resource::nodes(), "", NODE).unwrap()["spec"]["taints"].clone(),
+        |t| t.as_array().is_some_and(|t| t.len() == 1),
+    );
+    assert_eq!(taints, json!([other_taint]), "{}", log(&agent));
+    assert!(
+        api.served().iter().any(|r| r.resource == "nodes"
+            && r.verb == "patch"
+            && r.status == 200
+            && r.content_type.as_deref() == Some("application/json-patch+json")),
+        "{:#?}",
+        api.served()
+    );
     let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
     assert!(got.starts_with("proxy 192.0.2.10:80"), "pod started before the agent not redirected\n{}", log(&agent));
 
@@ -395,6 +438,34 @@ fn kube_agent_end_to_end() {
             .any(|x| x["note"].as_str().unwrap_or("").contains("eighty")),
         "{events:#?}"
     );
+    // While it lasts, its Event is refreshed (--event-refresh 2s): a
+    // series update the strict server accepts.
+    let eighty = |e: &Value| e["note"].as_str().unwrap_or("").contains("eighty");
+    let events =
+        poll_until(|| api.events(), |e| e.iter().any(|x| eighty(x) && x["series"]["count"].as_i64().unwrap_or(0) >= 2));
+    let ev = events.iter().find(|x| eighty(x)).unwrap();
+    assert!(ev["series"]["count"].as_i64().unwrap_or(0) >= 2, "not refreshed: {ev:#}\n{}", log(&agent));
+    assert!(ev["series"]["lastObservedTime"].is_string(), "{ev:#}");
+    assert_eq!(ev["regarding"]["uid"], json!(b.uid), "kubectl describe finds Events by the object's UID");
+    // A note past 1024 bytes of 2-byte characters: cut on a character
+    // boundary, and accepted by the server (which refuses 1025 bytes).
+    let wide = "é".repeat(700);
+    set_annotation(&api, &b, &wide);
+    let events = poll_until(
+        || api.events(),
+        |e| events_for(e, "b", "InvalidAnnotation").iter().any(|x| x["note"].as_str().unwrap_or("").contains("éé")),
+    );
+    let ev = events_for(&events, "b", "InvalidAnnotation")
+        .into_iter()
+        .find(|x| x["note"].as_str().unwrap_or("").contains("éé"))
+        .unwrap_or_else(|| panic!("no Event for a long note: {events:#?}\n{}", log(&agent)));
+    let note = ev["note"].as_str().unwrap();
+    assert!(note.len() <= 1024 && note.len() > 1020, "note of {} bytes", note.len());
+    assert!(
+        !api.served().iter().any(|r| r.resource == "events" && r.status == 422),
+        "the server refused an Event: {:#?}",
+        api.served().iter().filter(|r| r.status >= 400).collect::<Vec<_>>()
+    );
 
     // Mesh-wide: the MeshConfig's exclusions apply live to every pod.
     api.put(&Resource::meshconfigs(), meshconfig(&["192.0.2.0/24"]));
@@ -407,6 +478,9 @@ fn kube_agent_end_to_end() {
     let events = poll_until(|| api.events(), |e| !events_for(e, "redirector-config", "InvalidMeshConfig").is_empty());
     let ev = events_for(&events, "redirector-config", "InvalidMeshConfig");
     assert!(!ev.is_empty() && ev[0]["note"].as_str().unwrap().contains("proxyUID"), "{events:#?}");
+    let cm_uid =
+        api.get(&Resource::configmaps(), "redirector-system", "redirector-config").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(ev[0]["regarding"]["uid"], cm_uid, "{events:#?}");
     assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "last good mesh settings lost");
     api.put(&Resource::configmaps(), configmap("preset: osm\n"));
     api.put(&Resource::meshconfigs(), meshconfig(&[]));
@@ -465,6 +539,11 @@ fn kube_agent_end_to_end() {
     let served = api.served();
     assert!(served.iter().any(|r| r.verb == "watch" && r.resource == "pods"));
     assert!(!served.iter().any(|r| r.resource == "pods" && r.verb == "list" && r.name.is_some()));
+    check_lists_use_the_watch_cache(&served);
+    for e in api.events() {
+        assert_eq!(e["reportingController"], "redirector.dev/agent", "{e:#}");
+        assert!(e["regarding"]["uid"].is_string(), "{e:#}");
+    }
     check_rbac(&served, true);
     drop(agent2);
     drop(agent);
@@ -603,5 +682,245 @@ fn kube_proxy_identified_by_its_container_cgroup() {
     );
     assert_eq!(w.flags & redirector_common::flags::MATCH_PROXY_CGROUP, 0, "{}", agent.proc.log_text());
     uid_only("after the proxy container stopped");
+    drop(agent);
+}
+
+/// OSM's MeshConfig CRD is not installed, and the API server starts with
+/// a burst of 503s (the first error is not the 404): the agent is ready
+/// anyway. A CRD installed later is seen; one deleted is let go.
+#[test]
+fn kube_meshconfig_crd_missing_then_installed_then_removed() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-crd"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let mut a = Pod::create(&api, &cgroup.path, "kg", "g", "Running", json!({}));
+    a.run_process();
+    api.fail_next(6, 503);
+    let agent =
+        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--meshconfig-recheck", "1s"]);
+    let log = || agent.proc.log_text();
+    let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:7070"), "{}", log());
+    let not_found = |s: &[Served]| {
+        s.iter().filter(|r| r.resource == "meshconfigs" && (r.verb == "list" || r.verb == "watch")).count()
+    };
+    assert!(not_found(&api.served()) >= 1, "the MeshConfig was never looked for");
+
+    // Installed later: its lists apply within --meshconfig-recheck.
+    api.install(&Resource::meshconfigs());
+    api.put(&Resource::meshconfigs(), meshconfig(&["192.0.2.0/24"]));
+    let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "a MeshConfig CRD installed later not seen: {got}\n{}", log());
+    assert!(log().contains("served now"), "{}", log());
+
+    // Deleted: its objects go, then it is not served; the ConfigMap alone
+    // is the mesh settings again, and the agent stays ready.
+    api.uninstall(&Resource::meshconfigs());
+    let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:7070"), "a deleted MeshConfig still applies: {got}\n{}", log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.get("/readyz").0, 200, "{}", log());
+    let before = not_found(&api.served());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(not_found(&api.served()) > before, "a removed CRD is not looked for again");
+    check_lists_use_the_watch_cache(&api.served());
+    check_rbac(&api.served(), false);
+    drop(agent);
+}
+
+/// With another preset than osm the MeshConfig is never read, and a
+/// `--meshconfig` given anyway is warned about; the ConfigMap switching to
+/// osm starts reading it.
+#[test]
+fn kube_meshconfig_only_with_preset_osm() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-preset"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps(), Resource::meshconfigs()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: istio\n"));
+    api.put(&Resource::meshconfigs(), meshconfig(&["192.0.2.0/24"]));
+    let agent = KubeAgent::start_with(
+        &api,
+        &cgroup.path,
+        &pins.path,
+        &dir,
+        "agent.log",
+        &["--meshconfig", "osm-system/osm-mesh-config"],
+    );
+    let reads = |api: &FakeApi| api.served().iter().filter(|r| r.resource == "meshconfigs").count();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reads(&api), 0, "the MeshConfig was read with preset istio");
+    let log = agent.proc.log_text();
+    assert!(log.contains("option --meshconfig") && log.contains("the preset is istio"), "{log}");
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let n = poll_until(|| reads(&api), |n| *n > 0);
+    assert!(n > 0, "preset osm: the MeshConfig is not read\n{}", agent.proc.log_text());
+    drop(agent);
+}
+
+/// The ConfigMap deleted, its `mesh.yaml` removed, or its preset dropped:
+/// the last good settings stay (never OSM's defaults), with an Event on
+/// the ConfigMap saying which settings are kept.
+#[test]
+fn kube_configmap_deleted_keeps_the_last_good_settings() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-cm"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    let cm = api.put(&Resource::configmaps(), configmap("preset: osm\noutboundPortExclusionList: [7070]\n"));
+    let cm_uid = cm["metadata"]["uid"].clone();
+    let mut a = Pod::create(&api, &cgroup.path, "kh", "h", "Running", json!({}));
+    a.run_process();
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent.log");
+    let log = || agent.proc.log_text();
+    let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "{}", log());
+
+    let mesh_events = |want: &str| {
+        let events = poll_until(
+            || api.events(),
+            |e| {
+                events_for(e, "redirector-config", "InvalidMeshConfig")
+                    .iter()
+                    .any(|x| x["note"].as_str().unwrap_or("").contains(want))
+            },
+        );
+        events_for(&events, "redirector-config", "InvalidMeshConfig")
+            .into_iter()
+            .find(|x| x["note"].as_str().unwrap_or("").contains(want))
+            .cloned()
+            .unwrap_or_else(|| panic!("no InvalidMeshConfig Event with {want:?}: {events:#?}\n{}", log()))
+    };
+    api.delete(&Resource::configmaps(), "redirector-system", "redirector-config");
+    let ev = mesh_events("does not exist");
+    let note = ev["note"].as_str().unwrap();
+    assert!(note.contains("keeping the last good mesh settings (preset osm"), "{note}");
+    assert_eq!(ev["regarding"]["uid"], cm_uid, "the Event names the deleted ConfigMap by its UID");
+    assert_eq!(ev["type"], "Warning");
+    assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "the last good settings were dropped");
+    assert!(log().contains("does not exist"), "{}", log());
+
+    api.put(
+        &Resource::configmaps(),
+        json!({"metadata": {"name": "redirector-config", "namespace": "redirector-system"},
+                                              "data": {"other": "x"}}),
+    );
+    mesh_events("key `mesh.yaml` is missing");
+    api.put(&Resource::configmaps(), configmap("outboundPortExclusionList: []\n"));
+    mesh_events("key `preset` is missing");
+    assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "a mesh.yaml without a preset applied");
+    assert_eq!(agent.get("/readyz").0, 200, "the last good settings are in force: ready");
+
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:7070"), "{}", log());
+    drop(agent);
+}
+
+/// RBAC not there yet (403), then granted: the agent becomes ready and
+/// programs the node's pods. A burst of 5xx: it recovers and applies the
+/// next change. The pod watch failing: not ready until it works again.
+#[test]
+fn kube_agent_recovers_from_403_and_5xx() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-rbac"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let mut a = Pod::create(&api, &cgroup.path, "ki", "i", "Running", json!({}));
+    a.run_process();
+    api.forbid(&[Resource::pods(), Resource::configmaps(), Resource::events(), Resource::nodes()]);
+    let agent = KubeAgent::spawn(&api, &cgroup.path, &pins.path, &dir, "agent.log", &[]);
+    let log = || agent.proc.log_text();
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 503, "ready without access to the pods: {body}\n{}", log());
+    assert!(!programmed(&pins.path, a.cookie()));
+    assert!(api.served().iter().any(|r| r.status == 403), "the server never refused");
+
+    api.forbid(&[]);
+    let ready = poll_until(|| agent.get("/readyz"), |(c, _)| *c == 200);
+    assert_eq!(ready.0, 200, "not ready once RBAC is granted: {}\n{}", ready.1, log());
+    let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{}", log());
+
+    // A burst of 500s with every watch dropped: the next change applies.
+    api.fail_next(8, 500);
+    api.drop_watches();
+    set_annotation(&api, &a, "80");
+    let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct"), "a change after a 5xx burst not applied: {got}\n{}", log());
+    assert!(api.served().iter().any(|r| r.status == 500));
+
+    // The pod watch keeps failing: not ready, saying why.
+    api.forbid(&[Resource::pods()]);
+    api.drop_watches();
+    let (code, body) = poll_until(|| agent.get("/readyz"), |(c, _)| *c == 503);
+    assert_eq!(code, 503, "ready while the pod watch fails\n{}", log());
+    assert!(body.contains("watch of pods") && body.contains("errors in a row"), "{body}");
+    // Access again: the next pod event makes it ready.
+    api.forbid(&[]);
+    set_annotation(&api, &a, "");
+    let ready = poll_until(|| agent.get("/readyz"), |(c, _)| *c == 200);
+    assert_eq!(ready.0, 200, "not ready again after the pod watch recovered: {}\n{}", ready.1, log());
+    let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{}", log());
+    drop(agent);
+}
+
+/// On a kernel the agent refuses, `run --kube` leaves a
+/// `KernelNotSupported` Event on its node, naming what is missing, then
+/// exits non-zero (checked in the kernel-VM matrix's 5.10 run; on a
+/// supported kernel there is nothing to refuse).
+#[test]
+fn kube_refused_kernel_leaves_an_event_on_the_node() {
+    if !super::privileged() {
+        return;
+    }
+    testkit::ensure_bpffs().expect("bpffs");
+    let missing = super::missing_features();
+    if missing.is_empty() {
+        println!("kernel {} is supported: nothing to refuse", redirector::sys::features::kernel_release());
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-refuse"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    let node = api.put(&Resource::nodes(), json!({"metadata": {"name": NODE}}));
+    let mut agent = KubeAgent::spawn(&api, &cgroup.path, &pins.path, &dir, "agent.log", &[]);
+    let status = poll_until(|| agent.proc.child.try_wait().unwrap(), Option::is_some);
+    assert!(status.is_some_and(|s| !s.success()), "the agent must refuse this kernel: {status:?}");
+    let events = api.events();
+    let ev = events
+        .iter()
+        .find(|e| e["reason"] == "KernelNotSupported")
+        .unwrap_or_else(|| panic!("no KernelNotSupported Event: {events:#?}\n{}", agent.proc.log_text()));
+    assert_eq!(ev["regarding"]["kind"], "Node");
+    assert_eq!(ev["regarding"]["uid"], node["metadata"]["uid"]);
+    assert_eq!(ev["metadata"]["namespace"], "default");
+    for m in &missing {
+        let name = m.split(" (Linux").next().unwrap();
+        assert!(ev["note"].as_str().unwrap_or("").contains(name), "the Event names {name}: {ev:#}");
+    }
     drop(agent);
 }

@@ -3,8 +3,9 @@
 //!
 //! - pods on this node (watcher with `spec.nodeName=<node>`), meshed by
 //!   the rules of [`MeshedWhen`];
-//! - mesh settings from the agent's ConfigMap and, when the CRD exists,
-//!   OSM's MeshConfig (see [`redirector_policy::k8s::mesh`]);
+//! - mesh settings from the agent's ConfigMap and, with preset `osm` and
+//!   while the CRD is served, OSM's MeshConfig (see
+//!   [`redirector_policy::k8s::mesh`]);
 //! - each pod's network namespace from its init container's registration
 //!   ([`registry`]) or, for pods already running, from `/proc`
 //!   ([`discover`]);
@@ -12,14 +13,20 @@
 //!   running meshed pod's namespace is unknown), so a restarted agent keeps
 //!   every live pod redirected and removes only what is stale.
 //!
+//! - ready (`/readyz`) once the first pass has run, and not while the pod
+//!   watch keeps failing ([`inputs::WatchHealth`]); once ready, the node's
+//!   start-up taint is removed ([`node`]).
+//!
 //! Files: [`inputs`] (what wakes the loop, as [`inputs::Input`]s),
-//! `pass` (one reconcile pass), [`events`] (Kubernetes Events),
-//! `waiters` (the gate's waiting init containers), [`discover`],
-//! [`registry`]. The signals, status endpoints, full-map reports and exit
-//! notice are [`crate::agent::runtime`]'s.
+//! `pass` (one reconcile pass), [`events`] (Kubernetes Events), [`node`]
+//! (the start-up taint, the Event of a refused kernel), `waiters` (the
+//! gate's waiting init containers), [`discover`], [`registry`]. The
+//! signals, status endpoints, full-map reports and exit notice are
+//! [`crate::agent::runtime`]'s.
 pub mod discover;
-mod events;
+pub mod events;
 mod inputs;
+pub mod node;
 mod pass;
 pub mod registry;
 mod waiters;
@@ -35,7 +42,7 @@ use anyhow::{Context as _, Result};
 use futures::FutureExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::{api::DynamicObject, Client, ResourceExt as _};
-use log::info;
+use log::{info, warn};
 use tokio::sync::mpsc;
 
 use redirector_policy::{
@@ -44,7 +51,7 @@ use redirector_policy::{
         plan::PlanState,
         pods::{MeshedWhen, PodInfo},
     },
-    MeshSettings,
+    MeshSettings, Preset,
 };
 
 use crate::{
@@ -56,7 +63,7 @@ use crate::{
 };
 use discover::NetnsHandle;
 use events::Events;
-use inputs::{Input, Streams, Watched};
+use inputs::{Input, MeshConfigInput, Streams, WatchHealth, Watched};
 use registry::Registration;
 use waiters::Waiters;
 
@@ -80,11 +87,22 @@ pub struct KubeOptions {
     /// The unix socket the init containers talk to.
     pub socket: PathBuf,
     pub metrics_addr: Option<SocketAddr>,
-    /// `namespace/name` of the agent's ConfigMap (None: preset defaults).
+    /// `namespace/name` of the agent's ConfigMap (None: OSM's preset
+    /// defaults). When given it must exist and name the preset.
     pub configmap: Option<(String, String)>,
-    /// `namespace/name` of OSM's MeshConfig (None: not read).
+    /// `namespace/name` of OSM's MeshConfig, read while the preset is
+    /// `osm` and its CRD is served (None: never read).
     pub meshconfig: Option<(String, String)>,
+    /// Whether `--meshconfig` was given (not its default): with another
+    /// preset than `osm` it is then warned about.
+    pub meshconfig_explicit: bool,
     pub meshconfig_version: String,
+    /// How often a MeshConfig CRD that is not served is looked for again.
+    pub meshconfig_recheck: Duration,
+    /// How often the Event of a lasting problem is refreshed.
+    pub event_refresh: Duration,
+    /// The start-up taint removed from the node once ready (None: none).
+    pub startup_taint: Option<String>,
     /// Rules that mark a pod as meshed; empty: the preset's defaults.
     pub meshed_when: Vec<MeshedWhen>,
     pub proc_root: PathBuf,
@@ -114,9 +132,24 @@ struct Agent {
     dp: Dataplane,
     rt: Runtime,
     events: Events,
+    client: Client,
     pods: Watched<PodInfo>,
-    configmap: Watched<Option<String>>,
-    meshconfig: Watched<serde_json::Value>,
+    /// Whether the pod watch keeps failing (readiness).
+    pod_watch: WatchHealth,
+    configmap: Watched<Seen<Option<String>>>,
+    /// The ConfigMap's UID when last seen (kept after it is deleted, for
+    /// the Event about it).
+    configmap_uid: Option<String>,
+    meshconfig: Watched<Seen<serde_json::Value>>,
+    /// Whether the MeshConfig source runs (preset `osm`).
+    meshconfig_on: bool,
+    /// The preset last warned about with an explicit `--meshconfig`.
+    meshconfig_warned: Option<Preset>,
+    /// Whether the MeshConfig's API was last found not served (logged
+    /// once per change).
+    meshconfig_absent: bool,
+    /// Whether the start-up taint's removal was started.
+    taint_started: bool,
     netns: BTreeMap<String, NetnsHandle>,
     waiters: Waiters,
     plan_state: PlanState,
@@ -137,6 +170,13 @@ struct Agent {
     proxy_cgroups_missing: BTreeSet<(String, String)>,
 }
 
+/// An object seen through a watch, with its UID (for the Events about it).
+#[derive(Clone, Debug)]
+pub(super) struct Seen<T> {
+    uid: Option<String>,
+    data: T,
+}
+
 /// Runs until SIGTERM/SIGINT; like the standalone agent, it leaves the
 /// redirection in force.
 ///
@@ -151,10 +191,14 @@ struct Agent {
 /// the first change to its pass.
 pub async fn run(opts: KubeOptions) -> Result<()> {
     let signals = Signals::install()?;
-    crate::sys::features::require(&crate::sys::features::probe())?;
+    events::check_instance(&opts.instance)?;
     let client = Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+    if let Err(e) = crate::sys::features::require(&crate::sys::features::probe()) {
+        node::report_refused_kernel(&client, &opts.node_name, &opts.instance, &format!("{e:#}")).await;
+        return Err(e);
+    }
     let rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
     let dp = Dataplane::load(&opts.pin_dir, &opts.attach_cgroup)?;
     info!(
@@ -178,21 +222,29 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     }
     tokio::spawn(registry::serve(listener, opts.proc_root.clone(), reg_tx));
 
-    let (mut streams, meshconfig_wanted) = Streams::open(&client, &opts, reg_rx, signals).await;
+    let mut streams = Streams::open(&client, &opts, reg_rx, signals);
+    // Not read until the ConfigMap names preset `osm`.
     let mut meshconfig = Watched::new();
-    meshconfig.synced = !meshconfig_wanted;
+    meshconfig.absent();
     let mut configmap = Watched::new();
     configmap.synced = opts.configmap.is_none();
 
     let host_cookie = crate::sys::netns::current_netns_cookie()?;
-    let events = Events { client, instance: opts.instance.clone(), metrics: rt.metrics.clone() };
+    let events = Events::new(client.clone(), opts.instance.clone(), rt.metrics.clone(), opts.event_refresh);
     let mut agent = Agent {
         dp,
         rt,
         events,
+        client,
         pods: Watched::new(),
+        pod_watch: WatchHealth::default(),
         configmap,
+        configmap_uid: None,
         meshconfig,
+        meshconfig_on: false,
+        meshconfig_warned: None,
+        meshconfig_absent: false,
+        taint_started: false,
         netns: BTreeMap::new(),
         waiters: Waiters::default(),
         plan_state: PlanState::default(),
@@ -238,6 +290,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
                 None => break,
             }
         }
+        changed |= agent.gate_meshconfig(&mut streams);
         if changed && dirty_since.is_none() {
             dirty_since = Some(Instant::now());
         }
@@ -254,6 +307,10 @@ impl Agent {
         Some(match input {
             Input::Pods(ev) => {
                 let node = self.opts.node_name.clone();
+                self.pod_watch.observe(&ev, Instant::now());
+                if let Some(why) = self.pod_watch.failing(Instant::now()) {
+                    self.rt.metrics.set_ready(Some(format!("the watch of pods on node {node} is failing: {why}")));
+                }
                 let changed = self.pods.apply(
                     &format!("pods on node {node}"),
                     *ev,
@@ -272,15 +329,40 @@ impl Agent {
             }
             Input::ConfigMap(ev) => {
                 let what = self.opts.configmap.as_ref().map(|(n, m)| format!("ConfigMap {n}/{m}")).unwrap_or_default();
-                self.configmap.apply(
+                let changed = self.configmap.apply(
                     &what,
-                    ev,
+                    *ev,
                     |c: &ConfigMap| c.name_any(),
-                    |c: &ConfigMap| Some(c.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY).cloned())),
+                    |c: &ConfigMap| {
+                        Some(Seen {
+                            uid: c.metadata.uid.clone(),
+                            data: c.data.as_ref().and_then(|d| d.get(CONFIGMAP_KEY).cloned()),
+                        })
+                    },
                     &self.rt.metrics,
-                )
+                );
+                if let Some(uid) = self.configmap.items.values().find_map(|c| c.uid.clone()) {
+                    self.configmap_uid = Some(uid);
+                }
+                changed
             }
-            Input::MeshConfig(ev) => {
+            Input::MeshConfig(MeshConfigInput::NotServed(why)) => {
+                if !self.meshconfig_absent {
+                    info!(
+                        target: LOG,
+                        "{MESHCONFIG_KIND} {MESHCONFIG_GROUP}/{}: not served (CRD not installed): mesh settings from the ConfigMap only; looking again every {}s ({why})",
+                        self.opts.meshconfig_version,
+                        self.opts.meshconfig_recheck.as_secs_f64()
+                    );
+                    self.meshconfig_absent = true;
+                }
+                self.meshconfig.absent()
+            }
+            Input::MeshConfig(MeshConfigInput::Watch(ev)) => {
+                if self.meshconfig_absent && matches!(*ev, Ok(kube::runtime::watcher::Event::InitDone)) {
+                    info!(target: LOG, "{MESHCONFIG_KIND} {MESHCONFIG_GROUP}/{}: served now", self.opts.meshconfig_version);
+                    self.meshconfig_absent = false;
+                }
                 let what = self
                     .opts
                     .meshconfig
@@ -289,9 +371,9 @@ impl Agent {
                     .unwrap_or_default();
                 self.meshconfig.apply(
                     &what,
-                    ev,
+                    *ev,
                     |o: &DynamicObject| o.name_any(),
-                    |o: &DynamicObject| Some(o.data.clone()),
+                    |o: &DynamicObject| Some(Seen { uid: o.metadata.uid.clone(), data: o.data.clone() }),
                     &self.rt.metrics,
                 )
             }
@@ -335,6 +417,43 @@ impl Agent {
             parts.push(format!("the {MESHCONFIG_KIND}"));
         }
         format!("waiting for {}", parts.join(", "))
+    }
+
+    /// Starts OSM's MeshConfig source while the ConfigMap names preset
+    /// `osm` (or no ConfigMap is used) and stops it otherwise; a ConfigMap
+    /// that is missing or invalid changes nothing (the last good settings
+    /// stay, and with them this choice). True if the desired state may
+    /// have changed.
+    fn gate_meshconfig(&mut self, streams: &mut Streams) -> bool {
+        if !self.configmap.synced || self.opts.meshconfig.is_none() {
+            return false;
+        }
+        let Some(preset) = self.mesh_sources().configmap_preset() else { return false };
+        let wanted = preset == Preset::Osm;
+        if !wanted && self.opts.meshconfig_explicit && self.meshconfig_warned != Some(preset) {
+            let (ns, name) = self.opts.meshconfig.clone().unwrap_or_default();
+            warn!(
+                target: LOG,
+                "option --meshconfig: value \"{ns}/{name}\": not read: the preset is {} (OSM's MeshConfig applies only to preset osm)",
+                preset.name()
+            );
+            self.meshconfig_warned = Some(preset);
+        }
+        if wanted {
+            self.meshconfig_warned = None;
+        }
+        if wanted == self.meshconfig_on {
+            return false;
+        }
+        streams.want_meshconfig(wanted);
+        self.meshconfig_on = wanted;
+        self.meshconfig_absent = false;
+        if wanted {
+            self.meshconfig.restart();
+        } else {
+            self.meshconfig.absent();
+        }
+        true
     }
 
     fn rules(&self, mesh: &MeshSettings) -> Vec<MeshedWhen> {

@@ -11,8 +11,8 @@ use log::{debug, error, info, warn};
 
 use redirector_policy::{
     k8s::{
-        mesh::MeshSources,
-        plan::{plan, EventKind, Inputs, PodEvent},
+        mesh::{ConfigMapSource, MeshSources, Source},
+        plan::{plan, EventKind, Inputs},
         pods::{is_meshed, MeshedWhen, PodInfo},
     },
     MeshSettings,
@@ -20,8 +20,8 @@ use redirector_policy::{
 
 use super::{
     discover,
-    events::{mesh_source_ref, pod_ref},
-    Agent, ProxyIdentity,
+    events::{action, mesh_source_ref, pod_ref},
+    node, Agent, ProxyIdentity,
 };
 use crate::agent::reconcile::{log_report, reconcile, Wanted};
 
@@ -30,19 +30,40 @@ use crate::agent::reconcile::{log_report, reconcile, Wanted};
 /// working.
 const LOG: &str = "redirector::k8s::agent";
 
+/// The Event key of the mesh settings' problem.
+const MESH_KEY: &str = "mesh";
+
+/// The Event keys of a pod's problems: its annotations (or host network)
+/// and its programming.
+fn plan_key(uid: &str) -> String {
+    format!("pod/{uid}/plan")
+}
+fn apply_key(uid: &str) -> String {
+    format!("pod/{uid}/apply")
+}
+
 impl Agent {
+    /// The mesh settings' sources as last seen.
+    pub(super) fn mesh_sources(&self) -> MeshSources {
+        MeshSources {
+            configmap: match &self.opts.configmap {
+                None => ConfigMapSource::NotUsed,
+                Some((ns, name)) => match self.configmap.items.get(name) {
+                    Some(c) => ConfigMapSource::Present(format!("{ns}/{name}"), c.data.clone()),
+                    None => ConfigMapSource::Missing(format!("{ns}/{name}")),
+                },
+            },
+            meshconfig: self.opts.meshconfig.as_ref().and_then(|(ns, name)| {
+                self.meshconfig.items.get(name).map(|o| (format!("{ns}/{name}"), o.data.clone()))
+            }),
+        }
+    }
+
     /// The current mesh settings, publishing an Event when the sources
-    /// became invalid; the last good settings stay in force.
+    /// became invalid (a missing ConfigMap or `mesh.yaml` included); the
+    /// last good settings stay in force.
     pub(super) fn resolve_mesh(&mut self) -> Option<MeshSettings> {
-        let sources =
-            MeshSources {
-                configmap: self.opts.configmap.as_ref().and_then(|(ns, name)| {
-                    self.configmap.items.get(name).map(|text| (format!("{ns}/{name}"), text.clone()))
-                }),
-                meshconfig: self.opts.meshconfig.as_ref().and_then(|(ns, name)| {
-                    self.meshconfig.items.get(name).map(|o| (format!("{ns}/{name}"), o.clone()))
-                }),
-            };
+        let sources = self.mesh_sources();
         match sources.resolve() {
             Ok(m) => {
                 if self.mesh_error.take().is_some() {
@@ -64,20 +85,28 @@ impl Agent {
                 let text = format!("{e:#}");
                 if self.mesh_error.as_deref() != Some(text.as_str()) {
                     self.rt.metrics.error("invalid_mesh_config");
-                    error!(
-                        target: LOG,
-                        "{text}; {}",
-                        if self.mesh.is_some() {
-                            "keeping the last good mesh settings"
-                        } else {
-                            "no pod is (re)programmed until they are valid"
-                        }
-                    );
-                    let reference = mesh_source_ref(&source, &self.opts.meshconfig_version);
+                    let outcome = match &self.mesh {
+                        Some(m) => format!(
+                            "keeping the last good mesh settings (preset {}, proxy UID {}, outbound {}, inbound {})",
+                            m.preset.name(),
+                            m.proxy_uid,
+                            m.outbound_port,
+                            m.inbound_port
+                        ),
+                        None => "no pod is (re)programmed until they are valid".to_string(),
+                    };
+                    error!(target: LOG, "{text}; {outcome}");
+                    let uid = match &source {
+                        Source::ConfigMap(_) => self.configmap_uid.clone(),
+                        Source::MeshConfig(_) => self.meshconfig.items.values().find_map(|o| o.uid.clone()),
+                    };
+                    let reference = mesh_source_ref(&source, &self.opts.meshconfig_version, uid);
                     self.events.publish(
+                        MESH_KEY,
                         EventKind::Warning,
                         "InvalidMeshConfig",
-                        format!("{text}; keeping the last good mesh settings"),
+                        action::READ_MESH_SETTINGS,
+                        &format!("{text}; {outcome}"),
                         reference,
                     );
                     self.mesh_error = Some(text);
@@ -94,6 +123,8 @@ impl Agent {
             let why = format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default());
             self.rt.metrics.set_ready(Some(why));
             self.answer_waiters();
+            // No plan ran: the pods' problems stand as last seen.
+            self.tend_events(None);
             return false;
         };
         let rules = self.rules(&mesh);
@@ -125,7 +156,14 @@ impl Agent {
                 self.rt.metrics.error("invalid_annotation");
             }
             warn!(target: LOG, "pod {}/{}: {}: {}", ev.namespace, ev.name, ev.reason, ev.message);
-            self.events.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(ev));
+            self.events.publish(
+                &plan_key(&ev.uid),
+                ev.kind,
+                ev.reason,
+                action::REDIRECT,
+                &ev.message,
+                pod_ref(&ev.uid, &ev.namespace, &ev.name),
+            );
         }
         if !p.unresolved.is_empty() {
             debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
@@ -151,15 +189,14 @@ impl Agent {
                 self.failed_pods.insert(name.clone(), msg.clone());
                 if self.pod_errors.get(uid) != Some(msg) {
                     if let Some(pod) = self.pods.items.get(uid) {
-                        let ev = PodEvent {
-                            uid: uid.clone(),
-                            namespace: pod.namespace.clone(),
-                            name: pod.name.clone(),
-                            kind: EventKind::Warning,
-                            reason: "RedirectionFailed",
-                            message: msg.clone(),
-                        };
-                        self.events.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(&ev));
+                        self.events.publish(
+                            &apply_key(uid),
+                            EventKind::Warning,
+                            "RedirectionFailed",
+                            action::REDIRECT,
+                            msg,
+                            pod_ref(uid, &pod.namespace, &pod.name),
+                        );
                     }
                     self.pod_errors.insert(uid.clone(), msg.clone());
                 }
@@ -185,9 +222,43 @@ impl Agent {
             "Meshed pods that cannot be redirected (host network).",
             p.skipped.len() as u64,
         );
-        self.rt.metrics.set_ready(None);
+        let plan_problems: BTreeSet<String> =
+            self.pods.items.keys().filter(|uid| self.plan_state.has_problem(uid)).map(|u| plan_key(u)).collect();
+        let apply_problems: BTreeSet<String> = self.pod_errors.keys().map(|u| apply_key(u)).collect();
+        self.tend_events(Some((&plan_problems, &apply_problems)));
+        self.set_ready_after_pass();
         self.answer_waiters();
         true
+    }
+
+    /// Forgets the Events of problems that are over and refreshes those
+    /// that last; `pods`: the pods' problems after this pass (None: as
+    /// they were).
+    fn tend_events(&self, pods: Option<(&BTreeSet<String>, &BTreeSet<String>)>) {
+        let mesh_problem = self.mesh_error.is_some();
+        self.events.retain(|k| match pods {
+            _ if k == MESH_KEY => mesh_problem,
+            Some((plan, apply)) => plan.contains(k) || apply.contains(k),
+            None => true,
+        });
+        self.events.tend();
+    }
+
+    /// Ready after a pass, unless the pod watch keeps failing; the first
+    /// time, the node's start-up taint is removed.
+    fn set_ready_after_pass(&mut self) {
+        let failing = self
+            .pod_watch
+            .failing(Instant::now())
+            .map(|why| format!("the watch of pods on node {} is failing: {why}", self.opts.node_name));
+        let ready = failing.is_none();
+        self.rt.metrics.set_ready(failing);
+        if ready && !self.taint_started {
+            self.taint_started = true;
+            if let Some(key) = &self.opts.startup_taint {
+                node::spawn_taint_removal(self.client.clone(), self.opts.node_name.clone(), key.clone());
+            }
+        }
     }
 
     /// With `ProxyIdentity::Cgroup`: pod UID → the cgroup directory of its
