@@ -118,6 +118,8 @@ impl Dataplane {
             }
             if version != 0 && version < LAYOUT_VERSION {
                 let dir = migrate::retire(pin_dir, version)?;
+                // This layout's own links/ (the old one moved with the rest).
+                mounts::prepare_pin_dir(pin_dir)?;
                 log::warn!(
                     "pinned maps in {} have the older layout {version}: migrating to layout {LAYOUT_VERSION}; the \
                      old programs keep redirecting from {} until this agent has programmed every workload, then \
