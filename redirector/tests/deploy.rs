@@ -152,7 +152,9 @@ fn configmap_and_rbac_match_the_agent_arguments() {
     let rule = &role.rules.as_ref().unwrap()[0];
     assert_eq!(role.metadata.namespace.as_deref(), cm.metadata.namespace.as_deref());
     assert_eq!(rule.resource_names.as_deref(), Some(&[cm.metadata.name.clone().unwrap()][..]));
-    let mc = arg(&c, "meshconfig").unwrap().split_once('/').unwrap().1;
+    // Not passed: the CLI's default (`DEFAULT_MESHCONFIG` in cli.rs), read
+    // only while the ConfigMap names preset osm.
+    let mc = arg(&c, "meshconfig").unwrap_or("osm-system/osm-mesh-config").split_once('/').unwrap().1;
     let cr = one::<ClusterRole>("ClusterRole").pop().unwrap();
     let mc_rule = cr
         .rules
