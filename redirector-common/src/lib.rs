@@ -14,10 +14,12 @@ pub mod decide;
 /// it migrates pinned state of an older layout (see the agent's
 /// `dataplane::migrate`) and refuses a newer one.
 #[cfg(not(feature = "layout-next"))]
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION;
 /// The layout-upgrade test's "next layout" (feature `layout-next`).
 #[cfg(feature = "layout-next")]
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION + 1;
+/// The layout this source ships (bump it when the layout changes).
+const RELEASED_LAYOUT_VERSION: u32 = 5;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.

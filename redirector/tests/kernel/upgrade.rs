@@ -53,15 +53,17 @@ fn layout_upgrade_under_load_and_downgrade_refusal() {
     let log = m.dir.join("agent-next.log");
     m.agent = AgentProcess::start(&next, &m.config, &m._cgroup.path, &m.pins.path, &log).unwrap();
     let text = poll_until(|| m.agent.log_text(), |l| l.contains("new connections take this agent's programs"));
-    assert!(text.contains("have the older layout 5: migrating to layout 6"), "{text}");
+    let (this, next_layout) = (redirector_common::LAYOUT_VERSION, redirector_common::LAYOUT_VERSION + 1);
+    assert!(text.contains(&format!("have the older layout {this}: migrating to layout {next_layout}")), "{text}");
     assert!(text.contains("new connections take this agent's programs"), "{text}");
     std::thread::sleep(Duration::from_millis(700));
-    let retired = m.pins.path.join("retired-v5");
+    let retired = m.pins.path.join(format!("retired-v{this}"));
     assert!(retired.is_dir(), "the old layout drains while a connection it redirected is open");
     assert_eq!(held.0.peer_addr().unwrap(), dst, "getpeername of the held connection after the upgrade");
     drop(held);
-    let text = poll_until(|| m.agent.log_text(), |l| l.contains("layout 5 retired"));
-    assert!(text.contains("layout 5 retired"), "{text}");
+    let gone = format!("layout {this} retired");
+    let text = poll_until(|| m.agent.log_text(), |l| l.contains(&gone));
+    assert!(text.contains(&gone), "{text}");
     assert!(!retired.exists());
     std::thread::sleep(Duration::from_millis(500));
 
@@ -77,10 +79,8 @@ fn layout_upgrade_under_load_and_downgrade_refusal() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the older agent started on a newer layout:\n{err}");
-    assert!(
-        err.contains("have layout version 6, newer than this agent's 5") && err.contains("changed nothing"),
-        "{err}"
-    );
+    let refusal = format!("have layout version {next_layout}, newer than this agent's {this}");
+    assert!(err.contains(&refusal) && err.contains("changed nothing"), "{err}");
     std::thread::sleep(Duration::from_millis(500));
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
