@@ -111,6 +111,12 @@ pub(crate) enum Cmd {
         /// Serve /healthz, /readyz and /metrics on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// The node's own network namespace, which is never redirected: a
+        /// workload or pod found in it is refused (default: PID 1's,
+        /// /proc/1/ns/net; with --config, the agent's own if PID 1's cannot
+        /// be read, with a warning).
+        #[arg(long)]
+        node_netns: Option<PathBuf>,
         #[command(flatten)]
         kube: KubeArgs,
     },

@@ -6,7 +6,8 @@ use anyhow::{bail, Result};
 use clap::Parser as _;
 use redirector::{
     agent::{k8s::ProxyIdentity, standalone},
-    dataplane, inspect,
+    dataplane::{self, NodeNetns},
+    inspect,
     sys::mounts,
 };
 
@@ -25,7 +26,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, kube } => {
+        Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, node_netns, kube } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => mounts::cgroup2_root()?,
@@ -35,9 +36,14 @@ fn real_main(cli: Cli) -> Result<()> {
             // endpoints keep being served on the other one meanwhile.
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             match config {
-                Some(config) => {
-                    rt.block_on(standalone::run(standalone::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))
-                }
+                Some(config) => rt.block_on(standalone::run(standalone::RunOptions {
+                    config,
+                    cgroup,
+                    pin_dir,
+                    poll_interval,
+                    metrics_addr,
+                    node_netns: node_netns.map_or(NodeNetns::Pid1OrOwn, NodeNetns::Path),
+                })),
                 None => rt.block_on(redirector::agent::k8s::run(redirector::agent::k8s::KubeOptions {
                     node_name: kube.node_name.unwrap_or_default(),
                     cgroup,
@@ -49,6 +55,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     meshconfig_version: kube.meshconfig_version,
                     meshed_when: kube.meshed_when,
                     proc_root: PathBuf::from("/proc"),
+                    node_netns: node_netns.map_or(NodeNetns::Pid1, NodeNetns::Path),
                     resync: kube.resync,
                     instance: kube.pod_name,
                     proxy_identity: match (kube.proxy_identity, kube.proxy_container) {

@@ -233,6 +233,11 @@ impl KubeAgent {
             "--metrics-addr".into(),
             status.to_string().into(),
         ]);
+        // The node's namespace is this test's (the machine's own); PID 1
+        // may be a supervisor's that cannot be inspected.
+        if !extra.contains(&"--node-netns") {
+            args.extend(["--node-netns".into(), format!("/proc/{}/ns/net", std::process::id()).into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let proc =
             AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();

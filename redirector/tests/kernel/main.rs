@@ -10,7 +10,8 @@
 //! [`differential`] (against the meshes' iptables rules), [`dual_stack`],
 //! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
 //! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
-//! (the Kubernetes agent against a fake API server), [`kernel_support`].
+//! (the Kubernetes agent against a fake API server), [`runtimes`] (the
+//! node's namespace, real runtimes' cgroup layouts), [`kernel_support`].
 use std::{
     net::SocketAddrV4,
     path::{Path, PathBuf},
@@ -33,6 +34,7 @@ mod identity;
 mod kernel_support;
 mod kube;
 mod lifecycle;
+mod runtimes;
 mod sockmap;
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");

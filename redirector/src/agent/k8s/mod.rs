@@ -85,6 +85,8 @@ pub struct KubeOptions {
     /// Rules that mark a pod as meshed; empty: the preset's defaults.
     pub meshed_when: Vec<MeshedWhen>,
     pub proc_root: PathBuf,
+    /// The node's own network namespace: never programmed.
+    pub node_netns: crate::dataplane::NodeNetns,
     /// How often pods whose namespace is unknown are looked for in /proc.
     pub resync: Duration,
     /// Reporting instance in Events (the agent's pod name).
@@ -153,7 +155,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
     let rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
-    let dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
+    let dp = Dataplane::load_on_node(&opts.pin_dir, &opts.cgroup, &opts.node_netns)?;
     info!(
         target: LOG,
         "node {}: attached to cgroup {}, maps and links pinned in {}",
