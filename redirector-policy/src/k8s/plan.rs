@@ -162,6 +162,7 @@ mod tests {
             host_network: false,
             phase: "Running".into(),
             running: BTreeMap::new(),
+            container_ids: BTreeSet::new(),
         }
     }
 

@@ -1,6 +1,10 @@
 //! Parsing: the parts of a Kubernetes Pod the agent needs, and which pods
 //! are meshed (carry the sidecar).
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use anyhow::{anyhow, bail, Result};
 #[cfg(feature = "k8s")]
@@ -24,6 +28,12 @@ pub struct PodInfo {
     /// runtime names it (`status.containerStatuses[].containerID` without
     /// its `containerd://` scheme).
     pub running: BTreeMap<String, String>,
+    /// The runtime's ID of every container the pod's status lists
+    /// (`containerStatuses`, `initContainerStatuses`,
+    /// `ephemeralContainerStatuses`), in any state: the pod's network
+    /// namespace is only ever taken from a process in one of their
+    /// cgroups.
+    pub container_ids: BTreeSet<String>,
 }
 
 impl PodInfo {
@@ -33,6 +43,13 @@ impl PodInfo {
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         let m = &pod.metadata;
         let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let all_statuses = status.into_iter().flat_map(|s| {
+            [&s.container_statuses, &s.init_container_statuses, &s.ephemeral_container_statuses]
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
         Some(Self {
             uid: m.uid.clone()?,
             namespace: m.namespace.clone()?,
@@ -50,6 +67,9 @@ impl PodInfo {
                 .flatten()
                 .filter(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
                 .filter_map(|c| Some((c.name.clone(), runtime_container_id(c.container_id.as_deref()?)?.to_string())))
+                .collect(),
+            container_ids: all_statuses
+                .filter_map(|c| Some(runtime_container_id(c.container_id.as_deref()?)?.to_string()))
                 .collect(),
         })
     }
@@ -166,6 +186,7 @@ mod tests {
             host_network: false,
             phase: "Running".into(),
             running: BTreeMap::new(),
+            container_ids: BTreeSet::new(),
         }
     }
 
@@ -242,11 +263,27 @@ mod tests {
                  "containerID": "containerd://ffff", "state": {"terminated": {"exitCode": 1}}},
                 {"name": "odd", "image": "o", "imageID": "", "ready": false, "restartCount": 0,
                  "containerID": "containerd://../x", "state": {"running": {}}}
+            ],
+            "initContainerStatuses": [
+                {"name": "redirector-init", "image": "r", "imageID": "", "ready": true, "restartCount": 0,
+                 "containerID": "cri-o://1a2b", "state": {"terminated": {"exitCode": 0}}}
+            ],
+            "ephemeralContainerStatuses": [
+                {"name": "debugger", "image": "d", "imageID": "", "ready": false, "restartCount": 0,
+                 "containerID": "containerd://3c4d", "state": {"running": {}}},
+                {"name": "waiting", "image": "d", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ContainerCreating"}}}
             ]}
         }))
         .unwrap();
         let info = PodInfo::from_pod(&p).unwrap();
         assert_eq!(info.running, BTreeMap::from([("app".into(), "5d7c0a9f".into()), ("envoy".into(), "ab12".into())]));
+        // Where the pod's namespace may be taken from: every container the
+        // status names, in any state, with a well-formed ID.
+        assert_eq!(
+            info.container_ids,
+            ["5d7c0a9f", "ab12", "ffff", "1a2b", "3c4d"].into_iter().map(String::from).collect::<BTreeSet<_>>()
+        );
         assert_eq!(runtime_container_id("docker://0a"), Some("0a"));
         for bad in ["", "0a", "containerd://", "containerd://a/b", "containerd://a b"] {
             assert_eq!(runtime_container_id(bad), None, "{bad}");

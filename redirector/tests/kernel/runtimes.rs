@@ -1,35 +1,27 @@
-//! Real nodes' runtimes. Here: the node's own network namespace is never
-//! programmed, whoever asks for it.
+//! Real nodes' runtimes: the node's own network namespace is never
+//! programmed (both agents); a pod's namespace is taken only from its
+//! containers, in the cgroup layouts of containerd and CRI-O (cgroupfs and
+//! systemd drivers, CRI-O's conmon in the pod's cgroup but the node's
+//! namespace, crun's `container` sub-cgroup); the proxy's cgroup in those
+//! layouts. The layouts and where they come from: [`super::kube::Layout`].
 //!
 //! The node's namespace here is one the test creates (`--node-netns`), so
 //! that an agent that got it wrong would redirect a throwaway namespace,
 //! never the machine's own.
-use std::{
-    collections::BTreeSet,
-    ffi::OsString,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-};
+use std::{collections::BTreeSet, ffi::OsString, path::Path};
 
 use redirector::{dataplane::Maps, sys::netns::netns_cookie};
-use redirector_testkit::{AgentProcess, Netns, PinDir, TestCgroup, Topology};
+use redirector_testkit::{
+    fakeapi::{FakeApi, Resource},
+    AgentProcess, Netns, PinDir, TestCgroup, Topology,
+};
+use serde_json::json;
 
-use super::{bin, poll_until, require_kernel, tmpdir};
-
-/// A scratch directory, removed on drop (also when the test fails).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `sleep` in network namespace `netns` (and this test's cgroup).
-fn sleeper(netns: &Path) -> Child {
-    let name = netns.file_name().unwrap().to_str().unwrap();
-    Command::new("ip").args(["netns", "exec", name, "sleep", "600"]).stdin(Stdio::null()).spawn().unwrap()
-}
+use super::{
+    bin,
+    kube::{configmap, pod_object, sleeper, KubeAgent, Layout, Pod, Scratch},
+    poll_until, require_kernel, tmpdir,
+};
 
 /// Standalone: a workload naming the node's network namespace (by path or
 /// by a process in it) is refused with an error naming it and nothing is
@@ -46,7 +38,7 @@ fn node_namespace_is_never_programmed() {
     let topo = Topology::new("nd").unwrap();
     let node = Netns::new("rdrnode").unwrap();
     let node_cookie = netns_cookie(&node.path()).unwrap();
-    let mut in_node = sleeper(&node.path());
+    let mut in_node = sleeper(&cgroup.path, &node.path());
     let config = scratch.0.join("config.yaml");
     let write = |with_pid: bool| {
         let mut text = format!(
@@ -107,4 +99,81 @@ fn node_namespace_is_never_programmed() {
 
 fn maps_has(pins: &PinDir, cookie: u64) -> bool {
     Maps::open(&pins.path).and_then(|m| m.workload(cookie)).map(|w| w.is_some()).unwrap_or(true)
+}
+
+/// Kubernetes: pods running before the agent, one per runtime layout, each
+/// with its container's process in the pod's network namespace; for
+/// CRI-O, the container's conmon in the pod's cgroup, started first (the
+/// lowest PID of the pod) and in the node's namespace, as with
+/// `conmon_cgroup = "pod"`. Every pod is programmed with its own
+/// namespace, found through its container's process; the node's never.
+#[test]
+fn kube_pod_namespace_is_taken_from_its_containers_only() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-rt"));
+    let node = Netns::new("rdrnode").unwrap();
+    let node_cookie = netns_cookie(&node.path()).unwrap();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let mut pods = Vec::new();
+    let mut container_pids = Vec::new();
+    for (i, layout) in Layout::ALL.into_iter().enumerate() {
+        let mut p = Pod::create_with(
+            &api,
+            &cgroup.path,
+            &format!("rt{i}"),
+            pod_object(&format!("p{i}"), "Running", json!({})),
+            layout,
+        );
+        let id = p.id("app");
+        let conmon = layout.is_crio().then(|| {
+            let cg = p.cg.conmon(&id);
+            p.run_in(&cg, &node.path())
+        });
+        // A process in the pod's own cgroup, outside every container, in
+        // the node's namespace: not a container of the pod either.
+        let pod_level = p.cg.pod_dir();
+        let stray = p.run_in(&pod_level, &node.path());
+        let pid = p.run_process();
+        if let Some(c) = conmon {
+            assert!(c < pid, "conmon-like process {c} started first but has a higher PID than {pid}");
+        }
+        assert!(stray < pid);
+        container_pids.push(pid);
+        pods.push(p);
+    }
+    let agent = KubeAgent::start_with(
+        &api,
+        &cgroup.path,
+        &pins.path,
+        &scratch.0,
+        "agent.log",
+        &["--node-netns", &node.path().display().to_string()],
+    );
+    for (p, pid) in pods.iter().zip(&container_pids) {
+        let got = p.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+        assert!(
+            got.starts_with("proxy 192.0.2.10:80"),
+            "{:?} pod not redirected\n{}",
+            p.cg.layout(),
+            agent.proc.log_text()
+        );
+        let log = agent.proc.log_text();
+        assert!(
+            log.contains(&format!("pod shop/{}: network namespace found through /proc/{pid}/ns/net", p.name)),
+            "{:?}: not found through its container's process {pid}\n{log}",
+            p.cg.layout()
+        );
+    }
+    let keys: BTreeSet<u64> = Maps::open(&pins.path).unwrap().workloads().unwrap().keys().copied().collect();
+    let want: BTreeSet<u64> = pods.iter().map(Pod::cookie).collect();
+    assert_eq!(keys, want, "programmed namespaces\n{}", agent.proc.log_text());
+    assert!(!keys.contains(&node_cookie));
+    let log = agent.proc.log_text();
+    assert!(!log.contains("is the node's own"), "a pod's namespace was taken from the node's:\n{log}");
+    drop(agent);
 }

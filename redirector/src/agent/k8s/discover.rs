@@ -1,11 +1,18 @@
 //! Finding a pod's network namespace without a container-runtime client:
-//! every container of a pod (the pause container included) lives in a
-//! cgroup whose path names the pod UID, and shares the pod's network
-//! namespace, so `/proc/PID/cgroup` + `/proc/PID/ns/net` tell where it is.
+//! a pod's containers live in cgroups whose path names the pod UID and the
+//! container ID, and share the pod's network namespace, so
+//! `/proc/PID/cgroup` + `/proc/PID/ns/net` tell where it is. Only a
+//! process in one of the pod's *container* cgroups counts (the IDs of
+//! `status.containerStatuses`, `initContainerStatuses` and
+//! `ephemeralContainerStatuses`): other processes in the pod's cgroup may
+//! not be in its network namespace. CRI-O with `conmon_cgroup = "pod"`
+//! (what Kubernetes' CRI-O setup asks for, and OpenShift's default) runs
+//! each container's conmon in the pod's cgroup, in
+//! `crio-conmon-<id>.scope`, but in the node's network namespace.
 //! This finds pods that were running before the agent started; new pods
 //! also register themselves through the init container (see `registry`).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -14,23 +21,83 @@ use std::{
 use anyhow::{Context as _, Result};
 
 /// The pod UID named by a cgroup path, in the layouts of the kubelet's two
-/// cgroup drivers:
+/// cgroup drivers (kubernetes/kubernetes `pkg/kubelet/cm`: the pod's
+/// cgroup is `pod` + UID (`GetPodCgroupNameSuffix`); the systemd driver
+/// turns each `-` of a name into `_` and joins the path's names with `-`
+/// into a `.slice` (`ConvertCgroupNameToSystemd`)):
 /// - cgroupfs: `/kubepods/burstable/pod0f1e…-…/<container>`;
-/// - systemd: `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e…_….slice/cri-containerd-<id>.scope`
-///   (the UID's dashes written as underscores).
+/// - systemd: `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e…_….slice/cri-containerd-<id>.scope`.
 ///
 /// Only a segment that is exactly `pod<uid>` or ends in `-pod<uid>.slice`
 /// counts, and the UID must have the 8-4-4-4-12 hex shape.
 pub fn pod_uid_from_cgroup_path(path: &str) -> Option<String> {
-    path.split('/').find_map(|seg| {
-        let uid = if let Some(rest) = seg.strip_suffix(".slice") {
-            rest.rsplit_once("-pod").map(|(_, u)| u)?
-        } else {
-            seg.strip_prefix("pod")?
-        };
-        let uid = uid.replace('_', "-");
-        is_uid(&uid).then_some(uid)
-    })
+    parse_cgroup_path(path).map(|c| c.pod_uid)
+}
+
+/// Where a process is in its pod's cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodCgroup {
+    pub pod_uid: String,
+    pub place: Place,
+}
+
+/// The part of a pod's cgroup a process is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// Container `id`'s cgroup, or one below it (crun puts the container's
+    /// processes in `<container>/container`, CRI-O puts `exec`'d ones in
+    /// `…/exec`).
+    Container(String),
+    /// CRI-O's conmon for container `id`: in the pod's cgroup, in the
+    /// node's network namespace.
+    Conmon(String),
+    /// The pod's own cgroup, or a child of it that names no container.
+    Pod,
+}
+
+/// The pod and the container a cgroup path is in. The child of the pod's
+/// cgroup names the container, as the runtimes lay it out:
+/// - containerd, cgroupfs driver: `<id>` (`getCgroupsPath`: the parent
+///   joined with the ID); systemd driver: `cri-containerd-<id>.scope`
+///   (runc's `slice:cri-containerd:<id>`, a scope `prefix-name.scope`);
+/// - CRI-O (`internal/config/cgmgr`), cgroupfs: `crio-<id>`, conmon in
+///   `crio-conmon-<id>`; systemd: `crio-<id>.scope`, conmon in
+///   `crio-conmon-<id>.scope`;
+/// - cri-dockerd, systemd: `docker-<id>.scope`.
+///
+/// An ID is letters and digits (the runtimes' 64 hex digits).
+pub fn parse_cgroup_path(path: &str) -> Option<PodCgroup> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let (at, pod_uid) = segments.iter().enumerate().find_map(|(i, seg)| Some((i, pod_uid_of_segment(seg)?)))?;
+    let place = segments.get(at + 1).filter(|s| !s.is_empty()).map_or(Place::Pod, |child| container_dir(child));
+    Some(PodCgroup { pod_uid, place })
+}
+
+fn pod_uid_of_segment(seg: &str) -> Option<String> {
+    let uid = if let Some(rest) = seg.strip_suffix(".slice") {
+        rest.rsplit_once("-pod").map(|(_, u)| u)?
+    } else {
+        seg.strip_prefix("pod")?
+    };
+    let uid = uid.replace('_', "-");
+    is_uid(&uid).then_some(uid)
+}
+
+/// What a child directory of a pod's cgroup is (see [`parse_cgroup_path`]).
+fn container_dir(name: &str) -> Place {
+    let id_ok = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric());
+    let (stem, scope) = match name.strip_suffix(".scope") {
+        Some(stem) => (stem, true),
+        None => (name, false),
+    };
+    if let Some(id) = stem.strip_prefix("crio-conmon-").filter(|id| id_ok(id)) {
+        return Place::Conmon(id.to_string());
+    }
+    let prefixes: &[&str] = if scope { &["cri-containerd-", "crio-", "docker-"] } else { &["crio-", ""] };
+    prefixes
+        .iter()
+        .find_map(|p| stem.strip_prefix(p).filter(|id| id_ok(id)))
+        .map_or(Place::Pod, |id| Place::Container(id.to_string()))
 }
 
 fn is_uid(s: &str) -> bool {
@@ -39,11 +106,11 @@ fn is_uid(s: &str) -> bool {
         && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// The pod UID of a process, from the cgroup-v2 line of `/proc/PID/cgroup`
-/// (`0::/path`).
-pub fn pod_uid_of_pid(proc_root: &Path, pid: u32) -> Option<String> {
+/// Where process `pid` is in a pod's cgroup, from the cgroup-v2 line of
+/// `/proc/PID/cgroup` (`0::/path`). None: in no pod's cgroup.
+pub fn cgroup_of_pid(proc_root: &Path, pid: u32) -> Option<PodCgroup> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).and_then(pod_uid_from_cgroup_path)
+    text.lines().find_map(|l| l.strip_prefix("0::")).and_then(parse_cgroup_path)
 }
 
 /// The cgroup directory of container `id` of pod `pod_uid`, found under
@@ -119,10 +186,16 @@ fn fd_path(f: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
-/// Every process under `proc_root` whose cgroup names a pod UID in
-/// `wanted`, and is not in `host` (the agent's own network namespace:
-/// never a pod's). First match per pod, lowest PID first.
-pub fn scan(proc_root: &Path, wanted: &[&str], host_cookie: u64) -> BTreeMap<String, NetnsHandle> {
+/// For each pod of `wanted` (pod UID → the IDs of its containers), the
+/// network namespace of a process in one of those containers' cgroups
+/// (lowest PID first), never one in `never` (the node's namespace and
+/// the agent's own). A process elsewhere in the pod's cgroup (conmon, or
+/// a container the pod's status does not list yet) is not taken.
+pub fn scan(
+    proc_root: &Path,
+    wanted: &BTreeMap<String, BTreeSet<String>>,
+    never: &BTreeSet<u64>,
+) -> BTreeMap<String, NetnsHandle> {
     let mut found = BTreeMap::new();
     if wanted.is_empty() {
         return found;
@@ -131,14 +204,14 @@ pub fn scan(proc_root: &Path, wanted: &[&str], host_cookie: u64) -> BTreeMap<Str
     let mut pids: Vec<u32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
     pids.sort_unstable();
     for pid in pids {
-        let Some(uid) = pod_uid_of_pid(proc_root, pid) else { continue };
-        if found.contains_key(&uid) || !wanted.contains(&uid.as_str()) {
+        let Some(PodCgroup { pod_uid, place: Place::Container(id) }) = cgroup_of_pid(proc_root, pid) else { continue };
+        if found.contains_key(&pod_uid) || !wanted.get(&pod_uid).is_some_and(|ids| ids.contains(&id)) {
             continue;
         }
         // The process may exit between the two reads: skip it then.
         if let Ok(h) = NetnsHandle::open(&proc_root.join(pid.to_string()).join("ns/net")) {
-            if h.cookie != host_cookie {
-                found.insert(uid, h);
+            if !never.contains(&h.cookie) {
+                found.insert(pod_uid, h);
             }
         }
     }
@@ -179,6 +252,40 @@ mod tests {
         }
     }
 
+    /// The container a cgroup path is in, in each runtime's layout (see
+    /// [`parse_cgroup_path`] for the sources).
+    #[test]
+    fn containers_and_conmon_in_each_layout() {
+        let sd =
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice";
+        let fs = "/kubepods/burstable/pod0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let c = |id: &str| Place::Container(id.into());
+        for (path, place) in [
+            (format!("{fs}/5d7c0a"), c("5d7c0a")),
+            (format!("{fs}/crio-5d7c0a"), c("5d7c0a")),
+            (format!("{fs}/crio-conmon-5d7c0a"), Place::Conmon("5d7c0a".into())),
+            (format!("{sd}/cri-containerd-5d7c0a.scope"), c("5d7c0a")),
+            (format!("{sd}/crio-5d7c0a.scope"), c("5d7c0a")),
+            (format!("{sd}/docker-5d7c0a.scope"), c("5d7c0a")),
+            (format!("{sd}/crio-conmon-5d7c0a.scope"), Place::Conmon("5d7c0a".into())),
+            // crun with systemd: the processes are one level down; CRI-O
+            // puts `exec`'d processes in `exec`.
+            (format!("{sd}/crio-5d7c0a.scope/container"), c("5d7c0a")),
+            (format!("{sd}/crio-5d7c0a.scope/container/exec"), c("5d7c0a")),
+            (format!("/../..{sd}/crio-5d7c0a.scope"), c("5d7c0a")),
+            (sd.to_string(), Place::Pod),
+            (format!("{sd}/"), Place::Pod),
+            (format!("{sd}/crio-.scope"), Place::Pod),
+            (format!("{sd}/other-5d7c0a.scope"), Place::Pod),
+            (format!("{sd}/crio-conmon-.scope"), Place::Pod),
+            (format!("{fs}/a-b"), Place::Pod),
+        ] {
+            let got = parse_cgroup_path(&path);
+            assert_eq!(got, Some(PodCgroup { pod_uid: UID.into(), place }), "{path}");
+        }
+        assert_eq!(parse_cgroup_path("/system.slice/crio.service"), None);
+    }
+
     #[test]
     fn scan_reads_a_fake_proc() {
         // Reading a namespace's cookie enters it (setns: CAP_SYS_ADMIN).
@@ -189,19 +296,28 @@ mod tests {
         }
         let root = std::env::temp_dir().join(format!("rdr-fakeproc-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        // PID 7 belongs to the pod; its ns/net is this process's own
-        // namespace, which is also the "host" here: so it must be skipped.
-        std::fs::create_dir_all(root.join("7/ns")).unwrap();
-        std::fs::write(root.join("7/cgroup"), format!("0::/kubepods/pod{UID}/c\n")).unwrap();
-        std::os::unix::fs::symlink("/proc/self/ns/net", root.join("7/ns/net")).unwrap();
-        std::fs::create_dir_all(root.join("8")).unwrap();
-        std::fs::write(root.join("8/cgroup"), "0::/system.slice/x.service\n").unwrap();
+        let sd = format!("/kubepods.slice/kubepods-pod{}.slice", UID.replace('-', "_"));
+        // PID 5: conmon (lower PID, in the pod's cgroup, not a container);
+        // 6: the pod's cgroup itself; 7: the container, one level down
+        // (crun); 8: no pod. Every ns/net is this process's own namespace.
+        for (pid, cgroup) in [
+            (5, format!("{sd}/crio-conmon-ab12.scope")),
+            (6, sd.clone()),
+            (7, format!("{sd}/crio-ab12.scope/container")),
+            (8, "/system.slice/x.service".to_string()),
+        ] {
+            std::fs::create_dir_all(root.join(format!("{pid}/ns"))).unwrap();
+            std::fs::write(root.join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
+            std::os::unix::fs::symlink("/proc/self/ns/net", root.join(format!("{pid}/ns/net"))).unwrap();
+        }
         let own = crate::sys::netns::current_netns_cookie().unwrap();
-        assert!(scan(&root, &[UID], own).is_empty());
-        let found = scan(&root, &[UID], own.wrapping_add(1));
+        let wanted = |ids: &[&str]| BTreeMap::from([(UID.to_string(), ids.iter().map(|s| s.to_string()).collect())]);
+        let found = scan(&root, &wanted(&["ab12"]), &BTreeSet::new());
         assert_eq!(found.len(), 1);
-        assert_eq!(found[UID].cookie, own);
-        assert!(scan(&root, &["00000000-0000-0000-0000-000000000000"], 0).is_empty());
+        assert_eq!((found[UID].cookie, found[UID].source.clone()), (own, root.join("7/ns/net")), "not the container");
+        assert!(scan(&root, &wanted(&["ab12"]), &BTreeSet::from([own])).is_empty(), "a `never` namespace taken");
+        assert!(scan(&root, &wanted(&["cd34"]), &BTreeSet::new()).is_empty(), "a container of another ID taken");
+        assert!(scan(&root, &BTreeMap::new(), &BTreeSet::new()).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -85,7 +85,8 @@ pub struct KubeOptions {
     /// Rules that mark a pod as meshed; empty: the preset's defaults.
     pub meshed_when: Vec<MeshedWhen>,
     pub proc_root: PathBuf,
-    /// The node's own network namespace: never programmed.
+    /// The node's own network namespace: never taken as a pod's, never
+    /// programmed.
     pub node_netns: crate::dataplane::NodeNetns,
     /// How often pods whose namespace is unknown are looked for in /proc.
     pub resync: Duration,
@@ -122,7 +123,9 @@ struct Agent {
     agent_state: AgentState,
     mesh: Option<MeshSettings>,
     mesh_error: Option<String>,
-    host_cookie: u64,
+    /// Network namespaces never taken as a pod's: the node's (PID 1's)
+    /// and the agent's own.
+    never_cookies: BTreeSet<u64>,
     last_scan: Option<Instant>,
     pod_errors: BTreeMap<String, String>,
     /// Results of the last pass, for answering waiters.
@@ -175,7 +178,8 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             opts.cgroup.display()
         ),
     }
-    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), reg_tx));
+    let never_cookies = BTreeSet::from([dp.node_cookie, crate::sys::netns::current_netns_cookie()?]);
+    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), dp.node_cookie, reg_tx));
 
     let (mut streams, meshconfig_wanted) = Streams::open(&client, &opts, reg_rx, signals).await;
     let mut meshconfig = Watched::new();
@@ -183,7 +187,6 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut configmap = Watched::new();
     configmap.synced = opts.configmap.is_none();
 
-    let host_cookie = crate::sys::netns::current_netns_cookie()?;
     let events = Events { client, instance: opts.instance.clone(), metrics: rt.metrics.clone() };
     let mut agent = Agent {
         dp,
@@ -198,7 +201,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         agent_state: AgentState::default(),
         mesh: None,
         mesh_error: None,
-        host_cookie,
+        never_cookies,
         last_scan: None,
         pod_errors: BTreeMap::new(),
         ready_pods: BTreeMap::new(),

@@ -243,23 +243,25 @@ impl Agent {
     }
 
     /// Looks in /proc for meshed pods whose namespace is not known (pods
-    /// started before the agent), at most once per resync period.
+    /// started before the agent), at most once per resync period: only a
+    /// process in one of the pod's container cgroups counts, never one in
+    /// the node's network namespace or the agent's.
     fn find_namespaces(&mut self, rules: &[MeshedWhen]) {
         if self.last_scan.is_some_and(|t| t.elapsed() < self.opts.resync) {
             return;
         }
-        let missing: Vec<&str> = self
+        let missing: BTreeMap<String, BTreeSet<String>> = self
             .pods
             .items
             .values()
             .filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules) && !self.netns.contains_key(&p.uid))
-            .map(|p| p.uid.as_str())
+            .map(|p| (p.uid.clone(), p.container_ids.clone()))
             .collect();
         if missing.is_empty() {
             return;
         }
         self.last_scan = Some(Instant::now());
-        let found = discover::scan(&self.opts.proc_root, &missing, self.host_cookie);
+        let found = discover::scan(&self.opts.proc_root, &missing, &self.never_cookies);
         for (uid, h) in found {
             let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
             info!(
