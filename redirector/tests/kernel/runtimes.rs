@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::{
     bin,
-    kube::{configmap, pod_object, sleeper, KubeAgent, Layout, Pod, Scratch},
+    kube::{configmap, pod_object, proxy_identified_by_its_cgroup, sleeper, KubeAgent, Layout, Pod, Scratch},
     poll_until, require_kernel, tmpdir,
 };
 
@@ -176,4 +176,21 @@ fn kube_pod_namespace_is_taken_from_its_containers_only() {
     let log = agent.proc.log_text();
     assert!(!log.contains("is the node's own"), "a pod's namespace was taken from the node's:\n{log}");
     drop(agent);
+}
+
+/// `--proxy-identity cgroup` on CRI-O with crun and the systemd driver:
+/// the proxy's processes are in `crio-<ID>.scope/container`, and its
+/// conmon in `crio-conmon-<ID>.scope`; the map holds the cgroup its
+/// processes are in.
+#[test]
+fn kube_proxy_cgroup_on_crio_with_crun() {
+    proxy_identified_by_its_cgroup(Layout::CrioSystemdCrun, "kcr");
+}
+
+/// The same on CRI-O with runc (the container's own scope, conmon beside
+/// it) and on containerd with the systemd driver.
+#[test]
+fn kube_proxy_cgroup_on_crio_and_containerd_systemd() {
+    proxy_identified_by_its_cgroup(Layout::CrioSystemd, "kcs");
+    proxy_identified_by_its_cgroup(Layout::ContainerdSystemd, "kds");
 }

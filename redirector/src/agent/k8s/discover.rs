@@ -113,39 +113,36 @@ pub fn cgroup_of_pid(proc_root: &Path, pid: u32) -> Option<PodCgroup> {
     text.lines().find_map(|l| l.strip_prefix("0::")).and_then(parse_cgroup_path)
 }
 
-/// The cgroup directory of container `id` of pod `pod_uid`, found under
-/// `root` (the cgroup the agent attaches to): the pod's directory, in
-/// either driver's layout (see [`pod_uid_from_cgroup_path`]), at most 8
-/// levels down (each, if there are several), then its child named `<id>` (cgroupfs driver),
-/// `<runtime>-<id>.scope` (systemd driver: `cri-containerd-`, `crio-`,
-/// `docker-`) or `crio-<id>`. None if there is none (not started yet, or
-/// already gone).
+/// The cgroup that container `id` of pod `pod_uid` runs its processes in,
+/// found under `root` (the cgroup the agent attaches to): the pod's
+/// directory, in either driver's layout (see [`pod_uid_from_cgroup_path`]),
+/// at most 8 levels down (each, if there are several); its child that is
+/// container `id`'s (see [`parse_cgroup_path`]; never CRI-O's
+/// `crio-conmon-<id>`, which carries the same ID); and, when that has a
+/// child `container`, that child: crun with the systemd driver runs the
+/// container's processes there (CRI-O's `crunContainerCgroupManager` looks
+/// for the same name). None if there is none (not started yet, or already
+/// gone).
 pub fn container_cgroup(root: &Path, pod_uid: &str, id: &str) -> Option<PathBuf> {
     const MAX_DEPTH: usize = 8;
-    let is_container = |name: &str| {
-        name == id
-            || name.strip_prefix("crio-") == Some(id)
-            || name.strip_suffix(".scope").and_then(|n| n.strip_suffix(id)).is_some_and(|n| n.ends_with('-'))
-    };
+    let is_dir = |e: &std::fs::DirEntry| e.file_type().is_ok_and(|t| t.is_dir());
     let mut level = vec![root.to_path_buf()];
     for _ in 0..=MAX_DEPTH {
         let mut next = Vec::new();
         for dir in level {
             let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-            for e in entries.flatten() {
-                if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                    continue;
-                }
+            for e in entries.flatten().filter(is_dir) {
                 let name = e.file_name();
                 let Some(name) = name.to_str() else { continue };
-                if pod_uid_from_cgroup_path(name).as_deref() == Some(pod_uid) {
+                if pod_uid_of_segment(name).as_deref() == Some(pod_uid) {
                     let found = std::fs::read_dir(e.path()).ok().and_then(|children| {
-                        children.flatten().find(|c| {
-                            c.file_type().is_ok_and(|t| t.is_dir()) && c.file_name().to_str().is_some_and(is_container)
+                        children.flatten().filter(is_dir).find(|c| {
+                            c.file_name().to_str().map(container_dir) == Some(Place::Container(id.to_string()))
                         })
                     });
                     if let Some(c) = found {
-                        return Some(c.path());
+                        let crun = c.path().join("container");
+                        return Some(if crun.is_dir() { crun } else { c.path() });
                     }
                     continue;
                 }
@@ -355,13 +352,25 @@ mod tests {
         assert_eq!(container_cgroup(&root, other, "5d7c0a"), Some(root.join(&dirs[2])));
         assert_eq!(container_cgroup(&root, "00000000-0000-4000-8000-000000000000", "5d7c0a"), None);
         std::fs::remove_dir_all(&root).unwrap();
-        // The systemd layout, alone.
+        // The systemd layout, alone; CRI-O's conmon scopes (created first)
+        // carry the containers' IDs but are never taken; crun's processes
+        // are in the scope's `container` child.
+        let pod = format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            other.replace('-', "_")
+        );
+        for d in ["crio-conmon-cd34.scope", "crio-conmon-gh78.scope", "crio-conmon-ij90.scope"] {
+            std::fs::create_dir_all(root.join(&pod).join(d)).unwrap();
+        }
         for d in &dirs[3..] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
+        std::fs::create_dir_all(root.join(&pod).join("crio-gh78.scope/container")).unwrap();
         assert_eq!(container_cgroup(&root, other, "ab12"), Some(root.join(&dirs[3])));
         assert_eq!(container_cgroup(&root, other, "cd34"), Some(root.join(&dirs[4])));
         assert_eq!(container_cgroup(&root, other, "ef56"), Some(root.join(&dirs[5])));
+        assert_eq!(container_cgroup(&root, other, "gh78"), Some(root.join(&pod).join("crio-gh78.scope/container")));
+        assert_eq!(container_cgroup(&root, other, "ij90"), None, "conmon's cgroup taken for the container's");
         assert_eq!(container_cgroup(&root, other, "b12"), None);
         std::fs::remove_dir_all(&root).unwrap();
     }
