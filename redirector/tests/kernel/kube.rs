@@ -719,14 +719,17 @@ pub(super) fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) ->
 /// as UID 1500 is redirected (no UID spoof).
 #[test]
 fn kube_proxy_identified_by_its_container_cgroup() {
-    proxy_identified_by_its_cgroup(Layout::ContainerdCgroupfs, "kf");
+    proxy_identified_by_its_cgroup(Layout::ContainerdCgroupfs, "kf", false);
 }
 
 /// The body of the `--proxy-identity cgroup` tests, on a runtime's
 /// `layout`. With CRI-O the proxy container's conmon is in the pod's
 /// cgroup too (in `crio-conmon-<ID>`, named by the same ID): it is never
-/// taken for the proxy.
-pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str) {
+/// taken for the proxy. With `native`, the proxy is a native sidecar (in
+/// `initContainers` with `restartPolicy: Always`, its status in
+/// `initContainerStatuses`, as Istio, Linkerd and Kuma inject it now) and
+/// the pod is meshed only by the rule `container:envoy`.
+pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str, native: bool) {
     if !require_kernel() {
         return;
     }
@@ -737,7 +740,16 @@ pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str) {
     let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
     api.put(&Resource::configmaps(), configmap("preset: osm\nproxyUID: 1500\n"));
     // Running, the proxy container not started yet.
-    let mut a = Pod::create_with(&api, &cgroup.path, tag, pod_object("f", "Running", json!({})), layout);
+    let mut obj = pod_object("f", "Running", json!({}));
+    if native {
+        obj["metadata"]["labels"] = json!({});
+        obj["spec"]["containers"] = json!([{"name": "app", "image": "app"}]);
+        obj["spec"]["initContainers"] = json!([
+            {"name": "redirector-init", "image": "redirector"},
+            {"name": "envoy", "image": "envoy", "restartPolicy": "Always"}
+        ]);
+    }
+    let mut a = Pod::create_with(&api, &cgroup.path, tag, obj, layout);
     a.run_process();
     let app_cg = a.cg.container(&a.id("app"));
     let envoy_id = a.id("envoy");
@@ -745,8 +757,11 @@ pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str) {
         a.cg.conmon(&envoy_id);
     }
     let envoy_cg = a.cg.container(&envoy_id);
-    let agent =
-        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--proxy-identity", "cgroup"]);
+    let mut flags = vec!["--proxy-identity", "cgroup"];
+    if native {
+        flags.extend(["--meshed-when", "container:envoy"]);
+    }
+    let agent = KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &flags);
     let dst = "192.0.2.10:80";
     let probe = |cg: &Path, uid: u32| {
         in_cgroup(cg, &cgroup.path, || {

@@ -3,7 +3,7 @@
 //! containers, in the cgroup layouts of containerd and CRI-O (cgroupfs and
 //! systemd drivers, CRI-O's conmon in the pod's cgroup but the node's
 //! namespace, crun's `container` sub-cgroup); the proxy's cgroup in those
-//! layouts. The layouts and where they come from: [`super::kube::Layout`].
+//! layouts, also as a native sidecar. The layouts and where they come from: [`super::kube::Layout`].
 //!
 //! The node's namespace here is one the test creates (`--node-netns`), so
 //! that an agent that got it wrong would redirect a throwaway namespace,
@@ -184,13 +184,23 @@ fn kube_pod_namespace_is_taken_from_its_containers_only() {
 /// processes are in.
 #[test]
 fn kube_proxy_cgroup_on_crio_with_crun() {
-    proxy_identified_by_its_cgroup(Layout::CrioSystemdCrun, "kcr");
+    proxy_identified_by_its_cgroup(Layout::CrioSystemdCrun, "kcr", false);
 }
 
 /// The same on CRI-O with runc (the container's own scope, conmon beside
 /// it) and on containerd with the systemd driver.
 #[test]
 fn kube_proxy_cgroup_on_crio_and_containerd_systemd() {
-    proxy_identified_by_its_cgroup(Layout::CrioSystemd, "kcs");
-    proxy_identified_by_its_cgroup(Layout::ContainerdSystemd, "kds");
+    proxy_identified_by_its_cgroup(Layout::CrioSystemd, "kcs", false);
+    proxy_identified_by_its_cgroup(Layout::ContainerdSystemd, "kds", false);
+}
+
+/// A native sidecar proxy (`initContainers`, `restartPolicy: Always`,
+/// status in `initContainerStatuses`): the pod is meshed by
+/// `container:envoy`, and the proxy is identified by its cgroup, on
+/// containerd and on CRI-O with crun.
+#[test]
+fn kube_native_sidecar_proxy() {
+    proxy_identified_by_its_cgroup(Layout::ContainerdCgroupfs, "kns", true);
+    proxy_identified_by_its_cgroup(Layout::CrioSystemdCrun, "knc", true);
 }
