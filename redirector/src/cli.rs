@@ -52,6 +52,12 @@ pub(crate) struct KubeArgs {
     /// /proc.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub(crate) resync: Duration,
+    /// How long a running meshed pod whose network namespace is not found
+    /// holds back the removal of stale entries; then it is reported (a
+    /// Warning Event, once) and no longer does (pods of sandboxed runtimes,
+    /// Kata Containers or gVisor, are never found).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub(crate) unresolved_grace: Duration,
     /// This agent's pod name, as the reporting instance of its Events.
     #[arg(long, env = "POD_NAME", default_value = "redirector")]
     pub(crate) pod_name: String,

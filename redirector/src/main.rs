@@ -57,6 +57,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     proc_root: PathBuf::from("/proc"),
                     node_netns: node_netns.map_or(NodeNetns::Pid1, NodeNetns::Path),
                     resync: kube.resync,
+                    unresolved_grace: kube.unresolved_grace,
                     instance: kube.pod_name,
                     proxy_identity: match (kube.proxy_identity, kube.proxy_container) {
                         (ProxyIdentityArg::Cgroup, container) => ProxyIdentity::Cgroup { container },

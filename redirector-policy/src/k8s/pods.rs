@@ -26,6 +26,9 @@ pub struct PodInfo {
     /// default now).
     pub containers: Vec<String>,
     pub host_network: bool,
+    /// `spec.runtimeClassName`, for messages (a sandboxed runtime's pods
+    /// are never found in the node's /proc).
+    pub runtime_class: Option<String>,
     /// `status.phase` (Pending, Running, Succeeded, Failed, Unknown).
     pub phase: String,
     /// Containers of [`PodInfo::containers`] in the running state → their
@@ -75,6 +78,7 @@ impl PodInfo {
                 .chain(native_sidecars.iter().cloned())
                 .collect(),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            runtime_class: spec.and_then(|s| s.runtime_class_name.clone()),
             phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
             running: running_of(status.and_then(|s| s.container_statuses.as_ref()), None)
                 .chain(running_of(status.and_then(|s| s.init_container_statuses.as_ref()), Some(&native_sidecars)))
@@ -210,6 +214,7 @@ mod tests {
             labels: BTreeMap::new(),
             containers: vec!["app".into()],
             host_network: false,
+            runtime_class: None,
             phase: "Running".into(),
             running: BTreeMap::new(),
             container_ids: BTreeSet::new(),
@@ -257,7 +262,8 @@ mod tests {
         let p: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
                           "annotations": {"x": "y"}, "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}], "hostNetwork": true},
+            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}], "hostNetwork": true,
+                     "runtimeClassName": "gvisor"},
             "status": {"phase": "Succeeded"}
         }))
         .unwrap();
@@ -265,6 +271,7 @@ mod tests {
         assert_eq!(info.key(), "shop/web");
         assert_eq!(info.containers, vec!["app", "envoy"]);
         assert!(info.host_network);
+        assert_eq!(info.runtime_class.as_deref(), Some("gvisor"));
         assert!(!info.is_live());
         assert_eq!(info.annotations["x"], "y");
         assert!(info.running.is_empty());

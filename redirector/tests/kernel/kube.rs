@@ -259,11 +259,18 @@ pub(super) struct Pod {
 }
 
 impl Pod {
-    fn create(api: &FakeApi, cg_parent: &Path, tag: &str, name: &str, phase: &str, annotations: Value) -> Pod {
+    pub(super) fn create(
+        api: &FakeApi,
+        cg_parent: &Path,
+        tag: &str,
+        name: &str,
+        phase: &str,
+        annotations: Value,
+    ) -> Pod {
         Self::create_from(api, cg_parent, tag, pod_object(name, phase, annotations))
     }
 
-    fn create_from(api: &FakeApi, cg_parent: &Path, tag: &str, obj: Value) -> Pod {
+    pub(super) fn create_from(api: &FakeApi, cg_parent: &Path, tag: &str, obj: Value) -> Pod {
         Self::create_with(api, cg_parent, tag, obj, Layout::ContainerdCgroupfs)
     }
 

@@ -19,7 +19,10 @@ use serde_json::json;
 
 use super::{
     bin,
-    kube::{configmap, pod_object, proxy_identified_by_its_cgroup, sleeper, KubeAgent, Layout, Pod, Scratch},
+    kube::{
+        configmap, events_for, pod_object, programmed, proxy_identified_by_its_cgroup, sleeper, KubeAgent, Layout, Pod,
+        Scratch,
+    },
     poll_until, require_kernel, tmpdir,
 };
 
@@ -203,4 +206,68 @@ fn kube_proxy_cgroup_on_crio_and_containerd_systemd() {
 fn kube_native_sidecar_proxy() {
     proxy_identified_by_its_cgroup(Layout::ContainerdCgroupfs, "kns", true);
     proxy_identified_by_its_cgroup(Layout::CrioSystemdCrun, "knc", true);
+}
+
+/// A pod of a sandboxed runtime (Kata Containers, gVisor: its processes
+/// run in a VM or a user-space kernel, never in the node's /proc) holds
+/// back the sweep of stale entries for `--unresolved-grace` only: then it
+/// is reported once (Warning Event `NetworkNamespaceNotFound`, gauge
+/// `pods_not_found`) and a pod deleted while no agent ran loses its
+/// entries.
+#[test]
+fn kube_sandboxed_pod_does_not_block_the_sweep() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-sb"));
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let mut gone = Pod::create(&api, &cgroup.path, "sbg", "gone", "Running", json!({}));
+    gone.run_process();
+    let mut web = Pod::create(&api, &cgroup.path, "sbw", "web", "Running", json!({}));
+    web.run_process();
+    let mut first = KubeAgent::start(&api, &cgroup.path, &pins.path, &scratch.0, "agent1.log");
+    let got = gone.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy"), "{}", first.proc.log_text());
+    first.proc.stop();
+
+    // While no agent runs: `gone` is deleted, a Kata pod starts (its status
+    // names its containers, no process of them is on the node).
+    let gone_cookie = gone.cookie();
+    api.delete(&Resource::pods(), "shop", "gone");
+    let mut obj = pod_object("kata", "Running", json!({}));
+    obj["spec"]["runtimeClassName"] = json!("kata-qemu");
+    let kata = Pod::create_from(&api, &cgroup.path, "sbk", obj);
+    let grace = std::time::Duration::from_secs(5);
+    let agent =
+        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &scratch.0, "agent2.log", &["--unresolved-grace", "5s"]);
+    let ready = std::time::Instant::now();
+    let held = programmed(&pins.path, gone_cookie);
+    if ready.elapsed() < grace {
+        assert!(held, "swept before the grace period\n{}", agent.proc.log_text());
+    }
+    let swept = poll_until(|| programmed(&pins.path, gone_cookie), |p| !*p);
+    assert!(!swept, "the sandboxed pod holds the sweep back forever\n{}", agent.proc.log_text());
+    assert!(
+        ready.elapsed() >= grace - std::time::Duration::from_millis(500),
+        "swept {:?} after the start",
+        ready.elapsed()
+    );
+    let events = poll_until(|| api.events(), |e| !events_for(e, "kata", "NetworkNamespaceNotFound").is_empty());
+    let ev = events_for(&events, "kata", "NetworkNamespaceNotFound");
+    assert_eq!(ev.len(), 1, "{events:#?}");
+    let note = ev[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("runtimeClassName kata-qemu") && note.contains("not redirected"), "{note}");
+    assert_eq!(ev[0]["type"], "Warning");
+    assert!(web.probe("192.0.2.10:80").starts_with("proxy"), "another pod lost its redirection");
+    assert!(!programmed(&pins.path, kata.cookie()));
+    // Reported once, while it lasts.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(events_for(&api.events(), "kata", "NetworkNamespaceNotFound").len(), 1);
+    let (_, metrics) = agent.get("/metrics");
+    assert!(metrics.contains("redirector_pods_not_found 1"), "{metrics}");
+    assert!(agent.proc.log_text().contains("NetworkNamespaceNotFound"));
+    drop(agent);
 }

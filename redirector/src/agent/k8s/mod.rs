@@ -90,6 +90,8 @@ pub struct KubeOptions {
     pub node_netns: crate::dataplane::NodeNetns,
     /// How often pods whose namespace is unknown are looked for in /proc.
     pub resync: Duration,
+    /// How long such a running pod holds back the sweep of stale entries.
+    pub unresolved_grace: Duration,
     /// Reporting instance in Events (the agent's pod name).
     pub instance: String,
     pub proxy_identity: ProxyIdentity,

@@ -117,6 +117,8 @@ impl Agent {
                 netns: &netns,
                 pinned: &pinned,
                 proxy_cgroups: &proxy_cgroups,
+                now: Instant::now(),
+                unresolved_grace: self.opts.unresolved_grace,
             },
             &mut self.plan_state,
         );
@@ -127,7 +129,7 @@ impl Agent {
             warn!(target: LOG, "pod {}/{}: {}: {}", ev.namespace, ev.name, ev.reason, ev.message);
             self.events.publish(ev.kind, ev.reason, ev.message.clone(), pod_ref(ev));
         }
-        if !p.unresolved.is_empty() {
+        if p.unresolved.len() > p.not_found.len() {
             debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
         }
         let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
@@ -179,6 +181,12 @@ impl Agent {
             "pods_unresolved",
             "Running meshed pods whose network namespace is not found yet.",
             p.unresolved.len() as u64,
+        );
+        self.rt.metrics.set_gauge(
+            "pods_not_found",
+            "Running meshed pods whose network namespace was not found for longer than --unresolved-grace: not \
+             redirected, and no longer holding back the sweep.",
+            p.not_found.len() as u64,
         );
         self.rt.metrics.set_gauge(
             "pods_skipped",
