@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{parse_annotations, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+use crate::{parse_annotations, IdMaps, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
 
 use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
 
@@ -84,6 +84,9 @@ pub struct Inputs<'a> {
     /// Pod UID → the cgroup of its running proxy container, for pods whose
     /// proxy is identified by cgroup; the others are identified by UID.
     pub proxy_cgroups: &'a BTreeMap<String, PathBuf>,
+    /// Pod UID → the ID maps of its user namespace, for pods not in the
+    /// agent's (`hostUsers: false`).
+    pub id_maps: &'a BTreeMap<String, IdMaps>,
     pub now: Instant,
     /// How long a running meshed pod whose namespace is not found holds
     /// the sweep back (`--unresolved-grace`).
@@ -145,6 +148,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     name: pod.key(),
                     netns: NetnsRef::Path(path.clone()),
                     proxy_cgroup: inp.proxy_cgroups.get(&pod.uid).cloned(),
+                    id_maps: inp.id_maps.get(&pod.uid).cloned(),
                     annotations,
                 })
             }
@@ -256,6 +260,7 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -285,6 +290,7 @@ mod tests {
                     netns: &ns,
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
                     now: Instant::now(),
                     unresolved_grace: GRACE,
                 },
@@ -328,6 +334,7 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -361,6 +368,7 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -382,6 +390,7 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -414,6 +423,7 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -443,6 +453,7 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &cg,
+                id_maps: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -477,6 +488,7 @@ mod tests {
                     netns: ns,
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
                     now: t0 + Duration::from_secs(at),
                     unresolved_grace: GRACE,
                 },
@@ -519,5 +531,35 @@ mod tests {
         assert!(p.not_found.is_empty() && p.keep == pinned, "{p:?}");
         let p = run(&web_only, &all, 141);
         assert_eq!(p.events.len(), 1);
+    }
+
+    /// A pod in a user namespace of its own carries its ID maps to the
+    /// workload; the others carry none (their IDs are the node's).
+    #[test]
+    fn id_maps_only_for_pods_in_a_user_namespace() {
+        let mesh = MeshSettings::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let all = pods(vec![pod("web", &[]), pod("db", &[])]);
+        let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
+        let map = crate::IdMap::parse("0 524288 65536").unwrap();
+        let maps: BTreeMap<String, IdMaps> = [("uid-db".to_string(), IdMaps { uid: map.clone(), gid: map })].into();
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &BTreeSet::new(),
+                proxy_cgroups: &BTreeMap::new(),
+                id_maps: &maps,
+                now: Instant::now(),
+                unresolved_grace: GRACE,
+            },
+            &mut PlanState::default(),
+        );
+        let by_name: BTreeMap<&str, Option<&IdMaps>> =
+            p.workloads.iter().map(|w| (w.name.as_str(), w.id_maps.as_ref())).collect();
+        assert_eq!(by_name["shop/db"], maps.get("uid-db"));
+        assert_eq!(by_name["shop/web"], None);
     }
 }

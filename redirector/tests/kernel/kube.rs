@@ -196,6 +196,12 @@ impl PodCgroup {
 /// Makes `c`'s process join the cgroup whose `cgroup.procs` is `procs`,
 /// and the network namespace `netns` if given, between fork and exec.
 pub(super) fn join_cgroup_before_exec(c: &mut Command, procs: &Path, netns: Option<std::fs::File>) {
+    enter_before_exec(c, procs, netns, false);
+}
+
+/// [`join_cgroup_before_exec`], then, with `new_userns`, a new user
+/// namespace (its maps are written by the parent, as a runtime does).
+fn enter_before_exec(c: &mut Command, procs: &Path, netns: Option<std::fs::File>, new_userns: bool) {
     let path = CString::new(procs.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: only async-signal-safe calls (open, write, close, setns) on
     // a path and a file opened before the fork.
@@ -210,6 +216,9 @@ pub(super) fn join_cgroup_before_exec(c: &mut Command, procs: &Path, netns: Opti
                 if libc::setns(std::os::fd::AsRawFd::as_raw_fd(ns), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if new_userns && libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -309,6 +318,25 @@ impl Pod {
     pub(super) fn run_process(&mut self) -> u32 {
         let cgroup = self.cg.container(&self.id("app"));
         self.run_in(&cgroup, &self.topo.app.path())
+    }
+
+    /// Starts a process in `cgroup` and network namespace `netns`, in a
+    /// user namespace of its own whose uid_map and gid_map are `map`, as
+    /// the runtime starts a `hostUsers: false` pod's containers (the
+    /// kubelet gives each such pod one map `0 <multiple of 65536> 65536`
+    /// for UIDs and GIDs, kubernetes/kubernetes
+    /// `pkg/kubelet/userns/userns_manager.go`); returns its PID.
+    pub(super) fn run_in_user_namespace(&mut self, cgroup: &Path, netns: &Path, map: &str) -> u32 {
+        let mut c = Command::new("sleep");
+        c.arg("600").stdin(Stdio::null());
+        enter_before_exec(&mut c, &cgroup.join("cgroup.procs"), Some(std::fs::File::open(netns).unwrap()), true);
+        let child = c.spawn().unwrap();
+        let pid = child.id();
+        self.procs.push(child);
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{file}"), format!("{map}\n")).unwrap();
+        }
+        pid
     }
 
     /// Starts a process in `cgroup` and network namespace `netns`, killed

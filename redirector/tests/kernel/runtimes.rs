@@ -3,17 +3,23 @@
 //! containers, in the cgroup layouts of containerd and CRI-O (cgroupfs and
 //! systemd drivers, CRI-O's conmon in the pod's cgroup but the node's
 //! namespace, crun's `container` sub-cgroup); the proxy's cgroup in those
-//! layouts, also as a native sidecar. The layouts and where they come from: [`super::kube::Layout`].
+//! layouts, also as a native sidecar; pods of sandboxed runtimes; user
+//! namespaces (`hostUsers: false`, and standalone `pid:` workloads). The layouts and where they come from: [`super::kube::Layout`].
 //!
 //! The node's namespace here is one the test creates (`--node-netns`), so
 //! that an agent that got it wrong would redirect a throwaway namespace,
 //! never the machine's own.
-use std::{collections::BTreeSet, ffi::OsString, path::Path};
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use redirector::{dataplane::Maps, sys::netns::netns_cookie};
 use redirector_testkit::{
+    self as testkit,
     fakeapi::{FakeApi, Resource},
-    AgentProcess, Netns, PinDir, TestCgroup, Topology,
+    AgentProcess, Netns, PinDir, Proto, Server, TestCgroup, Topology,
 };
 use serde_json::json;
 
@@ -269,5 +275,158 @@ fn kube_sandboxed_pod_does_not_block_the_sweep() {
     let (_, metrics) = agent.get("/metrics");
     assert!(metrics.contains("redirector_pods_not_found 1"), "{metrics}");
     assert!(agent.proc.log_text().contains("NetworkNamespaceNotFound"));
+    drop(agent);
+}
+
+/// A pod with `hostUsers: false`: its containers run in a user namespace
+/// of their own (`0 524288 65536`), its proxy as UID 1337 inside, which the
+/// kernel reports as 525625. The proxy's own connections go direct (the
+/// UID written is the translated one); the application's, and those of a
+/// process of the initial namespace running as UID 1337, are redirected.
+/// A pod whose map does not map the proxy's UID is refused with an Event
+/// naming `proxyUID`.
+#[test]
+fn kube_user_namespace_pod() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube-us"));
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\nproxyUID: 1337\n"));
+    let mut u = Pod::create(&api, &cgroup.path, "usr", "u", "Running", json!({}));
+    let app_cg = u.cg.container(&u.id("app"));
+    let envoy_cg = u.cg.container(&u.id("envoy"));
+    let app_pid = u.run_in_user_namespace(&app_cg, &u.topo.app.path(), "0 524288 65536");
+    let mut obj = api.get(&Resource::pods(), "shop", "u").unwrap();
+    obj["spec"]["hostUsers"] = json!(false);
+    obj["status"]["containerStatuses"] =
+        json!([u.status("app", json!({"running": {}})), u.status("envoy", json!({"running": {}}))]);
+    api.put(&Resource::pods(), obj);
+    // A second pod whose map is too small for UID 1337.
+    let mut v = Pod::create(&api, &cgroup.path, "usv", "v", "Running", json!({}));
+    let v_cg = v.cg.container(&v.id("app"));
+    v.run_in_user_namespace(&v_cg, &v.topo.app.path(), "0 589824 1000");
+
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &scratch.0, "agent.log");
+    let got = u.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "pod not redirected\n{}", agent.proc.log_text());
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains(&format!("found through /proc/{app_pid}/ns/net"))
+            && log.contains("in a user namespace of its own (uid_map 0 524288 65536, gid_map 0 524288 65536)"),
+        "{log}"
+    );
+    let userns = PathBuf::from(format!("/proc/{app_pid}/ns/user"));
+    let dst = "192.0.2.10:80".parse().unwrap();
+    let in_pod = |uid: u32| {
+        testkit::probe_in_user_namespace(&u.topo.app.path(), &userns, &envoy_cg.join("cgroup.procs"), uid, dst).unwrap()
+    };
+    let proxy = in_pod(1337);
+    assert!(proxy.starts_with("direct 192.0.2.10:80"), "the proxy (UID 1337 in the pod) was redirected: {proxy}");
+    let app = in_pod(1000);
+    assert!(app.starts_with("proxy 192.0.2.10:80"), "the pod's application was not redirected: {app}");
+    let outsider = testkit::probe(&u.topo.app.path(), 1337, Proto::Tcp, dst.into()).unwrap();
+    assert!(outsider.starts_with("proxy"), "UID 1337 of the initial namespace went direct: {outsider}");
+    let w = Maps::open(&pins.path).unwrap().workload(u.cookie()).unwrap().unwrap();
+    assert_eq!(w.proxy_uid, 524288 + 1337, "the proxy's UID as the kernel reports it");
+
+    let events = poll_until(|| api.events(), |e| !events_for(e, "v", "RedirectionFailed").is_empty());
+    let ev = events_for(&events, "v", "RedirectionFailed");
+    assert!(!ev.is_empty(), "{events:#?}\n{}", agent.proc.log_text());
+    let note = ev[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("key `proxyUID`: value 1337 is not mapped") && note.contains("uid_map: 0 589824 1000"),
+        "{note}"
+    );
+    assert!(!programmed(&pins.path, v.cookie()), "a pod whose proxy UID is not mapped was programmed");
+    drop(agent);
+}
+
+/// Standalone: a `pid:` workload whose process is in a user namespace of
+/// its own has its proxy's UID translated through that process's maps; a
+/// `netns:` workload whose namespace belongs to another user namespace is
+/// refused (nothing there says how its IDs map), naming `pid:` instead.
+#[test]
+fn user_namespace_workloads_standalone() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("us-sa"));
+    let topo = Topology::new("uss").unwrap();
+    let _proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+    // The workload's process: in the topology's namespace, in a user
+    // namespace of its own.
+    let mut procs = Vec::new();
+    let spawn = |flags: libc::c_int, netns: Option<&Path>| {
+        use std::os::unix::process::CommandExt as _;
+        let net = netns.map(|p| std::fs::File::open(p).unwrap());
+        let mut c = std::process::Command::new("sleep");
+        c.arg("600");
+        // SAFETY: setns and unshare are async-signal-safe.
+        unsafe {
+            c.pre_exec(move || {
+                if let Some(n) = &net {
+                    if libc::setns(std::os::fd::AsRawFd::as_raw_fd(n), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::unshare(flags) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = c.spawn().unwrap();
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{}/{file}", child.id()), "0 524288 65536\n").unwrap();
+        }
+        child
+    };
+    procs.push(spawn(libc::CLONE_NEWUSER, Some(&topo.app.path())));
+    // A network namespace created inside a user namespace (owned by it).
+    procs.push(spawn(libc::CLONE_NEWUSER | libc::CLONE_NEWNET, None));
+    let (pid, owned) = (procs[0].id(), procs[1].id());
+    let config = scratch.0.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "mesh:\n  preset: osm\n  proxyUID: 1337\nworkloads:\n  - name: app\n    pid: {pid}\n  - name: owned\n    \
+             netns: /proc/{owned}/ns/net\n"
+        ),
+    )
+    .unwrap();
+    let mut args: Vec<OsString> = ["run", "--config"].map(OsString::from).to_vec();
+    args.extend([config.into(), "--cgroup".into(), cgroup.path.clone().into()]);
+    args.extend(["--pin-dir".into(), pins.path.clone().into(), "--poll-interval".into(), "100ms".into()]);
+    let agent = AgentProcess::spawn(bin(), &args, &[], &scratch.0.join("agent.log")).unwrap();
+    agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
+    let cookie = netns_cookie(&topo.app.path()).unwrap();
+    let w = Maps::open(&pins.path).unwrap().workload(cookie).unwrap().unwrap();
+    assert_eq!(w.proxy_uid, 524288 + 1337);
+    let userns = PathBuf::from(format!("/proc/{pid}/ns/user"));
+    let dst = "192.0.2.10:80".parse().unwrap();
+    let as_uid = |uid| {
+        testkit::probe_in_user_namespace(&topo.app.path(), &userns, &cgroup.path.join("cgroup.procs"), uid, dst)
+            .unwrap()
+    };
+    assert!(as_uid(1337).starts_with("direct"), "the proxy in the user namespace was redirected");
+    assert!(as_uid(1000).starts_with("proxy"), "the application in the user namespace went direct");
+    let log = poll_until(|| agent.log_text(), |l| l.contains("workload `owned`"));
+    assert!(
+        log.contains("workload `owned`: user namespace of netns /proc/")
+            && log.contains("belongs to a user namespace other than the agent's")
+            && log.contains("give `pid:`"),
+        "{log}"
+    );
+    let owned_cookie = netns_cookie(&PathBuf::from(format!("/proc/{owned}/ns/net"))).unwrap();
+    assert!(!programmed(&pins.path, owned_cookie));
+    for mut p in procs {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
     drop(agent);
 }

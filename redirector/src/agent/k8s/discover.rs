@@ -163,13 +163,22 @@ pub struct NetnsHandle {
     pub cookie: u64,
     /// Where it was found (for logs): `/proc/PID/ns/net`.
     pub source: PathBuf,
+    /// The ID maps of that process's user namespace, when it is not the
+    /// agent's (a pod with `hostUsers: false`); read once, as the maps of
+    /// a user namespace never change once written.
+    pub id_maps: Option<redirector_policy::IdMaps>,
 }
 
 impl NetnsHandle {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    /// The network namespace of process `pid` under `proc_root`, with its
+    /// user namespace's ID maps.
+    pub fn open_pid(proc_root: &Path, pid: u32) -> Result<Self> {
+        let path = proc_root.join(pid.to_string()).join("ns/net");
+        let file = File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
         let cookie = crate::sys::netns::netns_cookie(&fd_path(&file))?;
-        Ok(Self { file, cookie, source: path.to_owned() })
+        let id_maps = crate::sys::userns::id_maps_of_pid(proc_root, pid)
+            .with_context(|| format!("the user namespace of process {pid}"))?;
+        Ok(Self { file, cookie, source: path, id_maps })
     }
 
     /// A path that names this namespace for as long as the handle lives
@@ -187,17 +196,20 @@ fn fd_path(f: &File) -> PathBuf {
 /// network namespace of a process in one of those containers' cgroups
 /// (lowest PID first), never one in `never` (the node's namespace and
 /// the agent's own). A process elsewhere in the pod's cgroup (conmon, or
-/// a container the pod's status does not list yet) is not taken.
+/// a container the pod's status does not list yet) is not taken. The
+/// second map: pods whose container process was there but could not be
+/// used, with why (a process that exits meanwhile is just skipped).
 pub fn scan(
     proc_root: &Path,
     wanted: &BTreeMap<String, BTreeSet<String>>,
     never: &BTreeSet<u64>,
-) -> BTreeMap<String, NetnsHandle> {
+) -> (BTreeMap<String, NetnsHandle>, BTreeMap<String, String>) {
     let mut found = BTreeMap::new();
+    let mut errors = BTreeMap::new();
     if wanted.is_empty() {
-        return found;
+        return (found, errors);
     }
-    let Ok(dir) = std::fs::read_dir(proc_root) else { return found };
+    let Ok(dir) = std::fs::read_dir(proc_root) else { return (found, errors) };
     let mut pids: Vec<u32> = dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
     pids.sort_unstable();
     for pid in pids {
@@ -205,14 +217,20 @@ pub fn scan(
         if found.contains_key(&pod_uid) || !wanted.get(&pod_uid).is_some_and(|ids| ids.contains(&id)) {
             continue;
         }
-        // The process may exit between the two reads: skip it then.
-        if let Ok(h) = NetnsHandle::open(&proc_root.join(pid.to_string()).join("ns/net")) {
-            if !never.contains(&h.cookie) {
+        match NetnsHandle::open_pid(proc_root, pid) {
+            Ok(h) if never.contains(&h.cookie) => {}
+            Ok(h) => {
+                errors.remove(&pod_uid);
                 found.insert(pod_uid, h);
+            }
+            // The process may exit between the reads: skip it then.
+            Err(_) if !proc_root.join(pid.to_string()).exists() => {}
+            Err(e) => {
+                errors.insert(pod_uid, format!("{e:#}"));
             }
         }
     }
-    found
+    (found, errors)
 }
 
 #[cfg(test)]
@@ -296,7 +314,7 @@ mod tests {
         let sd = format!("/kubepods.slice/kubepods-pod{}.slice", UID.replace('-', "_"));
         // PID 5: conmon (lower PID, in the pod's cgroup, not a container);
         // 6: the pod's cgroup itself; 7: the container, one level down
-        // (crun); 8: no pod. Every ns/net is this process's own namespace.
+        // (crun); 8: no pod. Every ns/net and ns/user is this process's.
         for (pid, cgroup) in [
             (5, format!("{sd}/crio-conmon-ab12.scope")),
             (6, sd.clone()),
@@ -305,16 +323,19 @@ mod tests {
         ] {
             std::fs::create_dir_all(root.join(format!("{pid}/ns"))).unwrap();
             std::fs::write(root.join(format!("{pid}/cgroup")), format!("0::{cgroup}\n")).unwrap();
-            std::os::unix::fs::symlink("/proc/self/ns/net", root.join(format!("{pid}/ns/net"))).unwrap();
+            for ns in ["net", "user"] {
+                std::os::unix::fs::symlink(format!("/proc/self/ns/{ns}"), root.join(format!("{pid}/ns/{ns}"))).unwrap();
+            }
         }
         let own = crate::sys::netns::current_netns_cookie().unwrap();
         let wanted = |ids: &[&str]| BTreeMap::from([(UID.to_string(), ids.iter().map(|s| s.to_string()).collect())]);
-        let found = scan(&root, &wanted(&["ab12"]), &BTreeSet::new());
+        let (found, errors) = scan(&root, &wanted(&["ab12"]), &BTreeSet::new());
+        assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(found.len(), 1);
         assert_eq!((found[UID].cookie, found[UID].source.clone()), (own, root.join("7/ns/net")), "not the container");
-        assert!(scan(&root, &wanted(&["ab12"]), &BTreeSet::from([own])).is_empty(), "a `never` namespace taken");
-        assert!(scan(&root, &wanted(&["cd34"]), &BTreeSet::new()).is_empty(), "a container of another ID taken");
-        assert!(scan(&root, &BTreeMap::new(), &BTreeSet::new()).is_empty());
+        assert!(scan(&root, &wanted(&["ab12"]), &BTreeSet::from([own])).0.is_empty(), "a `never` namespace taken");
+        assert!(scan(&root, &wanted(&["cd34"]), &BTreeSet::new()).0.is_empty(), "a container of another ID taken");
+        assert!(scan(&root, &BTreeMap::new(), &BTreeSet::new()).0.is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -136,6 +136,9 @@ struct Agent {
     /// Pod UID → (proxy container ID, its cgroup directory), for
     /// `ProxyIdentity::Cgroup`.
     proxy_cgroups: BTreeMap<String, (String, PathBuf)>,
+    /// Pods whose container's process could not be used, with why
+    /// (reported once each).
+    scan_errors: BTreeMap<String, String>,
     /// (pod UID, container ID) of running proxies whose cgroup was not
     /// found (reported once each).
     proxy_cgroups_missing: BTreeSet<(String, String)>,
@@ -210,6 +213,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         failed_pods: BTreeMap::new(),
         proxy_cgroups: BTreeMap::new(),
         proxy_cgroups_missing: BTreeSet::new(),
+        scan_errors: BTreeMap::new(),
         opts,
     };
     let mut dirty_since: Option<Instant> = None;

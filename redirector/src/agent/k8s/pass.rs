@@ -15,7 +15,7 @@ use redirector_policy::{
         plan::{plan, EventKind, Inputs, PodEvent},
         pods::{is_meshed, MeshedWhen, PodInfo},
     },
-    MeshSettings,
+    IdMaps, MeshSettings,
 };
 
 use super::{
@@ -100,6 +100,8 @@ impl Agent {
         self.find_namespaces(&rules);
         let netns: BTreeMap<String, (PathBuf, u64)> =
             self.netns.iter().map(|(uid, h)| (uid.clone(), (h.path(), h.cookie))).collect();
+        let id_maps: BTreeMap<String, IdMaps> =
+            self.netns.iter().filter_map(|(uid, h)| Some((uid.clone(), h.id_maps.clone()?))).collect();
         let pinned: BTreeSet<u64> = match self.dp.maps.workloads() {
             Ok(w) => w.keys().copied().collect(),
             Err(e) => {
@@ -117,6 +119,7 @@ impl Agent {
                 netns: &netns,
                 pinned: &pinned,
                 proxy_cgroups: &proxy_cgroups,
+                id_maps: &id_maps,
                 now: Instant::now(),
                 unresolved_grace: self.opts.unresolved_grace,
             },
@@ -269,16 +272,30 @@ impl Agent {
             return;
         }
         self.last_scan = Some(Instant::now());
-        let found = discover::scan(&self.opts.proc_root, &missing, &self.never_cookies);
+        let (found, errors) = discover::scan(&self.opts.proc_root, &missing, &self.never_cookies);
         for (uid, h) in found {
             let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
+            let userns = h
+                .id_maps
+                .as_ref()
+                .map(|m| format!(", in a user namespace of its own (uid_map {}, gid_map {})", m.uid, m.gid))
+                .unwrap_or_default();
             info!(
                 target: LOG,
-                "pod {name}: network namespace found through {} (cookie {})",
+                "pod {name}: network namespace found through {} (cookie {}){userns}",
                 h.source.display(),
                 h.cookie
             );
             self.netns.insert(uid, h);
+        }
+        // Reported once per pod and reason, while it lasts.
+        self.scan_errors.retain(|uid, _| errors.contains_key(uid));
+        for (uid, e) in errors {
+            if self.scan_errors.get(&uid) != Some(&e) {
+                let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
+                warn!(target: LOG, "pod {name}: its container's process was found but not usable: {e}");
+                self.scan_errors.insert(uid, e);
+            }
         }
     }
 }

@@ -165,7 +165,7 @@ async fn handle(
                 proc_root.display()
             ),
         }
-        let netns = NetnsHandle::open(&proc_root.join(pid.to_string()).join("ns/net"))?;
+        let netns = NetnsHandle::open_pid(proc_root, pid)?;
         if netns.cookie == node_cookie {
             bail!(
                 "pod UID {}: the connecting process {pid} is in the node's network namespace (cookie {node_cookie}); \
@@ -183,7 +183,8 @@ async fn handle(
         }
     };
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
-    log::info!(target: LOG, "pod UID {} registered from PID {pid} (netns cookie {})", req.pod_uid, netns.cookie);
+    let userns = netns.id_maps.as_ref().map(|m| format!(", user namespace uid_map {}", m.uid)).unwrap_or_default();
+    log::info!(target: LOG, "pod UID {} registered from PID {pid} (netns cookie {}{userns})", req.pod_uid, netns.cookie);
     tx.send(Registration { uid: req.pod_uid, pid, netns, reply: reply_tx })
         .await
         .map_err(|_| anyhow!("the agent is shutting down"))?;
