@@ -47,7 +47,7 @@ fn node_namespace_is_never_programmed() {
     let topo = Topology::new("nd").unwrap();
     let node = Netns::new("rdrnode").unwrap();
     let node_cookie = netns_cookie(&node.path()).unwrap();
-    let mut in_node = sleeper(&cgroup.path, &node.path());
+    let in_node = Killed(sleeper(&cgroup.path, &node.path()));
     let config = scratch.0.join("config.yaml");
     let write = |with_pid: bool| {
         let mut text = format!(
@@ -56,7 +56,7 @@ fn node_namespace_is_never_programmed() {
             node.path().display()
         );
         if with_pid {
-            text.push_str(&format!("  - name: node-by-pid\n    pid: {}\n", in_node.id()));
+            text.push_str(&format!("  - name: node-by-pid\n    pid: {}\n", in_node.0.id()));
         }
         std::fs::write(&config, text).unwrap();
     };
@@ -101,9 +101,18 @@ fn node_namespace_is_never_programmed() {
     let app = netns_cookie(&topo.app.path()).unwrap();
     let keys: BTreeSet<u64> = Maps::open(&pins.path).unwrap().workloads().unwrap().keys().copied().collect();
     assert_eq!(keys, BTreeSet::from([app]), "{log}");
-    let _ = in_node.kill();
-    let _ = in_node.wait();
     drop(agent);
+}
+
+/// A process killed on drop, also when the test fails (a process left in
+/// the test cgroup keeps it from being removed).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn maps_has(pins: &PinDir, cookie: u64) -> bool {
@@ -388,10 +397,10 @@ fn user_namespace_workloads_standalone() {
         }
         child
     };
-    procs.push(spawn(libc::CLONE_NEWUSER, Some(&topo.app.path())));
+    procs.push(Killed(spawn(libc::CLONE_NEWUSER, Some(&topo.app.path()))));
     // A network namespace created inside a user namespace (owned by it).
-    procs.push(spawn(libc::CLONE_NEWUSER | libc::CLONE_NEWNET, None));
-    let (pid, owned) = (procs[0].id(), procs[1].id());
+    procs.push(Killed(spawn(libc::CLONE_NEWUSER | libc::CLONE_NEWNET, None)));
+    let (pid, owned) = (procs[0].0.id(), procs[1].0.id());
     let config = scratch.0.join("config.yaml");
     std::fs::write(
         &config,
@@ -426,9 +435,5 @@ fn user_namespace_workloads_standalone() {
     );
     let owned_cookie = netns_cookie(&PathBuf::from(format!("/proc/{owned}/ns/net"))).unwrap();
     assert!(!programmed(&pins.path, owned_cookie));
-    for mut p in procs {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
     drop(agent);
 }
