@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use crate::{
     dialect::LoopbackMode,
     dialect::WorkloadAnnotations,
+    idmap::IdMaps,
     mesh::{Acceleration, MeshSettings},
     values::{canonical_net, Inclusion},
 };
@@ -103,9 +104,74 @@ impl Policy {
         self
     }
 
+    /// The same policy with the proxy's UID and GID (IDs inside the
+    /// workload's user namespace) as the initial user namespace sees them,
+    /// which is what the data path compares (see [`crate::idmap`]). An ID
+    /// the namespace does not map is an error naming the key, the value
+    /// and the map.
+    pub fn in_user_namespace(mut self, maps: &IdMaps) -> anyhow::Result<Self> {
+        let uid = self.proxy_uid;
+        self.proxy_uid = maps.uid.to_outside(uid).ok_or_else(|| {
+            anyhow::anyhow!(
+                "key `proxyUID`: value {uid} is not mapped in the workload's user namespace (uid_map: {}): its proxy \
+                 cannot run as that UID",
+                maps.uid
+            )
+        })?;
+        if let Some(gid) = self.proxy_gid {
+            self.proxy_gid = Some(maps.gid.to_outside(gid).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "key `proxyGID`: value {gid} is not mapped in the workload's user namespace (gid_map: {})",
+                    maps.gid
+                )
+            })?);
+        }
+        Ok(self)
+    }
+
     /// The same policy knowing the workload's own addresses.
     pub fn with_local_addresses(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
         self.local_addresses = addrs.into_iter().map(canonical_ip).collect();
         self
+    }
+}
+
+#[cfg(test)]
+mod user_namespace_tests {
+    use super::*;
+    use crate::{idmap::IdMap, Preset};
+
+    fn maps(uid: &str, gid: &str) -> IdMaps {
+        IdMaps { uid: IdMap::parse(uid).unwrap(), gid: IdMap::parse(gid).unwrap() }
+    }
+
+    #[test]
+    fn proxy_ids_are_translated_to_the_initial_namespace() {
+        let istio = MeshSettings::for_preset(Preset::Istio);
+        let p = compile(&istio, &WorkloadAnnotations::default());
+        assert_eq!((p.proxy_uid, p.proxy_gid), (1337, Some(1337)));
+        let t = p.clone().in_user_namespace(&maps("0 524288 65536", "0 589824 65536")).unwrap();
+        assert_eq!((t.proxy_uid, t.proxy_gid), (524288 + 1337, Some(589824 + 1337)));
+        assert_eq!(t, Policy { proxy_uid: 525625, proxy_gid: Some(591161), ..p.clone() }, "nothing else changes");
+        // The identity map changes nothing.
+        let id = p.clone().in_user_namespace(&maps("0 0 4294967295", "0 0 4294967295")).unwrap();
+        assert_eq!(id, p);
+        // No GID to translate under OSM.
+        let osm = compile(&MeshSettings::default(), &WorkloadAnnotations::default());
+        let t = osm.in_user_namespace(&maps("0 524288 65536", "")).unwrap();
+        assert_eq!((t.proxy_uid, t.proxy_gid), (525788, None));
+    }
+
+    #[test]
+    fn unmapped_proxy_ids_are_errors_naming_the_key() {
+        let p = compile(&MeshSettings::for_preset(Preset::Istio), &WorkloadAnnotations::default());
+        let e = p.clone().in_user_namespace(&maps("0 524288 1000", "0 524288 65536")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "key `proxyUID`: value 1337 is not mapped in the workload's user namespace (uid_map: 0 524288 1000): its \
+             proxy cannot run as that UID"
+        );
+        let e = p.in_user_namespace(&maps("0 524288 65536", "")).unwrap_err().to_string();
+        assert!(e.starts_with("key `proxyGID`: value 1337 is not mapped") && e.contains("(gid_map: (empty))"), "{e}");
     }
 }

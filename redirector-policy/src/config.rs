@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::{
     dialect::{parse_annotations, Preset, WorkloadAnnotations},
+    idmap::IdMaps,
     mesh::{mesh_from_value, MeshSettings},
 };
 
@@ -48,6 +49,12 @@ pub struct WorkloadSpec {
     /// The proxy's cgroup-v2 directory: the proxy is the process in it,
     /// whatever its UID (no bypass by running as the proxy's UID).
     pub proxy_cgroup: Option<PathBuf>,
+    /// The ID maps of the workload's user namespace, when its source knows
+    /// them (Kubernetes: read from the process its namespace was taken
+    /// from). None: the agent reads those of a `pid:` workload's process,
+    /// and requires a `netns:` workload's namespace to belong to its own
+    /// user namespace.
+    pub id_maps: Option<IdMaps>,
     pub annotations: WorkloadAnnotations,
 }
 
@@ -154,7 +161,7 @@ fn parse_workload(preset: Preset, value: serde_yaml::Value) -> Result<WorkloadSp
         }
     }
     let annotations = parse_annotations(preset, &raw.annotations)?;
-    Ok(WorkloadSpec { name: raw.name, netns, proxy_cgroup: raw.proxy_cgroup, annotations })
+    Ok(WorkloadSpec { name: raw.name, netns, proxy_cgroup: raw.proxy_cgroup, id_maps: None, annotations })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! - [`dialect`]: one module per mesh (annotation keys and parser, preset
 //!   defaults, sidecar container, injector mark);
 //! - [`config`]: the config file (mesh + workloads);
+//! - [`idmap`]: user-namespace ID maps (`uid_map`, `gid_map`);
 //! - [`compile`]: mesh settings + annotations → [`Policy`];
 //! - [`encode`]: [`Policy`] → map entries (the kernel ABI);
 //! - [`evaluate`]: the reference evaluator (from the policy and from the
@@ -19,6 +20,7 @@ pub mod dialect;
 pub mod diff;
 pub mod encode;
 pub mod evaluate;
+pub mod idmap;
 pub mod k8s;
 pub mod mesh;
 #[cfg(any(test, feature = "oracle"))]
@@ -36,6 +38,7 @@ pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
 pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
+pub use idmap::{IdMap, IdMaps};
 pub use mesh::{
     parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };

@@ -510,6 +510,129 @@ pub fn probe_from(netns: &Path, uid: u32, src: Option<SocketAddr>, proto: Proto,
     })
 }
 
+/// Connects to `dst` (TCP, IPv4) from a process that is in network
+/// namespace `netns`, in user namespace `userns` as its (inside) `uid` and
+/// GID `uid`, and in the cgroup whose `cgroup.procs` is `cgroup_procs`, as
+/// a process of a `hostUsers: false` pod is; returns the server's reply
+/// (`"direct …"` or `"proxy …"`), or `"error: …"`.
+///
+/// A thread cannot join another user namespace (setns refuses a
+/// multithreaded caller), so this forks a child that makes only raw
+/// system calls (async-signal-safe) and reports through a pipe.
+pub fn probe_in_user_namespace(
+    netns: &Path,
+    userns: &Path,
+    cgroup_procs: &Path,
+    uid: u32,
+    dst: SocketAddrV4,
+) -> Result<String> {
+    let net = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    let user = File::open(userns).with_context(|| format!("opening {}", userns.display()))?;
+    let procs = std::ffi::CString::new(cgroup_procs.as_os_str().as_encoded_bytes())?;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: dst.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*dst.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    let mut fds = [0; 2];
+    // SAFETY: pipe fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe2");
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    // SAFETY: the child makes only async-signal-safe calls on values
+    // prepared before the fork, and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            let fail = |step: &[u8]| -> ! {
+                let errno = *libc::__errno_location();
+                let mut msg = [0u8; 64];
+                let mut n = 0;
+                for b in b"error: ".iter().chain(step) {
+                    msg[n] = *b;
+                    n += 1;
+                }
+                msg[n] = b' ';
+                n += 1;
+                let mut digits = [0u8; 10];
+                let (mut v, mut d) = (errno.unsigned_abs(), 0);
+                loop {
+                    digits[d] = b'0' + (v % 10) as u8;
+                    d += 1;
+                    v /= 10;
+                    if v == 0 {
+                        break;
+                    }
+                }
+                while d > 0 {
+                    d -= 1;
+                    msg[n] = digits[d];
+                    n += 1;
+                }
+                libc::write(wr, msg.as_ptr().cast(), n);
+                libc::_exit(1)
+            };
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(b"joining the cgroup, errno");
+            }
+            libc::close(fd);
+            // The network namespace first: once in the user namespace,
+            // the child has no capability over the initial one's.
+            if libc::setns(net.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                fail(b"setns(net), errno");
+            }
+            if libc::setns(user.as_raw_fd(), libc::CLONE_NEWUSER) != 0 {
+                fail(b"setns(user), errno");
+            }
+            if libc::setresgid(uid, uid, uid) != 0 || libc::setresuid(uid, uid, uid) != 0 {
+                fail(b"setresuid in the user namespace, errno");
+            }
+            let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if s < 0 {
+                fail(b"socket, errno");
+            }
+            let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+            let tvp = (&tv as *const libc::timeval).cast();
+            let tvl = size_of::<libc::timeval>() as libc::socklen_t;
+            libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tvp, tvl);
+            libc::setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tvp, tvl);
+            let alen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::connect(s, (&addr as *const libc::sockaddr_in).cast(), alen) != 0 {
+                fail(b"connect, errno");
+            }
+            let mut buf = [0u8; 256];
+            let mut n = 0usize;
+            while n < buf.len() {
+                let r = libc::read(s, buf[n..].as_mut_ptr().cast(), buf.len() - n);
+                if r <= 0 {
+                    break;
+                }
+                n += r as usize;
+            }
+            libc::write(wr, buf.as_ptr().cast(), n);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copy of the write end.
+    unsafe { libc::close(wr) };
+    if pid < 0 {
+        // SAFETY: closing the read end we own.
+        unsafe { libc::close(rd) };
+        return Err(std::io::Error::last_os_error()).context("fork");
+    }
+    // SAFETY: rd is ours; File closes it.
+    let mut out = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(rd) };
+    let mut text = String::new();
+    let _ = out.read_to_string(&mut text);
+    let mut status = 0;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(text.trim().to_string())
+}
+
 /// A running `redirector run` process; stopped (SIGTERM) on drop. The
 /// caller cleans the pin directory up separately.
 pub struct AgentProcess {

@@ -71,6 +71,12 @@ pub(crate) struct KubeArgs {
     /// /proc.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub(crate) resync: Duration,
+    /// How long a running meshed pod whose network namespace is not found
+    /// holds back the removal of stale entries; then it is reported (a
+    /// Warning Event, once) and no longer does (pods of sandboxed runtimes,
+    /// Kata Containers or gVisor, are never found).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub(crate) unresolved_grace: Duration,
     /// This agent's pod name, as the reporting instance of its Events.
     #[arg(long, env = "POD_NAME", default_value = "redirector")]
     pub(crate) pod_name: String,
@@ -181,6 +187,12 @@ pub(crate) enum Cmd {
         /// Serve /healthz, /readyz and /metrics on this address.
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// The node's own network namespace, which is never redirected: a
+        /// workload or pod found in it is refused (default: PID 1's,
+        /// /proc/1/ns/net; with --config, the agent's own if PID 1's cannot
+        /// be read, with a warning).
+        #[arg(long)]
+        node_netns: Option<PathBuf>,
         #[command(flatten)]
         kube: KubeArgs,
     },

@@ -6,7 +6,8 @@ use anyhow::{bail, Result};
 use clap::Parser as _;
 use redirector::{
     agent::{k8s::ProxyIdentity, standalone},
-    dataplane, inspect,
+    dataplane::{self, NodeNetns},
+    inspect,
     sys::mounts,
 };
 
@@ -25,7 +26,7 @@ fn main() {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, kube } => {
+        Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, node_netns, kube } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => mounts::cgroup2_root()?,
@@ -35,9 +36,14 @@ fn real_main(cli: Cli) -> Result<()> {
             // endpoints keep being served on the other one meanwhile.
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             match config {
-                Some(config) => {
-                    rt.block_on(standalone::run(standalone::RunOptions { config, cgroup, pin_dir, poll_interval, metrics_addr }))
-                }
+                Some(config) => rt.block_on(standalone::run(standalone::RunOptions {
+                    config,
+                    cgroup,
+                    pin_dir,
+                    poll_interval,
+                    metrics_addr,
+                    node_netns: node_netns.map_or(NodeNetns::Pid1OrOwn, NodeNetns::Path),
+                })),
                 None => rt.block_on(redirector::agent::k8s::run(redirector::agent::k8s::KubeOptions {
                     node_name: kube.node_name.unwrap_or_default(),
                     attach_cgroup: match kube.attach_cgroup {
@@ -61,7 +67,9 @@ fn real_main(cli: Cli) -> Result<()> {
                     startup_taint: kube.startup_taint.0,
                     meshed_when: kube.meshed_when,
                     proc_root: PathBuf::from("/proc"),
+                    node_netns: node_netns.map_or(NodeNetns::Pid1, NodeNetns::Path),
                     resync: kube.resync,
+                    unresolved_grace: kube.unresolved_grace,
                     instance: kube.pod_name,
                     proxy_identity: match (kube.proxy_identity, kube.proxy_container) {
                         (ProxyIdentityArg::Cgroup, container) => ProxyIdentity::Cgroup { container },

@@ -5,9 +5,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
-use crate::{parse_annotations, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+use crate::{parse_annotations, IdMaps, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
 
 use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
 
@@ -20,6 +21,10 @@ pub struct PlanState {
     /// The error last reported for a pod, so an Event is published once
     /// per distinct problem, not on every pass.
     reported: BTreeMap<String, String>,
+    /// Running meshed pods whose namespace is not known: since when.
+    unresolved_since: BTreeMap<String, Instant>,
+    /// Those of them reported as never found (once each).
+    not_found_reported: BTreeSet<String>,
 }
 
 impl PlanState {
@@ -60,10 +65,15 @@ pub struct Plan {
     pub uids: BTreeMap<String, String>,
     /// Meshed, running pods whose namespace is not known yet.
     pub unresolved: Vec<String>,
+    /// Those of them unresolved for longer than the grace period: they no
+    /// longer hold the sweep back (and were reported).
+    pub not_found: Vec<String>,
     /// Pinned cookies that must not be removed this pass. While a running
     /// meshed pod's namespace is unknown (e.g. right after an agent
     /// restart), its cookie cannot be told from a stale one, so nothing is
-    /// swept until every such pod is found.
+    /// swept until every such pod is found, or has been looked for longer
+    /// than [`Inputs::unresolved_grace`] (a pod of a sandboxed runtime,
+    /// Kata Containers or gVisor, is never found in the node's /proc).
     pub keep: BTreeSet<u64>,
     pub events: Vec<PodEvent>,
     /// Pods the agent will not program, with why (host network).
@@ -83,11 +93,20 @@ pub struct Inputs<'a> {
     /// Pod UID → the cgroup of its running proxy container, for pods whose
     /// proxy is identified by cgroup; the others are identified by UID.
     pub proxy_cgroups: &'a BTreeMap<String, PathBuf>,
+    /// Pod UID → the ID maps of its user namespace, for pods not in the
+    /// agent's (`hostUsers: false`).
+    pub id_maps: &'a BTreeMap<String, IdMaps>,
+    pub now: Instant,
+    /// How long a running meshed pod whose namespace is not found holds
+    /// the sweep back (`--unresolved-grace`).
+    pub unresolved_grace: Duration,
 }
 
 pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     let mut out = Plan::default();
     let mut seen = BTreeSet::new();
+    // A running meshed pod whose namespace is unknown, within its grace.
+    let mut holding = false;
     for pod in inp.pods.values() {
         if !pod.is_live() || !is_meshed(pod, inp.rules) {
             continue;
@@ -138,10 +157,22 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     name: pod.key(),
                     netns: NetnsRef::Path(path.clone()),
                     proxy_cgroup: inp.proxy_cgroups.get(&pod.uid).cloned(),
+                    id_maps: inp.id_maps.get(&pod.uid).cloned(),
                     annotations,
                 })
             }
-            None if pod.phase == "Running" => out.unresolved.push(pod.key()),
+            None if pod.phase == "Running" => {
+                out.unresolved.push(pod.key());
+                let since = *state.unresolved_since.entry(pod.uid.clone()).or_insert(inp.now);
+                if inp.now.saturating_duration_since(since) < inp.unresolved_grace {
+                    holding = true;
+                } else {
+                    out.not_found.push(pod.key());
+                    if state.not_found_reported.insert(pod.uid.clone()) {
+                        out.events.push(event(EventKind::Warning, "NetworkNamespaceNotFound", not_found(pod, inp)));
+                    }
+                }
+            }
             // Pending: its sandbox may not exist yet; its init container
             // registers it.
             None => {}
@@ -149,10 +180,27 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     }
     state.last_good.retain(|uid, _| seen.contains(uid));
     state.reported.retain(|uid, _| seen.contains(uid));
-    if !out.unresolved.is_empty() {
+    // Found (or gone, or no longer running): looked for afresh if lost again.
+    let unresolved: BTreeSet<&String> =
+        inp.pods.values().filter(|p| out.unresolved.contains(&p.key())).map(|p| &p.uid).collect();
+    state.unresolved_since.retain(|uid, _| unresolved.contains(uid));
+    state.not_found_reported.retain(|uid| unresolved.contains(uid));
+    if holding {
         out.keep = inp.pinned.clone();
     }
     out
+}
+
+/// The message of a pod never found in /proc.
+fn not_found(pod: &PodInfo, inp: &Inputs<'_>) -> String {
+    let runtime = pod.runtime_class.as_ref().map(|c| format!(" (runtimeClassName {c})")).unwrap_or_default();
+    format!(
+        "no process of the pod's containers was found on this node for {:?}{runtime}: its network namespace is \
+         unknown, so it is not redirected; it no longer holds back the removal of other pods' stale entries. A pod \
+         of a sandboxed runtime (Kata Containers, gVisor) runs in a VM or a user-space kernel where the node's \
+         programs cannot redirect it",
+        inp.unresolved_grace
+    )
 }
 
 #[cfg(test)]
@@ -169,8 +217,10 @@ mod tests {
             labels: [("osm-proxy-uuid".to_string(), "x".to_string())].into(),
             containers: vec!["app".into(), "envoy".into()],
             host_network: false,
+            runtime_class: None,
             phase: "Running".into(),
             running: BTreeMap::new(),
+            container_ids: BTreeSet::new(),
         }
     }
 
@@ -195,6 +245,7 @@ mod tests {
     }
 
     const PORTS: &str = "openservicemesh.io/outbound-port-exclusion-list";
+    const GRACE: Duration = Duration::from_secs(60);
 
     #[test]
     fn meshed_pods_with_a_namespace_are_programmed() {
@@ -218,6 +269,9 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -245,6 +299,9 @@ mod tests {
                     netns: &ns,
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
+                    now: Instant::now(),
+                    unresolved_grace: GRACE,
                 },
                 st,
             )
@@ -286,6 +343,9 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -317,6 +377,9 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -336,6 +399,9 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -366,6 +432,9 @@ mod tests {
                 netns: &ns,
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -393,6 +462,9 @@ mod tests {
                 netns: &ns,
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &cg,
+                id_maps: &BTreeMap::new(),
+                now: Instant::now(),
+                unresolved_grace: GRACE,
             },
             &mut st,
         );
@@ -400,5 +472,103 @@ mod tests {
             p.workloads.iter().map(|w| (w.name.as_str(), w.proxy_cgroup.as_ref())).collect();
         assert_eq!(by_name["shop/web"], Some(&cg["uid-web"]));
         assert_eq!(by_name["shop/db"], None);
+    }
+
+    /// A running meshed pod whose namespace is never found (Kata, gVisor)
+    /// holds the sweep back for the grace period only; then it is reported
+    /// once and stale entries go. Another pod still within its grace keeps
+    /// holding; a pod found and lost again gets a new grace period.
+    #[test]
+    fn unfound_pods_hold_the_sweep_for_the_grace_only() {
+        let mesh = MeshSettings::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let mut kata = pod("kata", &[]);
+        kata.runtime_class = Some("kata-qemu".into());
+        let all = pods(vec![pod("web", &[]), kata]);
+        let pinned: BTreeSet<u64> = [11, 99].into();
+        let t0 = Instant::now();
+        let mut st = PlanState::default();
+        let mut run = |ns: &BTreeMap<String, (PathBuf, u64)>, all: &BTreeMap<String, PodInfo>, at: u64| {
+            plan(
+                &Inputs {
+                    pods: all,
+                    mesh: &mesh,
+                    rules: &rules,
+                    netns: ns,
+                    pinned: &pinned,
+                    proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
+                    now: t0 + Duration::from_secs(at),
+                    unresolved_grace: GRACE,
+                },
+                &mut st,
+            )
+        };
+        let web_only = netns(&[("uid-web", 11)]);
+        for at in [0, 59] {
+            let p = run(&web_only, &all, at);
+            assert_eq!((p.unresolved.clone(), p.not_found.clone()), (vec!["shop/kata".to_string()], vec![]), "{at}");
+            assert_eq!(p.keep, pinned, "within the grace nothing is swept ({at} s)");
+            assert!(p.events.is_empty());
+        }
+        let p = run(&web_only, &all, 60);
+        assert_eq!(p.not_found, vec!["shop/kata"]);
+        assert!(p.keep.is_empty(), "{:?}", p.keep);
+        assert_eq!(p.events.len(), 1, "{:?}", p.events);
+        let e = &p.events[0];
+        assert_eq!((e.kind, e.reason, e.name.as_str()), (EventKind::Warning, "NetworkNamespaceNotFound", "kata"));
+        assert!(e.message.contains("runtimeClassName kata-qemu") && e.message.contains("60s"), "{}", e.message);
+        let d = desired(&p, &mesh, &web_only);
+        let ops = diff(&pinned, &Default::default(), &BTreeSet::new(), &d, &p.keep);
+        assert_eq!(ops.remove, vec![99], "the stale entry is swept past the grace");
+        let p = run(&web_only, &all, 61);
+        assert!(p.events.is_empty(), "reported once");
+        assert!(p.keep.is_empty());
+
+        // A second pod, within its grace, holds the sweep again.
+        let mut more = all.clone();
+        let late = pod("late", &[]);
+        more.insert(late.uid.clone(), late);
+        let p = run(&web_only, &more, 70);
+        assert_eq!(p.not_found, vec!["shop/kata"]);
+        assert_eq!(p.keep, pinned);
+
+        // Found, then lost again: a new grace period, reported anew.
+        let both = netns(&[("uid-web", 11), ("uid-kata", 12)]);
+        assert!(run(&both, &all, 80).unresolved.is_empty());
+        let p = run(&web_only, &all, 81);
+        assert!(p.not_found.is_empty() && p.keep == pinned, "{p:?}");
+        let p = run(&web_only, &all, 141);
+        assert_eq!(p.events.len(), 1);
+    }
+
+    /// A pod in a user namespace of its own carries its ID maps to the
+    /// workload; the others carry none (their IDs are the node's).
+    #[test]
+    fn id_maps_only_for_pods_in_a_user_namespace() {
+        let mesh = MeshSettings::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let all = pods(vec![pod("web", &[]), pod("db", &[])]);
+        let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
+        let map = crate::IdMap::parse("0 524288 65536").unwrap();
+        let maps: BTreeMap<String, IdMaps> = [("uid-db".to_string(), IdMaps { uid: map.clone(), gid: map })].into();
+        let p = plan(
+            &Inputs {
+                pods: &all,
+                mesh: &mesh,
+                rules: &rules,
+                netns: &ns,
+                pinned: &BTreeSet::new(),
+                proxy_cgroups: &BTreeMap::new(),
+                id_maps: &maps,
+                now: Instant::now(),
+                unresolved_grace: GRACE,
+            },
+            &mut PlanState::default(),
+        );
+        let by_name: BTreeMap<&str, Option<&IdMaps>> =
+            p.workloads.iter().map(|w| (w.name.as_str(), w.id_maps.as_ref())).collect();
+        assert_eq!(by_name["shop/db"], maps.get("uid-db"));
+        assert_eq!(by_name["shop/web"], None);
     }
 }

@@ -1,10 +1,14 @@
 //! Parsing: the parts of a Kubernetes Pod the agent needs, and which pods
 //! are meshed (carry the sidecar).
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use anyhow::{anyhow, bail, Result};
 #[cfg(feature = "k8s")]
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
 use crate::{dialect::Injected, Preset};
 
@@ -16,14 +20,29 @@ pub struct PodInfo {
     pub name: String,
     pub annotations: BTreeMap<String, String>,
     pub labels: BTreeMap<String, String>,
+    /// `spec.containers`, then the native sidecars: `spec.initContainers`
+    /// with `restartPolicy: Always`, which run beside the containers for
+    /// the pod's life (how Istio, Linkerd and Kuma inject their proxy by
+    /// default now).
     pub containers: Vec<String>,
     pub host_network: bool,
+    /// `spec.runtimeClassName`, for messages (a sandboxed runtime's pods
+    /// are never found in the node's /proc).
+    pub runtime_class: Option<String>,
     /// `status.phase` (Pending, Running, Succeeded, Failed, Unknown).
     pub phase: String,
-    /// Containers in the running state → their container ID as the
-    /// runtime names it (`status.containerStatuses[].containerID` without
-    /// its `containerd://` scheme).
+    /// Containers of [`PodInfo::containers`] in the running state → their
+    /// container ID as the runtime names it
+    /// (`status.containerStatuses[].containerID`, and
+    /// `initContainerStatuses[]` for the native sidecars, without the
+    /// `containerd://` scheme).
     pub running: BTreeMap<String, String>,
+    /// The runtime's ID of every container the pod's status lists
+    /// (`containerStatuses`, `initContainerStatuses`,
+    /// `ephemeralContainerStatuses`), in any state: the pod's network
+    /// namespace is only ever taken from a process in one of their
+    /// cgroups.
+    pub container_ids: BTreeSet<String>,
 }
 
 impl PodInfo {
@@ -33,23 +52,39 @@ impl PodInfo {
     pub fn from_pod(pod: &Pod) -> Option<Self> {
         let m = &pod.metadata;
         let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let all_statuses = status.into_iter().flat_map(|s| {
+            [&s.container_statuses, &s.init_container_statuses, &s.ephemeral_container_statuses]
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+        let native_sidecars: Vec<String> = spec
+            .and_then(|s| s.init_containers.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+            .map(|c| c.name.clone())
+            .collect();
         Some(Self {
             uid: m.uid.clone()?,
             namespace: m.namespace.clone()?,
             name: m.name.clone()?,
             annotations: m.annotations.clone().unwrap_or_default(),
             labels: m.labels.clone().unwrap_or_default(),
-            containers: spec.map(|s| s.containers.iter().map(|c| c.name.clone()).collect()).unwrap_or_default(),
-            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            phase: pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
-            running: pod
-                .status
-                .as_ref()
-                .and_then(|s| s.container_statuses.as_ref())
+            containers: spec
                 .into_iter()
-                .flatten()
-                .filter(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
-                .filter_map(|c| Some((c.name.clone(), runtime_container_id(c.container_id.as_deref()?)?.to_string())))
+                .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+                .chain(native_sidecars.iter().cloned())
+                .collect(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            runtime_class: spec.and_then(|s| s.runtime_class_name.clone()),
+            phase: status.and_then(|s| s.phase.clone()).unwrap_or_else(|| "Pending".into()),
+            running: running_of(status.and_then(|s| s.container_statuses.as_ref()), None)
+                .chain(running_of(status.and_then(|s| s.init_container_statuses.as_ref()), Some(&native_sidecars)))
+                .collect(),
+            container_ids: all_statuses
+                .filter_map(|c| Some(runtime_container_id(c.container_id.as_deref()?)?.to_string()))
                 .collect(),
         })
     }
@@ -63,6 +98,21 @@ impl PodInfo {
     pub fn is_live(&self) -> bool {
         !matches!(self.phase.as_str(), "Succeeded" | "Failed")
     }
+}
+
+/// The running containers among `statuses` (only those named in `only`,
+/// if given) → their runtime IDs.
+#[cfg(feature = "k8s")]
+fn running_of<'a>(
+    statuses: Option<&'a Vec<ContainerStatus>>,
+    only: Option<&'a [String]>,
+) -> impl Iterator<Item = (String, String)> + 'a {
+    statuses
+        .into_iter()
+        .flatten()
+        .filter(move |c| only.is_none_or(|names| names.contains(&c.name)))
+        .filter(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
+        .filter_map(|c| Some((c.name.clone(), runtime_container_id(c.container_id.as_deref()?)?.to_string())))
 }
 
 /// The ID in a `containerID` of a container status (`containerd://ID`,
@@ -164,8 +214,10 @@ mod tests {
             labels: BTreeMap::new(),
             containers: vec!["app".into()],
             host_network: false,
+            runtime_class: None,
             phase: "Running".into(),
             running: BTreeMap::new(),
+            container_ids: BTreeSet::new(),
         }
     }
 
@@ -210,7 +262,8 @@ mod tests {
         let p: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop", "uid": "u1",
                           "annotations": {"x": "y"}, "labels": {"app": "web"}},
-            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}], "hostNetwork": true},
+            "spec": {"containers": [{"name": "app"}, {"name": "envoy"}], "hostNetwork": true,
+                     "runtimeClassName": "gvisor"},
             "status": {"phase": "Succeeded"}
         }))
         .unwrap();
@@ -218,6 +271,7 @@ mod tests {
         assert_eq!(info.key(), "shop/web");
         assert_eq!(info.containers, vec!["app", "envoy"]);
         assert!(info.host_network);
+        assert_eq!(info.runtime_class.as_deref(), Some("gvisor"));
         assert!(!info.is_live());
         assert_eq!(info.annotations["x"], "y");
         assert!(info.running.is_empty());
@@ -242,11 +296,27 @@ mod tests {
                  "containerID": "containerd://ffff", "state": {"terminated": {"exitCode": 1}}},
                 {"name": "odd", "image": "o", "imageID": "", "ready": false, "restartCount": 0,
                  "containerID": "containerd://../x", "state": {"running": {}}}
+            ],
+            "initContainerStatuses": [
+                {"name": "redirector-init", "image": "r", "imageID": "", "ready": true, "restartCount": 0,
+                 "containerID": "cri-o://1a2b", "state": {"terminated": {"exitCode": 0}}}
+            ],
+            "ephemeralContainerStatuses": [
+                {"name": "debugger", "image": "d", "imageID": "", "ready": false, "restartCount": 0,
+                 "containerID": "containerd://3c4d", "state": {"running": {}}},
+                {"name": "waiting", "image": "d", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ContainerCreating"}}}
             ]}
         }))
         .unwrap();
         let info = PodInfo::from_pod(&p).unwrap();
         assert_eq!(info.running, BTreeMap::from([("app".into(), "5d7c0a9f".into()), ("envoy".into(), "ab12".into())]));
+        // Where the pod's namespace may be taken from: every container the
+        // status names, in any state, with a well-formed ID.
+        assert_eq!(
+            info.container_ids,
+            ["5d7c0a9f", "ab12", "ffff", "1a2b", "3c4d"].into_iter().map(String::from).collect::<BTreeSet<_>>()
+        );
         assert_eq!(runtime_container_id("docker://0a"), Some("0a"));
         for bad in ["", "0a", "containerd://", "containerd://a/b", "containerd://a b"] {
             assert_eq!(runtime_container_id(bad), None, "{bad}");
@@ -255,5 +325,123 @@ mod tests {
             let rules = MeshedWhen::defaults(preset);
             assert!(rules.contains(&MeshedWhen::Container(preset.proxy_container().into())), "{preset:?}");
         }
+    }
+
+    /// A Pod from an injector golden (a Pod, or a Deployment's pod
+    /// template) with the status the kubelet would report once it runs:
+    /// the iptables init container done, every other container running.
+    #[cfg(feature = "k8s")]
+    fn injected_pod(text: &str, iptables_init: &str) -> Pod {
+        // The first document that is a Pod or a Deployment (goldens may
+        // end with an empty document).
+        let doc: serde_json::Value = serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap()).unwrap())
+            .find(|d| matches!(d["kind"].as_str(), Some("Pod" | "Deployment")))
+            .unwrap();
+        let (mut metadata, spec) = match doc["kind"].as_str() {
+            Some("Deployment") => {
+                (doc["spec"]["template"]["metadata"].clone(), doc["spec"]["template"]["spec"].clone())
+            }
+            _ => (doc["metadata"].clone(), doc["spec"].clone()),
+        };
+        metadata["name"] = serde_json::json!("injected");
+        metadata["namespace"] = serde_json::json!("shop");
+        metadata["uid"] = serde_json::json!("u1");
+        let status = |c: &serde_json::Value, running: bool| {
+            let name = c["name"].as_str().unwrap();
+            let state = if running {
+                serde_json::json!({"running": {}})
+            } else {
+                serde_json::json!({"terminated": {"exitCode": 0}})
+            };
+            serde_json::json!({"name": name, "image": "i", "imageID": "", "ready": running, "restartCount": 0,
+                               "containerID": format!("cri-o://{}", name.replace('-', "")), "state": state})
+        };
+        let list = |key: &str| spec[key].as_array().cloned().unwrap_or_default();
+        let pod = serde_json::json!({
+            "metadata": metadata,
+            "spec": spec,
+            "status": {
+                "phase": "Running",
+                "containerStatuses": list("containers").iter().map(|c| status(c, true)).collect::<Vec<_>>(),
+                "initContainerStatuses": list("initContainers").iter().map(|c| status(c, c["name"] != iptables_init)).collect::<Vec<_>>(),
+            }
+        });
+        serde_json::from_value(pod).unwrap()
+    }
+
+    /// The meshes' own injector output (`tests/fixtures/injected`, see its
+    /// README): the proxy counts for `container:` rules, and its running
+    /// status for cgroup identity, whether it is a native sidecar (in
+    /// `initContainers` with `restartPolicy: Always`, the default now) or
+    /// a container (the classic layout); the iptables init container is
+    /// neither. (No Istio golden of the snapshots has the classic layout:
+    /// even 1.27.9's `hello.yaml.injected` has `istio-proxy` as a native
+    /// sidecar.)
+    #[test]
+    #[cfg(feature = "k8s")]
+    fn proxies_of_injected_pods_native_and_classic() {
+        let fixtures = [
+            (
+                "istio-native",
+                include_str!("../../tests/fixtures/injected/istio-native.yaml"),
+                Preset::Istio,
+                "istio-init",
+                true,
+            ),
+            (
+                "linkerd-native",
+                include_str!("../../tests/fixtures/injected/linkerd-native.yaml"),
+                Preset::Linkerd,
+                "linkerd-init",
+                true,
+            ),
+            (
+                "linkerd-classic",
+                include_str!("../../tests/fixtures/injected/linkerd-classic.yaml"),
+                Preset::Linkerd,
+                "linkerd-init",
+                false,
+            ),
+            (
+                "kuma-native",
+                include_str!("../../tests/fixtures/injected/kuma-native.yaml"),
+                Preset::Kuma,
+                "kuma-init",
+                true,
+            ),
+            (
+                "kuma-classic",
+                include_str!("../../tests/fixtures/injected/kuma-classic.yaml"),
+                Preset::Kuma,
+                "kuma-init",
+                false,
+            ),
+        ];
+        for (name, text, preset, iptables_init, native) in fixtures {
+            let pod = injected_pod(text, iptables_init);
+            let proxy = preset.proxy_container();
+            let spec = pod.spec.as_ref().unwrap();
+            // The fixture is the layout it is named for.
+            let in_init = spec.init_containers.iter().flatten().find(|c| c.name == proxy);
+            assert_eq!(in_init.is_some(), native, "{name}: {proxy} in initContainers");
+            assert_eq!(in_init.and_then(|c| c.restart_policy.as_deref()), native.then_some("Always"), "{name}");
+            assert_eq!(spec.containers.iter().any(|c| c.name == proxy), !native, "{name}: {proxy} in containers");
+
+            let info = PodInfo::from_pod(&pod).unwrap();
+            assert!(MeshedWhen::Container(proxy.into()).matches(&info), "{name}: container:{proxy} does not match");
+            assert!(is_meshed(&info, &MeshedWhen::defaults(preset)), "{name}");
+            assert!(!info.containers.iter().any(|c| c == iptables_init), "{name}: {iptables_init} counted");
+            assert_eq!(info.running.get(proxy), Some(&proxy.replace('-', "")), "{name}: running proxy not seen");
+            assert!(!info.running.contains_key(iptables_init), "{name}");
+            assert!(info.container_ids.contains(&iptables_init.replace('-', "")), "{name}: init container's ID");
+        }
+        // A regular init container that runs (the gate, say) is not a
+        // container the pod carries.
+        let pod = injected_pod(fixtures[0].1, "");
+        let info = PodInfo::from_pod(&pod).unwrap();
+        assert!(!info.containers.iter().any(|c| c == "istio-init"));
+        assert!(!info.running.contains_key("istio-init"));
+        assert!(!MeshedWhen::Container("istio-init".into()).matches(&info));
     }
 }

@@ -63,6 +63,16 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
         .collect();
     let facts = crate::sys::netns::survey(&namespaces);
     for (((w, policy), fact), (path, _)) in wanted.workloads.iter().zip(policies).zip(facts).zip(namespaces) {
+        let key = match w.netns {
+            redirector_policy::NetnsRef::Path(_) => "netns",
+            redirector_policy::NetnsRef::Pid(_) => "pid",
+        };
+        let mut fail = |e: anyhow::Error, failed: &mut Vec<(String, anyhow::Error)>| {
+            if let Some(c) = state.cookies.get(&w.name) {
+                keep.insert(*c);
+            }
+            failed.push((w.name.clone(), e));
+        };
         let found = fact.and_then(|fact| {
             let mut policy = policy;
             if let Some(addresses) = fact.addresses {
@@ -76,25 +86,30 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
             }
             Ok((fact.cookie, policy))
         });
-        match found {
-            Ok((cookie, policy)) => desired.push(Desired { name: w.name.clone(), cookie, netns: path.clone(), policy }),
+        let (cookie, policy) = match found {
+            Ok(f) => f,
             Err(e) => {
-                if let Some(c) = state.cookies.get(&w.name) {
-                    keep.insert(*c);
-                }
-                let key = match w.netns {
-                    redirector_policy::NetnsRef::Path(_) => "netns",
-                    redirector_policy::NetnsRef::Pid(_) => "pid",
-                };
-                failed.push((
-                    w.name.clone(),
-                    e.context(format!(
-                        "workload `{}`: key `{key}`: value {}: network namespace not usable",
-                        w.name,
-                        path.display()
-                    )),
+                let e = e.context(format!(
+                    "workload `{}`: key `{key}`: value {}: network namespace not usable",
+                    w.name,
+                    path.display()
                 ));
+                fail(e, &mut failed);
+                continue;
             }
+        };
+        // The proxy's IDs as the data path sees them: translated through
+        // the workload's user namespace, if it has one of its own.
+        let translated = user_namespace(w).and_then(|maps| match maps {
+            Some(m) => policy.in_user_namespace(&m),
+            None => Ok(policy),
+        });
+        match translated {
+            Ok(policy) => desired.push(Desired { name: w.name.clone(), cookie, netns: path.clone(), policy }),
+            Err(e) => fail(
+                e.context(format!("workload `{}`: user namespace of {}: policy not applied", w.name, w.netns)),
+                &mut failed,
+            ),
         }
     }
     let mut report = dp.apply(&desired, &keep);
@@ -110,6 +125,21 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
     failed.append(&mut report.errors);
     report.errors = failed;
     report
+}
+
+/// The ID maps of a workload's user namespace when it is not the agent's:
+/// those its source knows (Kubernetes), or those of its `pid:` process; a
+/// `netns:` workload's namespace must belong to the agent's own.
+fn user_namespace(w: &WorkloadSpec) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
+    match (&w.id_maps, &w.netns) {
+        (Some(m), _) => Ok(Some(m.clone())),
+        (None, redirector_policy::NetnsRef::Pid(pid)) => {
+            crate::sys::userns::id_maps_of_pid(std::path::Path::new("/proc"), *pid)
+        }
+        (None, redirector_policy::NetnsRef::Path(p)) => {
+            crate::sys::userns::require_netns_in_own_user_ns(p).map(|()| None)
+        }
+    }
 }
 
 /// Logs a pass: each error, then one summary line (at debug level when the

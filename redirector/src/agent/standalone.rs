@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     pub poll_interval: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The node's own network namespace: never programmed.
+    pub node_netns: crate::dataplane::NodeNetns,
 }
 
 /// Runs until SIGTERM/SIGINT. Programs stay attached after exit (their
@@ -52,7 +54,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .with_context(|| format!("config file {}", opts.config.display()))?;
     }
     let mut rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
-    let mut dp = Dataplane::load(&opts.pin_dir, &opts.cgroup)?;
+    let mut dp = Dataplane::load_on_node(&opts.pin_dir, &opts.cgroup, &opts.node_netns)?;
     info!(
         target: LOG,
         "attached to cgroup {}, maps and links pinned in {}",

@@ -18,11 +18,13 @@
 //! - `fullmap`: full maps the data path ran into (its counters);
 //! - `migrate`: carrying pinned state of an older map layout across an
 //!   upgrade (`<pin>/retired-v<N>/` while it drains);
+//! - `node`: the node's own network namespace, never programmed;
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
 mod fullmap;
 mod maps;
 mod migrate;
+mod node;
 mod object;
 mod pins;
 
@@ -46,12 +48,14 @@ pub use self::{
     fullmap::FullMapWatch,
     maps::Maps,
     migrate::{retired_connect_attached, retired_sets},
+    node::{NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
 use self::{
     attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
     maps::open_pinned,
+    node::{refuse_node_namespace, resolve as resolve_node_netns},
     object::{ebpf_object, loader},
     pins::check_pinned_capacities,
 };
@@ -77,6 +81,10 @@ pub struct Dataplane {
     /// Why `mesh.acceleration: sockmap` cannot be honoured here (the
     /// `sk_msg` program did not load or attach); None when it can.
     pub accel_unavailable: Option<String>,
+    /// The cookie of the node's own network namespace (`node_netns`):
+    /// never programmed, and removed if an earlier agent programmed it.
+    pub node_cookie: u64,
+    node_netns: String,
     programmed: StdHashMap<u64, Policy>,
     /// When the list maps were last swept whole (None: not yet). Between
     /// whole sweeps a pass deletes exactly the entries of the policies it
@@ -99,7 +107,17 @@ impl Dataplane {
     /// layout version only), attaches every program to `cgroup` through
     /// pinned links, and replaces links left by a previous agent only after
     /// the new ones are attached (never a moment with nothing attached).
+    /// The node's network namespace, which it never programs, is PID 1's
+    /// ([`NODE_NETNS`]), or the agent's own where PID 1's cannot be read.
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
+        Self::load_on_node(pin_dir, cgroup, &NodeNetns::Pid1OrOwn)
+    }
+
+    /// [`Dataplane::load`] with the node's network namespace named by
+    /// `node` (`run --node-netns`).
+    pub fn load_on_node(pin_dir: &Path, cgroup: &Path, node: &NodeNetns) -> Result<Self> {
+        // Before anything is changed: without it the invariant cannot hold.
+        let (node_cookie, node_netns) = resolve_node_netns(node)?;
         let object = ebpf_object()?;
         mounts::prepare_pin_dir(pin_dir)?;
         if pin_dir.join(map_names::META).exists() {
@@ -150,6 +168,8 @@ impl Dataplane {
             pin_dir: pin_dir.to_owned(),
             maps,
             accel_unavailable,
+            node_cookie,
+            node_netns,
             programmed: StdHashMap::new(),
             last_full_sweep: None,
             migration_wait_reported: false,
@@ -159,9 +179,19 @@ impl Dataplane {
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,
-    /// whose last good policy stays while their new input is bad).
+    /// whose last good policy stays while their new input is bad). The
+    /// node's own network namespace is never programmed: a workload naming
+    /// it is refused with an error, and an entry for it (left by an agent
+    /// without this check) is removed, whatever `keep` says.
     pub fn apply(&mut self, desired: &[Desired], keep: &BTreeSet<u64>) -> ApplyReport {
         let mut report = ApplyReport::default();
+        let (desired, refused) = refuse_node_namespace(desired, self.node_cookie, &self.node_netns);
+        for (d, e) in refused {
+            report.errors.push((d.name.clone(), e));
+        }
+        let mut keep = keep.clone();
+        keep.remove(&self.node_cookie);
+        let (desired, keep) = (&desired[..], &keep);
         // A workload asking for an acceleration this kernel cannot do is
         // refused (its last good policy stays), never silently slowed.
         let (desired, refused) = refuse_unavailable_acceleration(desired, self.accel_unavailable.as_deref());

@@ -24,73 +24,229 @@ use serde_json::{json, Value};
 
 use super::{bin, poll_until, require_kernel, tmpdir};
 
-const NODE: &str = "node-1";
+pub(super) const NODE: &str = "node-1";
 const PORTS: &str = "openservicemesh.io/outbound-port-exclusion-list";
 const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
 
-/// A pod's cgroup as the kubelet lays it out (cgroupfs driver), under the
-/// test cgroup; its processes are killed and the groups removed on drop.
-struct PodCgroup {
-    /// Containers' groups first, then the pod's and its parents.
+/// How the runtime of a node lays a pod's containers out in cgroup v2 (the
+/// test builds it under its test cgroup). From the upstream sources:
+/// - kubelet (kubernetes/kubernetes `pkg/kubelet/cm`): the pod's cgroup is
+///   `pod<UID>` (`GetPodCgroupNameSuffix`) under its QoS class's,
+///   `kubepods/burstable/pod<UID>` with the cgroupfs driver; the systemd
+///   driver writes each `-` of a name as `_` and joins the path into
+///   slices (`ConvertCgroupNameToSystemd`):
+///   `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<UID_>.slice`;
+/// - containerd (`getCgroupsPath`): the container's cgroup is the pod's
+///   joined with its ID (cgroupfs), or runc's `<slice>:cri-containerd:<ID>`,
+///   the scope `cri-containerd-<ID>.scope` (systemd);
+/// - CRI-O (`internal/config/cgmgr`): `crio-<ID>` (cgroupfs) or
+///   `crio-<ID>.scope` (systemd); with `conmon_cgroup = "pod"` its conmon
+///   is moved into the pod's cgroup, `crio-conmon-<ID>` (cgroupfs,
+///   `MoveConmonToCgroup`) or `crio-conmon-<ID>.scope` (systemd), while it
+///   stays in the node's network namespace; crun puts a container's
+///   processes one level down, in `crio-<ID>.scope/container`
+///   (`crunContainerCgroupManager`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Layout {
+    ContainerdCgroupfs,
+    ContainerdSystemd,
+    CrioCgroupfs,
+    CrioSystemd,
+    /// CRI-O with crun and the systemd driver.
+    CrioSystemdCrun,
+}
+
+impl Layout {
+    pub(super) const ALL: [Layout; 5] = [
+        Layout::ContainerdCgroupfs,
+        Layout::ContainerdSystemd,
+        Layout::CrioCgroupfs,
+        Layout::CrioSystemd,
+        Layout::CrioSystemdCrun,
+    ];
+
+    fn systemd(self) -> bool {
+        !matches!(self, Layout::ContainerdCgroupfs | Layout::CrioCgroupfs)
+    }
+
+    pub(super) fn is_crio(self) -> bool {
+        matches!(self, Layout::CrioCgroupfs | Layout::CrioSystemd | Layout::CrioSystemdCrun)
+    }
+
+    /// The scheme of `status.containerStatuses[].containerID`.
+    pub(super) fn scheme(self) -> &'static str {
+        if self.is_crio() {
+            "cri-o"
+        } else {
+            "containerd"
+        }
+    }
+
+    /// The pod's cgroup, relative to the kubelet's root.
+    fn pod_dir(self, uid: &str) -> PathBuf {
+        if self.systemd() {
+            let u = uid.replace('-', "_");
+            PathBuf::from(format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"))
+        } else {
+            PathBuf::from(format!("kubepods/burstable/pod{uid}"))
+        }
+    }
+
+    /// Container `id`'s cgroup under the pod's, and where its processes
+    /// are (a child of it with crun).
+    fn container_dirs(self, id: &str) -> (String, Option<&'static str>) {
+        match self {
+            Layout::ContainerdCgroupfs => (id.to_string(), None),
+            Layout::ContainerdSystemd => (format!("cri-containerd-{id}.scope"), None),
+            Layout::CrioCgroupfs => (format!("crio-{id}"), None),
+            Layout::CrioSystemd => (format!("crio-{id}.scope"), None),
+            Layout::CrioSystemdCrun => (format!("crio-{id}.scope"), Some("container")),
+        }
+    }
+
+    /// The cgroup of container `id`'s conmon (CRI-O only).
+    fn conmon_dir(self, id: &str) -> Option<String> {
+        match self {
+            Layout::CrioCgroupfs => Some(format!("crio-conmon-{id}")),
+            Layout::CrioSystemd | Layout::CrioSystemdCrun => Some(format!("crio-conmon-{id}.scope")),
+            Layout::ContainerdCgroupfs | Layout::ContainerdSystemd => None,
+        }
+    }
+}
+
+/// A container ID as the runtimes write them (64 hex digits), stable for
+/// a pod UID and container name.
+pub(super) fn container_id(pod_uid: &str, name: &str) -> String {
+    use std::hash::{Hash as _, Hasher as _};
+    (0..4u8)
+        .map(|i| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (pod_uid, name, i).hash(&mut h);
+            format!("{:016x}", h.finish())
+        })
+        .collect()
+}
+
+/// A pod's cgroups in a runtime's [`Layout`], under the test cgroup; its
+/// processes are killed and the groups removed on drop.
+pub(super) struct PodCgroup {
+    /// Every directory created (shared parents of other pods included:
+    /// they are only removed once empty).
     dirs: Vec<PathBuf>,
     pod: PathBuf,
-    procs: PathBuf,
+    layout: Layout,
+    /// Where the init container's processes are.
+    init_procs: PathBuf,
 }
 
 impl PodCgroup {
-    fn new(parent: &Path, uid: &str) -> Self {
-        let pod = parent.join("kubepods").join("burstable").join(format!("pod{uid}"));
-        let ctr = pod.join("ctr");
-        std::fs::create_dir_all(&ctr).unwrap();
-        let dirs = vec![ctr.clone(), pod.clone(), parent.join("kubepods/burstable"), parent.join("kubepods")];
-        Self { dirs, pod, procs: ctr.join("cgroup.procs") }
+    fn new(parent: &Path, uid: &str, layout: Layout) -> Self {
+        let rel = layout.pod_dir(uid);
+        let mut dirs = Vec::new();
+        let mut at = parent.to_path_buf();
+        for c in rel.components() {
+            at.push(c);
+            dirs.push(at.clone());
+        }
+        std::fs::create_dir_all(&at).unwrap();
+        let mut cg = Self { dirs, pod: at, layout, init_procs: PathBuf::new() };
+        cg.init_procs = cg.container(&container_id(uid, "redirector-init")).join("cgroup.procs");
+        cg
     }
 
-    /// A container's cgroup under the pod (cgroupfs driver: named by its
-    /// ID), removed with the pod's.
-    fn add_container(&mut self, id: &str) -> PathBuf {
-        let dir = self.pod.join(id);
+    pub(super) fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The pod's own cgroup.
+    pub(super) fn pod_dir(&self) -> PathBuf {
+        self.pod.clone()
+    }
+
+    /// The cgroup container `id`'s processes are in (created).
+    pub(super) fn container(&mut self, id: &str) -> PathBuf {
+        let (dir, leaf) = self.layout.container_dirs(id);
+        let mut at = self.pod.join(dir);
+        self.dirs.push(at.clone());
+        if let Some(leaf) = leaf {
+            at.push(leaf);
+            self.dirs.push(at.clone());
+        }
+        std::fs::create_dir_all(&at).unwrap();
+        at
+    }
+
+    /// The cgroup of container `id`'s conmon (created; CRI-O layouts).
+    pub(super) fn conmon(&mut self, id: &str) -> PathBuf {
+        let dir = self.pod.join(self.layout.conmon_dir(id).expect("conmon is CRI-O's"));
         std::fs::create_dir_all(&dir).unwrap();
-        self.dirs.insert(0, dir.clone());
+        self.dirs.push(dir.clone());
         dir
     }
 
-    fn adopt(&self, pid: u32) {
-        std::fs::write(&self.procs, pid.to_string()).unwrap();
-    }
-
-    /// A command that joins this cgroup between fork and exec (so the
-    /// process is in the pod from its first instruction).
+    /// A command that joins the init container's cgroup between fork and
+    /// exec (so the process is in the pod from its first instruction).
     fn command(&self, program: &str) -> Command {
-        let path = CString::new(self.procs.as_os_str().as_encoded_bytes()).unwrap();
         let mut c = Command::new(program);
-        // SAFETY: only async-signal-safe calls (open, write, close) on a
-        // path allocated before the fork.
-        unsafe {
-            c.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-                Ok(())
-            });
-        }
+        join_cgroup_before_exec(&mut c, &self.init_procs, None);
         c
     }
 }
 
+/// Makes `c`'s process join the cgroup whose `cgroup.procs` is `procs`,
+/// and the network namespace `netns` if given, between fork and exec.
+pub(super) fn join_cgroup_before_exec(c: &mut Command, procs: &Path, netns: Option<std::fs::File>) {
+    enter_before_exec(c, procs, netns, false);
+}
+
+/// [`join_cgroup_before_exec`], then, with `new_userns`, a new user
+/// namespace (its maps are written by the parent, as a runtime does).
+fn enter_before_exec(c: &mut Command, procs: &Path, netns: Option<std::fs::File>, new_userns: bool) {
+    let path = CString::new(procs.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: only async-signal-safe calls (open, write, close, setns) on
+    // a path and a file opened before the fork.
+    unsafe {
+        c.pre_exec(move || {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if let Some(ns) = &netns {
+                if libc::setns(std::os::fd::AsRawFd::as_raw_fd(ns), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if new_userns && libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A `sleep` in `cgroup` and network namespace `netns`, as a container's
+/// (or conmon's) process is.
+pub(super) fn sleeper(cgroup: &Path, netns: &Path) -> Child {
+    let mut c = Command::new("sleep");
+    c.arg("600").stdin(Stdio::null());
+    join_cgroup_before_exec(&mut c, &cgroup.join("cgroup.procs"), Some(std::fs::File::open(netns).unwrap()));
+    c.spawn().unwrap()
+}
+
 impl Drop for PodCgroup {
     fn drop(&mut self) {
-        for d in self.dirs.iter().filter(|d| d.parent() == Some(&self.pod)) {
-            let _ = std::fs::write(d.join("cgroup.kill"), "1");
-        }
-        for d in &self.dirs {
+        // cgroup.kill kills every process of the pod's subtree.
+        let _ = std::fs::write(self.pod.join("cgroup.kill"), "1");
+        let mut dirs = self.dirs.clone();
+        dirs.sort_by(|a, b| b.components().count().cmp(&a.components().count()).then(a.cmp(b)));
+        dirs.dedup();
+        for d in &dirs {
             for _ in 0..50 {
                 match std::fs::remove_dir(d) {
                     Ok(()) => break,
                     // Shared parents of other pods stay.
-                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) && !d.starts_with(&self.pod) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -100,59 +256,113 @@ impl Drop for PodCgroup {
 }
 
 /// A meshed pod: its namespaces (the pod and a peer with servers), the
-/// proxy on 127.0.0.1:15001, its cgroup and, for a pod that "was
-/// running", a process in both.
-struct Pod {
-    topo: Topology,
-    uid: String,
-    name: String,
+/// proxy on 127.0.0.1:15001, its cgroups and, for a pod that "was
+/// running", processes in them.
+pub(super) struct Pod {
+    pub(super) topo: Topology,
+    pub(super) uid: String,
+    pub(super) name: String,
     _proxy: Server,
-    sleeper: Option<Child>,
-    cg: PodCgroup,
+    procs: Vec<Child>,
+    pub(super) cg: PodCgroup,
 }
 
 impl Pod {
-    fn create(api: &FakeApi, cg_parent: &Path, tag: &str, name: &str, phase: &str, annotations: Value) -> Pod {
+    pub(super) fn create(
+        api: &FakeApi,
+        cg_parent: &Path,
+        tag: &str,
+        name: &str,
+        phase: &str,
+        annotations: Value,
+    ) -> Pod {
         Self::create_from(api, cg_parent, tag, pod_object(name, phase, annotations))
     }
 
-    fn create_from(api: &FakeApi, cg_parent: &Path, tag: &str, obj: Value) -> Pod {
+    pub(super) fn create_from(api: &FakeApi, cg_parent: &Path, tag: &str, obj: Value) -> Pod {
+        Self::create_with(api, cg_parent, tag, obj, Layout::ContainerdCgroupfs)
+    }
+
+    /// A pod whose runtime lays its cgroups out as `layout`. A Running pod
+    /// whose object lists no container status gets one for its `app`
+    /// container, running (as the kubelet reports it).
+    pub(super) fn create_with(api: &FakeApi, cg_parent: &Path, tag: &str, obj: Value, layout: Layout) -> Pod {
         let name = obj["metadata"]["name"].as_str().unwrap().to_string();
         let topo = Topology::new(tag).unwrap();
         let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
-        let obj = api.put(&Resource::pods(), obj);
+        let mut obj = api.put(&Resource::pods(), obj);
         let uid = obj["metadata"]["uid"].as_str().unwrap().to_string();
-        let cg = PodCgroup::new(cg_parent, &uid);
-        Pod { topo, uid, name, _proxy: proxy, sleeper: None, cg }
+        let cg = PodCgroup::new(cg_parent, &uid, layout);
+        let pod = Pod { topo, uid, name, _proxy: proxy, procs: Vec::new(), cg };
+        if obj["status"]["phase"] == "Running" && obj["status"]["containerStatuses"].is_null() {
+            obj["status"]["containerStatuses"] = json!([pod.status("app", json!({"running": {}}))]);
+            api.put(&Resource::pods(), obj);
+        }
+        pod
     }
 
-    /// Starts a process in the pod (as its containers are), as if the pod
-    /// was running before the agent.
-    fn run_process(&mut self) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.topo.app.name, "sleep", "600"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.cg.adopt(child.id());
-        self.sleeper = Some(child);
+    /// Container `name`'s ID.
+    pub(super) fn id(&self, name: &str) -> String {
+        container_id(&self.uid, name)
     }
 
-    fn cookie(&self) -> u64 {
+    /// A `containerStatuses` entry of container `name` in `state`.
+    pub(super) fn status(&self, name: &str, state: Value) -> Value {
+        json!({"name": name, "image": name, "imageID": "", "ready": true, "restartCount": 0,
+               "containerID": format!("{}://{}", self.cg.layout.scheme(), self.id(name)), "state": state})
+    }
+
+    /// Starts a process in the pod's `app` container (its cgroup and the
+    /// pod's network namespace), as if the pod was running before the
+    /// agent; returns its PID.
+    pub(super) fn run_process(&mut self) -> u32 {
+        let cgroup = self.cg.container(&self.id("app"));
+        self.run_in(&cgroup, &self.topo.app.path())
+    }
+
+    /// Starts a process in `cgroup` and network namespace `netns`, in a
+    /// user namespace of its own whose uid_map and gid_map are `map`, as
+    /// the runtime starts a `hostUsers: false` pod's containers (the
+    /// kubelet gives each such pod one map `0 <multiple of 65536> 65536`
+    /// for UIDs and GIDs, kubernetes/kubernetes
+    /// `pkg/kubelet/userns/userns_manager.go`); returns its PID.
+    pub(super) fn run_in_user_namespace(&mut self, cgroup: &Path, netns: &Path, map: &str) -> u32 {
+        let mut c = Command::new("sleep");
+        c.arg("600").stdin(Stdio::null());
+        enter_before_exec(&mut c, &cgroup.join("cgroup.procs"), Some(std::fs::File::open(netns).unwrap()), true);
+        let child = c.spawn().unwrap();
+        let pid = child.id();
+        self.procs.push(child);
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{file}"), format!("{map}\n")).unwrap();
+        }
+        pid
+    }
+
+    /// Starts a process in `cgroup` and network namespace `netns`, killed
+    /// with the pod; returns its PID.
+    pub(super) fn run_in(&mut self, cgroup: &Path, netns: &Path) -> u32 {
+        let child = sleeper(cgroup, netns);
+        let pid = child.id();
+        self.procs.push(child);
+        pid
+    }
+
+    pub(super) fn cookie(&self) -> u64 {
         netns_cookie(&self.topo.app.path()).unwrap()
     }
 
-    fn probe(&self, dst: &str) -> String {
+    pub(super) fn probe(&self, dst: &str) -> String {
         testkit::probe(&self.topo.app.path(), 1000, Proto::Tcp, dst.parse().unwrap()).unwrap()
     }
 
-    fn probe_until(&self, dst: &str, pred: impl Fn(&str) -> bool) -> String {
+    pub(super) fn probe_until(&self, dst: &str, pred: impl Fn(&str) -> bool) -> String {
         poll_until(|| self.probe(dst), |g| pred(g))
     }
 
     /// The init container: `wait-ready --agent-socket` inside the pod's
     /// network namespace and cgroup.
-    fn init_container(&self, socket: &Path) -> std::process::Output {
+    pub(super) fn init_container(&self, socket: &Path) -> std::process::Output {
         self.cg
             .command("ip")
             .args(["netns", "exec", &self.topo.app.name])
@@ -167,14 +377,14 @@ impl Pod {
 
 impl Drop for Pod {
     fn drop(&mut self) {
-        if let Some(c) = self.sleeper.as_mut() {
+        for c in &mut self.procs {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 }
 
-fn pod_object(name: &str, phase: &str, annotations: Value) -> Value {
+pub(super) fn pod_object(name: &str, phase: &str, annotations: Value) -> Value {
     json!({
         "metadata": {"name": name, "namespace": "shop", "labels": {"osm-proxy-uuid": format!("{name}-proxy")},
                      "annotations": annotations},
@@ -189,7 +399,7 @@ fn set_annotation(api: &FakeApi, pod: &Pod, value: &str) {
     api.put(&Resource::pods(), obj);
 }
 
-fn configmap(mesh_yaml: &str) -> Value {
+pub(super) fn configmap(mesh_yaml: &str) -> Value {
     json!({"metadata": {"name": "redirector-config", "namespace": "redirector-system"}, "data": {"mesh.yaml": mesh_yaml}})
 }
 
@@ -199,7 +409,7 @@ fn meshconfig(exclusions: &[&str]) -> Value {
 }
 
 /// A scratch directory, removed on drop (also when the test fails).
-struct Scratch(PathBuf);
+pub(super) struct Scratch(pub(super) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -208,18 +418,25 @@ impl Drop for Scratch {
 }
 
 /// A `redirector run --kube` process against the fake server.
-struct KubeAgent {
-    proc: AgentProcess,
-    socket: PathBuf,
+pub(super) struct KubeAgent {
+    pub(super) proc: AgentProcess,
+    pub(super) socket: PathBuf,
     status: SocketAddr,
 }
 
 impl KubeAgent {
-    fn start(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str) -> KubeAgent {
+    pub(super) fn start(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str) -> KubeAgent {
         Self::start_with(api, cgroup, pins, dir, log, &[])
     }
 
-    fn start_with(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
+    pub(super) fn start_with(
+        api: &FakeApi,
+        cgroup: &Path,
+        pins: &Path,
+        dir: &Path,
+        log: &str,
+        extra: &[&str],
+    ) -> KubeAgent {
         let agent = Self::spawn(api, cgroup, pins, dir, log, extra);
         let ready = poll_until(|| agent.get("/readyz"), |(code, _)| *code == 200);
         assert_eq!(ready.0, 200, "agent not ready: {}\nlog:\n{}", ready.1, agent.proc.log_text());
@@ -227,7 +444,7 @@ impl KubeAgent {
     }
 
     /// Starts the agent without waiting for it to be ready.
-    fn spawn(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
+    pub(super) fn spawn(api: &FakeApi, cgroup: &Path, pins: &Path, dir: &Path, log: &str, extra: &[&str]) -> KubeAgent {
         let kubeconfig = dir.join("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
         let socket = dir.join("agent.sock");
@@ -241,6 +458,11 @@ impl KubeAgent {
             "--metrics-addr".into(),
             status.to_string().into(),
         ]);
+        // The node's namespace is this test's (the machine's own); PID 1
+        // may be a supervisor's that cannot be inspected.
+        if !extra.contains(&"--node-netns") {
+            args.extend(["--node-netns".into(), format!("/proc/{}/ns/net", std::process::id()).into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let proc =
             AgentProcess::spawn(bin(), &args, &[("KUBECONFIG", kubeconfig.as_os_str())], &dir.join(log)).unwrap();
@@ -248,7 +470,7 @@ impl KubeAgent {
     }
 
     /// GET on the status endpoint: (status code, body).
-    fn get(&self, path: &str) -> (u16, String) {
+    pub(super) fn get(&self, path: &str) -> (u16, String) {
         let Ok(mut s) = TcpStream::connect(self.status) else { return (0, "not listening".into()) };
         let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
         let mut text = String::new();
@@ -259,11 +481,11 @@ impl KubeAgent {
     }
 }
 
-fn events_for<'a>(events: &'a [Value], name: &str, reason: &str) -> Vec<&'a Value> {
+pub(super) fn events_for<'a>(events: &'a [Value], name: &str, reason: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["regarding"]["name"] == name && e["reason"] == reason).collect()
 }
 
-fn programmed(pins: &Path, cookie: u64) -> bool {
+pub(super) fn programmed(pins: &Path, cookie: u64) -> bool {
     Maps::open(pins).and_then(|m| m.workload(cookie)).map(|w| w.is_some()).unwrap_or(false)
 }
 
@@ -592,7 +814,7 @@ fn kube_agent_without_meshconfig_crd() {
 /// Runs `f` with this whole (single-threaded test) process moved into
 /// `cgroup`, as a container's processes are; moved back to `home` after,
 /// also if `f` panics.
-fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) -> T {
+pub(super) fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) -> T {
     struct Back<'a>(&'a Path);
     impl Drop for Back<'_> {
         fn drop(&mut self) {
@@ -611,22 +833,49 @@ fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) -> T {
 /// as UID 1500 is redirected (no UID spoof).
 #[test]
 fn kube_proxy_identified_by_its_container_cgroup() {
+    proxy_identified_by_its_cgroup(Layout::ContainerdCgroupfs, "kf", false);
+}
+
+/// The body of the `--proxy-identity cgroup` tests, on a runtime's
+/// `layout`. With CRI-O the proxy container's conmon is in the pod's
+/// cgroup too (in `crio-conmon-<ID>`, named by the same ID): it is never
+/// taken for the proxy. With `native`, the proxy is a native sidecar (in
+/// `initContainers` with `restartPolicy: Always`, its status in
+/// `initContainerStatuses`, as Istio, Linkerd and Kuma inject it now) and
+/// the pod is meshed only by the rule `container:envoy`.
+pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str, native: bool) {
     if !require_kernel() {
         return;
     }
     let cgroup = TestCgroup::new().unwrap();
     let pins = PinDir::new().unwrap();
-    let scratch = Scratch(tmpdir("kube3"));
+    let scratch = Scratch(tmpdir(tag));
     let dir = scratch.0.clone();
     let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
     api.put(&Resource::configmaps(), configmap("preset: osm\nproxyUID: 1500\n"));
     // Running, the proxy container not started yet.
-    let mut a = Pod::create(&api, &cgroup.path, "kf", "f", "Running", json!({}));
+    let mut obj = pod_object("f", "Running", json!({}));
+    if native {
+        obj["metadata"]["labels"] = json!({});
+        obj["spec"]["containers"] = json!([{"name": "app", "image": "app"}]);
+        obj["spec"]["initContainers"] = json!([
+            {"name": "redirector-init", "image": "redirector"},
+            {"name": "envoy", "image": "envoy", "restartPolicy": "Always"}
+        ]);
+    }
+    let mut a = Pod::create_with(&api, &cgroup.path, tag, obj, layout);
     a.run_process();
-    let app_cg = a.cg.dirs[0].clone();
-    let envoy_cg = a.cg.add_container("e0a1b2c3");
-    let agent =
-        KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &["--proxy-identity", "cgroup"]);
+    let app_cg = a.cg.container(&a.id("app"));
+    let envoy_id = a.id("envoy");
+    if layout.is_crio() {
+        a.cg.conmon(&envoy_id);
+    }
+    let envoy_cg = a.cg.container(&envoy_id);
+    let mut flags = vec!["--proxy-identity", "cgroup"];
+    if native {
+        flags.extend(["--meshed-when", "container:envoy"]);
+    }
+    let agent = KubeAgent::start_with(&api, &cgroup.path, &pins.path, &dir, "agent.log", &flags);
     let dst = "192.0.2.10:80";
     let probe = |cg: &Path, uid: u32| {
         in_cgroup(cg, &cgroup.path, || {
@@ -645,12 +894,7 @@ fn kube_proxy_identified_by_its_container_cgroup() {
     // The proxy container runs: its cgroup, and only it, goes direct.
     let set_status = |envoy: Value| {
         let mut obj = api.get(&Resource::pods(), "shop", "f").unwrap();
-        obj["status"]["containerStatuses"] = json!([
-            {"name": "app", "image": "app", "imageID": "", "ready": true, "restartCount": 0,
-             "containerID": "containerd://ctr", "state": {"running": {}}},
-            {"name": "envoy", "image": "envoy", "imageID": "", "ready": true, "restartCount": 0,
-             "containerID": "containerd://e0a1b2c3", "state": envoy}
-        ]);
+        obj["status"]["containerStatuses"] = json!([a.status("app", json!({"running": {}})), a.status("envoy", envoy)]);
         api.put(&Resource::pods(), obj);
     };
     set_status(json!({"running": {}}));
@@ -664,14 +908,20 @@ fn kube_proxy_identified_by_its_container_cgroup() {
         "proxy cgroup never programmed\n{}",
         agent.proc.log_text()
     );
-    assert_eq!(w.proxy_cgroup_id, ino, "not the envoy container's cgroup");
+    assert_eq!(
+        w.proxy_cgroup_id,
+        ino,
+        "not the cgroup the envoy container's processes are in ({})\n{}",
+        envoy_cg.display(),
+        agent.proc.log_text()
+    );
     let spoof = probe(&app_cg, 1500);
     assert!(spoof.starts_with("proxy 192.0.2.10:80"), "an app process running as UID 1500 went direct: {spoof}");
     assert!(probe(&envoy_cg, 1500).starts_with("direct"), "the proxy container was redirected");
     assert!(probe(&envoy_cg, 1000).starts_with("direct"), "the proxy container is its cgroup, whatever the UID");
     assert!(probe(&app_cg, 1000).starts_with("proxy"), "the application not redirected");
     let log = agent.proc.log_text();
-    assert!(log.contains("proxy container `envoy` (e0a1b2c3) identified by its cgroup"), "{log}");
+    assert!(log.contains(&format!("proxy container `envoy` ({envoy_id}) identified by its cgroup")), "{log}");
 
     // The proxy container stops (restarting): back to its UID until the
     // next one runs.

@@ -11,7 +11,8 @@
 //! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
 //! [`coexistence`] (a socket load balancer on a parent cgroup),
 //! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
-//! (the Kubernetes agent against a fake API server), [`kernel_support`],
+//! (the Kubernetes agent against a fake API server), [`runtimes`] (the
+//! node's namespace, real runtimes' cgroup layouts), [`kernel_support`],
 //! [`upgrade`] (across a map-layout change).
 use std::{
     net::SocketAddrV4,
@@ -36,6 +37,7 @@ mod identity;
 mod kernel_support;
 mod kube;
 mod lifecycle;
+mod runtimes;
 mod sockmap;
 mod upgrade;
 

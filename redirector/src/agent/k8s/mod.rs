@@ -106,8 +106,13 @@ pub struct KubeOptions {
     /// Rules that mark a pod as meshed; empty: the preset's defaults.
     pub meshed_when: Vec<MeshedWhen>,
     pub proc_root: PathBuf,
+    /// The node's own network namespace: never taken as a pod's, never
+    /// programmed.
+    pub node_netns: crate::dataplane::NodeNetns,
     /// How often pods whose namespace is unknown are looked for in /proc.
     pub resync: Duration,
+    /// How long such a running pod holds back the sweep of stale entries.
+    pub unresolved_grace: Duration,
     /// Reporting instance in Events (the agent's pod name).
     pub instance: String,
     pub proxy_identity: ProxyIdentity,
@@ -156,7 +161,9 @@ struct Agent {
     agent_state: AgentState,
     mesh: Option<MeshSettings>,
     mesh_error: Option<String>,
-    host_cookie: u64,
+    /// Network namespaces never taken as a pod's: the node's (PID 1's)
+    /// and the agent's own.
+    never_cookies: BTreeSet<u64>,
     last_scan: Option<Instant>,
     pod_errors: BTreeMap<String, String>,
     /// Results of the last pass, for answering waiters.
@@ -165,6 +172,9 @@ struct Agent {
     /// Pod UID → (proxy container ID, its cgroup directory), for
     /// `ProxyIdentity::Cgroup`.
     proxy_cgroups: BTreeMap<String, (String, PathBuf)>,
+    /// Pods whose container's process could not be used, with why
+    /// (reported once each).
+    scan_errors: BTreeMap<String, String>,
     /// (pod UID, container ID) of running proxies whose cgroup was not
     /// found (reported once each).
     proxy_cgroups_missing: BTreeSet<(String, String)>,
@@ -200,7 +210,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         return Err(e);
     }
     let rt = Runtime::start(LOG, opts.pin_dir.clone(), opts.metrics_addr).await?;
-    let dp = Dataplane::load(&opts.pin_dir, &opts.attach_cgroup)?;
+    let dp = Dataplane::load_on_node(&opts.pin_dir, &opts.attach_cgroup, &opts.node_netns)?;
     info!(
         target: LOG,
         "node {}: attached to cgroup {}, maps and links pinned in {}",
@@ -220,7 +230,8 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             opts.cgroup.display()
         ),
     }
-    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), reg_tx));
+    let never_cookies = BTreeSet::from([dp.node_cookie, crate::sys::netns::current_netns_cookie()?]);
+    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), dp.node_cookie, reg_tx));
 
     let mut streams = Streams::open(&client, &opts, reg_rx, signals);
     // Not read until the ConfigMap names preset `osm`.
@@ -229,7 +240,6 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut configmap = Watched::new();
     configmap.synced = opts.configmap.is_none();
 
-    let host_cookie = crate::sys::netns::current_netns_cookie()?;
     let events = Events::new(client.clone(), opts.instance.clone(), rt.metrics.clone(), opts.event_refresh);
     let mut agent = Agent {
         dp,
@@ -251,13 +261,14 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         agent_state: AgentState::default(),
         mesh: None,
         mesh_error: None,
-        host_cookie,
+        never_cookies,
         last_scan: None,
         pod_errors: BTreeMap::new(),
         ready_pods: BTreeMap::new(),
         failed_pods: BTreeMap::new(),
         proxy_cgroups: BTreeMap::new(),
         proxy_cgroups_missing: BTreeSet::new(),
+        scan_errors: BTreeMap::new(),
         opts,
     };
     let mut dirty_since: Option<Instant> = None;

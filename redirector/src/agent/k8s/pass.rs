@@ -15,7 +15,7 @@ use redirector_policy::{
         plan::{plan, EventKind, Inputs},
         pods::{is_meshed, MeshedWhen, PodInfo},
     },
-    MeshSettings,
+    IdMaps, MeshSettings,
 };
 
 use super::{
@@ -131,6 +131,8 @@ impl Agent {
         self.find_namespaces(&rules);
         let netns: BTreeMap<String, (PathBuf, u64)> =
             self.netns.iter().map(|(uid, h)| (uid.clone(), (h.path(), h.cookie))).collect();
+        let id_maps: BTreeMap<String, IdMaps> =
+            self.netns.iter().filter_map(|(uid, h)| Some((uid.clone(), h.id_maps.clone()?))).collect();
         let pinned: BTreeSet<u64> = match self.dp.maps.workloads() {
             Ok(w) => w.keys().copied().collect(),
             Err(e) => {
@@ -148,6 +150,9 @@ impl Agent {
                 netns: &netns,
                 pinned: &pinned,
                 proxy_cgroups: &proxy_cgroups,
+                id_maps: &id_maps,
+                now: Instant::now(),
+                unresolved_grace: self.opts.unresolved_grace,
             },
             &mut self.plan_state,
         );
@@ -165,7 +170,7 @@ impl Agent {
                 pod_ref(&ev.uid, &ev.namespace, &ev.name),
             );
         }
-        if !p.unresolved.is_empty() {
+        if p.unresolved.len() > p.not_found.len() {
             debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
         }
         let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
@@ -216,6 +221,12 @@ impl Agent {
             "pods_unresolved",
             "Running meshed pods whose network namespace is not found yet.",
             p.unresolved.len() as u64,
+        );
+        self.rt.metrics.set_gauge(
+            "pods_not_found",
+            "Running meshed pods whose network namespace was not found for longer than --unresolved-grace: not \
+             redirected, and no longer holding back the sweep.",
+            p.not_found.len() as u64,
         );
         self.rt.metrics.set_gauge(
             "pods_skipped",
@@ -314,32 +325,48 @@ impl Agent {
     }
 
     /// Looks in /proc for meshed pods whose namespace is not known (pods
-    /// started before the agent), at most once per resync period.
+    /// started before the agent), at most once per resync period: only a
+    /// process in one of the pod's container cgroups counts, never one in
+    /// the node's network namespace or the agent's.
     fn find_namespaces(&mut self, rules: &[MeshedWhen]) {
         if self.last_scan.is_some_and(|t| t.elapsed() < self.opts.resync) {
             return;
         }
-        let missing: Vec<&str> = self
+        let missing: BTreeMap<String, BTreeSet<String>> = self
             .pods
             .items
             .values()
             .filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules) && !self.netns.contains_key(&p.uid))
-            .map(|p| p.uid.as_str())
+            .map(|p| (p.uid.clone(), p.container_ids.clone()))
             .collect();
         if missing.is_empty() {
             return;
         }
         self.last_scan = Some(Instant::now());
-        let found = discover::scan(&self.opts.proc_root, &missing, self.host_cookie);
+        let (found, errors) = discover::scan(&self.opts.proc_root, &missing, &self.never_cookies);
         for (uid, h) in found {
             let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
+            let userns = h
+                .id_maps
+                .as_ref()
+                .map(|m| format!(", in a user namespace of its own (uid_map {}, gid_map {})", m.uid, m.gid))
+                .unwrap_or_default();
             info!(
                 target: LOG,
-                "pod {name}: network namespace found through {} (cookie {})",
+                "pod {name}: network namespace found through {} (cookie {}){userns}",
                 h.source.display(),
                 h.cookie
             );
             self.netns.insert(uid, h);
+        }
+        // Reported once per pod and reason, while it lasts.
+        self.scan_errors.retain(|uid, _| errors.contains_key(uid));
+        for (uid, e) in errors {
+            if self.scan_errors.get(&uid) != Some(&e) {
+                let name = self.pods.items.get(&uid).map(PodInfo::key).unwrap_or_default();
+                warn!(target: LOG, "pod {name}: its container's process was found but not usable: {e}");
+                self.scan_errors.insert(uid, e);
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::discover::{pod_uid_of_pid, NetnsHandle};
+use super::discover::{cgroup_of_pid, NetnsHandle, Place};
 
 /// The log target of these records: the module path they had before the
 /// agents moved under `agent/`, so `RUST_LOG` filters and log readers keep
@@ -95,7 +95,14 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
 }
 
 /// Accepts registrations until the listener fails.
-pub async fn serve(listener: tokio::net::UnixListener, proc_root: PathBuf, tx: mpsc::Sender<Registration>) {
+/// `node_cookie`: the node's network namespace, which no pod registers
+/// (a host-network pod, or a process that is not the pod's container).
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    proc_root: PathBuf,
+    node_cookie: u64,
+    tx: mpsc::Sender<Registration>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -108,14 +115,19 @@ pub async fn serve(listener: tokio::net::UnixListener, proc_root: PathBuf, tx: m
         let tx = tx.clone();
         let proc_root = proc_root.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &proc_root, tx).await {
+            if let Err(e) = handle(stream, &proc_root, node_cookie, tx).await {
                 log::warn!(target: LOG, "agent socket: {e:#}");
             }
         });
     }
 }
 
-async fn handle(stream: tokio::net::UnixStream, proc_root: &Path, tx: mpsc::Sender<Registration>) -> Result<()> {
+async fn handle(
+    stream: tokio::net::UnixStream,
+    proc_root: &Path,
+    node_cookie: u64,
+    tx: mpsc::Sender<Registration>,
+) -> Result<()> {
     let cred = stream.peer_cred().context("reading the client's credentials (SO_PEERCRED)")?;
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
@@ -136,16 +148,31 @@ async fn handle(stream: tokio::net::UnixStream, proc_root: &Path, tx: mpsc::Send
         })?;
         // The namespace is only taken from a process of that pod: another
         // pod cannot register its namespace under this pod's UID.
-        match pod_uid_of_pid(proc_root, pid) {
-            Some(uid) if uid == req.pod_uid => {}
-            Some(uid) => bail!("pod UID {}: the connecting process {pid} belongs to pod {uid}", req.pod_uid),
+        match cgroup_of_pid(proc_root, pid) {
+            Some(c) if c.pod_uid != req.pod_uid => {
+                bail!("pod UID {}: the connecting process {pid} belongs to pod {}", req.pod_uid, c.pod_uid)
+            }
+            Some(c) if matches!(c.place, Place::Conmon(_)) => bail!(
+                "pod UID {}: the connecting process {pid} is in CRI-O's conmon cgroup, not a container of the pod \
+                 (see {}/{pid}/cgroup)",
+                req.pod_uid,
+                proc_root.display()
+            ),
+            Some(_) => {}
             None => bail!(
                 "pod UID {}: the connecting process {pid} is in no pod's cgroup (see {}/{pid}/cgroup)",
                 req.pod_uid,
                 proc_root.display()
             ),
         }
-        let netns = NetnsHandle::open(&proc_root.join(pid.to_string()).join("ns/net"))?;
+        let netns = NetnsHandle::open_pid(proc_root, pid)?;
+        if netns.cookie == node_cookie {
+            bail!(
+                "pod UID {}: the connecting process {pid} is in the node's network namespace (cookie {node_cookie}); \
+                 a pod using the node's network namespace is never redirected",
+                req.pod_uid
+            );
+        }
         Ok((req, pid, netns))
     })();
     let (req, pid, netns) = match registration {
@@ -156,7 +183,8 @@ async fn handle(stream: tokio::net::UnixStream, proc_root: &Path, tx: mpsc::Send
         }
     };
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel();
-    log::info!(target: LOG, "pod UID {} registered from PID {pid} (netns cookie {})", req.pod_uid, netns.cookie);
+    let userns = netns.id_maps.as_ref().map(|m| format!(", user namespace uid_map {}", m.uid)).unwrap_or_default();
+    log::info!(target: LOG, "pod UID {} registered from PID {pid} (netns cookie {}{userns})", req.pod_uid, netns.cookie);
     tx.send(Registration { uid: req.pod_uid, pid, netns, reply: reply_tx })
         .await
         .map_err(|_| anyhow!("the agent is shutting down"))?;
@@ -257,7 +285,7 @@ mod tests {
         let res = rt.block_on(async {
             let l = bind(&sock).unwrap();
             let (tx, _rx) = mpsc::channel(4);
-            tokio::spawn(serve(l, PathBuf::from("/proc"), tx));
+            tokio::spawn(serve(l, PathBuf::from("/proc"), 0, tx));
             let s2 = sock.clone();
             tokio::task::spawn_blocking(move || {
                 wait_ready(&s2, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", Duration::from_secs(5))

@@ -1,0 +1,131 @@
+//! User namespaces: which one a process or a network namespace belongs
+//! to, and a process's ID maps (parsed by `redirector_policy::idmap`).
+//! The data path sees the IDs of the initial user namespace; a workload
+//! in another one has its proxy's UID and GID translated through these
+//! maps.
+use std::{
+    fs::File,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use redirector_policy::{IdMap, IdMaps};
+
+/// `NS_GET_USERNS` (linux/nsfs.h, `_IO(0xb7, 0x1)`, Linux 4.9): a file
+/// descriptor of the user namespace that owns a namespace.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+
+/// A namespace's identity: the device and inode of its nsfs file.
+type NsId = (u64, u64);
+
+fn ns_id(path: &Path) -> Result<NsId> {
+    let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The agent's own user namespace.
+fn own() -> Result<NsId> {
+    ns_id(Path::new("/proc/self/ns/user"))
+}
+
+/// The ID maps of process `pid`'s user namespace (under `proc_root`), or
+/// None if that is the agent's own (its IDs are the ones the data path
+/// sees).
+pub fn id_maps_of_pid(proc_root: &Path, pid: u32) -> Result<Option<IdMaps>> {
+    let dir = proc_root.join(pid.to_string());
+    if ns_id(&dir.join("ns/user"))? == own()? {
+        return Ok(None);
+    }
+    require_initial_user_ns()?;
+    let read = |name: &str| -> Result<IdMap> {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        IdMap::parse(&text).with_context(|| format!("{}", path.display()))
+    };
+    Ok(Some(IdMaps { uid: read("uid_map")?, gid: read("gid_map")? }))
+}
+
+/// Fails unless the network namespace at `path` belongs to the agent's own
+/// user namespace: the proxy's IDs in a namespace of another one cannot be
+/// translated without a process of it.
+pub fn require_netns_in_own_user_ns(path: &Path) -> Result<()> {
+    let ns = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    // SAFETY: an ioctl on a valid fd; it returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS as _) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!("asking the user namespace of network namespace {} (NS_GET_USERNS)", path.display())
+        });
+    }
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    let owner = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let m = owner.metadata().context("reading the owning user namespace")?;
+    if (m.dev(), m.ino()) != own()? {
+        bail!(
+            "network namespace {} belongs to a user namespace other than the agent's (inode {}): the proxy's UID \
+             there is not the one the kernel reports; give `pid:` of a process of the workload instead, whose \
+             uid_map and gid_map translate proxyUID and proxyGID",
+            path.display(),
+            m.ino()
+        );
+    }
+    Ok(())
+}
+
+/// The agent must be in the initial user namespace for outside IDs it
+/// reads to be those the data path sees.
+fn require_initial_user_ns() -> Result<()> {
+    let text = std::fs::read_to_string("/proc/self/uid_map").context("reading /proc/self/uid_map")?;
+    let map = IdMap::parse(&text).context("/proc/self/uid_map")?;
+    if !map.is_identity() {
+        bail!(
+            "the agent runs in a user namespace of its own (/proc/self/uid_map: {map}): it cannot translate a \
+             workload's IDs to those the kernel reports"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This process's own namespaces: no maps, and its network namespace
+    /// belongs to its user namespace. A user namespace of its own is read
+    /// with its maps (a child made with unshare(CLONE_NEWUSER), its maps
+    /// written by this process as a runtime does).
+    #[test]
+    fn own_and_child_user_namespaces() {
+        assert_eq!(id_maps_of_pid(Path::new("/proc"), std::process::id()).unwrap(), None);
+        require_netns_in_own_user_ns(Path::new("/proc/self/ns/net")).unwrap();
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP own_and_child_user_namespaces (child part): writing another process's uid_map needs root");
+            return;
+        }
+        use std::os::unix::process::CommandExt as _;
+        let mut c = std::process::Command::new("sleep");
+        c.arg("30");
+        // SAFETY: unshare is async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = c.spawn().unwrap();
+        let dir = Path::new("/proc").join(child.id().to_string());
+        std::fs::write(dir.join("uid_map"), "0 524288 65536\n").unwrap();
+        std::fs::write(dir.join("gid_map"), "0 589824 65536\n").unwrap();
+        let maps = id_maps_of_pid(Path::new("/proc"), child.id()).unwrap().unwrap();
+        assert_eq!((maps.uid.to_outside(1337), maps.gid.to_outside(1337)), (Some(525625), Some(591161)));
+        let e = require_netns_in_own_user_ns(&dir.join("ns/net")).unwrap_err().to_string();
+        assert!(e.contains("belongs to a user namespace other than the agent's") && e.contains("`pid:`"), "{e}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
