@@ -1,9 +1,11 @@
 //! The kernel and the system, below the data plane: raw `bpf(2)` calls
-//! ([`bpf`]), network namespaces and their cookies ([`netns`]), the cgroup2
-//! and bpffs mounts ([`mounts`]), a proxy's pre-existing listeners read from
-//! a namespace's socket tables ([`listeners`]), and what the running kernel
+//! ([`bpf`]), cgroup-v2 directories and who is inside them ([`cgroup`]),
+//! network namespaces and their cookies ([`netns`]), the cgroup2 and bpffs
+//! mounts ([`mounts`]), a proxy's pre-existing listeners read from a
+//! namespace's socket tables ([`listeners`]), and what the running kernel
 //! supports ([`features`], `redirector probe`).
 pub mod bpf;
+pub mod cgroup;
 pub mod features;
 pub mod listeners;
 pub mod mounts;
