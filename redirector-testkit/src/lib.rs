@@ -618,7 +618,8 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = redirector::dataplane::cleanup(&self.path);
+        // Forced: a test that failed may have left its agent running.
+        let _ = redirector::dataplane::cleanup_force(&self.path);
     }
 }
 

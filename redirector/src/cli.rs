@@ -153,6 +153,10 @@ pub(crate) enum Cmd {
         /// Accepted for symmetry with `run`; links are found through their pins.
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Remove the pins even while an agent holds the pin directory (it
+        /// then finds them gone and exits with an error).
+        #[arg(long)]
+        force: bool,
         /// After cleaning up, stay running until SIGTERM (the uninstall
         /// DaemonSet's container, so `kubectl rollout status` reports every
         /// node done); a failed cleanup still exits non-zero at once.

@@ -82,9 +82,16 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cleanup { pin_dir, cgroup: _, wait } => {
-            let removed = dataplane::cleanup(&pin_dir)?;
-            println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+        Cmd::Cleanup { pin_dir, cgroup: _, force, wait } => {
+            if pin_dir.symlink_metadata().is_err() {
+                // Not there, or not visible from here (no bpffs): say which.
+                mounts::require_bpffs(&pin_dir, mounts::PinUse::Existing)?;
+                println!("nothing to clean up: pin directory {} does not exist", pin_dir.display());
+            } else {
+                mounts::require_bpffs(&pin_dir, mounts::PinUse::Existing)?;
+                let removed = if force { dataplane::cleanup_force(&pin_dir)? } else { dataplane::cleanup(&pin_dir)? };
+                println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+            }
             if wait {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {

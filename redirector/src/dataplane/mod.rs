@@ -6,6 +6,9 @@
 //! the program stays attached, with or without a running agent.
 //! `<pin>/netns/<cookie>` — one `sk_lookup` link per workload network
 //! namespace (inbound redirection).
+//! `<pin>/owner` — a symlink whose target is the owner record (JSON: the
+//! agent's pid, its cgroup, its start); the agent holds an exclusive
+//! `flock` on `<pin>` itself while it runs (one agent per pin directory).
 //! The `sk_msg` program (sockmap acceleration) has no pin of its own: it is
 //! attached to the pinned `RDR_ACCEL_SOCKS` map and lives as long as that
 //! map; each agent's attach replaces the previous agent's program.
@@ -15,10 +18,12 @@
 //! - `attach`: cgroup links, per-namespace `sk_lookup` links, `sk_msg`;
 //! - `maps`: typed reads and the generational writes of the maps;
 //! - `pins`: the pin layout, capacities, readiness, cleanup;
+//! - `lock`: one agent per pin directory (the lock, the owner record);
 //! - `fullmap`: full maps the data path ran into (its counters);
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
 mod fullmap;
+mod lock;
 mod maps;
 mod object;
 mod pins;
@@ -41,9 +46,10 @@ use redirector_policy::{map_entries, MapEntries, Policy};
 pub use self::{
     attach::refuse_unavailable_acceleration,
     fullmap::FullMapWatch,
+    lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,
     object::{EBPF_OBJECT_ENV, PROGRAMS},
-    pins::{cleanup, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
+    pins::{cleanup, cleanup_force, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
 use self::{
     attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
@@ -78,6 +84,8 @@ pub struct Dataplane {
     /// whole sweeps a pass deletes exactly the entries of the policies it
     /// replaced or removed, which it knows from `programmed`.
     last_full_sweep: Option<Instant>,
+    /// The pin directory's lock, held as long as this data plane lives.
+    lock: PinLock,
     _ebpf: Ebpf,
 }
 
@@ -91,9 +99,14 @@ impl Dataplane {
     /// layout version only), attaches every program to `cgroup` through
     /// pinned links, and replaces links left by a previous agent only after
     /// the new ones are attached (never a moment with nothing attached).
+    ///
+    /// Refused before anything is pinned when another agent holds the pin
+    /// directory ([`PinDirInUse`]); the lock is held until the data plane
+    /// is dropped.
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
         let object = ebpf_object()?;
         mounts::prepare_pin_dir(pin_dir)?;
+        let lock = PinLock::acquire(pin_dir, &Owner::agent(cgroup), Wanted::Run)?;
         if pin_dir.join(map_names::META).exists() {
             // Refuse before anything is changed if the pinned layout differs
             // (0 means a previous agent died before it stamped the maps).
@@ -131,8 +144,41 @@ impl Dataplane {
             accel_unavailable,
             programmed: StdHashMap::new(),
             last_full_sweep: None,
+            lock,
             _ebpf: ebpf,
         })
+    }
+
+    /// Checks that this agent's pins are still there: the pin directory
+    /// (the very one it locked), every map and every cgroup link. When one
+    /// was removed while the agent runs (`redirector cleanup --force`, or
+    /// by hand), its programs are detached and the maps it writes no
+    /// longer in force: an error naming every missing pin. The agents exit
+    /// on it (non-zero), rather than going on reporting workloads
+    /// programmed; a restarted agent attaches and programs them anew.
+    pub fn check_pins(&self) -> Result<()> {
+        let gone = |what: String| {
+            anyhow::anyhow!(
+                "{what}: removed while this agent runs (by `redirector cleanup --force`, or by hand), so its \
+                 programs are detached and redirection is OFF for every workload; exiting instead of reporting \
+                 workloads programmed (start the agent again to attach and program them)"
+            )
+        };
+        if let Err(e) = self.lock.still_held() {
+            return Err(gone(format!("{e:#}")));
+        }
+        let missing: Vec<String> = map_names::PINNED
+            .iter()
+            .map(|m| self.pin_dir.join(m))
+            .chain(PROGRAMS.iter().map(|(p, _)| link_pin_path(&self.pin_dir, p)))
+            .filter(|p| p.symlink_metadata().is_err())
+            .map(|p| p.display().to_string())
+            .collect();
+        match missing.as_slice() {
+            [] => Ok(()),
+            [one] => Err(gone(format!("pin {one} is gone"))),
+            many => Err(gone(format!("pins {} are gone", many.join(", ")))),
+        }
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,

@@ -12,7 +12,11 @@ use redirector_common::{
     MAX_WORKLOADS,
 };
 
-use super::{object::PROGRAMS, Maps};
+use super::{
+    lock::{Owner, PinDirInUse, PinLock, Wanted, OWNER},
+    object::PROGRAMS,
+    Maps,
+};
 use crate::{
     error::PinnedLayout,
     sys::bpf::{self, AttachType},
@@ -45,12 +49,55 @@ pub(super) fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detaches and unpins everything under `pin_dir`. Returns what it removed.
+/// Detaches and unpins everything under `pin_dir`, returning what it
+/// removed (nothing if it does not exist). Refused, with a
+/// [`PinDirInUse`] naming the agent, while an agent holds the pin
+/// directory: the agent would go on as if its workloads were programmed.
 pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
+    cleanup_as(pin_dir, false)
+}
+
+/// [`cleanup`] even while an agent holds the pin directory (`cleanup
+/// --force`): that agent then finds its pins gone and exits with an error.
+pub fn cleanup_force(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    cleanup_as(pin_dir, true)
+}
+
+fn cleanup_as(pin_dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
     if !pin_dir.exists() {
-        return Ok(removed);
+        return Ok(Vec::new());
     }
+    // Held while removing, so no agent starts on a half-removed directory.
+    let _lock = match PinLock::acquire(pin_dir, &Owner::cleanup(), Wanted::Cleanup) {
+        Ok(lock) => Some(lock),
+        Err(e) if force && e.downcast_ref::<PinDirInUse>().is_some() => {
+            let holder = e.downcast_ref::<PinDirInUse>().and_then(|u| u.holder.as_ref());
+            log::warn!(
+                "pin directory {} is in use by {}: removing its pins anyway (--force); that agent will report them \
+                 gone and exit with an error",
+                pin_dir.display(),
+                holder.map_or_else(|| "another process".to_string(), Owner::describe)
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    remove_pins(pin_dir)
+}
+
+/// Detaches and unpins everything under `pin_dir` (the caller holds its
+/// lock, or was told to go ahead without it).
+pub(super) fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    // Nothing is removed from a directory holding something unexpected.
+    // (The owner record is a symlink whose target is not a path: its own
+    // type counts, not what it would point to.)
+    for e in std::fs::read_dir(pin_dir)? {
+        let e = e?;
+        if e.file_type()?.is_dir() && !["links", "netns"].iter().any(|s| e.file_name() == *s) {
+            bail!("unexpected directory {} in the pin directory; not removing it", e.path().display());
+        }
+    }
+    let mut removed = Vec::new();
     detach_sk_msg(pin_dir)?;
     for sub in ["links", "netns"] {
         let links = pin_dir.join(sub);
@@ -65,11 +112,16 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     for e in std::fs::read_dir(pin_dir)? {
         let p = e?.path();
-        if p.is_dir() {
-            bail!("unexpected directory {} in the pin directory; not removing it", p.display());
+        // The owner record goes last: until then it names who is removing.
+        if p.file_name().is_some_and(|n| n == OWNER) {
+            continue;
         }
         std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         removed.push(p);
+    }
+    let owner = pin_dir.join(OWNER);
+    if owner.symlink_metadata().is_ok() {
+        std::fs::remove_file(&owner).with_context(|| format!("removing {}", owner.display()))?;
     }
     std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     Ok(removed)

@@ -208,6 +208,13 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut dirty_since: Option<Instant> = None;
     'run: loop {
         agent.rt.metrics.heartbeat();
+        // At every input (a resync tick at least every --resync): pins
+        // removed under the agent (`cleanup --force`) make it exit
+        // non-zero instead of writing maps nothing uses.
+        if let Err(e) = agent.dp.check_pins() {
+            let _ = std::fs::remove_file(&agent.opts.socket);
+            return Err(agent.rt.pins_gone(e));
+        }
         if let Some(since) = dirty_since {
             if agent.synced() {
                 // The pass is synchronous (map writes, netns threads); the

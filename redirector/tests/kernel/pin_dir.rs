@@ -1,0 +1,113 @@
+//! The pin directory, as a user gets it wrong: a second agent or a
+//! cleanup on a running agent's pin directory, pins removed under an
+//! agent.
+use std::process::{Command, Output};
+
+use super::*;
+
+/// `redirector ARGS…`, waited for.
+fn redirector(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Waits (up to 60 s) for the agent to exit by itself; its status.
+fn exit_status(agent: &mut AgentProcess) -> Option<std::process::ExitStatus> {
+    poll_until(|| agent.child.try_wait().unwrap(), |s| s.is_some())
+}
+
+/// A second `run` on a running agent's pin directory is refused, naming
+/// that agent's pid, and changes nothing; `cleanup` is refused too unless
+/// `--force`, and an agent whose pins are removed under it (one link by
+/// hand, then everything by `cleanup --force`) says which pin is gone and
+/// exits non-zero instead of claiming the redirection stays in force.
+#[test]
+fn one_agent_per_pin_dir_and_pins_removed_under_an_agent() {
+    if !require_kernel() {
+        return;
+    }
+    let mut m = Managed::start("o", EXCLUSIONS);
+    let pid = m.agent.child.id();
+    let cookie = redirector::sys::netns::netns_cookie(&m.topo.app.path()).unwrap();
+    let policy = || Maps::open(&m.pins.path).unwrap().workload(cookie).unwrap().map(|w| w.policy_id);
+    let before = policy();
+    assert!(before.is_some());
+
+    // A second agent on the same pin directory (with a config that lists
+    // nothing: it would unprogram the first one's workload).
+    let empty = m.dir.join("empty.yaml");
+    std::fs::write(&empty, "workloads: []\n").unwrap();
+    let (cg, pins) = (m._cgroup.path.clone(), m.pins.path.clone());
+    let out = redirector(&[
+        "run".as_ref(),
+        "--config".as_ref(),
+        empty.as_os_str(),
+        "--cgroup".as_ref(),
+        cg.as_os_str(),
+        "--pin-dir".as_ref(),
+        pins.as_os_str(),
+    ]);
+    let said = text(&out);
+    assert!(!out.status.success(), "second agent ran: {said}");
+    assert!(
+        said.contains(&format!(
+            "pin directory {} is in use by another agent, `redirector run` (pid {pid}, attached to cgroup {}",
+            pins.display(),
+            cg.display()
+        )),
+        "{said}"
+    );
+    assert!(said.contains("give this one its own --pin-dir"), "{said}");
+    assert_eq!(policy(), before, "the refused agent changed the maps");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+
+    // `cleanup` while the agent runs: refused, nothing removed.
+    let out = redirector(&["cleanup".as_ref(), "--pin-dir".as_ref(), pins.as_os_str()]);
+    let said = text(&out);
+    assert!(!out.status.success(), "cleanup ran under a live agent: {said}");
+    assert!(said.contains(&format!("is in use by the running agent, `redirector run` (pid {pid}")), "{said}");
+    assert!(said.contains("pass --force"), "{said}");
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"), "cleanup removed something");
+    assert!(m.agent.child.try_wait().unwrap().is_none(), "the agent exited:\n{}", m.agent.log_text());
+
+    // One link pin removed by hand: the agent names it and exits non-zero.
+    let link = redirector::dataplane::link_pin_path(&pins, redirector_common::prog_names::CONNECT4);
+    std::fs::remove_file(&link).unwrap();
+    let status = exit_status(&mut m.agent);
+    let log = m.agent.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "agent did not exit with an error ({status:?}):\n{log}");
+    assert!(log.contains(&format!("ERROR redirector::agent: pin {} is gone", link.display())), "{log}");
+    assert!(log.contains("redirection is OFF for every workload"), "{log}");
+    assert!(!log.contains("redirection stays in force"), "{log}");
+
+    // A restarted agent attaches and programs everything again.
+    m.agent = AgentProcess::start(bin(), &m.config, &cg, &pins, &m.dir.join("agent2.log")).unwrap();
+    m.agent.wait_ready(bin(), &pins, &m.topo.app.path()).unwrap();
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+
+    // `cleanup --force` under the running agent: done, and the agent
+    // reports the pin directory gone and exits non-zero.
+    let out = redirector(&["cleanup".as_ref(), "--force".as_ref(), "--pin-dir".as_ref(), pins.as_os_str()]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("removed ") && said.contains("(programs detached)"), "{said}");
+    assert!(said.contains("removing its pins anyway (--force)"), "{said}");
+    let status = exit_status(&mut m.agent);
+    let log = m.agent.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "agent did not exit with an error ({status:?}):\n{log}");
+    assert!(log.contains(&format!("ERROR redirector::agent: pin directory {} is gone", pins.display())), "{log}");
+    assert!(!log.contains("redirection stays in force"), "{log}");
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct 192.0.2.10:80"), "{got}");
+
+    // Nothing there any more: said so, exit 0.
+    let out = redirector(&["cleanup".as_ref(), "--pin-dir".as_ref(), pins.as_os_str()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("nothing to clean up: pin directory {} does not exist", pins.display())
+    );
+}
