@@ -150,8 +150,9 @@ pub(crate) enum Cmd {
     Cleanup {
         #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Accepted for symmetry with `run`; links are found through their pins.
-        #[arg(long)]
+        /// Refused with the reason: cleanup finds the programs through the
+        /// links pinned in --pin-dir, whatever cgroup they attach to.
+        #[arg(long, hide = true)]
         cgroup: Option<PathBuf>,
         /// Remove the pins even while an agent holds the pin directory (it
         /// then finds them gone and exits with an error).

@@ -82,7 +82,16 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cleanup { pin_dir, cgroup: _, force, wait } => {
+        Cmd::Cleanup { pin_dir, cgroup, force, wait } => {
+            if let Some(cg) = cgroup {
+                bail!(
+                    "option --cgroup: value {}: cleanup takes no cgroup: it detaches the programs through the links \
+                     pinned in --pin-dir ({}), whatever cgroup they are attached to; give the --pin-dir of the agent \
+                     to remove",
+                    cg.display(),
+                    pin_dir.display()
+                );
+            }
             if pin_dir.symlink_metadata().is_err() {
                 // Not there, or not visible from here (no bpffs): say which.
                 mounts::require_bpffs(&pin_dir, mounts::PinUse::Existing)?;

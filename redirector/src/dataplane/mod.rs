@@ -55,7 +55,7 @@ use self::{
     attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
     maps::open_pinned,
     object::{ebpf_object, loader},
-    pins::check_pinned_capacities,
+    pins::{check_pinned_capacities, remove_pins},
 };
 pub use crate::error::MapFull;
 use crate::{error::PinnedLayout, sys::mounts};
@@ -100,13 +100,32 @@ impl Dataplane {
     /// pinned links, and replaces links left by a previous agent only after
     /// the new ones are attached (never a moment with nothing attached).
     ///
-    /// Refused before anything is pinned when another agent holds the pin
-    /// directory ([`PinDirInUse`]); the lock is held until the data plane
-    /// is dropped.
+    /// Refused before anything is pinned when `cgroup` is not a cgroup-v2
+    /// directory, when the pin directory is not on bpffs, and when another
+    /// agent holds the pin directory ([`PinDirInUse`]). The lock is held
+    /// until the data plane is dropped. A start that fails after pinning
+    /// into a pin directory that held no maps removes what it pinned.
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
         let object = ebpf_object()?;
+        crate::sys::cgroup::require_cgroup2_dir(cgroup)?;
         mounts::prepare_pin_dir(pin_dir)?;
         let lock = PinLock::acquire(pin_dir, &Owner::agent(cgroup), Wanted::Run)?;
+        let fresh = !pin_dir.join(map_names::META).exists();
+        match Self::load_locked(pin_dir, cgroup, object, lock) {
+            Ok(dp) => Ok(dp),
+            Err(e) if fresh => match remove_pins(pin_dir) {
+                Ok(removed) => Err(e.context(format!(
+                    "nothing left behind: the {} pins this start made in {} are removed",
+                    removed.len(),
+                    pin_dir.display()
+                ))),
+                Err(r) => Err(e.context(format!("removing what this start pinned in {}: {r:#}", pin_dir.display()))),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_locked(pin_dir: &Path, cgroup: &Path, object: &[u8], lock: PinLock) -> Result<Self> {
         if pin_dir.join(map_names::META).exists() {
             // Refuse before anything is changed if the pinned layout differs
             // (0 means a previous agent died before it stamped the maps).

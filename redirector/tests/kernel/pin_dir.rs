@@ -1,6 +1,6 @@
-//! The pin directory, as a user gets it wrong: a second agent or a
-//! cleanup on a running agent's pin directory, pins removed under an
-//! agent.
+//! The pin directory and the attach cgroup, as a user gets them wrong: a
+//! second agent or a cleanup on a running agent's pin directory, pins
+//! removed under an agent, a plain directory as `--cgroup`.
 use std::process::{Command, Output};
 
 use super::*;
@@ -110,4 +110,47 @@ fn one_agent_per_pin_dir_and_pins_removed_under_an_agent() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("nothing to clean up: pin directory {} does not exist", pins.display())
     );
+}
+
+/// `--cgroup` naming a plain directory is refused before anything is
+/// pinned; `cleanup --cgroup` is refused with the reason.
+#[test]
+fn a_plain_directory_as_cgroup_is_refused_before_pinning() {
+    if !require_kernel() {
+        return;
+    }
+    let dir = tmpdir("c");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, "workloads: []\n").unwrap();
+    let pins = PinDir::new().unwrap();
+    let out = redirector(&[
+        "run".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--cgroup".as_ref(),
+        dir.as_os_str(),
+        "--pin-dir".as_ref(),
+        pins.path.as_os_str(),
+    ]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("option --cgroup: value {}: not a cgroup-v2 directory (it is on ", dir.display())),
+        "{said}"
+    );
+    assert!(said.contains("nothing was loaded or pinned"), "{said}");
+    assert!(!said.contains("Bad file descriptor"), "{said}");
+    assert!(pins.path.symlink_metadata().is_err(), "pins left behind in {}", pins.path.display());
+
+    let out = redirector(&[
+        "cleanup".as_ref(),
+        "--cgroup".as_ref(),
+        dir.as_os_str(),
+        "--pin-dir".as_ref(),
+        pins.path.as_os_str(),
+    ]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("option --cgroup") && said.contains("cleanup takes no cgroup"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
