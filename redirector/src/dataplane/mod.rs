@@ -19,9 +19,12 @@
 //! - `maps`: typed reads and the generational writes of the maps;
 //! - `pins`: the pin layout, capacities, readiness, cleanup;
 //! - `lock`: one agent per pin directory (the lock, the owner record);
+//! - `cgroup`: the cgroup the links attach to, other sets of programs on
+//!   it;
 //! - `fullmap`: full maps the data path ran into (its counters);
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
+mod cgroup;
 mod fullmap;
 mod lock;
 mod maps;
@@ -45,6 +48,7 @@ use redirector_policy::{map_entries, MapEntries, Policy};
 
 pub use self::{
     attach::refuse_unavailable_acceleration,
+    cgroup::other_program_sets,
     fullmap::FullMapWatch,
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,
@@ -103,13 +107,18 @@ impl Dataplane {
     /// Refused before anything is pinned when `cgroup` is not a cgroup-v2
     /// directory, when the pin directory is not on bpffs, and when another
     /// agent holds the pin directory ([`PinDirInUse`]). The lock is held
-    /// until the data plane is dropped. A start that fails after pinning
-    /// into a pin directory that held no maps removes what it pinned.
+    /// until the data plane is dropped. Warns about other sets of
+    /// redirector programs already running for `cgroup`'s processes. A
+    /// start that fails after pinning into a pin directory that held no
+    /// maps removes what it pinned.
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
         let object = ebpf_object()?;
         crate::sys::cgroup::require_cgroup2_dir(cgroup)?;
         mounts::prepare_pin_dir(pin_dir)?;
         let lock = PinLock::acquire(pin_dir, &Owner::agent(cgroup), Wanted::Run)?;
+        for w in other_program_sets(cgroup, pin_dir) {
+            log::warn!("{w}");
+        }
         let fresh = !pin_dir.join(map_names::META).exists();
         match Self::load_locked(pin_dir, cgroup, object, lock) {
             Ok(dp) => Ok(dp),

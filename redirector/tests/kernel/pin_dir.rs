@@ -1,6 +1,7 @@
 //! The pin directory and the attach cgroup, as a user gets them wrong: a
 //! second agent or a cleanup on a running agent's pin directory, pins
-//! removed under an agent, a plain directory as `--cgroup`.
+//! removed under an agent, a second pin directory on the same cgroup, a
+//! plain directory as `--cgroup`.
 use std::process::{Command, Output};
 
 use super::*;
@@ -110,6 +111,35 @@ fn one_agent_per_pin_dir_and_pins_removed_under_an_agent() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("nothing to clean up: pin directory {} does not exist", pins.display())
     );
+}
+
+/// A second pin directory on the same cgroup: the second agent warns,
+/// naming the first one's pin directory (its programs would stack).
+#[test]
+fn a_second_pin_dir_on_the_same_cgroup_is_named() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("s", EXCLUSIONS);
+    let other = PinDir::new().unwrap();
+    let empty = m.dir.join("empty.yaml");
+    std::fs::write(&empty, "workloads: []\n").unwrap();
+    let mut second =
+        AgentProcess::start(bin(), &empty, &m._cgroup.path, &other.path, &m.dir.join("second.log")).unwrap();
+    let warned = format!("already run for its processes through the links pinned in {}", m.pins.path.display());
+    let log = poll_until(|| second.log_text(), |l| l.contains("attached to cgroup"));
+    assert!(log.contains("WARN") && log.contains(&warned), "no warning naming {}:\n{log}", m.pins.path.display());
+    assert!(log.contains("(attached to this cgroup; its owner record: `redirector run` (pid "), "{log}");
+    assert!(log.contains(&format!("`redirector cleanup --pin-dir {}`", m.pins.path.display())), "{log}");
+    second.stop();
+    drop(other);
+    // The first agent's own restart does not count its own links.
+    let mut m = m;
+    m.agent.stop();
+    m.agent = AgentProcess::start(bin(), &m.config, &m._cgroup.path, &m.pins.path, &m.dir.join("again.log")).unwrap();
+    m.agent.wait_ready(bin(), &m.pins.path, &m.topo.app.path()).unwrap();
+    let log = m.agent.log_text();
+    assert!(!log.contains("already run for its processes"), "{log}");
 }
 
 /// `--cgroup` naming a plain directory is refused before anything is
