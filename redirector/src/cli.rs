@@ -130,6 +130,11 @@ pub(crate) enum Cmd {
         pin_dir: PathBuf,
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Do not require this process to be inside the cgroup the agent
+        /// attached its programs to (only processes there are redirected):
+        /// for waiting on a workload that is started elsewhere, inside it.
+        #[arg(long, conflicts_with = "agent_socket")]
+        no_cgroup_check: bool,
         /// Kubernetes mode: ask the node agent over this unix socket (it
         /// takes the namespace from this process) instead of reading the
         /// pinned maps.

@@ -69,8 +69,8 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("ready: {msg}");
             Ok(())
         }
-        Cmd::WaitReady { netns: ns, pin_dir, timeout, .. } => {
-            println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout)?);
+        Cmd::WaitReady { netns: ns, pin_dir, timeout, no_cgroup_check, .. } => {
+            println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout, !no_cgroup_check)?);
             Ok(())
         }
         Cmd::Inspect { json, pin_dir } => {

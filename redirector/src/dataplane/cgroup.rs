@@ -1,7 +1,8 @@
-//! The cgroup the pinned programs serve, from the kernel's own records
-//! (`BPF_PROG_QUERY` on the cgroup, `BPF_OBJ_GET_INFO_BY_FD` on the pinned
-//! links): other sets of redirector programs that already run for the
-//! same processes (a second pin directory on the cgroup).
+//! The cgroup the pinned programs serve, from the kernel's own records:
+//! which cgroup a pin directory's links attach to (`BPF_OBJ_GET_INFO_BY_FD`
+//! on the pinned link), whether the calling process is inside it (the
+//! standalone gate), and other sets of redirector programs that already
+//! run for the same processes (a second pin directory on the cgroup).
 //!
 //! cgroup programs run for the sockets of processes in the cgroup they are
 //! attached to and in its descendants: a process of a workload's network
@@ -13,8 +14,98 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use anyhow::{bail, Context as _, Result};
+use redirector_common::prog_names;
+
 use super::{lock::read_owner, object::PROGRAMS, pins::link_pin_path};
-use crate::sys::{bpf, mounts};
+use crate::sys::{
+    bpf::{self, AttachType},
+    cgroup::{ancestry_contains, own_cgroup_dir, ROOT_CGROUP_ID},
+    mounts,
+};
+
+/// Where the connect4 link pinned in a pin directory attaches its program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachedTo {
+    pub cgroup_id: u64,
+    pub prog_id: u32,
+}
+
+/// The cgroup of the connect4 link pinned in `pin_dir` (the program that
+/// redirects), and its program.
+pub fn attached_to(pin_dir: &Path) -> Result<AttachedTo> {
+    let pin = link_pin_path(pin_dir, prog_names::CONNECT4);
+    let link = bpf::obj_get(&pin)?;
+    let info = bpf::link_info(link.as_fd()).with_context(|| format!("reading link {}", pin.display()))?;
+    match info.cgroup {
+        Some((cgroup_id, _)) => Ok(AttachedTo { cgroup_id, prog_id: info.prog_id }),
+        None => bail!("{}: not a cgroup link", pin.display()),
+    }
+}
+
+/// The attach cgroup for messages: the agent's own name for it (from the
+/// owner record, when that names this very cgroup) and its id.
+fn name_of(pin_dir: &Path, cgroup_id: u64) -> String {
+    match read_owner(pin_dir).filter(|o| o.cgroup_id == Some(cgroup_id)).and_then(|o| o.cgroup) {
+        Some(path) => format!("{} (cgroup id {cgroup_id})", path.display()),
+        None => format!("cgroup id {cgroup_id}"),
+    }
+}
+
+/// Fails unless this process is in the cgroup the programs pinned in
+/// `pin_dir` are attached to, or below it. Asked of the kernel where it
+/// can be (the programs in effect for this process's cgroup, ancestors'
+/// included: `BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE`, which needs
+/// `CAP_NET_ADMIN`), else by walking up from this process's cgroup
+/// directory.
+pub fn check_caller_inside(pin_dir: &Path) -> Result<()> {
+    let first = attached_to(pin_dir)?;
+    if first.cgroup_id == ROOT_CGROUP_ID {
+        return Ok(()); // every process is below the root
+    }
+    let attach = name_of(pin_dir, first.cgroup_id);
+    let (rel, dir) =
+        own_cgroup_dir().with_context(|| format!("checking that this process is inside the attach cgroup {attach}"))?;
+    // The kernel's answer: is connect4 among the programs in effect for
+    // this cgroup. An agent restarting meanwhile replaces the link and
+    // its program, so a "no" is asked again with the link read anew.
+    let mut inside = None;
+    if let Ok(f) = File::open(&dir) {
+        let mut at = first;
+        for _ in 0..3 {
+            inside = bpf::effective_ids(f.as_fd(), AttachType::Inet4Connect).ok().map(|ids| ids.contains(&at.prog_id));
+            if inside != Some(false) {
+                break;
+            }
+            let now = attached_to(pin_dir)?;
+            if now == at {
+                break;
+            }
+            at = now;
+        }
+    }
+    let inside = match inside {
+        Some(b) => b,
+        None => match ancestry_contains(&dir, first.cgroup_id)? {
+            Some(b) => b,
+            None => bail!(
+                "cannot tell whether this process (cgroup {rel}) is inside the attach cgroup {attach}: the \
+                 programs in effect for its cgroup cannot be listed here (needs CAP_NET_ADMIN) and the attach \
+                 cgroup is above the cgroup2 mount this process sees"
+            ),
+        },
+    };
+    if !inside {
+        bail!(
+            "this process (pid {}, cgroup {rel}) is outside the cgroup the agent attached its programs to, {attach}: \
+             only processes in that cgroup or below it are redirected, so what starts from here would reach the \
+             network around the proxy; run the gate and the workload inside that cgroup, or run the agent with a \
+             --cgroup that contains them (`--no-cgroup-check` waits for a workload started elsewhere)",
+            std::process::id()
+        );
+    }
+    Ok(())
+}
 
 /// The name the kernel keeps for a program (`BPF_OBJ_NAME_LEN` is 16,
 /// NUL included: `rdr_getpeername4` is `rdr_getpeername`).
@@ -141,8 +232,6 @@ pub fn other_program_sets(cgroup: &Path, pin_dir: &Path) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use redirector_common::prog_names;
-
     use super::*;
 
     #[test]

@@ -19,8 +19,8 @@
 //! - `maps`: typed reads and the generational writes of the maps;
 //! - `pins`: the pin layout, capacities, readiness, cleanup;
 //! - `lock`: one agent per pin directory (the lock, the owner record);
-//! - `cgroup`: the cgroup the links attach to, other sets of programs on
-//!   it;
+//! - `cgroup`: the cgroup the links attach to, whether the caller is in
+//!   it, other sets of programs on it;
 //! - `fullmap`: full maps the data path ran into (its counters);
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
@@ -48,7 +48,7 @@ use redirector_policy::{map_entries, MapEntries, Policy};
 
 pub use self::{
     attach::refuse_unavailable_acceleration,
-    cgroup::other_program_sets,
+    cgroup::{attached_to, check_caller_inside, other_program_sets, AttachedTo},
     fullmap::FullMapWatch,
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,

@@ -19,7 +19,10 @@ use super::{
 };
 use crate::{
     error::PinnedLayout,
-    sys::bpf::{self, AttachType},
+    sys::{
+        bpf::{self, AttachType},
+        mounts::{self, PinUse},
+    },
 };
 
 /// Pin of the `sk_lookup` link of the workload with netns `cookie`.
@@ -144,9 +147,15 @@ pub const CAPACITIES: [(&str, u32); 6] = [
 /// The init-container gate of the standalone agent (`redirector wait-ready`):
 /// waits until the workload in namespace `ns` (default: this process's) is
 /// programmed, its programs attached and, if it has inbound redirection, its
-/// sk_lookup link pinned; returns the line to print. Fails closed on
-/// timeout, naming what is missing.
-pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Result<String> {
+/// sk_lookup link pinned, then, with `check_caller`, checks that this
+/// process is inside the cgroup the programs are attached to (what it
+/// starts next inherits its cgroup, and only processes in that cgroup's
+/// subtree are redirected); returns the line to print. Fails closed on
+/// timeout, naming what is missing, and at once when the pins cannot be
+/// seen from here (no bpffs) or this process is outside the attach cgroup:
+/// neither clears by waiting.
+pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration, check_caller: bool) -> Result<String> {
+    mounts::require_bpffs(pin_dir, PinUse::Existing)?;
     let (cookie, shown) = match &ns {
         Some(p) => (crate::sys::netns::netns_cookie(p)?, p.display().to_string()),
         None => (crate::sys::netns::current_netns_cookie()?, "this process's network namespace".to_string()),
@@ -162,6 +171,9 @@ pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Resul
                 let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
                     && !netns_link_pin_path(pin_dir, cookie).exists();
                 if missing.is_empty() && !inbound_missing {
+                    if check_caller {
+                        super::cgroup::check_caller_inside(pin_dir)?;
+                    }
                     return Ok(format!(
                         "ready: {shown} (netns cookie {cookie}) is programmed with policy #{}",
                         w.policy_id

@@ -1,7 +1,8 @@
 //! The pin directory and the attach cgroup, as a user gets them wrong: a
 //! second agent or a cleanup on a running agent's pin directory, pins
 //! removed under an agent, a second pin directory on the same cgroup, a
-//! plain directory as `--cgroup`.
+//! plain directory as `--cgroup`, `wait-ready` under `ip netns exec` and
+//! from outside the attach cgroup.
 use std::process::{Command, Output};
 
 use super::*;
@@ -183,4 +184,134 @@ fn a_plain_directory_as_cgroup_is_refused_before_pinning() {
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("option --cgroup") && said.contains("cleanup takes no cgroup"), "{said}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ip netns exec` mounts a new sysfs on /sys, without the bpf file
+/// system: `wait-ready` there says so at once (and how to run it
+/// instead); `nsenter --net`, which leaves the mounts alone, works.
+#[test]
+fn wait_ready_under_ip_netns_exec_names_the_missing_bpffs() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("n", EXCLUSIONS);
+    let started = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &m.topo.app.name])
+        .arg(bin())
+        .args(["wait-ready", "--timeout", "20s", "--pin-dir"])
+        .arg(&m.pins.path)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(10), "waited for the timeout: {said}");
+    assert!(said.contains("/sys/fs/bpf is on sysfs (f_type 0x62656572), not on a bpf file system"), "{said}");
+    assert!(said.contains("ip netns exec") && said.contains("nsenter --net="), "{said}");
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", m.topo.app.path().display()))
+        .arg(bin())
+        .args(["wait-ready", "--timeout", "20s", "--pin-dir"])
+        .arg(&m.pins.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is programmed with policy"), "{}", text(&out));
+}
+
+/// Only processes inside the attach cgroup are redirected: a process of
+/// the workload's namespace outside it goes direct. `wait-ready` from
+/// outside fails saying so (the workload it gates would start there);
+/// from inside it passes.
+#[test]
+fn wait_ready_outside_the_attach_cgroup_fails() {
+    if !require_kernel() {
+        return;
+    }
+    let topo = Topology::new("q").unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let attach = cgroup.path.join("attach");
+    std::fs::create_dir_all(&attach).unwrap();
+    let _attach_dir = Rmdir(attach.clone());
+    let pins = PinDir::new().unwrap();
+    // A socket belongs to the cgroup of the process that created it: the
+    // proxy's listener is made inside the attach cgroup, as a pod's is.
+    let _proxy = in_cgroup(&attach, &cgroup.path, || {
+        Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap()
+    });
+    let dir = tmpdir("q");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
+    let mut agent = AgentProcess::start(bin(), &config, &attach, &pins.path, &dir.join("agent.log")).unwrap();
+    // This process (and what it starts) is in the test cgroup, the attach
+    // cgroup's parent: outside it.
+    let gate = || {
+        Command::new(bin())
+            .args(["wait-ready", "--timeout", "60s", "--netns"])
+            .arg(topo.app.path())
+            .arg("--pin-dir")
+            .arg(&pins.path)
+            .output()
+            .unwrap()
+    };
+    let out = gate();
+    let said = text(&out);
+    assert!(!out.status.success(), "the gate opened outside the attach cgroup: {said}\n{}", agent.log_text());
+    let id = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&attach).unwrap().ino()
+    };
+    assert!(
+        said.contains(&format!(
+            "is outside the cgroup the agent attached its programs to, {} (cgroup id {id})",
+            attach.display()
+        )),
+        "{said}"
+    );
+    assert!(said.contains("only processes in that cgroup or below it are redirected"), "{said}");
+    // Asked on behalf of a workload started elsewhere: programmed.
+    let out = Command::new(bin())
+        .args(["wait-ready", "--no-cgroup-check", "--timeout", "60s", "--netns"])
+        .arg(topo.app.path())
+        .arg("--pin-dir")
+        .arg(&pins.path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // And that is so: from here, the workload's namespace goes direct.
+    let probe = || testkit::probe(&topo.app.path(), 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
+    let outside = probe();
+    assert!(outside.starts_with("direct 192.0.2.10:80"), "{outside}");
+
+    // Inside the attach cgroup (as the workload a gate starts would be):
+    // the gate opens, and the same connection goes to the proxy.
+    let (out, inside) = in_cgroup(&attach, &cgroup.path, || (gate(), probe()));
+    assert!(out.status.success(), "{}\n{}", text(&out), agent.log_text());
+    assert!(inside.starts_with("proxy 192.0.2.10:80"), "{inside}");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Removes a test's cgroup directory on drop.
+struct Rmdir(PathBuf);
+
+impl Drop for Rmdir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs `f` with this whole (single-threaded test) process moved into
+/// `cgroup`; moved back to `home` after, also if `f` panics.
+fn in_cgroup<T>(cgroup: &Path, home: &Path, f: impl FnOnce() -> T) -> T {
+    struct Back<'a>(&'a Path);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0.join("cgroup.procs"), std::process::id().to_string());
+        }
+    }
+    std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    let _back = Back(home);
+    f()
 }

@@ -173,7 +173,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             opts.cgroup.display()
         ),
     }
-    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), reg_tx));
+    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), opts.cgroup.clone(), reg_tx));
 
     let (mut streams, meshconfig_wanted) = Streams::open(&client, &opts, reg_rx, signals).await;
     let mut meshconfig = Watched::new();
