@@ -696,13 +696,25 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until `redirector wait-ready` would succeed for `netns`.
+    /// Waits until `redirector wait-ready` succeeds for `netns`, run from
+    /// this process's cgroup (which must be inside the agent's).
     pub fn wait_ready(&self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
+        self.wait_ready_with(bin, pin_dir, netns, &[])
+    }
+
+    /// Like [`AgentProcess::wait_ready`] from outside the agent's cgroup
+    /// (`--no-cgroup-check`): the workload is programmed, whoever asks.
+    pub fn wait_programmed(&self, bin: &Path, pin_dir: &Path, netns: &Path) -> Result<()> {
+        self.wait_ready_with(bin, pin_dir, netns, &["--no-cgroup-check"])
+    }
+
+    fn wait_ready_with(&self, bin: &Path, pin_dir: &Path, netns: &Path, extra: &[&str]) -> Result<()> {
         let out = Command::new(bin)
             .args(["wait-ready", "--timeout", "60s", "--netns"])
             .arg(netns)
             .arg("--pin-dir")
             .arg(pin_dir)
+            .args(extra)
             .output()?;
         if !out.status.success() {
             bail!("wait-ready failed: {}\nagent log:\n{}", String::from_utf8_lossy(&out.stderr), self.log_text());
@@ -751,7 +763,8 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = redirector::dataplane::cleanup(&self.path);
+        // Forced: a test that failed may have left its agent running.
+        let _ = redirector::dataplane::cleanup_force(&self.path);
     }
 }
 

@@ -212,6 +212,11 @@ pub(crate) enum Cmd {
         pin_dir: PathBuf,
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Do not require this process to be inside the cgroup the agent
+        /// attached its programs to (only processes there are redirected):
+        /// for waiting on a workload that is started elsewhere, inside it.
+        #[arg(long, conflicts_with = "agent_socket")]
+        no_cgroup_check: bool,
         /// Kubernetes mode: ask the node agent over this unix socket (it
         /// takes the namespace from this process) instead of reading the
         /// pinned maps.
@@ -232,9 +237,14 @@ pub(crate) enum Cmd {
     Cleanup {
         #[arg(long, default_value = mounts::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
-        /// Accepted for symmetry with `run`; links are found through their pins.
-        #[arg(long)]
+        /// Refused with the reason: cleanup finds the programs through the
+        /// links pinned in --pin-dir, whatever cgroup they attach to.
+        #[arg(long, hide = true)]
         cgroup: Option<PathBuf>,
+        /// Remove the pins even while an agent holds the pin directory (it
+        /// then finds them gone and exits with an error).
+        #[arg(long)]
+        force: bool,
         /// After cleaning up, stay running until SIGTERM (the uninstall
         /// DaemonSet's container, so `kubectl rollout status` reports every
         /// node done); a failed cleanup still exits non-zero at once.

@@ -89,8 +89,8 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("ready: {msg}");
             Ok(())
         }
-        Cmd::WaitReady { netns: ns, pin_dir, timeout, .. } => {
-            println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout)?);
+        Cmd::WaitReady { netns: ns, pin_dir, timeout, no_cgroup_check, .. } => {
+            println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout, !no_cgroup_check)?);
             Ok(())
         }
         Cmd::Inspect { json, pin_dir } => {
@@ -102,9 +102,25 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Cleanup { pin_dir, cgroup: _, wait } => {
-            let removed = dataplane::cleanup(&pin_dir)?;
-            println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+        Cmd::Cleanup { pin_dir, cgroup, force, wait } => {
+            if let Some(cg) = cgroup {
+                bail!(
+                    "option --cgroup: value {}: cleanup takes no cgroup: it detaches the programs through the links \
+                     pinned in --pin-dir ({}), whatever cgroup they are attached to; give the --pin-dir of the agent \
+                     to remove",
+                    cg.display(),
+                    pin_dir.display()
+                );
+            }
+            if pin_dir.symlink_metadata().is_err() {
+                // Not there, or not visible from here (no bpffs): say which.
+                mounts::require_bpffs(&pin_dir, mounts::PinUse::Existing)?;
+                println!("nothing to clean up: pin directory {} does not exist", pin_dir.display());
+            } else {
+                mounts::require_bpffs(&pin_dir, mounts::PinUse::Existing)?;
+                let removed = if force { dataplane::cleanup_force(&pin_dir)? } else { dataplane::cleanup(&pin_dir)? };
+                println!("removed {} pins under {} (programs detached)", removed.len(), pin_dir.display());
+            }
             if wait {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 rt.block_on(async {

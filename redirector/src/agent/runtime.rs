@@ -101,6 +101,21 @@ impl Runtime {
         !problems.is_empty()
     }
 
+    /// An agent whose pins were removed while it ran
+    /// ([`crate::dataplane::Dataplane::check_pins`]'s error): the error
+    /// line naming the missing pins, `redirector_errors_total{reason="pins_gone"}`,
+    /// not ready, and the error it exits with (non-zero, and without the
+    /// exit notice, which would claim the redirection stays in force).
+    pub fn pins_gone(&self, e: anyhow::Error) -> anyhow::Error {
+        error!(target: self.target, "{e:#}");
+        self.metrics.error("pins_gone");
+        self.metrics.set_ready(Some(format!("the pins in {} are gone", self.pin_dir.display())));
+        anyhow::anyhow!(
+            "exiting: this agent's pins in {} are gone and redirection is off (see the error above)",
+            self.pin_dir.display()
+        )
+    }
+
     /// The last line of an agent that exits on SIGTERM/SIGINT: programs stay
     /// attached (their links are pinned) and the maps stay as they are.
     pub fn exit_notice(&self) {

@@ -104,6 +104,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             },
             _ = tick.tick() => false,
         };
+        // Every tick: pins removed under the agent (`cleanup --force`)
+        // make it exit non-zero instead of writing maps nothing uses.
+        if let Err(e) = dp.check_pins() {
+            return Err(rt.pins_gone(e));
+        }
         dp.drain_retired();
         if rt.check_full_maps(&dp.maps) && !retry.due() {
             // A listener the data path could not register is registered

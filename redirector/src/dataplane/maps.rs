@@ -42,7 +42,10 @@ pub(super) fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
 
 impl Maps {
     /// Opens the maps an agent pinned (for `inspect`, `wait-ready`, tests).
+    /// A pin directory that is not on bpffs here (e.g. under `ip netns
+    /// exec`, which hides /sys/fs/bpf) is refused saying so.
     pub fn open(pin_dir: &Path) -> Result<Self> {
+        crate::sys::mounts::require_bpffs(pin_dir, crate::sys::mounts::PinUse::Existing)?;
         let maps = Self::from_source(|name| open_pinned(pin_dir, name))?;
         maps.check_layout()?;
         Ok(maps)

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use redirector_common::{map_names, prog_names};
 
-use super::pins::cleanup;
+use super::pins::remove_pins;
 use crate::sys::bpf;
 
 const RETIRED_PREFIX: &str = "retired-v";
@@ -126,7 +126,7 @@ pub(super) fn progress(pin_dir: &Path) -> Vec<Result<String>> {
             continue;
         }
         out.push(
-            cleanup(&dir)
+            remove_pins(&dir)
                 .map(|removed| {
                     format!(
                         "layout {version} retired: no connection it redirected is open; {} pins removed, its programs \

@@ -6,6 +6,9 @@
 //! the program stays attached, with or without a running agent.
 //! `<pin>/netns/<cookie>` — one `sk_lookup` link per workload network
 //! namespace (inbound redirection).
+//! `<pin>/owner` — a symlink whose target is the owner record (JSON: the
+//! agent's pid, its cgroup, its start); the agent holds an exclusive
+//! `flock` on `<pin>` itself while it runs (one agent per pin directory).
 //! The `sk_msg` program (sockmap acceleration) has no pin of its own: it is
 //! attached to the pinned `RDR_ACCEL_SOCKS` map and lives as long as that
 //! map; each agent's attach replaces the previous agent's program.
@@ -15,13 +18,18 @@
 //! - `attach`: cgroup links, per-namespace `sk_lookup` links, `sk_msg`;
 //! - `maps`: typed reads and the generational writes of the maps;
 //! - `pins`: the pin layout, capacities, readiness, cleanup;
+//! - `lock`: one agent per pin directory (the lock, the owner record);
+//! - `cgroup`: the cgroup the links attach to, whether the caller is in
+//!   it, other sets of programs on it;
 //! - `fullmap`: full maps the data path ran into (its counters);
 //! - `migrate`: carrying pinned state of an older map layout across an
 //!   upgrade (`<pin>/retired-v<N>/` while it drains);
 //! - `node`: the node's own network namespace, never programmed;
 //! - here: [`Dataplane`], one apply pass over all of them.
 mod attach;
+mod cgroup;
 mod fullmap;
+mod lock;
 mod maps;
 mod migrate;
 mod node;
@@ -45,19 +53,21 @@ use redirector_policy::{map_entries, MapEntries, Policy};
 
 pub use self::{
     attach::refuse_unavailable_acceleration,
+    cgroup::{attached_to, check_caller_inside, other_program_sets, AttachedTo},
     fullmap::FullMapWatch,
+    lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,
     migrate::{retired_connect_attached, retired_sets},
     node::{NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
-    pins::{cleanup, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
+    pins::{cleanup, cleanup_force, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
 use self::{
     attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
     maps::open_pinned,
     node::{refuse_node_namespace, resolve as resolve_node_netns},
     object::{ebpf_object, loader},
-    pins::check_pinned_capacities,
+    pins::{check_pinned_capacities, remove_pins},
 };
 pub use crate::error::MapFull;
 use crate::{error::PinnedLayout, sys::mounts};
@@ -94,6 +104,8 @@ pub struct Dataplane {
     migration_wait_reported: bool,
     /// This layout's maps hold every workload: older layouts may retire.
     older_layouts_may_retire: bool,
+    /// The pin directory's lock, held as long as this data plane lives.
+    lock: PinLock,
     _ebpf: Ebpf,
 }
 
@@ -109,6 +121,14 @@ impl Dataplane {
     /// the new ones are attached (never a moment with nothing attached).
     /// The node's network namespace, which it never programs, is PID 1's
     /// ([`NODE_NETNS`]), or the agent's own where PID 1's cannot be read.
+    ///
+    /// Refused before anything is pinned when `cgroup` is not a cgroup-v2
+    /// directory, when the pin directory is not on bpffs, and when another
+    /// agent holds the pin directory ([`PinDirInUse`]). The lock is held
+    /// until the data plane is dropped. Warns about other sets of
+    /// redirector programs already running for `cgroup`'s processes. A
+    /// start that fails after pinning into a pin directory that held no
+    /// maps removes what it pinned.
     pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
         Self::load_on_node(pin_dir, cgroup, &NodeNetns::Pid1OrOwn)
     }
@@ -119,7 +139,34 @@ impl Dataplane {
         // Before anything is changed: without it the invariant cannot hold.
         let (node_cookie, node_netns) = resolve_node_netns(node)?;
         let object = ebpf_object()?;
+        crate::sys::cgroup::require_cgroup2_dir(cgroup)?;
         mounts::prepare_pin_dir(pin_dir)?;
+        let lock = PinLock::acquire(pin_dir, &Owner::agent(cgroup), Wanted::Run)?;
+        for w in other_program_sets(cgroup, pin_dir) {
+            log::warn!("{w}");
+        }
+        let fresh = !pin_dir.join(map_names::META).exists();
+        match Self::load_locked(pin_dir, cgroup, object, lock, (node_cookie, node_netns)) {
+            Ok(dp) => Ok(dp),
+            Err(e) if fresh => match remove_pins(pin_dir) {
+                Ok(removed) => Err(e.context(format!(
+                    "nothing left behind: the {} pins this start made in {} are removed",
+                    removed.len(),
+                    pin_dir.display()
+                ))),
+                Err(r) => Err(e.context(format!("removing what this start pinned in {}: {r:#}", pin_dir.display()))),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_locked(
+        pin_dir: &Path,
+        cgroup: &Path,
+        object: &[u8],
+        lock: PinLock,
+        (node_cookie, node_netns): (u64, String),
+    ) -> Result<Self> {
         if pin_dir.join(map_names::META).exists() {
             // Refuse before anything is changed if the pinned layout differs
             // (0 means a previous agent died before it stamped the maps).
@@ -174,8 +221,41 @@ impl Dataplane {
             last_full_sweep: None,
             migration_wait_reported: false,
             older_layouts_may_retire: false,
+            lock,
             _ebpf: ebpf,
         })
+    }
+
+    /// Checks that this agent's pins are still there: the pin directory
+    /// (the very one it locked), every map and every cgroup link. When one
+    /// was removed while the agent runs (`redirector cleanup --force`, or
+    /// by hand), its programs are detached and the maps it writes no
+    /// longer in force: an error naming every missing pin. The agents exit
+    /// on it (non-zero), rather than going on reporting workloads
+    /// programmed; a restarted agent attaches and programs them anew.
+    pub fn check_pins(&self) -> Result<()> {
+        let gone = |what: String| {
+            anyhow::anyhow!(
+                "{what}: removed while this agent runs (by `redirector cleanup --force`, or by hand), so its \
+                 programs are detached and redirection is OFF for every workload; exiting instead of reporting \
+                 workloads programmed (start the agent again to attach and program them)"
+            )
+        };
+        if let Err(e) = self.lock.still_held() {
+            return Err(gone(format!("{e:#}")));
+        }
+        let missing: Vec<String> = map_names::PINNED
+            .iter()
+            .map(|m| self.pin_dir.join(m))
+            .chain(PROGRAMS.iter().map(|(p, _)| link_pin_path(&self.pin_dir, p)))
+            .filter(|p| p.symlink_metadata().is_err())
+            .map(|p| p.display().to_string())
+            .collect();
+        match missing.as_slice() {
+            [] => Ok(()),
+            [one] => Err(gone(format!("pin {one} is gone"))),
+            many => Err(gone(format!("pins {} are gone", many.join(", ")))),
+        }
     }
 
     /// Makes the maps hold exactly `desired` (plus the workloads in `keep`,

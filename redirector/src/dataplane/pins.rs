@@ -12,10 +12,17 @@ use redirector_common::{
     MAX_WORKLOADS,
 };
 
-use super::{object::PROGRAMS, Maps};
+use super::{
+    lock::{Owner, PinDirInUse, PinLock, Wanted, OWNER},
+    object::PROGRAMS,
+    Maps,
+};
 use crate::{
     error::PinnedLayout,
-    sys::bpf::{self, AttachType},
+    sys::{
+        bpf::{self, AttachType},
+        mounts::{self, PinUse},
+    },
 };
 
 /// Pin of the `sk_lookup` link of the workload with netns `cookie`.
@@ -45,12 +52,56 @@ pub(super) fn check_pinned_capacities(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Detaches and unpins everything under `pin_dir`. Returns what it removed.
+/// Detaches and unpins everything under `pin_dir`, returning what it
+/// removed (nothing if it does not exist). Refused, with a
+/// [`PinDirInUse`] naming the agent, while an agent holds the pin
+/// directory: the agent would go on as if its workloads were programmed.
 pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut removed = Vec::new();
+    cleanup_as(pin_dir, false)
+}
+
+/// [`cleanup`] even while an agent holds the pin directory (`cleanup
+/// --force`): that agent then finds its pins gone and exits with an error.
+pub fn cleanup_force(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    cleanup_as(pin_dir, true)
+}
+
+fn cleanup_as(pin_dir: &Path, force: bool) -> Result<Vec<PathBuf>> {
     if !pin_dir.exists() {
-        return Ok(removed);
+        return Ok(Vec::new());
     }
+    // Held while removing, so no agent starts on a half-removed directory.
+    let _lock = match PinLock::acquire(pin_dir, &Owner::cleanup(), Wanted::Cleanup) {
+        Ok(lock) => Some(lock),
+        Err(e) if force && e.downcast_ref::<PinDirInUse>().is_some() => {
+            let holder = e.downcast_ref::<PinDirInUse>().and_then(|u| u.holder.as_ref());
+            log::warn!(
+                "pin directory {} is in use by {}: removing its pins anyway (--force); that agent will report them \
+                 gone and exit with an error",
+                pin_dir.display(),
+                holder.map_or_else(|| "another process".to_string(), Owner::describe)
+            );
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    remove_pins(pin_dir)
+}
+
+/// Detaches and unpins everything under `pin_dir` (the caller holds its
+/// lock, or was told to go ahead without it).
+pub(super) fn remove_pins(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    // Nothing is removed from a directory holding something unexpected.
+    // (The owner record is a symlink whose target is not a path: its own
+    // type counts, not what it would point to.)
+    for e in std::fs::read_dir(pin_dir)? {
+        let e = e?;
+        let retired = super::migrate::retired_sets(pin_dir).iter().any(|(_, d)| *d == e.path());
+        if e.file_type()?.is_dir() && !retired && !["links", "netns"].iter().any(|s| e.file_name() == *s) {
+            bail!("unexpected directory {} in the pin directory; not removing it", e.path().display());
+        }
+    }
+    let mut removed = Vec::new();
     detach_sk_msg(pin_dir)?;
     for sub in ["links", "netns"] {
         let links = pin_dir.join(sub);
@@ -65,9 +116,13 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     for e in std::fs::read_dir(pin_dir)? {
         let p = e?.path();
+        // The owner record goes last: until then it names who is removing.
+        if p.file_name().is_some_and(|n| n == OWNER) {
+            continue;
+        }
         if p.is_dir() && super::migrate::retired_sets(pin_dir).iter().any(|(_, d)| *d == p) {
             // An older layout still draining after an upgrade.
-            removed.extend(cleanup(&p)?);
+            removed.extend(remove_pins(&p)?);
             continue;
         }
         if p.is_dir() {
@@ -75,6 +130,10 @@ pub fn cleanup(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         }
         std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
         removed.push(p);
+    }
+    let owner = pin_dir.join(OWNER);
+    if owner.symlink_metadata().is_ok() {
+        std::fs::remove_file(&owner).with_context(|| format!("removing {}", owner.display()))?;
     }
     std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
     Ok(removed)
@@ -97,9 +156,15 @@ pub const CAPACITIES: [(&str, u32); 6] = [
 /// The init-container gate of the standalone agent (`redirector wait-ready`):
 /// waits until the workload in namespace `ns` (default: this process's) is
 /// programmed, its programs attached and, if it has inbound redirection, its
-/// sk_lookup link pinned; returns the line to print. Fails closed on
-/// timeout, naming what is missing.
-pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Result<String> {
+/// sk_lookup link pinned, then, with `check_caller`, checks that this
+/// process is inside the cgroup the programs are attached to (what it
+/// starts next inherits its cgroup, and only processes in that cgroup's
+/// subtree are redirected); returns the line to print. Fails closed on
+/// timeout, naming what is missing, and at once when the pins cannot be
+/// seen from here (no bpffs) or this process is outside the attach cgroup:
+/// neither clears by waiting.
+pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration, check_caller: bool) -> Result<String> {
+    mounts::require_bpffs(pin_dir, PinUse::Existing)?;
     let (cookie, shown) = match &ns {
         Some(p) => (crate::sys::netns::netns_cookie(p)?, p.display().to_string()),
         None => (crate::sys::netns::current_netns_cookie()?, "this process's network namespace".to_string()),
@@ -115,6 +180,9 @@ pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration) -> Resul
                 let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
                     && !netns_link_pin_path(pin_dir, cookie).exists();
                 if missing.is_empty() && !inbound_missing {
+                    if check_caller {
+                        super::cgroup::check_caller_inside(pin_dir)?;
+                    }
                     return Ok(format!(
                         "ready: {shown} (netns cookie {cookie}) is programmed with policy #{}",
                         w.policy_id

@@ -1,8 +1,9 @@
 //! The few bpf(2) commands we issue ourselves: creating cgroup links (aya
 //! 0.14 cannot turn every cgroup link into a pinnable `FdLink`), pinning
-//! them, reading a link's attach information, and attaching the `sk_msg`
-//! program to its sockhash (aya's attachment would detach it again when
-//! the agent exits).
+//! them, reading a link's attach information (aya's `LinkInfo` does not
+//! expose the cgroup), the programs attached to a cgroup and their names,
+//! and attaching the `sk_msg` program to its sockhash (aya's attachment
+//! would detach it again when the agent exits).
 use std::{
     ffi::CString,
     os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -17,6 +18,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -152,10 +154,26 @@ fn map_prog_cmd(
 /// `BPF_PROG_QUERY` with room for ids: the ids of the programs of type
 /// `ty` attached to `target` (for a sockmap: Linux 5.19+).
 pub fn attached_ids(target: BorrowedFd<'_>, ty: AttachType) -> Result<Vec<u32>> {
+    query_ids(target, ty, 0)
+}
+
+/// `BPF_F_QUERY_EFFECTIVE` (uapi `linux/bpf.h`).
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+
+/// `BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE` on a cgroup: the ids of
+/// the programs of type `ty` that run for a socket of a process in
+/// `cgroup`, those attached to its ancestors included (the kernel's own
+/// answer to "does this program see my sockets"). Needs `CAP_NET_ADMIN`.
+pub fn effective_ids(cgroup: BorrowedFd<'_>, ty: AttachType) -> Result<Vec<u32>> {
+    query_ids(cgroup, ty, BPF_F_QUERY_EFFECTIVE)
+}
+
+fn query_ids(target: BorrowedFd<'_>, ty: AttachType, flags: u32) -> Result<Vec<u32>> {
     let mut ids = [0u32; 64];
     let mut attr = [0u8; ATTR_SIZE];
     put_u32(&mut attr, 0, target.as_raw_fd() as u32);
     put_u32(&mut attr, 4, ty as u32);
+    put_u32(&mut attr, 8, flags);
     put_u64(&mut attr, 16, ids.as_mut_ptr() as u64);
     put_u32(&mut attr, 24, ids.len() as u32);
     bpf(BPF_PROG_QUERY, &mut attr).with_context(|| format!("BPF_PROG_QUERY {ty:?}"))?;
@@ -170,4 +188,56 @@ pub fn prog_by_id(id: u32) -> Result<OwnedFd> {
     let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr).with_context(|| format!("BPF_PROG_GET_FD_BY_ID {id}"))?;
     // SAFETY: new fd owned by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (zeroed, `info.len()` bytes: the
+/// kernel fills at most that much of its info struct).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> Result<()> {
+    let mut attr = [0u8; ATTR_SIZE];
+    put_u32(&mut attr, 0, fd.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, info.len() as u32);
+    put_u64(&mut attr, 8, info.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(())
+}
+
+/// `BPF_LINK_TYPE_CGROUP` (enum bpf_link_type).
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// What a link is attached to (`struct bpf_link_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub id: u32,
+    pub prog_id: u32,
+    /// For a cgroup link: the id of its cgroup (the cgroup directory's
+    /// inode number on cgroup2) and the attach type. None for other links.
+    pub cgroup: Option<(u64, u32)>,
+}
+
+/// The attach information of a link (a pinned link opened with
+/// [`obj_get`]).
+pub fn link_info(link: BorrowedFd<'_>) -> Result<LinkInfo> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union
+    // aligned to 8 whose `cgroup` member is { u64 cgroup_id; u32
+    // attach_type } (uapi linux/bpf.h; aya-obj's generated
+    // bpf_link_info__bindgen_ty_1__bindgen_ty_3).
+    let mut info = [0u8; 64];
+    obj_info(link, &mut info)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
+    let cgroup = (u32_at(0) == BPF_LINK_TYPE_CGROUP)
+        .then(|| (u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")), u32_at(24)));
+    Ok(LinkInfo { id: u32_at(4), prog_id: u32_at(8), cgroup })
+}
+
+/// The name a program was loaded with (`struct bpf_prog_info`'s `name`,
+/// at most 15 bytes).
+pub fn prog_name(prog: BorrowedFd<'_>) -> Result<String> {
+    // struct bpf_prog_info: type, id, tag[8], jited_prog_len,
+    // xlated_prog_len, jited_prog_insns, xlated_prog_insns, load_time,
+    // created_by_uid, nr_map_ids, map_ids, then name[16] at offset 64.
+    let mut info = [0u8; 128];
+    obj_info(prog, &mut info)?;
+    let name = &info[64..80];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }

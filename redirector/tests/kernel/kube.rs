@@ -1174,3 +1174,72 @@ fn kube_refused_kernel_leaves_an_event_on_the_node() {
     }
     drop(agent);
 }
+
+/// The gate checks that the registering pod is inside the cgroup the agent
+/// attaches to: a pod outside it (its processes would not be redirected)
+/// is refused with the reason, one inside is programmed. Then `cleanup
+/// --force` under the running agent: it names the pin directory gone and
+/// exits non-zero, not "redirection stays in force".
+#[test]
+fn kube_gate_checks_the_attach_cgroup_and_removed_pins_stop_the_agent() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let attach = cgroup.path.join("attach");
+    std::fs::create_dir_all(&attach).unwrap();
+    // Removed after the pods' groups (dropped in reverse order).
+    struct Rmdir(PathBuf);
+    impl Drop for Rmdir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _attach_dir = Rmdir(attach.clone());
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kube3"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let inside = Pod::create(&api, &attach, "kg", "g", "Pending", json!({}));
+    let outside = Pod::create(&api, &cgroup.path, "kh", "h", "Pending", json!({}));
+    let mut agent = KubeAgent::start(&api, &attach, &pins.path, &dir, "agent.log");
+
+    let out = outside.init_container(&agent.socket);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the gate opened for a pod outside the attach cgroup: {err}");
+    assert!(
+        err.contains(&format!("pod UID {}: the connecting process", outside.uid))
+            && err.contains(&format!(
+                "/kubepods/burstable/pod{}/ctr) is outside the cgroup the agent attaches its programs to ({})",
+                outside.uid,
+                attach.display()
+            )),
+        "{err}\nagent log:\n{}",
+        agent.proc.log_text()
+    );
+    assert!(!programmed(&pins.path, outside.cookie()), "a pod outside the attach cgroup was programmed");
+
+    let out = inside.init_container(&agent.socket);
+    assert!(
+        out.status.success(),
+        "{}{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        agent.proc.log_text()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shop/g is programmed"));
+    assert!(programmed(&pins.path, inside.cookie()));
+
+    let out = Command::new(bin()).args(["cleanup", "--force", "--pin-dir"]).arg(&pins.path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status = poll_until(|| agent.proc.child.try_wait().unwrap(), |s| s.is_some());
+    let log = agent.proc.log_text();
+    assert!(status.is_some_and(|s| !s.success()), "agent did not exit with an error ({status:?}):\n{log}");
+    assert!(
+        log.contains(&format!("ERROR redirector::k8s::agent: pin directory {} is gone", pins.path.display())),
+        "{log}"
+    );
+    assert!(!log.contains("redirection stays in force"), "{log}");
+    drop(agent);
+}

@@ -8,7 +8,9 @@
 //! One module per topic; this file holds what they share (the managed
 //! agent, the iptables workload, the differential driver, waiting):
 //! [`differential`] (against the meshes' iptables rules), [`dual_stack`],
-//! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
+//! [`lifecycle`] (changes, restarts, upgrades, the gate), [`pin_dir`] (one
+//! agent per pin directory, pins removed under an agent, the attach
+//! cgroup, bpffs), [`connections`],
 //! [`coexistence`] (a socket load balancer on a parent cgroup),
 //! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
 //! (the Kubernetes agent against a fake API server), [`runtimes`] (the
@@ -37,6 +39,7 @@ mod identity;
 mod kernel_support;
 mod kube;
 mod lifecycle;
+mod pin_dir;
 mod runtimes;
 mod sockmap;
 mod upgrade;

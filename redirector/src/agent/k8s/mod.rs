@@ -231,7 +231,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         ),
     }
     let never_cookies = BTreeSet::from([dp.node_cookie, crate::sys::netns::current_netns_cookie()?]);
-    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), dp.node_cookie, reg_tx));
+    tokio::spawn(registry::serve(listener, opts.proc_root.clone(), dp.node_cookie, opts.attach_cgroup.clone(), reg_tx));
 
     let mut streams = Streams::open(&client, &opts, reg_rx, signals);
     // Not read until the ConfigMap names preset `osm`.
@@ -274,6 +274,13 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
     let mut dirty_since: Option<Instant> = None;
     'run: loop {
         agent.rt.metrics.heartbeat();
+        // At every input (a resync tick at least every --resync): pins
+        // removed under the agent (`cleanup --force`) make it exit
+        // non-zero instead of writing maps nothing uses.
+        if let Err(e) = agent.dp.check_pins() {
+            let _ = std::fs::remove_file(&agent.opts.socket);
+            return Err(agent.rt.pins_gone(e));
+        }
         if let Some(since) = dirty_since {
             if agent.synced() {
                 // The pass is synchronous (map writes, netns threads); the

@@ -2,8 +2,10 @@
 //! --pod-uid UID`, run by the pod's init container, connects to the node
 //! agent over a unix socket on a hostPath and waits; the agent takes the
 //! pod's network namespace from the connecting process (its PID from
-//! SO_PEERCRED, checked to be in the cgroup of that very pod), programs
-//! the pod, and answers `ready` only once its policy is in force. Any
+//! SO_PEERCRED, checked to be in the cgroup of that very pod, and in the
+//! cgroup the agent attaches its programs to, or below it: a pod outside
+//! it would not be redirected), programs the pod, and answers `ready`
+//! only once its policy is in force. Any
 //! other outcome (a timeout, no agent, an error) makes the init container
 //! fail, so no application container starts unredirected.
 //!
@@ -97,10 +99,12 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
 /// Accepts registrations until the listener fails.
 /// `node_cookie`: the node's network namespace, which no pod registers
 /// (a host-network pod, or a process that is not the pod's container).
+/// `attach_cgroup`: where the agent attaches its programs.
 pub async fn serve(
     listener: tokio::net::UnixListener,
     proc_root: PathBuf,
     node_cookie: u64,
+    attach_cgroup: PathBuf,
     tx: mpsc::Sender<Registration>,
 ) {
     loop {
@@ -114,8 +118,9 @@ pub async fn serve(
         };
         let tx = tx.clone();
         let proc_root = proc_root.clone();
+        let attach_cgroup = attach_cgroup.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &proc_root, node_cookie, tx).await {
+            if let Err(e) = handle(stream, &proc_root, node_cookie, &attach_cgroup, tx).await {
                 log::warn!(target: LOG, "agent socket: {e:#}");
             }
         });
@@ -126,6 +131,7 @@ async fn handle(
     stream: tokio::net::UnixStream,
     proc_root: &Path,
     node_cookie: u64,
+    attach_cgroup: &Path,
     tx: mpsc::Sender<Registration>,
 ) -> Result<()> {
     let cred = stream.peer_cred().context("reading the client's credentials (SO_PEERCRED)")?;
@@ -164,6 +170,25 @@ async fn handle(
                 req.pod_uid,
                 proc_root.display()
             ),
+        }
+        // Only processes in the attach cgroup's subtree are redirected: a
+        // pod outside it would start with its traffic around the proxy.
+        let inside = crate::sys::cgroup::pid_in_subtree(attach_cgroup, pid, proc_root).with_context(|| {
+            format!(
+                "pod UID {}: checking that the connecting process {pid} is inside the attach cgroup {}",
+                req.pod_uid,
+                attach_cgroup.display()
+            )
+        })?;
+        if !inside {
+            let rel = crate::sys::cgroup::cgroup_path_of(proc_root, pid).unwrap_or_else(|e| format!("{e:#}"));
+            bail!(
+                "pod UID {}: the connecting process {pid} (cgroup {rel}) is outside the cgroup the agent attaches \
+                 its programs to ({}): the pod's processes would not be redirected; run the agent with a --cgroup \
+                 that contains the pods (default: the cgroup2 mount)",
+                req.pod_uid,
+                attach_cgroup.display()
+            );
         }
         let netns = NetnsHandle::open_pid(proc_root, pid)?;
         if netns.cookie == node_cookie {
@@ -285,7 +310,7 @@ mod tests {
         let res = rt.block_on(async {
             let l = bind(&sock).unwrap();
             let (tx, _rx) = mpsc::channel(4);
-            tokio::spawn(serve(l, PathBuf::from("/proc"), 0, tx));
+            tokio::spawn(serve(l, PathBuf::from("/proc"), 0, PathBuf::from("/sys/fs/cgroup"), tx));
             let s2 = sock.clone();
             tokio::task::spawn_blocking(move || {
                 wait_ready(&s2, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", Duration::from_secs(5))

@@ -103,7 +103,7 @@ pub fn change_to_in_force(
         let bin = testkit::agent_binary()?;
         agent
             .process
-            .wait_ready(&bin, &agent.pins.path, &others.last_netns())
+            .wait_programmed(&bin, &agent.pins.path, &others.last_netns())
             .context("the other workloads programmed")?;
         let mut f = flipper.flip(&texts, scale_changes)?;
         at_scale.push(ChangeAtScale {
@@ -680,7 +680,7 @@ pub fn agent_at_scale(n: usize) -> Result<AgentScale> {
         }
         let programmed_ms =
             programmed_ms.with_context(|| format!("the agent did not report its first pass:\n{}", agent.log_text()))?;
-        agent.wait_ready(&bin, &pins.path, &workloads.last_netns())?;
+        agent.wait_programmed(&bin, &pins.path, &workloads.last_netns())?;
         let status = format!("/proc/{}/status", agent.child.id());
         Ok(AgentScale {
             workloads: n,

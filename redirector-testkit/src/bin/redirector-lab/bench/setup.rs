@@ -321,7 +321,9 @@ impl Setup {
                     &dir.0.join("agent.log"),
                     spec.agent_poll,
                 )?;
-                a.wait_ready(&bin, &pins.path, &app)?;
+                // From outside the agent's cgroup (the bench process joins it
+                // only for the redirector rounds).
+                a.wait_programmed(&bin, &pins.path, &app)?;
                 agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
         }
