@@ -354,3 +354,47 @@ mod example_file {
         assert_eq!(c.workloads.len(), 1);
     }
 }
+
+#[cfg(test)]
+mod empty_lists {
+    use crate::{compile, evaluate, istio_annotations, parse_annotations, parse_config, OutboundConn, Preset, Verdict};
+
+    fn policy(doc: &str) -> crate::Policy {
+        let c = parse_config(doc).unwrap();
+        compile(&c.mesh, &c.workloads.first().map(|w| w.annotations.clone()).unwrap_or_default())
+    }
+
+    /// An empty list adds no rule (as in the seeds' rules): an empty
+    /// inclusion list restricts nothing, for ports as for IP ranges.
+    #[test]
+    fn an_empty_inclusion_list_restricts_nothing() {
+        let none = policy("mesh: {}\nworkloads: []\n");
+        for key in ["outboundPortInclusionList", "inboundPortInclusionList", "outboundIPRangeInclusionList"] {
+            let p = policy(&format!("mesh:\n  {key}: []\nworkloads: []\n"));
+            assert_eq!(p, none, "{key}: []");
+        }
+        let p = policy("mesh:\n  outboundPortInclusionList: []\nworkloads: []\n");
+        assert!(matches!(
+            evaluate(&p, &OutboundConn::tcp(1000, "192.0.2.10:80".parse().unwrap())),
+            Verdict::Redirect(_)
+        ));
+        // A non-empty list still restricts.
+        let p = policy("mesh:\n  outboundPortInclusionList: [443]\nworkloads: []\n");
+        assert!(matches!(evaluate(&p, &OutboundConn::tcp(1000, "192.0.2.10:80".parse().unwrap())), Verdict::Pass(_)));
+    }
+
+    /// Istio's include annotations keep istio-iptables' meaning: `-q ""`
+    /// adds no rule (no restriction), `-b ""` and `-i ""` leave no capture
+    /// rule at all (nothing redirected).
+    #[test]
+    fn istio_empty_include_annotations_mean_what_istio_iptables_does() {
+        use istio_annotations::*;
+        let ann = |k: &str| [(k.to_string(), String::new())].into_iter().collect();
+        let a = parse_annotations(Preset::Istio, &ann(INCLUDE_OUTBOUND_PORTS)).unwrap();
+        assert_eq!(a.outbound_port_inclusion, Some(crate::Inclusion::All));
+        let a = parse_annotations(Preset::Istio, &ann(INCLUDE_INBOUND_PORTS)).unwrap();
+        assert_eq!(a.inbound_port_inclusion, Some(crate::Inclusion::Only(vec![])));
+        let a = parse_annotations(Preset::Istio, &ann(INCLUDE_OUTBOUND_IP_RANGES)).unwrap();
+        assert_eq!(a.outbound_ip_range_inclusion_override, Some(crate::Inclusion::Only(vec![])));
+    }
+}

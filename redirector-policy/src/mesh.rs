@@ -66,12 +66,12 @@ pub struct MeshSettings {
     pub outbound_ip_range_exclusion: Vec<IpNet>,
     pub outbound_ip_range_inclusion: Vec<IpNet>,
     pub outbound_port_exclusion: Vec<u16>,
-    /// None: every port.
+    /// None (or empty: an empty list adds no rule): every port.
     pub outbound_port_inclusion: Option<Vec<u16>>,
     pub inbound_port_exclusion: Vec<u16>,
     /// Inbound connections from these sources are not redirected.
     pub inbound_source_exclusion: Vec<IpNet>,
-    /// None: every port (Istio's `-b *`).
+    /// None (or empty): every port (Istio's `-b *`).
     pub inbound_port_inclusion: Option<Vec<u16>>,
 }
 
@@ -241,13 +241,16 @@ fn parse_mesh(raw: RawMesh) -> Result<MeshSettings> {
         outbound_port,
         inbound_port,
         inbound: raw.inbound.unwrap_or(true),
+        // An empty inclusion list adds no rule, so it restricts nothing:
+        // the same as `outboundIPRangeInclusionList: []` (osm-init writes
+        // its catch-all rule then).
         outbound_port_inclusion: match &raw.outbound_port_inclusion_list {
             None => None,
-            Some(v) => Some(ports("outboundPortInclusionList", v)?),
+            Some(v) => Some(ports("outboundPortInclusionList", v)?).filter(|v| !v.is_empty()),
         },
         inbound_port_inclusion: match &raw.inbound_port_inclusion_list {
             None => None,
-            Some(v) => Some(ports("inboundPortInclusionList", v)?),
+            Some(v) => Some(ports("inboundPortInclusionList", v)?).filter(|v| !v.is_empty()),
         },
         preset,
         loopback: match &raw.loopback {
