@@ -6,6 +6,7 @@
 //! - [`dialect`]: one module per mesh (annotation keys and parser, preset
 //!   defaults, sidecar container, injector mark);
 //! - [`config`]: the config file (mesh + workloads);
+//! - [`located`]: errors that name the key path, the value and the line;
 //! - [`compile`]: mesh settings + annotations → [`Policy`];
 //! - [`encode`]: [`Policy`] → map entries (the kernel ABI);
 //! - [`evaluate`]: the reference evaluator (from the policy and from the
@@ -20,6 +21,7 @@ pub mod diff;
 pub mod encode;
 pub mod evaluate;
 pub mod k8s;
+pub mod located;
 pub mod mesh;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;
@@ -28,14 +30,15 @@ pub mod values;
 pub use compile::{compile, Policy};
 pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
-    istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, parse_annotations, LoopbackMode, Preset,
-    PresetDefaults, WorkloadAnnotations,
+    annotation_key_warnings, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations,
+    parse_annotations, parse_annotations_each, KeyWarning, LoopbackMode, Preset, PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
 pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
 pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
+pub use located::{problems_of, Problem, Problems};
 pub use mesh::{
     parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{parse_annotations, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+use crate::{annotation_key_warnings, parse_annotations, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
 
 use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
 
@@ -20,6 +20,8 @@ pub struct PlanState {
     /// The error last reported for a pod, so an Event is published once
     /// per distinct problem, not on every pass.
     reported: BTreeMap<String, String>,
+    /// The annotation-key warnings last published for a pod (likewise).
+    warned: BTreeMap<String, String>,
 }
 
 /// Severity of an [`PodEvent`].
@@ -103,6 +105,19 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
             out.skipped.push((pod.key(), why));
             continue;
         }
+        // Keys the preset ignores although they look meant for it (a
+        // misspelling, another mesh's key): a Warning Event, once per
+        // distinct set; they change nothing.
+        let warnings = annotation_key_warnings(inp.mesh.preset, pod.annotations.keys().map(String::as_str));
+        if warnings.is_empty() {
+            state.warned.remove(&pod.uid);
+        } else {
+            let message = warnings.iter().map(|w| w.message.as_str()).collect::<Vec<_>>().join("; ");
+            if state.warned.get(&pod.uid) != Some(&message) {
+                out.events.push(event(EventKind::Warning, "MisspeltAnnotation", message.clone()));
+                state.warned.insert(pod.uid.clone(), message);
+            }
+        }
         let annotations = match parse_annotations(inp.mesh.preset, &pod.annotations) {
             Ok(a) => {
                 state.last_good.insert(pod.uid.clone(), a.clone());
@@ -140,6 +155,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     }
     state.last_good.retain(|uid, _| seen.contains(uid));
     state.reported.retain(|uid, _| seen.contains(uid));
+    state.warned.retain(|uid, _| seen.contains(uid));
     if !out.unresolved.is_empty() {
         out.keep = inp.pinned.clone();
     }
@@ -217,6 +233,42 @@ mod tests {
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
         assert!(p.unresolved.is_empty(), "a pending pod is waited for, not blocking");
         assert!(p.events.is_empty());
+    }
+
+    /// A misspelt annotation key is a Warning Event naming it and the
+    /// closest valid key, once per distinct set of such keys; the pod is
+    /// programmed with its other annotations.
+    #[test]
+    fn misspelt_annotation_key_is_an_event_once() {
+        let mesh = MeshSettings::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let ns = netns(&[("uid-web", 11)]);
+        let pinned = BTreeSet::new();
+        let mut st = PlanState::default();
+        let run = |annotations: &[(&str, &str)], st: &mut PlanState| {
+            let all = pods(vec![pod("web", annotations)]);
+            plan(
+                &Inputs {
+                    pods: &all,
+                    mesh: &mesh,
+                    rules: &rules,
+                    netns: &ns,
+                    pinned: &pinned,
+                    proxy_cgroups: &BTreeMap::new(),
+                },
+                st,
+            )
+        };
+        let typo = "openservicemesh.io/outbound-port-exclusion-lists";
+        let p = run(&[(typo, "6379"), (PORTS, "80")], &mut st);
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![80]);
+        assert_eq!(p.events.len(), 1, "{:?}", p.events);
+        let ev = &p.events[0];
+        assert_eq!((ev.kind, ev.reason), (EventKind::Warning, "MisspeltAnnotation"));
+        assert!(ev.message.contains(typo) && ev.message.contains(&format!("`{PORTS}`")), "{}", ev.message);
+        assert!(run(&[(typo, "6379"), (PORTS, "80")], &mut st).events.is_empty(), "published once");
+        assert!(run(&[(PORTS, "80")], &mut st).events.is_empty());
+        assert_eq!(run(&[(typo, "1")], &mut st).events.len(), 1, "again after it was fixed and came back");
     }
 
     #[test]
