@@ -65,7 +65,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let started = std::time::Instant::now();
         let wanted =
             Wanted { mesh: &cfg.mesh, workloads: &cfg.workloads, rejected: &cfg.rejected, keep: &BTreeSet::new() };
-        let report = reconcile(dp, &wanted, state);
+        let report = reconcile(dp, &wanted, state).report;
         log_report(&report);
         metrics.observe_sync(started.elapsed());
         for _ in &report.errors {
