@@ -114,10 +114,16 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         kube: KubeArgs,
     },
-    /// Validate a config file without touching the kernel.
+    /// Validate a config file without touching the kernel, reporting every
+    /// error (--log-format json: one JSON object).
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also resolve each workload on this machine as `run` does (its
+        /// namespace or process, its proxy cgroup, one namespace per
+        /// workload, the kernel's features); writes nothing. Needs root.
+        #[arg(long)]
+        live: bool,
     },
     /// Exit 0 once the workload in this network namespace is programmed
     /// (the init-container gate); non-zero on timeout, so it fails closed.
