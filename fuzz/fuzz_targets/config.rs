@@ -5,14 +5,15 @@
 //! absolute proxy cgroup; every listed workload is either accepted or
 //! rejected with an error naming it; parsing is deterministic; written
 //! back as a config file, the result parses to itself; each workload
-//! compiles into a consistent policy and well-formed map contents.
+//! compiles into a consistent policy and well-formed map contents; every
+//! problem's line and column are in the text.
 #![no_main]
 
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
 use redirector_fuzz::{check_annotations, check_entries, check_mesh, check_policy, render_annotations, render_mesh};
-use redirector_policy::{compile, map_entries, parse_config, Config, NetnsRef};
+use redirector_policy::{compile, map_entries, parse_config, problems_of, Config, NetnsRef, Problem};
 use serde_yaml::{Mapping, Value};
 
 fn summary(c: &Config) -> (String, String, Vec<String>) {
@@ -56,13 +57,33 @@ fn render(c: &Config) -> Option<String> {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    // A problem's line and column are in the text (libyaml, a YAML 1.1
+    // parser, also breaks lines at CR, NEL, LS and PS).
+    let lines: Vec<&str> = text.split(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}']).collect();
+    // A syntax error at the end of the input may be placed at the start of
+    // the line after the last one.
+    let in_text = |p: &Problem| {
+        if let Some(l) = p.line {
+            let c = p.column.expect("a line comes with a column");
+            if l == lines.len() + 1 && c == 1 {
+                return;
+            }
+            assert!(l >= 1 && l <= lines.len(), "line {l} of {} in {p}", lines.len());
+            assert!(c >= 1 && c <= lines[l - 1].chars().count() + 1, "column {c} of line {l} in {p}");
+        }
+    };
     let c = match parse_config(text) {
         Err(e) => {
             assert!(!format!("{e:#}").is_empty());
+            problems_of(&e).iter().for_each(in_text);
             return;
         }
         Ok(c) => c,
     };
+    for (_, e) in &c.rejected {
+        problems_of(e).iter().for_each(in_text);
+    }
+    c.warnings.iter().for_each(|(_, p)| in_text(p));
     check_mesh(&c.mesh);
     let again = parse_config(text).expect("parsed once, parses twice");
     assert_eq!(summary(&again), summary(&c), "parsing is not deterministic");

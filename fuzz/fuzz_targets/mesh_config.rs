@@ -33,6 +33,8 @@ fn mesh_section_agrees(text: &str, want: Option<&MeshSettings>) {
     let Ok(v @ (Value::Mapping(_) | Value::Null)) = serde_yaml::from_str::<Value>(text) else { return };
     let mut doc = Mapping::new();
     doc.insert("mesh".into(), if v.is_null() { Value::Mapping(Mapping::new()) } else { v });
+    // A config file must list its workloads (none here).
+    doc.insert("workloads".into(), Value::Sequence(Vec::new()));
     // (serde_yaml cannot write back every value it reads, e.g. some tags)
     let Ok(file) = serde_yaml::to_string(&doc) else { return };
     let as_file = parse_config(&file).map(|c| c.mesh);

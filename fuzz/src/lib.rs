@@ -240,7 +240,8 @@ pub fn check_policy(mesh: &MeshSettings, pod: &WorkloadAnnotations, p: &Policy) 
         match pod {
             Some(Inclusion::All) => None,
             Some(Inclusion::Only(v)) => Some(v.iter().copied().collect()),
-            None => mesh.as_ref().map(|v| v.iter().copied().collect()),
+            // An empty mesh-wide list restricts nothing.
+            None => mesh.as_ref().filter(|v| !v.is_empty()).map(|v| v.iter().copied().collect()),
         }
     };
     assert_eq!(p.outbound_port_inclusion, over(&pod.outbound_port_inclusion, &mesh.outbound_port_inclusion));

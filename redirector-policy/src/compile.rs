@@ -68,10 +68,14 @@ pub fn compile(mesh: &MeshSettings, pod: &WorkloadAnnotations) -> Policy {
             (!u.is_empty()).then_some(u)
         }
     };
+    // A mesh-wide inclusion list that is empty restricts nothing, like the
+    // IP-range one above; a pod's `Only` is taken as its dialect's parser
+    // gave it (Istio's `includeInboundPorts: ""` redirects no port, as
+    // istio-iptables' `-b ""` adds no capture rule).
     let over = |pod: &Option<Inclusion<u16>>, mesh: &Option<Vec<u16>>| match pod {
         Some(Inclusion::All) => None,
         Some(Inclusion::Only(v)) => Some(v.iter().copied().collect()),
-        None => mesh.as_ref().map(|v| v.iter().copied().collect()),
+        None => mesh.as_ref().filter(|v| !v.is_empty()).map(|v| v.iter().copied().collect()),
     };
     let mut inbound_port_exclusion = union_ports(&mesh.inbound_port_exclusion, &pod.inbound_port_exclusion);
     inbound_port_exclusion.extend(mesh.reserved_inbound_ports.iter().copied());

@@ -7,6 +7,7 @@
 //!   defaults, sidecar container, injector mark);
 //! - [`config`]: the config file (mesh + workloads);
 //! - [`idmap`]: user-namespace ID maps (`uid_map`, `gid_map`);
+//! - [`located`]: errors that name the key path, the value and the line;
 //! - [`compile`]: mesh settings + annotations → [`Policy`];
 //! - [`encode`]: [`Policy`] → map entries (the kernel ABI);
 //! - [`evaluate`]: the reference evaluator (from the policy and from the
@@ -22,6 +23,7 @@ pub mod encode;
 pub mod evaluate;
 pub mod idmap;
 pub mod k8s;
+pub mod located;
 pub mod mesh;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;
@@ -30,8 +32,8 @@ pub mod values;
 pub use compile::{compile, Policy};
 pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
-    istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations, parse_annotations, LoopbackMode, Preset,
-    PresetDefaults, WorkloadAnnotations,
+    annotation_key_warnings, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations,
+    parse_annotations, parse_annotations_each, KeyWarning, LoopbackMode, Preset, PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
 pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
@@ -39,6 +41,7 @@ pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
 pub use idmap::{IdMap, IdMaps};
+pub use located::{problems_of, Problem, Problems};
 pub use mesh::{
     parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };

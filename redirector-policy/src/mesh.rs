@@ -1,12 +1,12 @@
 //! Mesh-wide settings: the `mesh` mapping of a config file or of the
 //! ConfigMap's `mesh.yaml` (OSM's MeshConfig `spec.traffic` vocabulary),
 //! laid over the preset's defaults.
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use crate::{
     dialect::{LoopbackMode, Preset},
+    located::{self, index_path, key_path, Reader},
     values::{parse_cidr, parse_port, port_from_i64},
 };
 
@@ -66,12 +66,12 @@ pub struct MeshSettings {
     pub outbound_ip_range_exclusion: Vec<IpNet>,
     pub outbound_ip_range_inclusion: Vec<IpNet>,
     pub outbound_port_exclusion: Vec<u16>,
-    /// None: every port.
+    /// None (or empty: an empty list adds no rule): every port.
     pub outbound_port_inclusion: Option<Vec<u16>>,
     pub inbound_port_exclusion: Vec<u16>,
     /// Inbound connections from these sources are not redirected.
     pub inbound_source_exclusion: Vec<IpNet>,
-    /// None: every port (Istio's `-b *`).
+    /// None (or empty): every port (Istio's `-b *`).
     pub inbound_port_inclusion: Option<Vec<u16>>,
 }
 
@@ -105,73 +105,290 @@ impl Default for MeshSettings {
     }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawMesh {
-    preset: Option<String>,
-    loopback: Option<String>,
-    acceleration: Option<serde_yaml::Value>,
-    inbound: Option<bool>,
-    #[serde(rename = "proxyUID")]
-    proxy_uid: Option<i64>,
-    #[serde(rename = "proxyGID")]
-    proxy_gid: Option<i64>,
-    outbound_port: Option<i64>,
-    inbound_port: Option<i64>,
-    #[serde(rename = "outboundIPRangeExclusionList", default, deserialize_with = "null_as_empty")]
-    outbound_ip_range_exclusion_list: Vec<String>,
-    #[serde(rename = "outboundIPRangeInclusionList", default, deserialize_with = "null_as_empty")]
-    outbound_ip_range_inclusion_list: Vec<String>,
-    outbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
-    inbound_port_exclusion_list: Option<Vec<serde_yaml::Value>>,
-    #[serde(rename = "inboundSourceIPRangeExclusionList", default, deserialize_with = "null_as_empty")]
-    inbound_source_ip_range_exclusion_list: Vec<String>,
-    outbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
-    inbound_port_inclusion_list: Option<Vec<serde_yaml::Value>>,
-}
-
-/// A list given as `null` (`key:` with no value) is the empty list, in a
-/// config file as in `mesh.yaml` (serde_yaml's Value path took null as
-/// empty, its text path refused it).
-fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
-    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
-}
+/// The keys of the `mesh` mapping (and of `mesh.yaml`).
+pub const MESH_KEYS: [&str; 15] = [
+    "preset",
+    "loopback",
+    "acceleration",
+    "inbound",
+    "proxyUID",
+    "proxyGID",
+    "outboundPort",
+    "inboundPort",
+    "outboundIPRangeExclusionList",
+    "outboundIPRangeInclusionList",
+    "outboundPortExclusionList",
+    "inboundPortExclusionList",
+    "inboundSourceIPRangeExclusionList",
+    "outboundPortInclusionList",
+    "inboundPortInclusionList",
+];
 
 /// Parses a mesh-wide settings document: the `mesh` mapping of the config
 /// file, as a YAML text (in Kubernetes mode, the ConfigMap's `mesh.yaml`;
 /// `None`: the preset defaults), with `overrides` laid over it key by key
-/// (OSM's MeshConfig `spec.traffic` lists use the same key names).
+/// (OSM's MeshConfig `spec.traffic` lists use the same key names). Every
+/// problem is reported (a [`Problems`] error), each at its line in the
+/// text; an override's problems carry no line.
 pub fn parse_mesh_document(text: Option<&str>, overrides: &[(String, serde_yaml::Value)]) -> Result<MeshSettings> {
+    let mut r = Reader::new(text);
     let mut doc = match text {
         None => serde_yaml::Mapping::new(),
-        Some(t) => match untagged(serde_yaml::from_str::<serde_yaml::Value>(t).context("invalid YAML")?) {
-            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
-            serde_yaml::Value::Mapping(m) => m,
-            other => bail!("expected a mapping of mesh settings, found {}", yaml_kind(&other)),
+        Some(t) => match serde_yaml::from_str::<serde_yaml::Value>(t) {
+            Err(e) => {
+                r.yaml_error(&e);
+                return Err(r.into_error().expect("one problem").into());
+            }
+            Ok(v) => match untagged(v) {
+                serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+                serde_yaml::Value::Mapping(m) => m,
+                other => bail!(
+                    "value {} is {}, expected a mapping of mesh settings",
+                    located::shown(&other),
+                    located::kind(&other)
+                ),
+            },
         },
     };
     for (key, value) in overrides {
+        r.forget(key);
         doc.insert(serde_yaml::Value::String(key.clone()), value.clone());
     }
-    mesh_from_value(serde_yaml::Value::Mapping(doc))
+    match mesh_from_value(serde_yaml::Value::Mapping(doc), &mut r, "") {
+        Some(m) if r.problems.is_empty() => Ok(m),
+        _ => Err(r.into_error().expect("problems").into()),
+    }
 }
 
-/// The mesh settings of a config file's `mesh` section or of `mesh.yaml`:
-/// one path for both, so that the same text means the same in either
-/// (serde_yaml's text and Value readers differ on nulls and tags). Tags
-/// (`!foo`) are ignored; `null` is the preset's defaults.
-pub(crate) fn mesh_from_value(v: serde_yaml::Value) -> Result<MeshSettings> {
+/// The mesh settings of a config file's `mesh` section (at `base`) or of
+/// `mesh.yaml` (`base` empty): one path for both, so that the same text
+/// means the same in either (serde_yaml's text and Value readers differ on
+/// nulls and tags). Tags (`!foo`) are ignored; `null` is the preset's
+/// defaults, and so is a key whose value is null. Each problem goes to
+/// `r`; None if there was any.
+pub(crate) fn mesh_from_value(v: serde_yaml::Value, r: &mut Reader<'_>, base: &str) -> Option<MeshSettings> {
+    use serde_yaml::Value;
+    let before = r.problems.len();
     let doc = match untagged(v) {
-        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
-        serde_yaml::Value::Mapping(m) => m,
-        other => bail!("expected a mapping of mesh settings, found {}", yaml_kind(&other)),
+        Value::Null => serde_yaml::Mapping::new(),
+        Value::Mapping(m) => m,
+        other => {
+            r.at_value(
+                base,
+                format!(
+                    "value {} is {}, expected a mapping of mesh settings",
+                    located::shown(&other),
+                    located::kind(&other)
+                ),
+            );
+            return None;
+        }
     };
-    let raw: RawMesh = serde_yaml::from_value(serde_yaml::Value::Mapping(doc)).map_err(|e| anyhow!("{e}"))?;
-    parse_mesh(raw)
+    r.unknown_keys(base, &doc, &MESH_KEYS);
+    let path = |key: &str| key_path(base, key);
+    // A key given with no value (null) is as if it were not given.
+    let get = |key: &str| doc.get(key).filter(|v| !v.is_null());
+    let preset = match get("preset") {
+        None => Preset::Osm,
+        Some(v) => match string(v).and_then(|s| Preset::parse(s).map_err(|e| e.to_string())) {
+            Ok(p) => p,
+            Err(e) => {
+                r.at_value(&path("preset"), e);
+                Preset::Osm
+            }
+        },
+    };
+    let d = MeshSettings::for_preset(preset);
+    let id = |r: &mut Reader<'_>, key: &str| -> Option<Option<u32>> {
+        let v = get(key)?;
+        match integer(v).and_then(|i| u32::try_from(i).map_err(|_| format!("value {i} is not a valid user/group id"))) {
+            Ok(i) => Some(Some(i)),
+            Err(e) => {
+                r.at_value(&path(key), e);
+                Some(None)
+            }
+        }
+    };
+    let proxy_uid = id(r, "proxyUID").map_or(Some(d.proxy_uid), |v| v);
+    let proxy_gid = match id(r, "proxyGID") {
+        None => Some(d.proxy_gid),
+        Some(g) => g.map(Some),
+    };
+    let port = |r: &mut Reader<'_>, key: &str, default: u16| -> Option<u16> {
+        let Some(v) = get(key) else { return Some(default) };
+        integer(v).and_then(port_from_int).map_err(|e| r.at_value(&path(key), e)).ok()
+    };
+    let outbound_port = port(r, "outboundPort", d.outbound_port);
+    let inbound_port = port(r, "inboundPort", d.inbound_port);
+    if let (Some(o), Some(i)) = (outbound_port, inbound_port) {
+        if o == i {
+            r.at_value(
+                &path(if get("inboundPort").is_some() { "inboundPort" } else { "outboundPort" }),
+                format!(
+                    "`outboundPort` and `inboundPort` are both {o}; the proxy needs two listeners (keys `outboundPort` and `inboundPort`)"
+                ),
+            );
+        }
+    }
+    // A port list: null is the preset's default (None here).
+    let ports = |r: &mut Reader<'_>, key: &str| -> Option<Option<Vec<u16>>> {
+        let Some(v) = get(key) else { return Some(None) };
+        let Value::Sequence(items) = v else {
+            r.at_value(
+                &path(key),
+                format!("value {} is {}, expected a list of ports", located::shown(v), located::kind(v)),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let port = match item {
+                Value::Number(_) => integer(item).and_then(port_from_int),
+                Value::String(s) => parse_port(s).map_err(|e| e.to_string()),
+                other => {
+                    Err(format!("value {} is {}, not a port (1-65535)", located::shown(other), located::kind(other)))
+                }
+            };
+            match port {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    ok = false;
+                    r.at_value(&index_path(&path(key), i), e);
+                }
+            }
+        }
+        ok.then_some(Some(out))
+    };
+    // A CIDR list: null is the empty list.
+    let cidrs = |r: &mut Reader<'_>, key: &str| -> Option<Vec<IpNet>> {
+        let Some(v) = get(key) else { return Some(Vec::new()) };
+        let Value::Sequence(items) = v else {
+            r.at_value(
+                &path(key),
+                format!(
+                    "value {} is {}, expected a list of CIDRs (e.g. [\"192.0.2.0/24\"])",
+                    located::shown(v),
+                    located::kind(v)
+                ),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let net = match item {
+                Value::String(s) => parse_cidr(s).map_err(|e| e.to_string()),
+                other => Err(format!(
+                    "value {} is {}, expected a string (a CIDR such as \"192.0.2.0/24\")",
+                    located::shown(other),
+                    located::kind(other)
+                )),
+            };
+            match net {
+                Ok(n) => out.push(n),
+                Err(e) => {
+                    ok = false;
+                    r.at_value(&index_path(&path(key), i), e);
+                }
+            }
+        }
+        ok.then_some(out)
+    };
+    let outbound_port_inclusion = ports(r, "outboundPortInclusionList");
+    let inbound_port_inclusion = ports(r, "inboundPortInclusionList");
+    let outbound_port_exclusion = ports(r, "outboundPortExclusionList");
+    let inbound_port_exclusion = ports(r, "inboundPortExclusionList");
+    let outbound_ip_range_exclusion = cidrs(r, "outboundIPRangeExclusionList");
+    let outbound_ip_range_inclusion = cidrs(r, "outboundIPRangeInclusionList");
+    let inbound_source_exclusion = cidrs(r, "inboundSourceIPRangeExclusionList");
+    let inbound = match get("inbound") {
+        None => Some(true),
+        Some(Value::Bool(b)) => Some(*b),
+        Some(v) => {
+            r.at_value(
+                &path("inbound"),
+                format!("value {} is {}, expected true or false", located::shown(v), located::kind(v)),
+            );
+            None
+        }
+    };
+    let loopback = match get("loopback") {
+        None => Some(d.loopback),
+        Some(v) => string(v)
+            .and_then(|s| s.parse().map_err(|e: anyhow::Error| e.to_string()))
+            .map_err(|e| r.at_value(&path("loopback"), e))
+            .ok(),
+    };
+    let acceleration = match get("acceleration") {
+        None => Some(Acceleration::None),
+        Some(Value::String(s)) => {
+            s.parse().map_err(|e: anyhow::Error| r.at_value(&path("acceleration"), e.to_string())).ok()
+        }
+        Some(other) => {
+            r.at_value(
+                &path("acceleration"),
+                format!("value {} is {}, expected one of none, sockmap", located::shown(other), located::kind(other)),
+            );
+            None
+        }
+    };
+    if r.problems.len() > before {
+        return None;
+    }
+    // An empty inclusion list adds no rule, so it restricts nothing: the
+    // same as `outboundIPRangeInclusionList: []` (osm-init writes its
+    // catch-all rule then).
+    let nonempty = |v: Option<Vec<u16>>| v.filter(|v| !v.is_empty());
+    Some(MeshSettings {
+        preset,
+        proxy_uid: proxy_uid?,
+        proxy_gid: proxy_gid?,
+        outbound_port: outbound_port?,
+        inbound_port: inbound_port?,
+        inbound: inbound?,
+        loopback: loopback?,
+        acceleration: acceleration?,
+        reserved_inbound_ports: d.reserved_inbound_ports,
+        outbound_ip_range_exclusion: outbound_ip_range_exclusion?,
+        outbound_ip_range_inclusion: outbound_ip_range_inclusion?,
+        inbound_source_exclusion: inbound_source_exclusion?,
+        outbound_port_exclusion: outbound_port_exclusion?.unwrap_or(d.outbound_port_exclusion),
+        inbound_port_exclusion: inbound_port_exclusion?.unwrap_or(d.inbound_port_exclusion),
+        outbound_port_inclusion: nonempty(outbound_port_inclusion?),
+        inbound_port_inclusion: nonempty(inbound_port_inclusion?),
+    })
+}
+
+/// An integer value (as i128, so that no number is too large to name).
+pub(crate) fn integer(v: &serde_yaml::Value) -> std::result::Result<i128, String> {
+    match v {
+        serde_yaml::Value::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+            .ok_or_else(|| format!("value {n} is a fractional number, expected an integer")),
+        other => Err(format!("value {} is {}, expected an integer", located::shown(other), located::kind(other))),
+    }
+}
+
+/// A string value.
+pub(crate) fn string(v: &serde_yaml::Value) -> std::result::Result<&str, String> {
+    match v {
+        serde_yaml::Value::String(s) => Ok(s),
+        other => Err(format!("value {} is {}, expected a string", located::shown(other), located::kind(other))),
+    }
+}
+
+fn port_from_int(v: i128) -> std::result::Result<u16, String> {
+    i64::try_from(v)
+        .ok()
+        .and_then(|v| port_from_i64(v).ok())
+        .ok_or_else(|| format!("value {v} is not a port (1-65535)"))
 }
 
 /// The value without YAML tags (`!foo`).
-fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
+pub(crate) fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
     use serde_yaml::Value;
     match v {
         Value::Tagged(t) => untagged(t.value),
@@ -179,104 +396,4 @@ fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
         Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, v)| (untagged(k), untagged(v))).collect()),
         v => v,
     }
-}
-
-fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
-    match v {
-        serde_yaml::Value::Null => "nothing",
-        serde_yaml::Value::Bool(_) => "a boolean",
-        serde_yaml::Value::Number(_) => "a number",
-        serde_yaml::Value::String(_) => "a string",
-        serde_yaml::Value::Sequence(_) => "a list",
-        serde_yaml::Value::Mapping(_) => "a mapping",
-        serde_yaml::Value::Tagged(_) => "a tagged value",
-    }
-}
-
-fn parse_mesh(raw: RawMesh) -> Result<MeshSettings> {
-    let preset = match &raw.preset {
-        None => Preset::Osm,
-        Some(s) => Preset::parse(s).context("key `preset`")?,
-    };
-    let d = MeshSettings::for_preset(preset);
-    let id = |key: &str, v: Option<i64>, default: u32| -> Result<u32> {
-        match v {
-            None => Ok(default),
-            Some(v) => u32::try_from(v).map_err(|_| anyhow!("key `{key}`: value {v} is not a valid user/group id")),
-        }
-    };
-    let port = |key: &str, v: Option<i64>, default: u16| -> Result<u16> {
-        match v {
-            None => Ok(default),
-            Some(v) => port_from_i64(v).with_context(|| format!("key `{key}`")),
-        }
-    };
-    let ports = |key: &str, v: &[serde_yaml::Value]| -> Result<Vec<u16>> {
-        v.iter()
-            .map(|item| match item {
-                serde_yaml::Value::Number(n) => match n.as_i64() {
-                    Some(i) => port_from_i64(i),
-                    None => Err(anyhow!("value {n} is not a port (1-65535)")),
-                },
-                serde_yaml::Value::String(s) => parse_port(s),
-                other => Err(anyhow!("value {other:?} is not a port (1-65535)")),
-            })
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("key `{key}`"))
-    };
-    let cidrs = |key: &str, v: &[String]| -> Result<Vec<IpNet>> {
-        v.iter().map(|s| parse_cidr(s)).collect::<Result<Vec<_>>>().with_context(|| format!("key `{key}`"))
-    };
-    let outbound_port = port("outboundPort", raw.outbound_port, d.outbound_port)?;
-    let inbound_port = port("inboundPort", raw.inbound_port, d.inbound_port)?;
-    if outbound_port == inbound_port {
-        bail!("keys `outboundPort` and `inboundPort`: both are {outbound_port}; the proxy needs two listeners");
-    }
-    Ok(MeshSettings {
-        proxy_uid: id("proxyUID", raw.proxy_uid, d.proxy_uid)?,
-        proxy_gid: match raw.proxy_gid {
-            None => d.proxy_gid,
-            Some(g) => Some(id("proxyGID", Some(g), 0)?),
-        },
-        outbound_port,
-        inbound_port,
-        inbound: raw.inbound.unwrap_or(true),
-        outbound_port_inclusion: match &raw.outbound_port_inclusion_list {
-            None => None,
-            Some(v) => Some(ports("outboundPortInclusionList", v)?),
-        },
-        inbound_port_inclusion: match &raw.inbound_port_inclusion_list {
-            None => None,
-            Some(v) => Some(ports("inboundPortInclusionList", v)?),
-        },
-        preset,
-        loopback: match &raw.loopback {
-            None => d.loopback,
-            Some(s) => s.parse().context("key `loopback`")?,
-        },
-        acceleration: match &raw.acceleration {
-            None => Acceleration::None,
-            Some(serde_yaml::Value::String(s)) => s.parse().context("key `acceleration`")?,
-            Some(other) => bail!(
-                "key `acceleration`: value {} is {}, expected one of none, sockmap",
-                serde_yaml::to_string(other).unwrap_or_default().trim(),
-                yaml_kind(other)
-            ),
-        },
-        reserved_inbound_ports: d.reserved_inbound_ports,
-        outbound_ip_range_exclusion: cidrs("outboundIPRangeExclusionList", &raw.outbound_ip_range_exclusion_list)?,
-        outbound_ip_range_inclusion: cidrs("outboundIPRangeInclusionList", &raw.outbound_ip_range_inclusion_list)?,
-        inbound_source_exclusion: cidrs(
-            "inboundSourceIPRangeExclusionList",
-            &raw.inbound_source_ip_range_exclusion_list,
-        )?,
-        outbound_port_exclusion: match &raw.outbound_port_exclusion_list {
-            None => d.outbound_port_exclusion,
-            Some(v) => ports("outboundPortExclusionList", v)?,
-        },
-        inbound_port_exclusion: match &raw.inbound_port_exclusion_list {
-            None => d.inbound_port_exclusion,
-            Some(v) => ports("inboundPortExclusionList", v)?,
-        },
-    })
 }

@@ -97,28 +97,29 @@ pub(crate) fn split_list(value: &str) -> Vec<&str> {
     value.split(',').map(str::trim).collect()
 }
 
-pub(crate) fn parse_list<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
+/// Errors name the value; the caller names the annotation.
+pub(crate) fn parse_list<T>(value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
     split_list(value)
         .into_iter()
         .map(|s| if s.is_empty() { Err(anyhow!("empty item between commas")) } else { item(s) })
         .collect::<Result<Vec<_>>>()
-        .with_context(|| format!("annotation `{key}`: value {value:?}"))
+        .with_context(|| format!("value {value:?}"))
 }
 
 /// An Istio include value: `*` for everything, else a list.
-pub(crate) fn parse_inclusion<T>(key: &str, value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Inclusion<T>> {
+pub(crate) fn parse_inclusion<T>(value: &str, item: impl Fn(&str) -> Result<T>) -> Result<Inclusion<T>> {
     if value.trim() == "*" {
         return Ok(Inclusion::All);
     }
-    Ok(Inclusion::Only(parse_list(key, value, item)?))
+    Ok(Inclusion::Only(parse_list(value, item)?))
 }
 
 /// The ports of a list of ports and ranges, ascending, each once. The
 /// ranges are sorted and merged before anything is expanded, so the work
 /// and memory are bounded by the 65,535 ports, not by how often a value
 /// within the annotation size limit repeats `1-65535`.
-pub(crate) fn flatten_ranges(key: &str, value: &str) -> Result<Vec<u16>> {
-    let mut ranges = parse_list(key, value, parse_port_or_range)?;
+pub(crate) fn flatten_ranges(value: &str) -> Result<Vec<u16>> {
+    let mut ranges = parse_list(value, parse_port_or_range)?;
     ranges.sort_unstable();
     let mut merged: Vec<(u16, u16)> = Vec::new();
     for (a, b) in ranges {

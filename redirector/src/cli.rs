@@ -196,10 +196,16 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         kube: KubeArgs,
     },
-    /// Validate a config file without touching the kernel.
+    /// Validate a config file without touching the kernel, reporting every
+    /// error (--log-format json: one JSON object).
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also resolve each workload on this machine as `run` does (its
+        /// namespace or process, its proxy cgroup, one namespace per
+        /// workload, the kernel's features); writes nothing. Needs root.
+        #[arg(long)]
+        live: bool,
     },
     /// Exit 0 once the workload in this network namespace is programmed
     /// (the init-container gate); non-zero on timeout, so it fails closed.
@@ -259,7 +265,18 @@ pub(crate) enum Cmd {
     },
 }
 
-/// `30s`, `500ms`, `2m`, or plain seconds.
+/// The longest duration any flag takes (`--poll-interval`, `--resync`,
+/// `--timeout`): one day. Longer values are refused when the command line
+/// is parsed: beyond it a timer or a deadline (`Instant + d`) can
+/// overflow and panic, and no sensible poll, resync or gate waits longer.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest: a shorter poll or resync period would only spin.
+pub(crate) const MIN_DURATION: Duration = Duration::from_millis(1);
+
+/// `30s`, `500ms`, `2m`, `1h`, or plain seconds; from [`MIN_DURATION`] to
+/// [`MAX_DURATION`] (clap puts the flag and the value in front of the
+/// message).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, unit) = t.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((t, "s"), |i| (&t[..i], &t[i..]));
@@ -268,9 +285,22 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    // Compared as seconds before any Duration is made: a value too large
+    // for a Duration is refused here, not a panic.
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!("{s:?} is longer than the limit of 24h (one day)"));
+    }
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    if d.is_zero() {
+        return Err(format!("{s:?} is zero; give a duration above zero (e.g. 1s, 500ms)"));
+    }
+    if d < MIN_DURATION {
+        return Err(format!("{s:?} is shorter than the minimum of 1ms"));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -283,8 +313,47 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("24h").unwrap(), MAX_DURATION);
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("abc").is_err());
+    }
+
+    /// Zero, a value above one day and one too large for a `Duration` are
+    /// refused when the command line is parsed (`run --poll-interval 0s`
+    /// panicked with "period must be non-zero" after attaching, and huge
+    /// values panicked in `run` and `wait-ready`), naming the flag and the
+    /// value.
+    #[test]
+    fn durations_outside_the_bounds_are_refused_naming_flag_and_value() {
+        for bad in ["0", "0s", "0ms", "0.0m"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("zero") && e.contains(bad), "{bad}: {e}");
+        }
+        let e = parse_duration("0.5ms").unwrap_err();
+        assert!(e.contains("minimum of 1ms") && e.contains("0.5ms"), "{e}");
+        assert_eq!(parse_duration("1ms").unwrap(), MIN_DURATION);
+        for bad in ["86401", "24.01h", "1441m", "99999999999999999999999s", "1e400", "18446744073709551616"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+        for (args, flag, value) in [
+            (vec!["run", "--config", "c.yaml", "--poll-interval", "0s"], "--poll-interval", "0s"),
+            (
+                vec!["run", "--config", "c.yaml", "--poll-interval", "99999999999999999999999s"],
+                "--poll-interval",
+                "99999999999999999999999s",
+            ),
+            (vec!["run", "--kube", "--node-name", "n", "--resync", "0"], "--resync", "0"),
+            (vec!["wait-ready", "--timeout", "0s"], "--timeout", "0s"),
+            (vec!["wait-ready", "--timeout", "400000000000000000000h"], "--timeout", "400000000000000000000h"),
+        ] {
+            let e = Cli::try_parse_from(std::iter::once("redirector").chain(args.iter().copied()))
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"))
+                .to_string();
+            assert!(e.contains(flag) && e.contains(value), "{args:?}: {e}");
+        }
     }
 
     /// The command lines in deploy/ are accepted by this CLI.

@@ -17,14 +17,21 @@ use cli::{Cli, Cmd, ProxyIdentityArg};
 
 fn main() {
     let cli = Cli::parse();
-    redirector::logging::init(cli.log_format == "json");
+    let json = cli.log_format == "json";
+    redirector::logging::init(json);
     if let Err(e) = real_main(cli) {
-        eprintln!("error: {e:#}");
+        if json {
+            // One JSON object, as the logs are.
+            eprintln!("{}", serde_json::json!({ "level": "ERROR", "message": format!("{e:#}") }));
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(1);
     }
 }
 
 fn real_main(cli: Cli) -> Result<()> {
+    let json = cli.log_format == "json";
     match cli.command {
         Cmd::Run { config, cgroup, pin_dir, poll_interval, metrics_addr, node_netns, kube } => {
             let cgroup = match cgroup {
@@ -81,7 +88,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 })),
             }
         }
-        Cmd::Check { config } => standalone::check(&config),
+        Cmd::Check { config, live } => standalone::check(&standalone::CheckOptions { config, live, json }),
         Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
             let uid = pod_uid
                 .ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;

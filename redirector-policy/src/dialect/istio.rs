@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
-use crate::values::{parse_cidr, parse_inclusion, parse_list, parse_port};
+use crate::values::{parse_cidr, parse_inclusion, parse_list, parse_port, Inclusion};
 
 /// Istio's pod annotations (traffic.sidecar.istio.io/*).
 pub mod annotations {
@@ -14,6 +14,14 @@ pub mod annotations {
     pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
     pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+    pub const ALL: [&str; 6] = [
+        INCLUDE_OUTBOUND_IP_RANGES,
+        EXCLUDE_OUTBOUND_IP_RANGES,
+        INCLUDE_INBOUND_PORTS,
+        EXCLUDE_INBOUND_PORTS,
+        INCLUDE_OUTBOUND_PORTS,
+        EXCLUDE_OUTBOUND_PORTS,
+    ];
 }
 
 /// seed 001 (istio-iptables -u 1337, gid = uid, ssh 22) and the
@@ -39,13 +47,21 @@ pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotatio
     use annotations::*;
     match k {
         INCLUDE_OUTBOUND_IP_RANGES => {
-            out.outbound_ip_range_inclusion_override = Some(parse_inclusion(k, value, parse_cidr)?)
+            out.outbound_ip_range_inclusion_override = Some(parse_inclusion(value, parse_cidr)?)
         }
-        EXCLUDE_OUTBOUND_IP_RANGES => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
-        INCLUDE_INBOUND_PORTS => out.inbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?),
-        EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
-        INCLUDE_OUTBOUND_PORTS => out.outbound_port_inclusion = Some(parse_inclusion(k, value, parse_port)?),
-        EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = parse_list(k, value, parse_port)?,
+        EXCLUDE_OUTBOUND_IP_RANGES => out.outbound_ip_range_exclusion = parse_list(value, parse_cidr)?,
+        INCLUDE_INBOUND_PORTS => out.inbound_port_inclusion = Some(parse_inclusion(value, parse_port)?),
+        EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = parse_list(value, parse_port)?,
+        // istio-iptables' `-q` adds one redirect rule per port; `-q ""`
+        // adds none and so restricts nothing (unlike `-b ""` and `-i ""`,
+        // whose lists are the only capture rules: nothing is redirected).
+        INCLUDE_OUTBOUND_PORTS => {
+            out.outbound_port_inclusion = Some(match parse_inclusion(value, parse_port)? {
+                Inclusion::Only(v) if v.is_empty() => Inclusion::All,
+                i => i,
+            })
+        }
+        EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = parse_list(value, parse_port)?,
         _ => {}
     }
     Ok(())

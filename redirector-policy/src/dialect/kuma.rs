@@ -11,6 +11,8 @@ pub mod annotations {
     pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.kuma.io/exclude-inbound-ports";
     pub const EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
     pub const EXCLUDE_INBOUND_IPS: &str = "traffic.kuma.io/exclude-inbound-ips";
+    pub const ALL: [&str; 4] =
+        [EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS, EXCLUDE_OUTBOUND_IPS, EXCLUDE_INBOUND_IPS];
 }
 
 /// UID 5678, outbound 15001, inbound 15006, the 127.0.0.6 passthrough,
@@ -36,11 +38,11 @@ pub const INJECTED: Injected = Injected::Annotation("kuma.io/sidecar-injected", 
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {
     use annotations::*;
     match k {
-        EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
-        EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
-        EXCLUDE_OUTBOUND_IPS => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
+        EXCLUDE_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(value)?,
+        EXCLUDE_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(value)?,
+        EXCLUDE_OUTBOUND_IPS => out.outbound_ip_range_exclusion = parse_list(value, parse_cidr)?,
         // `-A KUMA_MESH_INBOUND -s <address> -j RETURN`.
-        EXCLUDE_INBOUND_IPS => out.inbound_source_exclusion = parse_list(k, value, parse_cidr)?,
+        EXCLUDE_INBOUND_IPS => out.inbound_source_exclusion = parse_list(value, parse_cidr)?,
         _ => {}
     }
     Ok(())

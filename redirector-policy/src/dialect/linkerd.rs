@@ -11,6 +11,7 @@ pub mod annotations {
     pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
     pub const SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
     pub const SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
+    pub const ALL: [&str; 3] = [SKIP_OUTBOUND_PORTS, SKIP_INBOUND_PORTS, SKIP_SUBNETS];
 }
 
 /// linkerd2-proxy-init: proxy UID 2102, outbound 4140, inbound 4143,
@@ -37,10 +38,10 @@ pub const INJECTED: Injected = Injected::Label("linkerd.io/control-plane-ns");
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {
     use annotations::*;
     match k {
-        SKIP_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(k, value)?,
-        SKIP_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(k, value)?,
+        SKIP_OUTBOUND_PORTS => out.outbound_port_exclusion = flatten_ranges(value)?,
+        SKIP_INBOUND_PORTS => out.inbound_port_exclusion = flatten_ranges(value)?,
         // proxy-init's --subnets-to-ignore: `-A PROXY_INIT_REDIRECT -s <subnet> -j RETURN`.
-        SKIP_SUBNETS => out.inbound_source_exclusion = parse_list(k, value, parse_cidr)?,
+        SKIP_SUBNETS => out.inbound_source_exclusion = parse_list(value, parse_cidr)?,
         _ => {}
     }
     Ok(())

@@ -159,26 +159,151 @@ pub struct WorkloadAnnotations {
     pub inbound_port_inclusion: Option<Inclusion<u16>>,
 }
 
-/// Parses the annotations of one workload in the vocabulary of `preset`.
-/// Keys of other vocabularies are ignored (pods carry many annotations).
-pub fn parse_annotations(preset: Preset, annotations: &BTreeMap<String, String>) -> Result<WorkloadAnnotations> {
-    let mut out = WorkloadAnnotations::default();
-    for (key, value) in annotations {
-        let k = key.as_str();
-        match preset {
-            Preset::Osm => osm::parse_annotation(k, value, &mut out)?,
-            Preset::Istio => istio::parse_annotation(k, value, &mut out)?,
-            Preset::Linkerd => linkerd::parse_annotation(k, value, &mut out)?,
-            Preset::Kuma => kuma::parse_annotation(k, value, &mut out)?,
+impl Preset {
+    /// The annotation keys the preset reads.
+    pub fn annotation_keys(self) -> &'static [&'static str] {
+        match self {
+            Preset::Osm => &osm_annotations::ALL,
+            Preset::Istio => &istio_annotations::ALL,
+            Preset::Linkerd => &linkerd_annotations::ALL,
+            Preset::Kuma => &kuma_annotations::ALL,
         }
     }
-    Ok(out)
+}
+
+/// Parses the annotations of one workload in the vocabulary of `preset`.
+/// Keys of other vocabularies are ignored (pods carry many); see
+/// [`annotation_key_warnings`] for those that look like mistakes. The
+/// error names every bad annotation, its value and why.
+pub fn parse_annotations(preset: Preset, annotations: &BTreeMap<String, String>) -> Result<WorkloadAnnotations> {
+    let (out, errors) = parse_annotations_each(preset, annotations);
+    if errors.is_empty() {
+        return Ok(out);
+    }
+    let text: Vec<String> = errors.iter().map(|(k, e)| format!("annotation `{k}`: {e:#}")).collect();
+    Err(anyhow!("{}", text.join("; ")))
+}
+
+/// The annotations that parse, and each one that does not with why (the
+/// error names the value), by key.
+pub fn parse_annotations_each(
+    preset: Preset,
+    annotations: &BTreeMap<String, String>,
+) -> (WorkloadAnnotations, Vec<(String, anyhow::Error)>) {
+    let mut out = WorkloadAnnotations::default();
+    let mut errors = Vec::new();
+    for (key, value) in annotations {
+        let k = key.as_str();
+        let r = match preset {
+            Preset::Osm => osm::parse_annotation(k, value, &mut out),
+            Preset::Istio => istio::parse_annotation(k, value, &mut out),
+            Preset::Linkerd => linkerd::parse_annotation(k, value, &mut out),
+            Preset::Kuma => kuma::parse_annotation(k, value, &mut out),
+        };
+        if let Err(e) = r {
+            errors.push((key.clone(), e));
+        }
+    }
+    (out, errors)
+}
+
+/// An annotation key that is likely a mistake: the preset ignores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyWarning {
+    pub key: String,
+    /// The valid key it was probably meant to be.
+    pub suggestion: Option<&'static str>,
+    pub message: String,
+}
+
+/// What each dialect's keys set, to point from another mesh's key to the
+/// preset's key of the same meaning.
+fn meaning(key: &str) -> Option<&'static str> {
+    use istio_annotations as i;
+    use kuma_annotations as k;
+    use linkerd_annotations as l;
+    use osm_annotations as o;
+    Some(match key {
+        o::OUTBOUND_PORT_EXCLUSION | i::EXCLUDE_OUTBOUND_PORTS | l::SKIP_OUTBOUND_PORTS | k::EXCLUDE_OUTBOUND_PORTS => {
+            "outbound port exclusion"
+        }
+        o::INBOUND_PORT_EXCLUSION | i::EXCLUDE_INBOUND_PORTS | l::SKIP_INBOUND_PORTS | k::EXCLUDE_INBOUND_PORTS => {
+            "inbound port exclusion"
+        }
+        o::OUTBOUND_IP_RANGE_EXCLUSION | i::EXCLUDE_OUTBOUND_IP_RANGES | k::EXCLUDE_OUTBOUND_IPS => {
+            "outbound IP range exclusion"
+        }
+        o::OUTBOUND_IP_RANGE_INCLUSION | i::INCLUDE_OUTBOUND_IP_RANGES => "outbound IP range inclusion",
+        l::SKIP_SUBNETS | k::EXCLUDE_INBOUND_IPS => "inbound source exclusion",
+        i::INCLUDE_INBOUND_PORTS => "inbound port inclusion",
+        i::INCLUDE_OUTBOUND_PORTS => "outbound port inclusion",
+        _ => return None,
+    })
+}
+
+/// The annotation keys `preset` ignores although they look meant for it:
+/// a key within three edits of one it reads (a misspelling, a wrong case:
+/// `openservicemesh.io/outbound-port-exclusion-lists`), or a key another
+/// mesh's preset reads (`traffic.sidecar.istio.io/excludeOutboundPorts`
+/// under `osm`), each with the closest valid key. Other keys (pods carry
+/// many annotations, the meshes' own among them) are not warned about.
+pub fn annotation_key_warnings<'a>(preset: Preset, keys: impl IntoIterator<Item = &'a str>) -> Vec<KeyWarning> {
+    let own = preset.annotation_keys();
+    let mut out = Vec::new();
+    for key in keys {
+        if own.contains(&key) {
+            continue;
+        }
+        let all = Preset::ALL.into_iter().flat_map(|p| p.annotation_keys().iter().map(move |k| (p, *k)));
+        let Some((owner, near)) = all
+            .map(|(p, k)| (crate::located::distance(key, k), p, k))
+            .filter(|(d, _, _)| *d <= crate::located::MISSPELT)
+            .min_by_key(|(d, p, _)| (*d, *p != preset))
+            .map(|(_, p, k)| (p, k))
+        else {
+            continue;
+        };
+        let (suggestion, message) = if owner == preset {
+            let how = if key.eq_ignore_ascii_case(near) { "differs only in case from" } else { "is close to" };
+            (
+                Some(near),
+                format!("annotation `{key}` is not one the {} preset reads, so it is ignored; it {how} `{near}`: did you mean that?", preset.name()),
+            )
+        } else {
+            let equivalent = meaning(near).and_then(|m| own.iter().copied().find(|k| meaning(k) == Some(m)));
+            let named = if key == near {
+                format!("is {}'s annotation", owner.name())
+            } else {
+                format!("looks like {}'s annotation `{near}`", owner.name())
+            };
+            match equivalent {
+                Some(e) => (
+                    Some(e),
+                    format!(
+                        "annotation `{key}` {named}, ignored under the {} preset; its {} annotation is `{e}`",
+                        preset.name(),
+                        preset.name()
+                    ),
+                ),
+                None => (
+                    None,
+                    format!(
+                        "annotation `{key}` {named}, ignored under the {} preset, which has no annotation for that (it reads {})",
+                        preset.name(),
+                        own.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                ),
+            }
+        };
+        out.push(KeyWarning { key: key.to_string(), suggestion, message });
+    }
+    out
 }
 
 #[cfg(test)]
 mod dialects {
     use super::*;
-    use crate::*;
+    use crate::{config::tests::with_workloads, *};
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -192,17 +317,18 @@ mod dialects {
             ("linkerd", 2102, 4140, 4143),
             ("kuma", 5678, 15001, 15006),
         ] {
-            let c = parse_config(&format!("mesh:\n  preset: {name}\n")).unwrap();
+            let c = parse_config(&with_workloads(&format!("mesh:\n  preset: {name}\n"))).unwrap();
             assert_eq!((c.mesh.proxy_uid, c.mesh.outbound_port, c.mesh.inbound_port), (uid, out, inb), "{name}");
         }
-        let istio = parse_config("mesh:\n  preset: istio\n").unwrap().mesh;
+        let istio = parse_config(&with_workloads("mesh:\n  preset: istio\n")).unwrap().mesh;
         assert_eq!(istio.proxy_gid, Some(1337));
         assert_eq!(istio.reserved_inbound_ports, vec![22, 15020, 15021, 15090]);
         assert_eq!(istio.loopback, LoopbackMode::ToInbound);
         // Explicit fields override the preset.
-        let c = parse_config("mesh:\n  preset: istio\n  proxyUID: 1400\n  inboundPort: 15106\n").unwrap();
+        let c =
+            parse_config(&with_workloads("mesh:\n  preset: istio\n  proxyUID: 1400\n  inboundPort: 15106\n")).unwrap();
         assert_eq!((c.mesh.proxy_uid, c.mesh.inbound_port, c.mesh.proxy_gid), (1400, 15106, Some(1337)));
-        let e = parse_config("mesh:\n  preset: consul\n").unwrap_err();
+        let e = parse_config(&with_workloads("mesh:\n  preset: consul\n")).unwrap_err();
         let t = format!("{e:#}");
         assert!(t.contains("preset") && t.contains("consul") && t.contains("osm, istio, linkerd, kuma"), "{t}");
     }
@@ -310,21 +436,27 @@ mod dialects {
 
     #[test]
     fn acceleration_is_off_by_default_and_parsed_strictly() {
-        assert_eq!(parse_config("").unwrap().mesh.acceleration, Acceleration::None);
-        assert_eq!(parse_config("mesh:\n  preset: istio\n").unwrap().mesh.acceleration, Acceleration::None);
-        let m = parse_config("mesh:\n  acceleration: sockmap\n").unwrap().mesh;
+        assert_eq!(parse_config(&with_workloads("")).unwrap().mesh.acceleration, Acceleration::None);
+        assert_eq!(
+            parse_config(&with_workloads("mesh:\n  preset: istio\n")).unwrap().mesh.acceleration,
+            Acceleration::None
+        );
+        let m = parse_config(&with_workloads("mesh:\n  acceleration: sockmap\n")).unwrap().mesh;
         assert_eq!(m.acceleration, Acceleration::Sockmap);
-        assert_eq!(parse_config("mesh:\n  acceleration: none\n").unwrap().mesh.acceleration, Acceleration::None);
+        assert_eq!(
+            parse_config(&with_workloads("mesh:\n  acceleration: none\n")).unwrap().mesh.acceleration,
+            Acceleration::None
+        );
         for (doc, value, reason) in [
             ("mesh:\n  acceleration: sockhash\n", "\"sockhash\"", "not an acceleration mode (none, sockmap)"),
             ("mesh:\n  acceleration: Sockmap\n", "\"Sockmap\"", "not an acceleration mode"),
             ("mesh:\n  acceleration: \"\"\n", "\"\"", "not an acceleration mode"),
             ("mesh:\n  acceleration: true\n", "true", "is a boolean, expected one of none, sockmap"),
-            ("mesh:\n  acceleration: [sockmap]\n", "sockmap", "is a list"),
+            ("mesh:\n  acceleration: [sockmap]\n", "(a list)", "is a list"),
         ] {
-            let t = format!("{:#}", parse_config(doc).unwrap_err());
+            let t = format!("{:#}", parse_config(&with_workloads(doc)).unwrap_err());
             assert!(
-                t.contains("`mesh`") && t.contains("key `acceleration`") && t.contains(value) && t.contains(reason),
+                t.contains("mesh.acceleration at line 2 column 17: value ") && t.contains(value) && t.contains(reason),
                 "{doc:?}: {t}"
             );
         }
@@ -334,23 +466,27 @@ mod dialects {
             Acceleration::Sockmap
         );
         let t = format!("{:#}", parse_mesh_document(Some("acceleration: fast\n"), &[]).unwrap_err());
-        assert!(t.contains("key `acceleration`") && t.contains("\"fast\""), "{t}");
+        assert!(t.starts_with("acceleration at line 1 column 15: value \"fast\""), "{t}");
     }
 
     #[test]
     fn loopback_mode_and_preset_port_defaults() {
-        let m = parse_config("mesh:\n  preset: linkerd\n").unwrap().mesh;
+        let m = parse_config(&with_workloads("mesh:\n  preset: linkerd\n")).unwrap().mesh;
         assert_eq!(
             (m.outbound_port_exclusion.clone(), m.inbound_port_exclusion.clone()),
             (vec![4567, 4568], vec![4567, 4568])
         );
         assert_eq!(m.loopback, LoopbackMode::Bypass);
-        let m = parse_config("mesh:\n  preset: linkerd\n  outboundPortExclusionList: []\n").unwrap().mesh;
+        let m =
+            parse_config(&with_workloads("mesh:\n  preset: linkerd\n  outboundPortExclusionList: []\n")).unwrap().mesh;
         assert!(m.outbound_port_exclusion.is_empty(), "an explicit list replaces the preset's");
-        assert_eq!(parse_config("mesh:\n  preset: kuma\n").unwrap().mesh.loopback, LoopbackMode::ProxyToInbound);
-        let m = parse_config("mesh:\n  preset: istio\n  loopback: proxy-to-inbound\n").unwrap().mesh;
+        assert_eq!(
+            parse_config(&with_workloads("mesh:\n  preset: kuma\n")).unwrap().mesh.loopback,
+            LoopbackMode::ProxyToInbound
+        );
+        let m = parse_config(&with_workloads("mesh:\n  preset: istio\n  loopback: proxy-to-inbound\n")).unwrap().mesh;
         assert_eq!(m.loopback, LoopbackMode::ProxyToInbound);
-        let t = format!("{:#}", parse_config("mesh:\n  loopback: sometimes\n").unwrap_err());
+        let t = format!("{:#}", parse_config(&with_workloads("mesh:\n  loopback: sometimes\n")).unwrap_err());
         assert!(t.contains("loopback") && t.contains("sometimes") && t.contains("proxy-to-inbound"), "{t}");
     }
 }

@@ -37,10 +37,10 @@ pub const INJECTED: Injected = Injected::Label("osm-proxy-uuid");
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {
     use annotations::*;
     match k {
-        OUTBOUND_PORT_EXCLUSION => out.outbound_port_exclusion = parse_list(k, value, parse_port)?,
-        INBOUND_PORT_EXCLUSION => out.inbound_port_exclusion = parse_list(k, value, parse_port)?,
-        OUTBOUND_IP_RANGE_EXCLUSION => out.outbound_ip_range_exclusion = parse_list(k, value, parse_cidr)?,
-        OUTBOUND_IP_RANGE_INCLUSION => out.outbound_ip_range_inclusion = parse_list(k, value, parse_cidr)?,
+        OUTBOUND_PORT_EXCLUSION => out.outbound_port_exclusion = parse_list(value, parse_port)?,
+        INBOUND_PORT_EXCLUSION => out.inbound_port_exclusion = parse_list(value, parse_port)?,
+        OUTBOUND_IP_RANGE_EXCLUSION => out.outbound_ip_range_exclusion = parse_list(value, parse_cidr)?,
+        OUTBOUND_IP_RANGE_INCLUSION => out.outbound_ip_range_inclusion = parse_list(value, parse_cidr)?,
         _ => {}
     }
     Ok(())

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{parse_annotations, IdMaps, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+use crate::{
+    annotation_key_warnings, parse_annotations, IdMaps, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec,
+};
 
 use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
 
@@ -25,6 +27,8 @@ pub struct PlanState {
     unresolved_since: BTreeMap<String, Instant>,
     /// Those of them reported as never found (once each).
     not_found_reported: BTreeSet<String>,
+    /// The annotation-key warnings last published for a pod (likewise).
+    warned: BTreeMap<String, String>,
 }
 
 impl PlanState {
@@ -131,6 +135,19 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
             out.skipped.push((pod.key(), why));
             continue;
         }
+        // Keys the preset ignores although they look meant for it (a
+        // misspelling, another mesh's key): a Warning Event, once per
+        // distinct set; they change nothing.
+        let warnings = annotation_key_warnings(inp.mesh.preset, pod.annotations.keys().map(String::as_str));
+        if warnings.is_empty() {
+            state.warned.remove(&pod.uid);
+        } else {
+            let message = warnings.iter().map(|w| w.message.as_str()).collect::<Vec<_>>().join("; ");
+            if state.warned.get(&pod.uid) != Some(&message) {
+                out.events.push(event(EventKind::Warning, "MisspeltAnnotation", message.clone()));
+                state.warned.insert(pod.uid.clone(), message);
+            }
+        }
         let annotations = match parse_annotations(inp.mesh.preset, &pod.annotations) {
             Ok(a) => {
                 state.last_good.insert(pod.uid.clone(), a.clone());
@@ -185,6 +202,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
         inp.pods.values().filter(|p| out.unresolved.contains(&p.key())).map(|p| &p.uid).collect();
     state.unresolved_since.retain(|uid, _| unresolved.contains(uid));
     state.not_found_reported.retain(|uid| unresolved.contains(uid));
+    state.warned.retain(|uid, _| seen.contains(uid));
     if holding {
         out.keep = inp.pinned.clone();
     }
@@ -280,6 +298,42 @@ mod tests {
         assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![6379]);
         assert!(p.unresolved.is_empty(), "a pending pod is waited for, not blocking");
         assert!(p.events.is_empty());
+    }
+
+    /// A misspelt annotation key is a Warning Event naming it and the
+    /// closest valid key, once per distinct set of such keys; the pod is
+    /// programmed with its other annotations.
+    #[test]
+    fn misspelt_annotation_key_is_an_event_once() {
+        let mesh = MeshSettings::default();
+        let rules = MeshedWhen::defaults(Preset::Osm);
+        let ns = netns(&[("uid-web", 11)]);
+        let pinned = BTreeSet::new();
+        let mut st = PlanState::default();
+        let run = |annotations: &[(&str, &str)], st: &mut PlanState| {
+            let all = pods(vec![pod("web", annotations)]);
+            plan(
+                &Inputs {
+                    pods: &all,
+                    mesh: &mesh,
+                    rules: &rules,
+                    netns: &ns,
+                    pinned: &pinned,
+                    proxy_cgroups: &BTreeMap::new(),
+                },
+                st,
+            )
+        };
+        let typo = "openservicemesh.io/outbound-port-exclusion-lists";
+        let p = run(&[(typo, "6379"), (PORTS, "80")], &mut st);
+        assert_eq!(p.workloads[0].annotations.outbound_port_exclusion, vec![80]);
+        assert_eq!(p.events.len(), 1, "{:?}", p.events);
+        let ev = &p.events[0];
+        assert_eq!((ev.kind, ev.reason), (EventKind::Warning, "MisspeltAnnotation"));
+        assert!(ev.message.contains(typo) && ev.message.contains(&format!("`{PORTS}`")), "{}", ev.message);
+        assert!(run(&[(typo, "6379"), (PORTS, "80")], &mut st).events.is_empty(), "published once");
+        assert!(run(&[(PORTS, "80")], &mut st).events.is_empty());
+        assert_eq!(run(&[(typo, "1")], &mut st).events.len(), 1, "again after it was fixed and came back");
     }
 
     #[test]

@@ -12,8 +12,8 @@ use ipnet::Ipv4Net;
 
 use super::*;
 use crate::{
-    compile, evaluate, evaluate_entries, evaluate_inbound, map_entries, osm_annotations, parse_annotations,
-    InboundConn, MeshSettings, OutboundConn, Preset, Protocol, Verdict, WorkloadAnnotations,
+    compile, evaluate, evaluate_entries, evaluate_inbound, istio_annotations, map_entries, osm_annotations,
+    parse_annotations, InboundConn, MeshSettings, OutboundConn, Preset, Protocol, Verdict, WorkloadAnnotations,
 };
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -55,10 +55,42 @@ fn lists(preset: Preset) -> impl Strategy<Value = WorkloadAnnotations> {
     })
 }
 
+/// The empty inclusion lists every dialect can be given, as its parsers
+/// read them: the mesh-wide port inclusion lists given as `[]` (an empty
+/// list adds no rule: no restriction, like `outboundIPRangeInclusionList:
+/// []`), and, under Istio, `includeOutboundPorts: ""` (`-q ""` adds no
+/// rule: no restriction), `includeInboundPorts: ""` (`-b ""`: no capture
+/// rule, nothing redirected inbound) or `"*"`.
+fn empty_inclusions(preset: Preset) -> impl Strategy<Value = (Option<&'static str>, Option<&'static str>, bool, bool)> {
+    let istio = preset == Preset::Istio;
+    let pod_value =
+        move || prop::option::of(prop::sample::select(vec!["", "*"])).prop_map(move |v| if istio { v } else { None });
+    (pod_value(), pod_value(), any::<bool>(), any::<bool>())
+}
+
 fn policy_for(preset: Preset) -> impl Strategy<Value = Policy> {
-    (lists(preset), lists(preset), prop::sample::select(vec![1500u32, 1337]), prop::option::of(Just(1337u32))).prop_map(
-        move |(mesh, pod, uid, gid)| {
+    (
+        lists(preset),
+        lists(preset),
+        prop::sample::select(vec![1500u32, 1337]),
+        prop::option::of(Just(1337u32)),
+        empty_inclusions(preset),
+    )
+        .prop_map(move |(mesh, mut pod, uid, gid, (out_ports, in_ports, mesh_out, mesh_in))| {
+            let mut given = BTreeMap::new();
+            if let Some(v) = out_ports {
+                given.insert(istio_annotations::INCLUDE_OUTBOUND_PORTS.to_string(), v.to_string());
+            }
+            if let Some(v) = in_ports {
+                given.insert(istio_annotations::INCLUDE_INBOUND_PORTS.to_string(), v.to_string());
+            }
+            let parsed = parse_annotations(preset, &given).expect("empty and wildcard inclusions parse");
+            pod.outbound_port_inclusion = parsed.outbound_port_inclusion;
+            pod.inbound_port_inclusion = parsed.inbound_port_inclusion;
+            let empty = |given: bool| given.then(Vec::new);
             let mesh = MeshSettings {
+                outbound_port_inclusion: empty(mesh_out),
+                inbound_port_inclusion: empty(mesh_in),
                 proxy_uid: uid,
                 proxy_gid: match preset {
                     // istio-iptables always has a GID rule (-g defaults to -u).
@@ -75,8 +107,7 @@ fn policy_for(preset: Preset) -> impl Strategy<Value = Policy> {
                 ..MeshSettings::for_preset(preset)
             };
             compile(&mesh, &pod).with_local_addresses([IpAddr::V4(POD_IP)])
-        },
-    )
+        })
 }
 
 fn any_preset_policy() -> impl Strategy<Value = (Preset, Policy)> {

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use log::error;
 
-use redirector_policy::{compile, MeshSettings, WorkloadSpec};
+use redirector_policy::{compile, MeshSettings, NetnsRef, WorkloadSpec};
 
 use crate::dataplane::{ApplyReport, Dataplane, Desired};
 
@@ -38,10 +38,119 @@ pub struct Wanted<'a> {
     pub keep: &'a BTreeSet<u64>,
 }
 
+/// A workload found on this machine: its namespace's cookie and path, and
+/// its policy with what only this machine knows (the namespace's
+/// addresses, the proxy's cgroup id).
+pub struct Resolved {
+    pub cookie: u64,
+    pub netns: PathBuf,
+    pub policy: redirector_policy::Policy,
+}
+
+/// What `run` checks of each workload on this machine before programming
+/// it, and what `check --live` checks without programming: the namespace
+/// exists and is a network namespace (a `pid:` names a live process), the
+/// proxy's cgroup is a cgroup-v2 directory, and no other workload listed
+/// before it is in the same namespace (compared by netns cookie: a
+/// `netns:` path and the `pid:` of a process in it, or two paths to one
+/// namespace, are one namespace, and one policy would silently replace the
+/// other's). One answer per workload, in order; each error names the
+/// workload, the key and the value.
+pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::Result<Resolved>> {
+    // The workload's own addresses matter only where connections routed
+    // through loopback are treated specially (Istio, Kuma, Linkerd); they
+    // are re-read on every pass, with the cookies, on one thread.
+    let policies: Vec<_> = workloads.iter().map(|w| compile(mesh, &w.annotations)).collect();
+    let namespaces: Vec<(PathBuf, bool)> = workloads
+        .iter()
+        .zip(&policies)
+        .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
+        .collect();
+    let facts = crate::sys::netns::survey(&namespaces);
+    // Cookie → the first workload found in that namespace.
+    let mut taken: BTreeMap<u64, (&str, &NetnsRef)> = BTreeMap::new();
+    let mut out = Vec::with_capacity(workloads.len());
+    for (((w, policy), fact), (path, _)) in workloads.iter().zip(policies).zip(facts).zip(namespaces) {
+        let key = match w.netns {
+            NetnsRef::Path(_) => "netns",
+            NetnsRef::Pid(_) => "pid",
+        };
+        let value = match &w.netns {
+            NetnsRef::Path(p) => p.display().to_string(),
+            NetnsRef::Pid(pid) => pid.to_string(),
+        };
+        let found = fact
+            .map_err(|e| {
+                let why = match &w.netns {
+                    NetnsRef::Pid(pid) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                        anyhow::anyhow!("no process {pid} is running")
+                    }
+                    NetnsRef::Path(p) if p.exists() && !crate::sys::mounts::is_nsfs(p) => anyhow::anyhow!(
+                        "{} is not a network namespace (expected /run/netns/NAME or /proc/PID/ns/net)",
+                        p.display()
+                    ),
+                    _ => e,
+                };
+                why.context(format!("workload `{}`: key `{key}`: value {value}: network namespace not usable", w.name))
+            })
+            .and_then(|fact| {
+                if let Some((other, where_)) = taken.get(&fact.cookie) {
+                    anyhow::bail!(
+                        "workload `{}`: key `{key}`: value {value}: the same network namespace (netns cookie {}) as \
+                         workload `{other}` ({where_}); a namespace has one policy: list it once",
+                        w.name,
+                        fact.cookie
+                    );
+                }
+                taken.insert(fact.cookie, (w.name.as_str(), &w.netns));
+                let mut policy = policy;
+                if let Some(addresses) = fact.addresses {
+                    policy = policy.with_local_addresses(addresses);
+                }
+                if let Some(cg) = &w.proxy_cgroup {
+                    policy = policy.with_proxy_cgroup(crate::sys::mounts::cgroup_id(cg).with_context(|| {
+                        format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
+                    })?);
+                }
+                // The proxy's IDs as the data path sees them: translated
+                // through the workload's user namespace, if it has its own.
+                let policy = match user_namespace(w)? {
+                    Some(m) => policy.in_user_namespace(&m).with_context(|| {
+                        format!("workload `{}`: user namespace of {}: policy not applied", w.name, w.netns)
+                    })?,
+                    None => policy,
+                };
+                Ok(Resolved { cookie: fact.cookie, netns: path.clone(), policy })
+            });
+        out.push(found);
+    }
+    out
+}
+
+/// The ID maps of a workload's user namespace when it is not the agent's:
+/// those its source knows (Kubernetes), or those of its `pid:` process; a
+/// `netns:` workload's namespace must belong to the agent's own.
+fn user_namespace(w: &WorkloadSpec) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
+    match (&w.id_maps, &w.netns) {
+        (Some(m), _) => Ok(Some(m.clone())),
+        (None, NetnsRef::Pid(pid)) => crate::sys::userns::id_maps_of_pid(std::path::Path::new("/proc"), *pid),
+        (None, NetnsRef::Path(p)) => crate::sys::userns::require_netns_in_own_user_ns(p).map(|()| None),
+    }
+}
+
+/// A pass's report, and which workloads that failed keep their last good
+/// policy in force.
+pub struct Reconciled {
+    pub report: ApplyReport,
+    /// Failed this pass (bad entry, namespace not usable, write refused)
+    /// but programmed by an earlier pass: that policy stays in force.
+    pub kept_last_good: BTreeSet<String>,
+}
+
 /// One reconcile pass: programs `wanted.workloads`, keeps `wanted.keep` and
 /// the last good policy of each workload that failed, removes the rest.
 /// Every failure is in the report's `errors`, named by workload.
-pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) -> ApplyReport {
+pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) -> Reconciled {
     let mut keep = wanted.keep.clone();
     let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
     for (name, err) in wanted.rejected {
@@ -51,65 +160,15 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
         failed.push((name.clone(), anyhow::anyhow!("{err:#}")));
     }
     let mut desired = Vec::new();
-    // The workload's own addresses matter only where connections routed
-    // through loopback are treated specially (Istio, Kuma, Linkerd); they
-    // are re-read on every pass, with the cookies, on one thread.
-    let policies: Vec<_> = wanted.workloads.iter().map(|w| compile(wanted.mesh, &w.annotations)).collect();
-    let namespaces: Vec<(PathBuf, bool)> = wanted
-        .workloads
-        .iter()
-        .zip(&policies)
-        .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
-        .collect();
-    let facts = crate::sys::netns::survey(&namespaces);
-    for (((w, policy), fact), (path, _)) in wanted.workloads.iter().zip(policies).zip(facts).zip(namespaces) {
-        let key = match w.netns {
-            redirector_policy::NetnsRef::Path(_) => "netns",
-            redirector_policy::NetnsRef::Pid(_) => "pid",
-        };
-        let mut fail = |e: anyhow::Error, failed: &mut Vec<(String, anyhow::Error)>| {
-            if let Some(c) = state.cookies.get(&w.name) {
-                keep.insert(*c);
-            }
-            failed.push((w.name.clone(), e));
-        };
-        let found = fact.and_then(|fact| {
-            let mut policy = policy;
-            if let Some(addresses) = fact.addresses {
-                policy = policy.with_local_addresses(addresses);
-            }
-            if let Some(cg) = &w.proxy_cgroup {
-                policy = policy
-                    .with_proxy_cgroup(crate::sys::mounts::cgroup_id(cg).with_context(|| {
-                        format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())
-                    })?);
-            }
-            Ok((fact.cookie, policy))
-        });
-        let (cookie, policy) = match found {
-            Ok(f) => f,
+    for (w, found) in wanted.workloads.iter().zip(resolve(wanted.mesh, wanted.workloads)) {
+        match found {
+            Ok(r) => desired.push(Desired { name: w.name.clone(), cookie: r.cookie, netns: r.netns, policy: r.policy }),
             Err(e) => {
-                let e = e.context(format!(
-                    "workload `{}`: key `{key}`: value {}: network namespace not usable",
-                    w.name,
-                    path.display()
-                ));
-                fail(e, &mut failed);
-                continue;
+                if let Some(c) = state.cookies.get(&w.name) {
+                    keep.insert(*c);
+                }
+                failed.push((w.name.clone(), e));
             }
-        };
-        // The proxy's IDs as the data path sees them: translated through
-        // the workload's user namespace, if it has one of its own.
-        let translated = user_namespace(w).and_then(|maps| match maps {
-            Some(m) => policy.in_user_namespace(&m),
-            None => Ok(policy),
-        });
-        match translated {
-            Ok(policy) => desired.push(Desired { name: w.name.clone(), cookie, netns: path.clone(), policy }),
-            Err(e) => fail(
-                e.context(format!("workload `{}`: user namespace of {}: policy not applied", w.name, w.netns)),
-                &mut failed,
-            ),
         }
     }
     let mut report = dp.apply(&desired, &keep);
@@ -124,22 +183,14 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
     state.cookies.retain(|name, _| listed.contains(name));
     failed.append(&mut report.errors);
     report.errors = failed;
-    report
-}
-
-/// The ID maps of a workload's user namespace when it is not the agent's:
-/// those its source knows (Kubernetes), or those of its `pid:` process; a
-/// `netns:` workload's namespace must belong to the agent's own.
-fn user_namespace(w: &WorkloadSpec) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
-    match (&w.id_maps, &w.netns) {
-        (Some(m), _) => Ok(Some(m.clone())),
-        (None, redirector_policy::NetnsRef::Pid(pid)) => {
-            crate::sys::userns::id_maps_of_pid(std::path::Path::new("/proc"), *pid)
-        }
-        (None, redirector_policy::NetnsRef::Path(p)) => {
-            crate::sys::userns::require_netns_in_own_user_ns(p).map(|()| None)
-        }
-    }
+    let kept_last_good = report
+        .errors
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| !in_force.contains(n) && state.cookies.contains_key(*n))
+        .cloned()
+        .collect();
+    Reconciled { report, kept_last_good }
 }
 
 /// Logs a pass: each error, then one summary line (at debug level when the
@@ -149,6 +200,11 @@ pub fn log_report(report: &ApplyReport) {
         error!(target: LOG, "{name}: {e:#}");
     }
     let quiet = report.programmed.is_empty() && report.removed == 0 && report.swept == 0 && report.errors.is_empty();
+    log_summary(report, quiet);
+}
+
+/// The summary line of a pass, at debug level when `quiet`.
+pub fn log_summary(report: &ApplyReport, quiet: bool) {
     log::log!(
         target: LOG,
         if quiet { log::Level::Debug } else { log::Level::Info },
@@ -160,4 +216,78 @@ pub fn log_report(report: &ApplyReport) {
         report.swept,
         report.errors.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use redirector_policy::{MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec};
+
+    use super::resolve;
+
+    fn workload(name: &str, netns: NetnsRef) -> WorkloadSpec {
+        WorkloadSpec {
+            name: name.into(),
+            netns,
+            proxy_cgroup: None,
+            id_maps: None,
+            annotations: WorkloadAnnotations::default(),
+        }
+    }
+
+    /// What `run` refuses, found before anything is written (and by
+    /// `check --live`): a namespace listed twice under two names (a path
+    /// and the pid of a process in it, or two paths) is refused naming
+    /// both workloads; a path that is not a namespace, a pid that does not
+    /// run and a missing cgroup are refused naming the key and the value.
+    #[test]
+    fn resolve_refuses_one_namespace_listed_twice_and_what_run_cannot_use() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP resolve_refuses_one_namespace_listed_twice_and_what_run_cannot_use: setns needs root");
+            return;
+        }
+        let mut cg = workload("cg", NetnsRef::Path("/proc/thread-self/ns/net".into()));
+        cg.proxy_cgroup = Some(PathBuf::from("/sys/fs/cgroup/redirector-no-such-cgroup"));
+        let list = [
+            workload("first", NetnsRef::Path("/proc/self/ns/net".into())),
+            workload("by-pid", NetnsRef::Pid(std::process::id())),
+            workload("passwd", NetnsRef::Path("/etc/passwd".into())),
+            // Above the largest pid_max (2^22): never a running process.
+            workload("gone", NetnsRef::Pid(4_194_305)),
+            workload("missing", NetnsRef::Path("/run/netns/redirector-no-such-ns".into())),
+            cg,
+        ];
+        let got: Vec<Result<u64, String>> = resolve(&MeshSettings::default(), &list)
+            .into_iter()
+            .map(|r| r.map(|r| r.cookie).map_err(|e| format!("{e:#}")))
+            .collect();
+        assert_eq!(got[0].as_ref().ok(), Some(&crate::sys::netns::current_netns_cookie().unwrap()));
+        let e = got[1].as_ref().unwrap_err();
+        assert!(
+            e.starts_with(&format!("workload `by-pid`: key `pid`: value {}:", std::process::id()))
+                && e.contains("the same network namespace")
+                && e.contains("workload `first` (netns /proc/self/ns/net)"),
+            "{e}"
+        );
+        let e = got[2].as_ref().unwrap_err();
+        assert!(
+            e.contains("workload `passwd`: key `netns`: value /etc/passwd") && e.contains("is not a network namespace"),
+            "{e}"
+        );
+        let e = got[3].as_ref().unwrap_err();
+        assert!(
+            e.contains("workload `gone`: key `pid`: value 4194305") && e.contains("no process 4194305 is running"),
+            "{e}"
+        );
+        let e = got[4].as_ref().unwrap_err();
+        assert!(e.contains("key `netns`: value /run/netns/redirector-no-such-ns") && e.contains("No such file"), "{e}");
+        // The same namespace again, but refused first for being listed twice.
+        let e = got[5].as_ref().unwrap_err();
+        assert!(e.contains("workload `cg`") && e.contains("the same network namespace"), "{e}");
+        let alone = resolve(&MeshSettings::default(), &list[5..]);
+        let e = format!("{:#}", alone[0].as_ref().err().unwrap());
+        assert!(e.contains("key `proxyCgroup`: value /sys/fs/cgroup/redirector-no-such-cgroup"), "{e}");
+    }
 }

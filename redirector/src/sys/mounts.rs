@@ -42,6 +42,14 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const SYSFS_MAGIC: i64 = 0x6265_6572;
+/// `NSFS_MAGIC` (include/uapi/linux/magic.h): namespace files, as
+/// `/proc/PID/ns/net` and their bind mounts under `/run/netns`.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Whether `path` is a namespace file (on nsfs).
+pub fn is_nsfs(path: &Path) -> bool {
+    fs_magic(path) == Some(NSFS_MAGIC)
+}
 
 /// Whether `path` is on a cgroup-v2 file system.
 pub fn is_cgroup2(path: &Path) -> bool {

@@ -524,3 +524,113 @@ fn sighup_reapplies_the_config() {
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// GET on an agent's status endpoint: (status code, body).
+fn status_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return (0, "not listening".into()) };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The value of a metric line `name value` in a Prometheus text.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Truncating the config file (`: > cfg`, or a non-atomic editor write
+/// caught half way) removed every workload within one poll, at INFO, and
+/// traffic went around the proxy while `/readyz` said 200. Now the empty
+/// file, one with only comments, and one with `workloads:` and no value
+/// are refused at WARN and counted, the last good configuration stays in
+/// force (traffic still redirected), and the recovery is logged. A bad
+/// workload entry keeps its last good policy, counted apart from the
+/// programmed ones, and is logged once, not on every retry.
+#[test]
+fn truncated_config_keeps_the_last_good_one_in_force() {
+    if !require_kernel() {
+        return;
+    }
+    let topo = Topology::new("t").unwrap();
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let _proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
+    let dir = tmpdir("t");
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
+    let status = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.clone().into()];
+    args.extend(["--cgroup".into(), cgroup.path.clone().into(), "--pin-dir".into(), pins.path.clone().into()]);
+    args.extend(["--poll-interval".into(), "100ms".into(), "--metrics-addr".into(), status.to_string().into()]);
+    let agent = AgentProcess::spawn(bin(), &args, &[], &dir.join("agent.log")).unwrap();
+    agent.wait_ready(bin(), &pins.path, &topo.app.path()).unwrap();
+    let probe = |dst: &str| testkit::probe(&topo.app.path(), 1000, Proto::Tcp, dst.parse().unwrap()).unwrap();
+    let log_until = |needle: &str, count: usize| {
+        let log = poll_until(|| agent.log_text(), |l| l.matches(needle).count() >= count);
+        assert!(log.matches(needle).count() >= count, "{needle:?} not logged {count} time(s):\n{log}");
+        log
+    };
+    let metrics = || status_get(status, "/metrics").1;
+    assert!(probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    assert_eq!(metric(&metrics(), "redirector_config_valid"), Some(1));
+
+    // `: > cfg`: truncated in place.
+    std::fs::File::create(&config).unwrap();
+    let log = log_until("keeping the last good configuration (1 workloads)", 1);
+    let line = log.lines().find(|l| l.contains("keeping the last good configuration")).unwrap();
+    assert!(line.contains("WARN") && line.contains("the config is empty"), "{line}");
+    // Several polls later the workload is still redirected.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"), "{}", agent.log_text());
+    assert!(probe("192.0.2.10:6379").starts_with("direct"), "the last good policy is whole");
+    let m = metrics();
+    assert_eq!(metric(&m, "redirector_config_valid"), Some(0), "{m}");
+    assert_eq!(metric(&m, "redirector_errors_total{reason=\"invalid_config\"}"), Some(1), "{m}");
+    assert_eq!(metric(&m, "redirector_workloads_programmed"), Some(1), "{m}");
+    assert_eq!(status_get(status, "/readyz").0, 200, "the last good configuration is in force");
+    assert!(!log.contains(" 1 removed"), "the workload was removed:\n{log}");
+
+    // Only comments, then `mesh:` with `workloads:` and no value: refused too.
+    write_atomically(&config, "# being edited\n");
+    log_until("keeping the last good configuration", 2);
+    write_atomically(&config, "mesh:\n  preset: osm\nworkloads:\n");
+    let log = log_until("keeping the last good configuration", 3);
+    assert!(log.contains("key `workloads` has no value"), "{log}");
+    assert!(probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    assert_eq!(metric(&metrics(), "redirector_errors_total{reason=\"invalid_config\"}"), Some(3));
+
+    // Fixed: the recovery is said, the file is in force again.
+    std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
+    log_until("valid again: 1 of 1 workloads applied", 1);
+    assert_eq!(metric(&metrics(), "redirector_config_valid"), Some(1));
+
+    // A bad entry (a type error, named with its line): its last good
+    // policy stays, counted as such, and the error is logged once (a
+    // refused entry is not retried: only a change of the file fixes it).
+    write_atomically(&config, &render(EXCLUSIONS, &topo.app.path()).replace("netns: ", "pid: \"x\"\n    netns: "));
+    let log = log_until("workloads[0].pid at line", 1);
+    assert!(log.contains("value \"x\" is a string, expected an integer"), "{log}");
+    let m = poll_until(metrics, |m| metric(m, "redirector_workloads_last_good") == Some(1));
+    assert_eq!(metric(&m, "redirector_workloads_last_good"), Some(1), "{m}");
+    assert_eq!(metric(&m, "redirector_workloads_programmed"), Some(0), "{m}");
+    assert!(probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    // A retry would run a pass within 1 s (then 2 s): none runs.
+    let passes = metric(&m, "redirector_sync_duration_seconds_count").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let m = metrics();
+    assert_eq!(metric(&m, "redirector_sync_duration_seconds_count"), Some(passes), "retried:\n{}", agent.log_text());
+    let log = agent.log_text();
+    assert_eq!(log.matches("workloads[0].pid at line").count(), 1, "logged again without a change:\n{log}");
+    std::fs::write(&config, render(EXCLUSIONS, &topo.app.path())).unwrap();
+    log_until("error cleared, its policy is applied", 1);
+
+    // `workloads: []` unprograms on purpose.
+    write_atomically(&config, "workloads: []\n");
+    let got = poll_until(|| probe("192.0.2.10:80"), |g| g.starts_with("direct"));
+    assert!(got.starts_with("direct 192.0.2.10:80"), "{got}\n{}", agent.log_text());
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -174,7 +174,7 @@ impl Agent {
             debug!(target: LOG, "network namespace not found yet for {:?}; sweeping deferred", p.unresolved);
         }
         let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
-        let report = reconcile(&mut self.dp, &wanted, &mut self.agent_state);
+        let report = reconcile(&mut self.dp, &wanted, &mut self.agent_state).report;
         log_report(&report);
         self.ready_pods.clear();
         self.failed_pods.clear();
