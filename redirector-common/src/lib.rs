@@ -12,7 +12,9 @@ pub mod decide;
 
 /// Version of the map layout below. The agent stores it in the `META` map
 /// and refuses to adopt pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 5;
+/// (Layout 6 grew `COUNTERS` from 24 to 32 slots, so that a new counter
+/// can take a spare slot without another layout change.)
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -325,12 +327,19 @@ pub mod counter {
     /// The proxy's inbound listener could not be registered (RDR_LISTENERS
     /// full): inbound connections to that workload are dropped, not let by.
     pub const LISTENER_INSERT_FAILED: u32 = 22;
+    /// `SO_ORIGINAL_DST` on a connection of a workload that has no record
+    /// (it reached the proxy's port without being redirected, or its
+    /// record could not be kept), answered as conntrack does for a
+    /// connection it did not NAT: with the socket's own local address.
+    pub const ORIG_DST_OWN_ADDRESS: u32 = 23;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
-    pub const UPGRADE_TEST_BUILD: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// The last slot: counters added later take the spare slots between
+    /// the named ones and this one, which keeps the layout.
+    pub const UPGRADE_TEST_BUILD: u32 = COUNT - 1;
+    pub const COUNT: u32 = 32;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -354,6 +363,7 @@ pub mod counter {
         "accel_msg_redirected",
         "accel_msg_via_tcp",
         "listener_insert_failed",
+        "orig_dst_own_address",
     ];
 }
 
@@ -387,6 +397,7 @@ mod tests {
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<Meta>(), 8);
-        assert!(counter::NAMES.len() as u32 <= counter::COUNT);
+        // Named counters, then spare slots, then the test build's.
+        assert!(counter::NAMES.len() as u32 <= counter::UPGRADE_TEST_BUILD);
     }
 }

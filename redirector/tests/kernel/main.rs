@@ -9,7 +9,8 @@
 //! agent, the iptables workload, the differential driver, waiting):
 //! [`differential`] (against the meshes' iptables rules), [`dual_stack`],
 //! [`lifecycle`] (changes, restarts, upgrades, the gate), [`connections`],
-//! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
+//! [`identity`] (proxy by cgroup), [`original_dst`] (conntrack's answers
+//! for connections nothing redirected), [`full_maps`], [`sockmap`], [`kube`]
 //! (the Kubernetes agent against a fake API server), [`kernel_support`].
 use std::{
     net::SocketAddrV4,
@@ -33,6 +34,7 @@ mod identity;
 mod kernel_support;
 mod kube;
 mod lifecycle;
+mod original_dst;
 mod sockmap;
 
 const BIN: &str = env!("CARGO_BIN_EXE_redirector");
