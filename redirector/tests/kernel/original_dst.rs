@@ -99,3 +99,47 @@ fn unredirected_connections_get_their_own_address() {
     let own = counters.iter().find(|(n, _)| *n == "orig_dst_own_address").map(|(_, v)| *v);
     assert_eq!(own, Some(3), "answered outside the workloads: {counters:?}");
 }
+
+/// Who the proxy sees as the client of a redirected connection, and what
+/// the application sees as its own address. Under iptables REDIRECT the
+/// application's socket keeps the source routing chose for the original
+/// destination (the pod's address); connect4 rewrites the destination
+/// before a source is chosen, so under redirector both see 127.0.0.1.
+/// docs/architecture.md ("Client address") says why this is not matched
+/// and what it means for proxies that log or filter by client address;
+/// this test keeps that page true. The application's peer is what it
+/// dialed under both.
+#[test]
+fn redirected_client_address_is_loopback_not_the_pod_address() {
+    if !require_kernel() {
+        return;
+    }
+    let never = || Arc::new(AtomicBool::new(false));
+    // osm-init's rules for the same config, and the same proxy.
+    let reference = Topology::new("ci").unwrap();
+    let cfg = parse_config(&render(OSM, &reference.app.path())).unwrap();
+    reference.app.shell(&osm_init_script(&compile(&cfg.mesh, &cfg.workloads[0].annotations))).unwrap();
+    let _ref_proxy = Server::intercepting(&reference.app.path(), "127.0.0.1:15001".parse().unwrap(), never()).unwrap();
+    let m = Managed::start_full(Topology::new("cr").unwrap(), OSM, |_| Vec::new(), false);
+    let _proxy = Server::intercepting(&m.topo.app.path(), "127.0.0.1:15001".parse().unwrap(), never()).unwrap();
+    let connect = |ns: &Path| {
+        testkit::in_netns_as(ns, 1000, || {
+            use std::io::Read as _;
+            let mut s = std::net::TcpStream::connect("192.0.2.10:80").unwrap();
+            let (local, peer) = (s.local_addr().unwrap(), s.peer_addr().unwrap());
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            (reply.trim().to_string(), local, peer)
+        })
+        .unwrap()
+    };
+    let pod = testkit::addrs::POD_IP;
+    let (reply, local, peer) = connect(&reference.app.path());
+    println!("iptables:   app {local} -> peer {peer}; proxy: {reply}");
+    assert_eq!(reply, format!("proxy 192.0.2.10:80 from {local}"));
+    assert_eq!((local.ip().to_string(), peer.to_string()), (pod.to_string(), "192.0.2.10:80".to_string()));
+    let (reply, local, peer) = connect(&m.topo.app.path());
+    println!("redirector: app {local} -> peer {peer}; proxy: {reply}");
+    assert_eq!(reply, format!("proxy 192.0.2.10:80 from {local}"));
+    assert_eq!((local.ip().to_string(), peer.to_string()), ("127.0.0.1".to_string(), "192.0.2.10:80".to_string()));
+}
