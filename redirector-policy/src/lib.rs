@@ -32,7 +32,7 @@ pub use dialect::{
     PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
-pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
+pub use encode::{cidr_entries, cidr_entry, map_entries, written_ranges, MapEntries};
 pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
