@@ -74,6 +74,9 @@ pub struct Dataplane {
     /// `sk_msg` program did not load or attach); None when it can.
     pub accel_unavailable: Option<String>,
     programmed: StdHashMap<u64, Policy>,
+    /// The names this agent recorded in `NAMES` (written again only when
+    /// they change).
+    names: StdHashMap<u64, String>,
     /// When the list maps were last swept whole (None: not yet). Between
     /// whole sweeps a pass deletes exactly the entries of the policies it
     /// replaced or removed, which it knows from `programmed`.
@@ -130,6 +133,7 @@ impl Dataplane {
             maps,
             accel_unavailable,
             programmed: StdHashMap::new(),
+            names: StdHashMap::new(),
             last_full_sweep: None,
             _ebpf: ebpf,
         })
@@ -204,6 +208,7 @@ impl Dataplane {
             match self.maps.remove_workload(cookie) {
                 Ok(()) => {
                     self.programmed.remove(&cookie);
+                    self.names.remove(&cookie);
                     retired.extend(old);
                     report.removed += 1;
                 }
@@ -242,6 +247,21 @@ impl Dataplane {
             }
         }
         self.clear_retired(&retired, whole, &mut report);
+        // The names `inspect` shows, for every workload in force with this
+        // pass's input (a rename alone changes no policy).
+        for d in desired.iter().filter(|d| self.programmed.contains_key(&d.cookie)) {
+            if self.names.get(&d.cookie) == Some(&d.name) {
+                continue;
+            }
+            match self.maps.set_name(d.cookie, &d.name) {
+                Ok(()) => {
+                    self.names.insert(d.cookie, d.name.clone());
+                }
+                Err(e) => report
+                    .errors
+                    .push((d.name.clone(), e.context(format!("workload `{}`: recording its name", d.name)))),
+            }
+        }
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
