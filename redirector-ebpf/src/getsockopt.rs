@@ -78,13 +78,15 @@ fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
 /// nf_conntrack_proto.c) looks the socket's tuple up and answers the
 /// destination of the connection's original direction; for a connection
 /// nothing NATed, accepted by the proxy, that is the accepted socket's own
-/// local address (a process of the pod dialing 127.0.0.1:15001, a peer
-/// dialing podIP:15003, a redirected connection whose record did not fit).
+/// local address (a process of the pod dialing 127.0.0.1:15001 or the
+/// inbound port, a redirected connection whose record did not fit; a
+/// peer's connection to podIP:15003 has sockops' inbound record).
 /// Proxies rely on it: squid in intercept mode answers such a connection
 /// "403 forwarding loop" and goes on serving, while a failed lookup makes
 /// squid 5 stop accepting on that port.
 ///
-/// Only for TCP sockets of a workload, connected and accepted on one of
+/// Only for TCP sockets of a workload, connected (a listening socket has
+/// no remote port, and no conntrack entry) and accepted on one of
 /// its proxy's ports: the program cannot tell an accepted socket from one
 /// that connected out (conntrack answers the remote address for those),
 /// and the proxy's ports are where only accepted sockets live. Every other
