@@ -19,7 +19,9 @@ pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION;
 #[cfg(feature = "layout-next")]
 pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION + 1;
 /// The layout this source ships (bump it when the layout changes).
-const RELEASED_LAYOUT_VERSION: u32 = 5;
+/// (Layout 6 grew `COUNTERS` from 24 to 32 slots, so that a new counter
+/// can take a spare slot without another layout change, and added `NAMES`.)
+const RELEASED_LAYOUT_VERSION: u32 = 6;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -54,13 +56,16 @@ pub mod map_names {
     /// Both ends of accelerated app ↔ proxy connections (`mesh.acceleration:
     /// sockmap`); the `sk_msg` program is attached to this map.
     pub const ACCEL_SOCKETS: &str = "RDR_ACCEL_SOCKS";
+    /// Workload names (the config's or `namespace/pod`), for `inspect`;
+    /// written by the agent, read by no program.
+    pub const NAMES: &str = "RDR_NAMES";
     /// Every map the agent pins, in a stable order. All of them: a map
     /// that a new agent re-created instead of adopting would split the
     /// connections in flight during a restart between two copies (the
     /// socket storage was once left out, and connections made while old
     /// and new programs overlapped lost their original destination).
-    pub const PINNED: [&str; 9] =
-        [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, SOCK_ORIG, COUNTERS, LISTENERS, ACCEL_SOCKETS];
+    pub const PINNED: [&str; 10] =
+        [META, WORKLOADS, PORTS, CIDRS, ORIG_BY_TUPLE, SOCK_ORIG, COUNTERS, LISTENERS, ACCEL_SOCKETS, NAMES];
 }
 
 /// Names of the programs (ELF symbol names).
@@ -295,6 +300,23 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
     a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0 && a[10] == 0xff && a[11] == 0xff
 }
 
+/// Bytes of a workload name `NAMES` keeps: a Kubernetes `namespace/pod`
+/// (63 + 1 + 253 bytes) fits whole.
+pub const MAX_NAME_BYTES: usize = 320;
+
+/// Value of the `NAMES` hash map, keyed by the workload's netns cookie: the
+/// name the agent knows it by, UTF-8, cut at `MAX_NAME_BYTES` on a
+/// character boundary.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkloadName {
+    /// Bytes of `bytes` in use.
+    pub len: u32,
+    /// Length of the whole name (more than `len` when it was cut).
+    pub full_len: u32,
+    pub bytes: [u8; MAX_NAME_BYTES],
+}
+
 /// Value of the `META` array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -335,12 +357,19 @@ pub mod counter {
     /// The proxy's inbound listener could not be registered (RDR_LISTENERS
     /// full): inbound connections to that workload are dropped, not let by.
     pub const LISTENER_INSERT_FAILED: u32 = 22;
+    /// `SO_ORIGINAL_DST` on a connection of a workload that has no record
+    /// (it reached the proxy's port without being redirected, or its
+    /// record could not be kept), answered as conntrack does for a
+    /// connection it did not NAT: with the socket's own local address.
+    pub const ORIG_DST_OWN_ADDRESS: u32 = 23;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
-    pub const UPGRADE_TEST_BUILD: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// The last slot: counters added later take the spare slots between
+    /// the named ones and this one, which keeps the layout.
+    pub const UPGRADE_TEST_BUILD: u32 = COUNT - 1;
+    pub const COUNT: u32 = 32;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 23] = [
+    pub const NAMES: [&str; 24] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -364,6 +393,7 @@ pub mod counter {
         "accel_msg_redirected",
         "accel_msg_via_tcp",
         "listener_insert_failed",
+        "orig_dst_own_address",
     ];
 }
 
@@ -380,6 +410,7 @@ mod pod {
     unsafe impl aya::Pod for TupleKey {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for Meta {}
+    unsafe impl aya::Pod for WorkloadName {}
 }
 
 #[cfg(test)]
@@ -397,6 +428,8 @@ mod tests {
         assert_eq!(size_of::<TupleKey>(), 48);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<Meta>(), 8);
-        assert!(counter::NAMES.len() as u32 <= counter::COUNT);
+        assert_eq!(size_of::<WorkloadName>(), 8 + MAX_NAME_BYTES);
+        // Named counters, then spare slots, then the test build's.
+        assert!(counter::NAMES.len() as u32 <= counter::UPGRADE_TEST_BUILD);
     }
 }

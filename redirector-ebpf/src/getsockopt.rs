@@ -1,12 +1,14 @@
 //! `cgroup/getsockopt`: answer `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` the way conntrack does under
-//! iptables REDIRECT, from what connect4/6, sockops and sk_lookup kept.
+//! iptables REDIRECT, from what connect4/6, sockops and sk_lookup kept, and
+//! for a proxy's connection nothing redirected, with its own address.
 use aya_ebpf::{
-    helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext, EbpfContext as _,
+    bindings::bpf_sock, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext,
+    EbpfContext as _,
 };
 use redirector_common::{counter, is_v4_mapped, v4_mapped, OrigDst, TupleKey, AF_INET, AF_INET6};
 
-use crate::maps::{count, sock_orig, words_to_bytes, RDR_ORIG_TUPLE};
+use crate::maps::{count, sock_orig, words_to_bytes, IPPROTO_TCP, RDR_ORIG_TUPLE, RDR_WORKLOADS};
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -21,8 +23,14 @@ pub fn rdr_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// What the program answers with, and the counter that says so.
+struct Answer {
+    orig: OrigDst,
+    counter: u32,
+}
+
 #[inline(always)]
-fn lookup(ctx: &SockoptContext) -> Option<OrigDst> {
+fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
     let so = unsafe { &*ctx.sockopt };
     let sk = unsafe { so.__bindgen_anon_1.sk };
     if sk.is_null() {
@@ -30,7 +38,7 @@ fn lookup(ctx: &SockoptContext) -> Option<OrigDst> {
     }
     let stored = unsafe { sock_orig(sk, None) };
     if !stored.is_null() {
-        return Some(unsafe { *stored });
+        return Some(Answer { orig: unsafe { *stored }, counter: counter::ORIG_DST_SERVED });
     }
     // Not handed over at accept time (e.g. the proxy runs in another
     // cgroup): look the connection up by its 4-tuple.
@@ -60,7 +68,43 @@ fn lookup(ctx: &SockoptContext) -> Option<OrigDst> {
     } else {
         return None;
     }
-    unsafe { RDR_ORIG_TUPLE.get(&key) }.copied()
+    if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(&key) } {
+        return Some(Answer { orig: *orig, counter: counter::ORIG_DST_SERVED });
+    }
+    own_address(s, &key, kernel_retval)
+}
+
+/// No record: conntrack's answer. `getorigdst` (net/netfilter/
+/// nf_conntrack_proto.c) looks the socket's tuple up and answers the
+/// destination of the connection's original direction; for a connection
+/// nothing NATed, accepted by the proxy, that is the accepted socket's own
+/// local address (a process of the pod dialing 127.0.0.1:15001 or the
+/// inbound port, a redirected connection whose record did not fit; a
+/// peer's connection to podIP:15003 has sockops' inbound record).
+/// Proxies rely on it: squid in intercept mode answers such a connection
+/// "403 forwarding loop" and goes on serving, while a failed lookup makes
+/// squid 5 stop accepting on that port.
+///
+/// Only for TCP sockets of a workload, connected (a listening socket has
+/// no remote port, and no conntrack entry) and accepted on one of
+/// its proxy's ports: the program cannot tell an accepted socket from one
+/// that connected out (conntrack answers the remote address for those),
+/// and the proxy's ports are where only accepted sockets live. Every other
+/// socket keeps the kernel's answer (ENOENT without a conntrack entry),
+/// as does a socket the kernel already answered for (conntrack in use).
+#[inline(always)]
+fn own_address(s: &bpf_sock, key: &TupleKey, kernel_retval: i32) -> Option<Answer> {
+    if kernel_retval == 0 || s.protocol != IPPROTO_TCP || key.client_port == 0 {
+        return None;
+    }
+    let policy = unsafe { RDR_WORKLOADS.get(&key.netns_cookie) }?;
+    if key.proxy_port != policy.outbound_port && key.proxy_port != policy.inbound_port {
+        return None;
+    }
+    Some(Answer {
+        orig: OrigDst { family: key.family, port_be: key.proxy_port.to_be(), flags: 0, addr: key.proxy_addr },
+        counter: counter::ORIG_DST_OWN_ADDRESS,
+    })
 }
 
 #[inline(always)]
@@ -69,8 +113,8 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
         return;
     }
-    let orig = match lookup(ctx) {
-        Some(o) => o,
+    let Answer { orig, counter: served } = match lookup(ctx, so.retval) {
+        Some(a) => a,
         None => {
             count(counter::ORIG_DST_MISS);
             return;
@@ -119,5 +163,5 @@ fn try_getsockopt(ctx: &SockoptContext) {
         core::ptr::write_volatile(&raw mut so.optlen, len as i32);
         core::ptr::write_volatile(&raw mut so.retval, 0);
     }
-    count(counter::ORIG_DST_SERVED);
+    count(served);
 }

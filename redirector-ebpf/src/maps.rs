@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirector_common::{
-    counter, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy, MAX_ACCEL_SOCKETS,
-    MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    counter, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadName, WorkloadPolicy,
+    MAX_ACCEL_SOCKETS, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -20,6 +20,11 @@ pub static RDR_META: Array<Meta, 1> = Array::new();
 /// Per-workload policy, keyed by network namespace cookie.
 #[btf_map]
 pub static RDR_WORKLOADS: HashMap<u64, WorkloadPolicy, { MAX_WORKLOADS as usize }> = HashMap::new();
+
+/// Workload names for `inspect`, keyed by netns cookie; written by the
+/// agent, read by no program.
+#[btf_map]
+pub static RDR_NAMES: HashMap<u64, WorkloadName, { MAX_WORKLOADS as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Excluded ports per policy id and direction.
 #[btf_map]

@@ -52,6 +52,30 @@ pub fn cidr_entries(policy_id: u32, kind: u8, net: &IpNet) -> Vec<(u32, CidrData
     }
 }
 
+/// The IP ranges one kind of trie entries express, the way they were
+/// written: IPv4 entries as they are, IPv6 ones collapsed to the minimal set
+/// of ranges that matches the same IPv6 destinations, so the pieces of a
+/// range that covers the IPv4-mapped block ([`cidr_entries`]) read as that
+/// range again (`::/0`, not 96 pieces). Takes the entries' canonical nets
+/// (IPv4 as IPv4); sorted.
+pub fn written_ranges(entries: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
+    let block = Ipv6Net::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96).expect("96 <= 128");
+    let (mut v4, mut v6) = (Vec::new(), vec![block]);
+    for n in entries {
+        match canonical_net(n) {
+            IpNet::V4(n) => v4.push(IpNet::V4(n)),
+            IpNet::V6(n) => v6.push(n),
+        }
+    }
+    // An IPv6 range never matches IPv4 destinations, so with the mapped
+    // block added the pieces merge back into their range; what lies inside
+    // the block came only from it.
+    let v6 = Ipv6Net::aggregate(&v6).into_iter().filter(|n| !block.contains(n)).map(IpNet::V6);
+    v4.sort();
+    v4.dedup();
+    v4.into_iter().chain(v6).collect()
+}
+
 pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     let mut f = flags::OUT_ENABLED;
     if policy.outbound_ip_range_inclusion.is_some() {
@@ -125,4 +149,89 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
     let mut seen = std::collections::HashSet::new();
     cidrs.retain(|(bits, d)| seen.insert((*bits, *d)));
     MapEntries { workload, ports, cidrs }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nets the trie holds for `written` (as inspect reads them back).
+    fn stored(written: &[&str]) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for w in written {
+            for (bits, d) in cidr_entries(7, cidr_kind::OUTBOUND_INCLUDE, &w.parse().unwrap()) {
+                let net = IpNet::new(std::net::Ipv6Addr::from(d.addr).into(), (bits - CIDR_KEY_PREFIX_BITS) as u8);
+                out.push(canonical_net(net.unwrap()));
+            }
+        }
+        out
+    }
+
+    fn shown(written: &[&str]) -> Vec<String> {
+        written_ranges(stored(written)).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn ranges_covering_the_mapped_block_read_as_written() {
+        assert_eq!(stored(&["::/0"]).len(), 96);
+        assert_eq!(shown(&["::/0"]), ["::/0"]);
+        assert_eq!(shown(&["0.0.0.0/0", "::/0"]), ["0.0.0.0/0", "::/0"]);
+        assert_eq!(shown(&["0.0.0.0/0"]), ["0.0.0.0/0"]);
+        assert_eq!(shown(&["::/64", "2001:db8::/32"]), ["::/64", "2001:db8::/32"]);
+        // (shown by its network address, as every range is)
+        assert_eq!(shown(&["::ffff:0:0/81"]), ["::8000:0:0/81"]);
+        // IPv4-mapped spellings are IPv4 ranges.
+        assert_eq!(shown(&["::ffff:192.0.2.0/120"]), ["192.0.2.0/24"]);
+    }
+
+    #[test]
+    fn other_ranges_are_kept_and_sorted() {
+        assert_eq!(shown(&[]), Vec::<String>::new());
+        assert_eq!(
+            shown(&["203.0.113.0/25", "192.0.2.10/32", "2001:db8:2::/64", "198.51.100.0/24"]),
+            ["192.0.2.10/32", "198.51.100.0/24", "203.0.113.0/25", "2001:db8:2::/64"]
+        );
+        // IPv4 ranges stay as written, even when adjacent.
+        assert_eq!(shown(&["10.0.0.0/9", "10.128.0.0/9"]), ["10.0.0.0/9", "10.128.0.0/9"]);
+    }
+
+    /// Whatever is written, what is shown matches the same destinations:
+    /// every address of a sample lies in a shown range exactly when it lies
+    /// in a written one (an IPv6 range never covering IPv4).
+    #[test]
+    fn shown_ranges_match_the_same_destinations() {
+        let lists: &[&[&str]] = &[
+            &["::/0"],
+            &["::/1", "8000::/1"],
+            &["::/80", "2001:db8::/32", "10.0.0.0/8"],
+            &["::ffff:0:0/95", "::fffe:0:0/96"],
+            &["::/0", "0.0.0.0/0", "2001:db8::/32"],
+        ];
+        let samples: Vec<std::net::IpAddr> = [
+            "::1",
+            "::",
+            "::fffe:1:2",
+            "::ffff:10.1.2.3",
+            "10.1.2.3",
+            "192.0.2.1",
+            "2001:db8::1",
+            "8000::1",
+            "ffff::1",
+            "::1:0:0:1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let covers = |nets: &[IpNet], a: std::net::IpAddr| {
+            let a = crate::compile::canonical_ip(a);
+            nets.iter().map(|n| canonical_net(*n)).any(|n| matches!(n, IpNet::V4(_)) == a.is_ipv4() && n.contains(&a))
+        };
+        for written in lists {
+            let w: Vec<IpNet> = written.iter().map(|s| s.parse().unwrap()).collect();
+            let s = written_ranges(stored(written));
+            for a in &samples {
+                assert_eq!(covers(&w, *a), covers(&s, *a), "{written:?} shown as {s:?}, address {a}");
+            }
+        }
+    }
 }

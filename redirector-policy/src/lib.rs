@@ -36,7 +36,7 @@ pub use dialect::{
     parse_annotations, parse_annotations_each, KeyWarning, LoopbackMode, Preset, PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
-pub use encode::{cidr_entries, cidr_entry, map_entries, MapEntries};
+pub use encode::{cidr_entries, cidr_entry, map_entries, written_ranges, MapEntries};
 pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };

@@ -301,6 +301,64 @@ impl Server {
     }
 }
 
+impl Server {
+    /// A proxy in NAT interception mode that treats the original
+    /// destination as squid 5 does (`http_port … intercept`):
+    ///
+    /// - it asks for it on every accepted connection, `SOL_IPV6,
+    ///   IP6T_SO_ORIGINAL_DST` when the local address is IPv6 and `SOL_IP,
+    ///   SO_ORIGINAL_DST` otherwise (squid's
+    ///   `Ip::Intercept::NetfilterInterception`, src/ip/Intercept.cc);
+    /// - when that fails it closes the connection and stops accepting for
+    ///   good: squid 5's `Comm::TcpAcceptor::oldAccept` returns
+    ///   `COMM_ERROR` when the NAT lookup fails and `acceptOne()` then calls
+    ///   `mustStop("Listener socket closed")` (src/comm/TcpAcceptor.cc;
+    ///   squid 6 only drops that one connection);
+    /// - when the original destination is its own listening address (the
+    ///   connection reached the port without being redirected), it answers
+    ///   `403 forwarding loop <address>` and goes on serving: squid
+    ///   forwards such a request to itself, finds its own
+    ///   name in the `Via` header (`clientInterpretRequestHeaders`,
+    ///   src/client_side_request.cc) and answers 403 `ERR_ACCESS_DENIED`
+    ///   ("Deny loops", src/client_side_reply.cc);
+    /// - otherwise it answers `proxy <original destination>`.
+    ///
+    /// Both answers end in `from <client address>`, as squid logs it.
+    ///
+    /// `stopped` becomes true once it has stopped accepting.
+    pub fn intercepting(netns: &Path, addr: SocketAddr, stopped: Arc<AtomicBool>) -> Result<Self> {
+        Self::start(netns, move || {
+            let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+            l.set_nonblocking(true)?;
+            let mut listener = Some(l);
+            Ok(Box::new(move || {
+                let Some(l) = &listener else { return false };
+                let Ok((mut s, client)) = l.accept() else { return false };
+                let _ = s.set_nonblocking(false);
+                // Itself: its port, and its address unless it listens on
+                // all of them.
+                let own = |orig: SocketAddr| {
+                    orig.port() == addr.port() && (addr.ip().is_unspecified() || orig.ip() == addr.ip())
+                };
+                match original_dst_any(&s) {
+                    Ok(orig) if own(orig) => {
+                        let _ = s.write_all(format!("403 forwarding loop {orig} from {client}\n").as_bytes());
+                    }
+                    Ok(orig) => {
+                        let _ = s.write_all(format!("proxy {orig} from {client}\n").as_bytes());
+                    }
+                    Err(_) => {
+                        drop(s);
+                        listener = None;
+                        stopped.store(true, Ordering::SeqCst);
+                    }
+                }
+                true
+            }))
+        })
+    }
+}
+
 /// Which of Envoy's listeners a [`Server::forwarder`] plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hop {

@@ -1,5 +1,6 @@
 //! `redirector inspect`: the programmed state read back from the pinned
-//! maps, with names put on netns cookies where /run/netns has them.
+//! maps: each workload under the name the agent knew it by, with the path
+//! /run/netns has for its namespace, and what each direction redirects.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -10,6 +11,8 @@ use std::{
 use anyhow::Result;
 use redirector_common::{cidr_kind, flags, port_kind, CIDR_KEY_PREFIX_BITS};
 use serde::Serialize;
+
+use redirector_policy::written_ranges;
 
 use crate::{
     dataplane::{links_pinned, Maps, CAPACITIES},
@@ -28,6 +31,9 @@ pub struct Snapshot {
 
 #[derive(Serialize)]
 pub struct WorkloadView {
+    /// The name the agent programmed it under (the config's `name`, or
+    /// `namespace/pod`); None if no name was recorded.
+    pub name: Option<String>,
     pub netns_cookie: u64,
     pub netns: Option<String>,
     pub policy_id: u32,
@@ -38,12 +44,25 @@ pub struct WorkloadView {
     pub outbound_redirect: String,
     pub inbound_port: u16,
     pub outbound_enabled: bool,
+    /// What outbound redirects, in one word, and in a sentence (below).
+    pub outbound_redirects: Redirects,
+    /// e.g. "redirect everything except ports 6379 and IP ranges
+    /// 198.51.100.0/24", "redirect nothing (the IP range inclusion list is
+    /// empty)".
+    pub outbound: String,
+    pub inbound_redirects: Redirects,
+    /// e.g. "redirect every port to 15003 except ports 15010, 15901".
+    pub inbound: String,
     pub outbound_port_exclusions: Vec<u16>,
     pub inbound_port_exclusions: Vec<u16>,
+    /// IP ranges as written (see [`redirector_policy::written_ranges`]).
     pub outbound_ip_range_exclusions: Vec<String>,
-    pub outbound_ip_range_inclusions: Vec<String>,
+    /// Only these destinations are redirected (None: every destination;
+    /// empty: none).
+    pub outbound_ip_range_inclusions: Option<Vec<String>>,
     pub inbound_source_exclusions: Vec<String>,
-    /// Only these outbound ports are redirected (None: every port).
+    /// Only these outbound ports are redirected (None: every port; empty:
+    /// none).
     pub outbound_port_inclusions: Option<Vec<u16>>,
     /// Only these inbound ports are redirected (None: every port).
     pub inbound_port_inclusions: Option<Vec<u16>>,
@@ -54,6 +73,91 @@ pub struct WorkloadView {
     pub sk_lookup_attached: bool,
     /// Address families of the proxy's registered inbound listeners.
     pub inbound_listeners: Vec<&'static str>,
+}
+
+/// What one direction of a workload redirects.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Redirects {
+    /// The direction is not redirected at all (inbound capture off).
+    Off,
+    /// Enabled, but an inclusion list is empty: nothing matches it.
+    Nothing,
+    /// Everything but the exclusions.
+    Everything,
+    /// Only what the inclusion lists name, but the exclusions.
+    Only,
+}
+
+/// The lists of one workload as `inspect` reads them (the input of the
+/// decision sentences).
+pub struct Lists<'a> {
+    pub outbound_enabled: bool,
+    pub outbound_port_exclusions: &'a [u16],
+    pub outbound_ip_range_exclusions: &'a [String],
+    pub outbound_ip_range_inclusions: Option<&'a [String]>,
+    pub outbound_port_inclusions: Option<&'a [u16]>,
+    pub inbound_enabled: bool,
+    pub inbound_port: u16,
+    pub inbound_port_exclusions: &'a [u16],
+    pub inbound_port_inclusions: Option<&'a [u16]>,
+    pub inbound_source_exclusions: &'a [String],
+}
+
+/// What outbound redirects (the proxy's own connections and the loopback
+/// rules of the workload's mesh come before these lists).
+pub fn outbound_decision(l: &Lists) -> (Redirects, String) {
+    if !l.outbound_enabled {
+        return (Redirects::Off, "off".into());
+    }
+    for (list, what) in [
+        (l.outbound_ip_range_inclusions.map(<[String]>::len), "IP range"),
+        (l.outbound_port_inclusions.map(<[u16]>::len), "port"),
+    ] {
+        if list == Some(0) {
+            return (Redirects::Nothing, format!("redirect nothing (the {what} inclusion list is empty)"));
+        }
+    }
+    let (redirects, mut out) = match (l.outbound_ip_range_inclusions, l.outbound_port_inclusions) {
+        (None, None) => (Redirects::Everything, "redirect everything".to_string()),
+        (Some(r), None) => (Redirects::Only, format!("redirect only IP ranges {}", list(r))),
+        (None, Some(p)) => (Redirects::Only, format!("redirect only ports {}", list(p))),
+        (Some(r), Some(p)) => (Redirects::Only, format!("redirect only IP ranges {} on ports {}", list(r), list(p))),
+    };
+    let mut except = Vec::new();
+    if !l.outbound_port_exclusions.is_empty() {
+        except.push(format!("ports {}", list(l.outbound_port_exclusions)));
+    }
+    if !l.outbound_ip_range_exclusions.is_empty() {
+        except.push(format!("IP ranges {}", list(l.outbound_ip_range_exclusions)));
+    }
+    if !except.is_empty() {
+        let _ = write!(out, " except {}", except.join(" and "));
+    }
+    (redirects, out)
+}
+
+/// What inbound redirects to the proxy's inbound port.
+pub fn inbound_decision(l: &Lists) -> (Redirects, String) {
+    if !l.inbound_enabled {
+        return (Redirects::Off, "off".into());
+    }
+    let (redirects, mut out) = match l.inbound_port_inclusions {
+        Some([]) => return (Redirects::Nothing, "redirect nothing (the port inclusion list is empty)".into()),
+        None => (Redirects::Everything, format!("redirect every port to {}", l.inbound_port)),
+        Some(p) => (Redirects::Only, format!("redirect only ports {} to {}", list(p), l.inbound_port)),
+    };
+    let mut except = Vec::new();
+    if !l.inbound_port_exclusions.is_empty() {
+        except.push(format!("ports {}", list(l.inbound_port_exclusions)));
+    }
+    if !l.inbound_source_exclusions.is_empty() {
+        except.push(format!("connections from {}", list(l.inbound_source_exclusions)));
+    }
+    if !except.is_empty() {
+        let _ = write!(out, " except {}", except.join(" and "));
+    }
+    (redirects, out)
 }
 
 #[derive(Serialize)]
@@ -68,12 +172,13 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
     let meta = maps.meta()?;
     let ports = maps.port_keys()?;
     let cidrs = maps.cidr_keys()?;
-    let mut names = BTreeMap::new();
+    let mut paths = BTreeMap::new();
     for p in netns::named_namespaces() {
         if let Ok(c) = netns::netns_cookie(&p) {
-            names.insert(c, p.display().to_string());
+            paths.insert(c, p.display().to_string());
         }
     }
+    let names = maps.names()?;
     let workloads_map = maps.workloads()?;
     let listeners = maps.listener_keys()?;
     let workloads = workloads_map
@@ -89,24 +194,39 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             let in_ports = port_list(port_kind::INBOUND_EXCLUDE);
             let inclusion = |flag, kind| (w.flags & flag != 0).then(|| port_list(kind));
             let cidr_list = |kind| {
-                let mut v: Vec<ipnet::IpNet> = cidrs
+                let stored = cidrs
                     .iter()
                     .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id && d.kind == kind)
                     .filter_map(|(bits, d)| {
-                        let net = ipnet::IpNet::new(
-                            std::net::Ipv6Addr::from(d.addr).into(),
-                            (bits - CIDR_KEY_PREFIX_BITS) as u8,
-                        )
-                        .ok()?;
-                        Some(redirector_policy::canonical_net(net))
-                    })
-                    .collect();
-                v.sort();
-                v.into_iter().map(|n| n.to_string()).collect::<Vec<_>>()
+                        ipnet::IpNet::new(std::net::Ipv6Addr::from(d.addr).into(), (bits - CIDR_KEY_PREFIX_BITS) as u8)
+                            .ok()
+                    });
+                written_ranges(stored).into_iter().map(|n| n.to_string()).collect::<Vec<_>>()
             };
+            let outbound_port_inclusions = inclusion(flags::OUT_PORT_INCLUSION_SET, port_kind::OUTBOUND_INCLUDE);
+            let inbound_port_inclusions = inclusion(flags::IN_PORT_INCLUSION_SET, port_kind::INBOUND_INCLUDE);
+            let outbound_ip_range_inclusions =
+                (w.flags & flags::OUT_INCLUSION_SET != 0).then(|| cidr_list(cidr_kind::OUTBOUND_INCLUDE));
+            let outbound_ip_range_exclusions = cidr_list(cidr_kind::OUTBOUND_EXCLUDE);
+            let inbound_source_exclusions = cidr_list(cidr_kind::INBOUND_SOURCE_EXCLUDE);
+            let lists = Lists {
+                outbound_enabled: w.flags & flags::OUT_ENABLED != 0,
+                outbound_port_exclusions: &out_ports,
+                outbound_ip_range_exclusions: &outbound_ip_range_exclusions,
+                outbound_ip_range_inclusions: outbound_ip_range_inclusions.as_deref(),
+                outbound_port_inclusions: outbound_port_inclusions.as_deref(),
+                inbound_enabled: w.flags & flags::IN_ENABLED != 0,
+                inbound_port: w.inbound_port,
+                inbound_port_exclusions: &in_ports,
+                inbound_port_inclusions: inbound_port_inclusions.as_deref(),
+                inbound_source_exclusions: &inbound_source_exclusions,
+            };
+            let (outbound_redirects, outbound) = outbound_decision(&lists);
+            let (inbound_redirects, inbound) = inbound_decision(&lists);
             WorkloadView {
+                name: names.get(cookie).cloned(),
                 netns_cookie: *cookie,
-                netns: names.get(cookie).cloned(),
+                netns: paths.get(cookie).cloned(),
                 policy_id: w.policy_id,
                 proxy_uid: w.proxy_uid,
                 proxy_gid: (w.flags & flags::MATCH_PROXY_GID != 0).then_some(w.proxy_gid),
@@ -115,13 +235,17 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                     .to_string(),
                 inbound_port: w.inbound_port,
                 outbound_enabled: w.flags & flags::OUT_ENABLED != 0,
+                outbound_redirects,
+                outbound,
+                inbound_redirects,
+                inbound,
                 outbound_port_exclusions: out_ports,
                 inbound_port_exclusions: in_ports,
-                outbound_ip_range_exclusions: cidr_list(cidr_kind::OUTBOUND_EXCLUDE),
-                outbound_ip_range_inclusions: cidr_list(cidr_kind::OUTBOUND_INCLUDE),
-                inbound_source_exclusions: cidr_list(cidr_kind::INBOUND_SOURCE_EXCLUDE),
-                outbound_port_inclusions: inclusion(flags::OUT_PORT_INCLUSION_SET, port_kind::OUTBOUND_INCLUDE),
-                inbound_port_inclusions: inclusion(flags::IN_PORT_INCLUSION_SET, port_kind::INBOUND_INCLUDE),
+                outbound_ip_range_exclusions,
+                outbound_ip_range_inclusions,
+                inbound_source_exclusions,
+                outbound_port_inclusions,
+                inbound_port_inclusions,
                 inbound_enabled: w.flags & flags::IN_ENABLED != 0,
                 acceleration: if w.flags & flags::ACCEL_SOCKMAP != 0 { "sockmap" } else { "none" },
                 sk_lookup_attached: crate::dataplane::netns_link_pin_path(pin_dir, *cookie).exists(),
@@ -141,6 +265,7 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             name: name.to_string(),
             entries: match *name {
                 n if n == redirector_common::map_names::WORKLOADS => workloads_map.len(),
+                n if n == redirector_common::map_names::NAMES => names.len(),
                 n if n == redirector_common::map_names::PORTS => ports.len(),
                 n if n == redirector_common::map_names::CIDRS => cidrs.len(),
                 n if n == redirector_common::map_names::LISTENERS => listeners.len(),
@@ -179,11 +304,11 @@ pub fn render_text(s: &Snapshot) -> String {
     for w in &s.workloads {
         let _ = writeln!(
             o,
-            "  netns cookie {} ({}): policy #{}{}",
+            "  {}: netns cookie {} ({}), policy #{}",
+            w.name.as_ref().map_or("workload (no name recorded)".to_string(), |n| format!("workload `{n}`")),
             w.netns_cookie,
-            w.netns.as_deref().unwrap_or("unnamed"),
+            w.netns.as_deref().unwrap_or("no path in /run/netns"),
             w.policy_id,
-            if w.outbound_enabled { "" } else { " [outbound disabled]" }
         );
         let _ = writeln!(
             o,
@@ -195,18 +320,12 @@ pub fn render_text(s: &Snapshot) -> String {
             w.outbound_redirect,
             w.inbound_port
         );
-        let _ = writeln!(o, "    outbound port exclusions:     {}", list(&w.outbound_port_exclusions));
-        let _ = writeln!(o, "    outbound IP range exclusions: {}", list(&w.outbound_ip_range_exclusions));
-        let _ = writeln!(o, "    outbound IP range inclusions: {}", list(&w.outbound_ip_range_inclusions));
-        let _ = writeln!(o, "    inbound port exclusions:      {}", list(&w.inbound_port_exclusions));
-        let _ = writeln!(o, "    inbound source exclusions:    {}", list(&w.inbound_source_exclusions));
-        let only = |v: &Option<Vec<u16>>| v.as_ref().map_or("every port".to_string(), |v| list(v));
-        let _ = writeln!(o, "    outbound ports redirected:    {}", only(&w.outbound_port_inclusions));
-        let _ = writeln!(o, "    inbound ports redirected:     {}", only(&w.inbound_port_inclusions));
-        let _ = writeln!(o, "    acceleration:                 {}", w.acceleration);
+        let _ = writeln!(o, "    outbound:        {}", w.outbound);
+        let _ = writeln!(o, "    inbound:         {}", w.inbound);
+        let _ = writeln!(o, "    acceleration:    {}", w.acceleration);
         let _ = writeln!(
             o,
-            "    inbound capture:              {}",
+            "    inbound capture: {}",
             match (w.inbound_enabled, w.sk_lookup_attached, w.inbound_listeners.is_empty()) {
                 (false, _, _) => "off".to_string(),
                 (true, false, _) => "NOT attached (sk_lookup link missing)".to_string(),
@@ -225,4 +344,151 @@ pub fn render_text(s: &Snapshot) -> String {
         let _ = writeln!(o, "  {name:<20} {v}");
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lists() -> Lists<'static> {
+        Lists {
+            outbound_enabled: true,
+            outbound_port_exclusions: &[],
+            outbound_ip_range_exclusions: &[],
+            outbound_ip_range_inclusions: None,
+            outbound_port_inclusions: None,
+            inbound_enabled: true,
+            inbound_port: 15006,
+            inbound_port_exclusions: &[],
+            inbound_port_inclusions: None,
+            inbound_source_exclusions: &[],
+        }
+    }
+
+    /// Istio's `includeOutboundIPRanges: ""` and `"*"` program different
+    /// things and must not read the same.
+    #[test]
+    fn redirect_nothing_and_redirect_everything_differ() {
+        let star = outbound_decision(&lists());
+        assert_eq!(star, (Redirects::Everything, "redirect everything".to_string()));
+        let empty = outbound_decision(&Lists { outbound_ip_range_inclusions: Some(&[]), ..lists() });
+        assert_eq!(empty, (Redirects::Nothing, "redirect nothing (the IP range inclusion list is empty)".to_string()));
+        let no_ports = outbound_decision(&Lists { outbound_port_inclusions: Some(&[]), ..lists() });
+        assert_eq!(no_ports, (Redirects::Nothing, "redirect nothing (the port inclusion list is empty)".to_string()));
+        let off = outbound_decision(&Lists { outbound_enabled: false, ..lists() });
+        assert_eq!(off, (Redirects::Off, "off".to_string()));
+    }
+
+    #[test]
+    fn outbound_names_inclusions_and_exclusions() {
+        let ranges = ["192.0.2.0/24".to_string(), "::/0".to_string()];
+        let excluded = ["203.0.113.0/25".to_string()];
+        let l = Lists { outbound_port_exclusions: &[6379, 7070], outbound_ip_range_exclusions: &excluded, ..lists() };
+        assert_eq!(outbound_decision(&l).1, "redirect everything except ports 6379, 7070 and IP ranges 203.0.113.0/25");
+        let l = Lists { outbound_ip_range_inclusions: Some(&ranges), outbound_port_exclusions: &[6379], ..lists() };
+        assert_eq!(
+            outbound_decision(&l),
+            (Redirects::Only, "redirect only IP ranges 192.0.2.0/24, ::/0 except ports 6379".to_string())
+        );
+        let l = Lists { outbound_port_inclusions: Some(&[80, 443]), ..lists() };
+        assert_eq!(outbound_decision(&l).1, "redirect only ports 80, 443");
+        let l = Lists {
+            outbound_ip_range_inclusions: Some(&ranges[..1]),
+            outbound_port_inclusions: Some(&[80]),
+            ..lists()
+        };
+        assert_eq!(outbound_decision(&l).1, "redirect only IP ranges 192.0.2.0/24 on ports 80");
+    }
+
+    #[test]
+    fn inbound_decisions() {
+        assert_eq!(inbound_decision(&lists()), (Redirects::Everything, "redirect every port to 15006".to_string()));
+        let sources = ["10.0.0.0/8".to_string()];
+        let l = Lists { inbound_port_exclusions: &[15020, 15090], inbound_source_exclusions: &sources, ..lists() };
+        assert_eq!(
+            inbound_decision(&l).1,
+            "redirect every port to 15006 except ports 15020, 15090 and connections from 10.0.0.0/8"
+        );
+        let l = Lists { inbound_port_inclusions: Some(&[8080]), ..lists() };
+        assert_eq!(inbound_decision(&l), (Redirects::Only, "redirect only ports 8080 to 15006".to_string()));
+        let l = Lists { inbound_port_inclusions: Some(&[]), ..lists() };
+        assert_eq!(inbound_decision(&l).0, Redirects::Nothing);
+        assert_eq!(inbound_decision(&Lists { inbound_enabled: false, ..lists() }), (Redirects::Off, "off".to_string()));
+    }
+
+    fn view(name: Option<&str>, inclusions: Option<Vec<String>>) -> WorkloadView {
+        let l = Lists { outbound_ip_range_inclusions: inclusions.as_deref(), ..lists() };
+        let (outbound_redirects, outbound) = outbound_decision(&l);
+        let (inbound_redirects, inbound) = inbound_decision(&l);
+        WorkloadView {
+            name: name.map(str::to_string),
+            netns_cookie: 4097,
+            netns: Some("/run/netns/app".into()),
+            policy_id: 3,
+            proxy_uid: 1337,
+            proxy_gid: None,
+            proxy_cgroup_id: None,
+            outbound_redirect: "127.0.0.1:15001".into(),
+            inbound_port: 15006,
+            outbound_enabled: true,
+            outbound_redirects,
+            outbound,
+            inbound_redirects,
+            inbound,
+            outbound_port_exclusions: vec![],
+            inbound_port_exclusions: vec![],
+            outbound_ip_range_exclusions: vec![],
+            outbound_ip_range_inclusions: inclusions,
+            inbound_source_exclusions: vec![],
+            outbound_port_inclusions: None,
+            inbound_port_inclusions: None,
+            inbound_enabled: true,
+            acceleration: "none",
+            sk_lookup_attached: true,
+            inbound_listeners: vec!["IPv4"],
+        }
+    }
+
+    fn snapshot_of(workloads: Vec<WorkloadView>) -> Snapshot {
+        Snapshot {
+            pin_dir: "/sys/fs/bpf/redirector".into(),
+            layout_version: 6,
+            programs: BTreeMap::new(),
+            workloads,
+            maps: vec![],
+            counters: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn text_shows_the_name_and_the_decisions() {
+        let text = render_text(&snapshot_of(vec![view(Some("shop/web"), Some(vec![])), view(None, None)]));
+        let expected = "\
+workloads: 2
+  workload `shop/web`: netns cookie 4097 (/run/netns/app), policy #3
+    proxy uid 1337, outbound -> 127.0.0.1:15001, inbound port 15006
+    outbound:        redirect nothing (the IP range inclusion list is empty)
+    inbound:         redirect every port to 15006
+    acceleration:    none
+    inbound capture: sk_lookup attached; proxy listening (IPv4)
+  workload (no name recorded): netns cookie 4097 (/run/netns/app), policy #3
+    proxy uid 1337, outbound -> 127.0.0.1:15001, inbound port 15006
+    outbound:        redirect everything
+";
+        assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn json_tells_an_empty_inclusion_list_from_none() {
+        let json = |v| serde_json::to_value(snapshot_of(vec![v])).unwrap()["workloads"][0].clone();
+        let nothing = json(view(Some("app"), Some(vec![])));
+        assert_eq!(nothing["name"], "app");
+        assert_eq!(nothing["outbound_redirects"], "nothing");
+        assert_eq!(nothing["outbound_ip_range_inclusions"], serde_json::json!([]));
+        let everything = json(view(Some("app"), None));
+        assert_eq!(everything["outbound_redirects"], "everything");
+        assert_eq!(everything["outbound_ip_range_inclusions"], serde_json::Value::Null);
+        assert_eq!(everything["outbound"], "redirect everything");
+        assert_eq!(everything["inbound_redirects"], "everything");
+    }
 }

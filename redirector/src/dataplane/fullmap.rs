@@ -18,7 +18,7 @@ impl FullMapWatch {
             counter::TUPLE_INSERT_FAILED,
             map_names::ORIG_BY_TUPLE,
             MAX_TRACKED_CONNECTIONS,
-            "redirected connections could not record their original destination (their proxy cannot learn it)",
+            "redirected connections could not record their original destination (their proxy is told its own address)",
         ),
         (
             counter::LISTENER_INSERT_FAILED,

@@ -13,8 +13,8 @@ use aya::{
     Ebpf,
 };
 use redirector_common::{
-    counter, map_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadPolicy,
-    LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_PORT_RULES, MAX_WORKLOADS,
+    counter, map_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadName, WorkloadPolicy,
+    LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_NAME_BYTES, MAX_PORT_RULES, MAX_WORKLOADS,
 };
 use redirector_policy::{map_entries, MapEntries, Policy};
 
@@ -30,6 +30,7 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     listeners: SockHash<MapData, ListenerKey>,
     accel: SockHash<MapData, SockKey>,
+    names: HashMap<MapData, u64, WorkloadName>,
 }
 
 pub(super) fn open_pinned(pin_dir: &Path, name: &str) -> Result<Map> {
@@ -65,6 +66,7 @@ impl Maps {
             counters: PerCpuArray::try_from(get(map_names::COUNTERS)?)?,
             listeners: SockHash::try_from(get(map_names::LISTENERS)?)?,
             accel: SockHash::try_from(get(map_names::ACCEL_SOCKETS)?)?,
+            names: HashMap::try_from(get(map_names::NAMES)?)?,
         })
     }
 
@@ -95,6 +97,21 @@ impl Maps {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Workload names by netns cookie (`…` marks a name cut to fit).
+    pub fn names(&self) -> Result<BTreeMap<u64, String>> {
+        let mut out = BTreeMap::new();
+        for item in self.names.iter() {
+            let (cookie, n) = item?;
+            out.insert(cookie, decode_name(&n));
+        }
+        Ok(out)
+    }
+
+    /// Records the name of a programmed workload (what `inspect` shows).
+    pub fn set_name(&mut self, cookie: u64, name: &str) -> Result<()> {
+        self.names.insert(cookie, encode_name(name), 0).map_err(|e| full_or(e, map_names::NAMES, MAX_WORKLOADS, 1))
     }
 
     pub fn port_keys(&self) -> Result<Vec<PortKey>> {
@@ -170,10 +187,15 @@ impl Maps {
 
     /// Deletes list entries whose policy id no workload refers to (entries
     /// of replaced policies, of removed workloads, or of an agent that died
-    /// mid-update).
+    /// mid-update), and the names of namespaces that are no workload.
     pub(super) fn sweep(&mut self) -> Result<usize> {
-        let live: BTreeSet<u32> = self.workloads()?.values().map(|w| w.policy_id).collect();
+        let workloads = self.workloads()?;
+        let live: BTreeSet<u32> = workloads.values().map(|w| w.policy_id).collect();
         let mut removed = 0;
+        let named = self.names.keys().collect::<Result<Vec<u64>, _>>()?;
+        for cookie in named.into_iter().filter(|c| !workloads.contains_key(c)) {
+            self.names.remove(&cookie).or_else(ignore_missing)?;
+        }
         for key in self.port_keys()? {
             if !live.contains(&key.policy_id) {
                 self.ports.remove(&key).or_else(ignore_missing)?;
@@ -236,12 +258,33 @@ impl Maps {
 
     pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {
         self.workloads.remove(&cookie).or_else(ignore_missing)?;
+        self.names.remove(&cookie).or_else(ignore_missing)?;
         for family in [redirector_common::AF_INET, redirector_common::AF_INET6] {
             let key = ListenerKey { netns_cookie: cookie, family: u32::from(family), _pad: 0 };
             self.listeners.remove(&key).or_else(ignore_missing)?;
         }
         Ok(())
     }
+}
+
+/// A name as `NAMES` keeps it: cut on a character boundary to fit.
+fn encode_name(name: &str) -> WorkloadName {
+    let mut len = name.len().min(MAX_NAME_BYTES);
+    while !name.is_char_boundary(len) {
+        len -= 1;
+    }
+    let mut bytes = [0u8; MAX_NAME_BYTES];
+    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    WorkloadName { len: len as u32, full_len: name.len().min(u32::MAX as usize) as u32, bytes }
+}
+
+fn decode_name(n: &WorkloadName) -> String {
+    let len = (n.len as usize).min(MAX_NAME_BYTES);
+    let mut s = String::from_utf8_lossy(&n.bytes[..len]).into_owned();
+    if n.full_len > n.len {
+        s.push('…');
+    }
+    s
 }
 
 fn ignore_missing(e: MapError) -> Result<(), MapError> {
@@ -308,6 +351,20 @@ mod tests {
             assert_eq!(e.to_string(), "writing map RDR_WORKLOADS");
             assert!(e.chain().nth(1).is_some_and(|c| c.downcast_ref::<MapError>().is_some()), "{e:#}");
         }
+    }
+
+    #[test]
+    fn names_are_kept_whole_or_cut_on_a_character_boundary() {
+        for name in ["app", "shop/web-7d9f8c6b5-x2x9q", ""] {
+            assert_eq!(decode_name(&encode_name(name)), name);
+        }
+        let longest = format!("{}/{}", "n".repeat(63), "p".repeat(253));
+        assert_eq!(decode_name(&encode_name(&longest)), longest);
+        // 319 ASCII bytes, then a 2-byte character that does not fit.
+        let cut = format!("{}é and more", "a".repeat(MAX_NAME_BYTES - 1));
+        let n = encode_name(&cut);
+        assert_eq!((n.len as usize, n.full_len as usize), (MAX_NAME_BYTES - 1, cut.len()));
+        assert_eq!(decode_name(&n), format!("{}…", "a".repeat(MAX_NAME_BYTES - 1)));
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct Dataplane {
     pub node_cookie: u64,
     node_netns: String,
     programmed: StdHashMap<u64, Policy>,
+    /// The names this agent recorded in `NAMES` (written again only when
+    /// they change).
+    names: StdHashMap<u64, String>,
     /// When the list maps were last swept whole (None: not yet). Between
     /// whole sweeps a pass deletes exactly the entries of the policies it
     /// replaced or removed, which it knows from `programmed`.
@@ -218,6 +221,7 @@ impl Dataplane {
             node_cookie,
             node_netns,
             programmed: StdHashMap::new(),
+            names: StdHashMap::new(),
             last_full_sweep: None,
             migration_wait_reported: false,
             older_layouts_may_retire: false,
@@ -337,6 +341,7 @@ impl Dataplane {
             match self.maps.remove_workload(cookie) {
                 Ok(()) => {
                     self.programmed.remove(&cookie);
+                    self.names.remove(&cookie);
                     retired.extend(old);
                     report.removed += 1;
                 }
@@ -375,6 +380,21 @@ impl Dataplane {
             }
         }
         self.clear_retired(&retired, whole, &mut report);
+        // The names `inspect` shows, for every workload in force with this
+        // pass's input (a rename alone changes no policy).
+        for d in desired.iter().filter(|d| self.programmed.contains_key(&d.cookie)) {
+            if self.names.get(&d.cookie) == Some(&d.name) {
+                continue;
+            }
+            match self.maps.set_name(d.cookie, &d.name) {
+                Ok(()) => {
+                    self.names.insert(d.cookie, d.name.clone());
+                }
+                Err(e) => report
+                    .errors
+                    .push((d.name.clone(), e.context(format!("workload `{}`: recording its name", d.name)))),
+            }
+        }
         self.retire_older_layouts(desired, keep, &report);
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =

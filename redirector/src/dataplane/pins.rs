@@ -144,8 +144,9 @@ pub fn links_pinned(pin_dir: &Path) -> Vec<(&'static str, bool)> {
     PROGRAMS.iter().map(|(name, _)| (*name, bpf::obj_get(&link_pin_path(pin_dir, name)).is_ok())).collect()
 }
 
-pub const CAPACITIES: [(&str, u32); 6] = [
+pub const CAPACITIES: [(&str, u32); 7] = [
     (map_names::WORKLOADS, MAX_WORKLOADS),
+    (map_names::NAMES, MAX_WORKLOADS),
     (map_names::PORTS, MAX_PORT_RULES),
     (map_names::CIDRS, MAX_CIDR_RULES),
     (map_names::ORIG_BY_TUPLE, MAX_TRACKED_CONNECTIONS),
@@ -278,6 +279,7 @@ mod tests {
             CAPACITIES,
             [
                 ("RDR_WORKLOADS", MAX_WORKLOADS),
+                ("RDR_NAMES", MAX_WORKLOADS),
                 ("RDR_PORTS", MAX_PORT_RULES),
                 ("RDR_CIDRS", MAX_CIDR_RULES),
                 ("RDR_ORIG_TUPLE", MAX_TRACKED_CONNECTIONS),

@@ -22,6 +22,9 @@ fn differential_exclusions_match_osm_init() {
             case("127.0.0.1", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
             case("127.0.0.2 (only /32 exempt)", 1000, "127.0.0.2:8080", "proxy 127.0.0.2:8080"),
             case("own pod IP", 1000, "198.18.0.1:8080", "proxy 198.18.0.1:8080"),
+            // Not redirected (127.0.0.1): conntrack answers the connection's
+            // own destination, so must redirector.
+            case("the proxy's port itself", 1000, "127.0.0.1:15001", "proxy 127.0.0.1:15001"),
             Case { proto: Proto::Udp, ..case("UDP untouched", 1000, "192.0.2.10:5353", "direct udp") },
             Case { from_workload: false, ..case("unlisted netns", 1000, "192.0.2.10:80", "direct 192.0.2.10:80") },
         ],
@@ -74,6 +77,7 @@ fn differential_inbound_matches_osm_init() {
         ("reserved 15010", 15010, true),
         ("reserved 15903", 15903, true),
         ("the inbound port itself", 15003, true),
+        ("the outbound port, from the peer", 15001, true),
         ("nothing listening", 4444, true),
     ];
     let mut failures = Vec::new();

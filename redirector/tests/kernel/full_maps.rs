@@ -90,10 +90,12 @@ fn fake_tuple(i: u32) -> TupleKey {
 }
 
 /// RDR_ORIG_TUPLE (a hash of 262,144, written by the programs): full, a
-/// new redirected connection still reaches the proxy but without an
-/// original destination (it fails closed, it is never let by); the data
-/// path counts it, the agent logs which map is full, and not one existing
-/// entry is evicted. With room again, connections work.
+/// new redirected connection still reaches the proxy, whose
+/// `SO_ORIGINAL_DST` is then its own address, as conntrack answers for a
+/// connection it has no NAT record of (it fails closed: a proxy sees a
+/// loop, and the connection is never let by); the data path counts it,
+/// the agent logs which map is full, and not one existing entry is
+/// evicted. With room again, connections work.
 #[test]
 fn full_tracking_map_fails_closed_and_is_reported() {
     if !require_kernel() {
@@ -108,10 +110,11 @@ fn full_tracking_map_fails_closed_and_is_reported() {
             .unwrap();
     }
     let answer = m.probe(1000, "192.0.2.10:80");
-    assert!(answer.starts_with("proxy no-original-dst"), "{answer}");
+    assert!(answer.starts_with("proxy 127.0.0.1:15001 | peer 192.0.2.10:80"), "{answer}");
     m.wait_for_log("RDR_ORIG_TUPLE is full (capacity 262144)", "the full tracking map");
     let v = inspect(&m.pins.path);
     assert!(v["counters"]["tuple_insert_failed"].as_u64().unwrap() >= 1, "{}", v["counters"]);
+    assert!(v["counters"]["orig_dst_own_address"].as_u64().unwrap() >= 1, "{}", v["counters"]);
     let evicted = (0..MAX_TRACKED_CONNECTIONS - baseline).filter(|i| tuples.get(&fake_tuple(*i), 0).is_err()).count();
     assert_eq!(evicted, 0, "entries were evicted");
     for i in 0..1000 {

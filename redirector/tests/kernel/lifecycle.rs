@@ -81,6 +81,7 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["workloads"].as_array().unwrap().len(), 1);
+    assert_eq!(v["workloads"][0]["name"], "app", "the name, recorded again by the new agent");
     assert_eq!(v["workloads"][0]["outbound_port_exclusions"], serde_json::json!([6379, 7070]));
     assert!(v["counters"]["redirected"].as_u64().unwrap() >= 3);
 
@@ -120,6 +121,70 @@ fn restart_keeps_redirecting_and_cleanup_removes_everything() {
         assert_eq!(attached_count(cg.as_fd(), ty).unwrap(), 0, "{name} still attached to the cgroup");
     }
     assert_eq!(attached_count(ns.as_fd(), AttachType::SkLookup).unwrap(), 0, "sk_lookup still attached");
+}
+
+fn inspect_json(pins: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(bin()).args(["inspect", "--json", "--pin-dir"]).arg(pins).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+const ISTIO_INCLUDE: &str = r#"
+mesh:
+  preset: istio
+workloads:
+  - name: shop/web
+    netns: {netns}
+    annotations:
+      traffic.sidecar.istio.io/includeOutboundIPRanges: "INCLUDE"
+"#;
+
+/// `inspect` says what each workload redirects, under its name: Istio's
+/// `includeOutboundIPRanges: ""` (nothing) and `"*"` (everything) read
+/// differently, and so do the connections; `::/0` reads as written, not
+/// as the 96 trie entries it takes; a rename alone shows up.
+#[test]
+fn inspect_shows_names_and_what_each_workload_redirects() {
+    if !require_kernel() {
+        return;
+    }
+    let m = Managed::start("n", &ISTIO_INCLUDE.replace("INCLUDE", ""));
+    let w = |v: &serde_json::Value| v["workloads"][0].clone();
+    let v = w(&inspect_json(&m.pins.path));
+    assert_eq!(v["name"], "shop/web");
+    assert_eq!(
+        (v["outbound_redirects"].as_str(), v["outbound"].as_str()),
+        (Some("nothing"), Some("redirect nothing (the IP range inclusion list is empty)")),
+        "{v}"
+    );
+    assert!(m.probe(1000, "192.0.2.10:80").starts_with("direct"));
+
+    m.write_config(&ISTIO_INCLUDE.replace("INCLUDE", "*"));
+    let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}");
+    let v = w(&inspect_json(&m.pins.path));
+    assert_eq!(
+        (v["outbound_redirects"].as_str(), v["outbound"].as_str()),
+        (Some("everything"), Some("redirect everything")),
+        "{v}"
+    );
+    assert_eq!(v["outbound_ip_range_inclusions"], serde_json::Value::Null);
+
+    // Both families, renamed: as written, under the new name.
+    m.write_config(&ISTIO_INCLUDE.replace("INCLUDE", "0.0.0.0/0,::/0").replace("shop/web", "shop/web-v2"));
+    let v = poll_until(|| w(&inspect_json(&m.pins.path)), |v| v["name"] == "shop/web-v2");
+    assert_eq!(v["name"], "shop/web-v2", "{v}");
+    assert_eq!(v["outbound_ip_range_inclusions"], serde_json::json!(["0.0.0.0/0", "::/0"]));
+    assert_eq!(v["outbound"], "redirect only IP ranges 0.0.0.0/0, ::/0");
+    let cidrs = Maps::open(&m.pins.path).unwrap().cidr_keys().unwrap();
+    assert!(cidrs.len() > 96, "::/0 is stored as its pieces ({} entries)", cidrs.len());
+    let text = std::process::Command::new(bin()).args(["inspect", "--pin-dir"]).arg(&m.pins.path).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("workload `shop/web-v2`")
+            && text.contains("outbound:        redirect only IP ranges 0.0.0.0/0, ::/0"),
+        "{text}"
+    );
 }
 
 /// Outcome counts of a connection load.

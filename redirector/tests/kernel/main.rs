@@ -12,7 +12,8 @@
 //! agent per pin directory, pins removed under an agent, the attach
 //! cgroup, bpffs), [`connections`],
 //! [`coexistence`] (a socket load balancer on a parent cgroup),
-//! [`identity`] (proxy by cgroup), [`full_maps`], [`sockmap`], [`kube`]
+//! [`identity`] (proxy by cgroup), [`original_dst`] (conntrack's answers
+//! for connections nothing redirected), [`full_maps`], [`sockmap`], [`kube`]
 //! (the Kubernetes agent against a fake API server), [`runtimes`] (the
 //! node's namespace, real runtimes' cgroup layouts), [`kernel_support`],
 //! [`upgrade`] (across a map-layout change).
@@ -39,6 +40,7 @@ mod identity;
 mod kernel_support;
 mod kube;
 mod lifecycle;
+mod original_dst;
 mod pin_dir;
 mod runtimes;
 mod sockmap;

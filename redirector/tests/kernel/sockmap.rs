@@ -367,7 +367,12 @@ fn sockmap_survives_restart_and_cleanup_detaches_it() {
     ping_pong(&a, &p, 100);
     ping_pong(&a2, &p2, 100);
     bulk_both_ways(&a2, &p2, 1 << 20, 1 << 20);
-    let direct = testkit::probe(&app, 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap();
+    // A link's detach follows its last reference, which the kernel may
+    // drop a moment after the unpin: wait for it, as the restart test does.
+    let direct = poll_until(
+        || testkit::probe(&app, 1000, Proto::Tcp, "192.0.2.10:80".parse().unwrap()).unwrap(),
+        |d| d.starts_with("direct"),
+    );
     assert!(direct.starts_with("direct 192.0.2.10:80"), "{direct}");
     drop((a, p, a2, p2));
     let loaded =
