@@ -320,6 +320,9 @@ mod tests {
                     netns: &ns,
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
+                    now: Instant::now(),
+                    unresolved_grace: GRACE,
                 },
                 st,
             )
