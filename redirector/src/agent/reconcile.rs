@@ -114,12 +114,14 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
                 }
                 // The proxy's IDs as the data path sees them: translated
                 // through the workload's user namespace, if it has its own.
-                let policy = match user_namespace(w)? {
-                    Some(m) => policy.in_user_namespace(&m).with_context(|| {
+                let policy = user_namespace(w)
+                    .and_then(|maps| match maps {
+                        Some(m) => policy.in_user_namespace(&m),
+                        None => Ok(policy),
+                    })
+                    .with_context(|| {
                         format!("workload `{}`: user namespace of {}: policy not applied", w.name, w.netns)
-                    })?,
-                    None => policy,
-                };
+                    })?;
                 Ok(Resolved { cookie: fact.cookie, netns: path.clone(), policy })
             });
         out.push(found);

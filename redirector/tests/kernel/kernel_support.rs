@@ -60,9 +60,10 @@ fn raw_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, name
     unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
 }
 
-/// Pinned maps of another layout (an older agent's) are refused, never
-/// adopted: by the version stamped in RDR_META, and by their capacity
-/// where no version was stamped (an agent that died while starting).
+/// Pinned maps of a newer layout are refused, never adopted, and nothing
+/// is changed; an older layout's are moved aside to be migrated (see the
+/// `upgrade` tests for the whole migration); maps of other capacities with
+/// no version stamped (an agent that died while starting) are refused.
 #[test]
 fn pinned_maps_of_another_layout_are_refused() {
     use std::os::fd::AsRawFd as _;
@@ -70,26 +71,44 @@ fn pinned_maps_of_another_layout_are_refused() {
         return;
     }
     let cgroup = TestCgroup::new().unwrap();
-    // Layout 2's META, stamped with version 2.
-    let old = PinDir::new().unwrap();
-    std::fs::create_dir_all(&old.path).unwrap();
-    let meta = raw_map(2 /* BPF_MAP_TYPE_ARRAY */, 4, 8, 1, "RDR_META");
-    let (key, value) = (0u32, [2u8, 0, 0, 0, 0, 0, 0, 0]);
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(meta.as_raw_fd() as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(&key as *const u32 as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: key and value outlive the call; a zero-padded bpf_attr.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, attr.as_mut_ptr(), attr.len() as u32)
+    let stamped = |version: u32| {
+        let dir = PinDir::new().unwrap();
+        std::fs::create_dir_all(&dir.path).unwrap();
+        let meta = raw_map(2 /* BPF_MAP_TYPE_ARRAY */, 4, 8, 1, "RDR_META");
+        let mut value = [0u8; 8];
+        value[..4].copy_from_slice(&version.to_ne_bytes());
+        let key = 0u32;
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(meta.as_raw_fd() as u32).to_ne_bytes());
+        attr[8..16].copy_from_slice(&(&key as *const u32 as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+        // SAFETY: key and value outlive the call; a zero-padded bpf_attr.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, 2 /* BPF_MAP_UPDATE_ELEM */, attr.as_mut_ptr(), attr.len() as u32)
+        };
+        assert_eq!(rc, 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
+        redirector::sys::bpf::obj_pin(&meta, &dir.path.join("RDR_META")).unwrap();
+        dir
     };
-    assert_eq!(rc, 0, "BPF_MAP_UPDATE_ELEM: {}", std::io::Error::last_os_error());
-    redirector::sys::bpf::obj_pin(&meta, &old.path.join("RDR_META")).unwrap();
+    let newer_version = redirector_common::LAYOUT_VERSION + 1;
+    let newer = stamped(newer_version);
     let err = format!(
         "{:#}",
-        redirector::dataplane::Dataplane::load(&old.path, &cgroup.path).err().expect("version 2 adopted")
+        redirector::dataplane::Dataplane::load(&newer.path, &cgroup.path).err().expect("a newer layout adopted")
     );
-    assert!(err.contains("layout version 2") && err.contains("redirector cleanup"), "{err}");
+    assert!(
+        err.contains(&format!("layout version {newer_version}, newer than this agent's"))
+            && err.contains("changed nothing"),
+        "{err}"
+    );
+    assert!(newer.path.join("RDR_META").exists(), "the newer layout's stamp was touched");
+    // An older one (layout 2) is moved aside, to drain, and this layout's
+    // maps take its place.
+    let older = stamped(2);
+    let dp = redirector::dataplane::Dataplane::load(&older.path, &cgroup.path).expect("layout 2 migrated");
+    assert!(older.path.join("retired-v2/RDR_META").exists(), "layout 2's stamp moved aside");
+    assert_eq!(dp.maps.meta().unwrap().layout_version, redirector_common::LAYOUT_VERSION);
+    drop(dp);
     // No version stamped, but layout 2's 4,096 workloads.
     let unstamped = PinDir::new().unwrap();
     std::fs::create_dir_all(&unstamped.path).unwrap();
@@ -100,7 +119,7 @@ fn pinned_maps_of_another_layout_are_refused() {
         redirector::dataplane::Dataplane::load(&unstamped.path, &cgroup.path).err().expect("capacity 4096 adopted")
     );
     assert!(err.contains("RDR_WORKLOADS") && err.contains("capacity 4096") && err.contains("16384"), "{err}");
-    for p in [&old.path, &unstamped.path] {
+    for p in [&newer.path, &unstamped.path] {
         assert!(std::fs::read_dir(p.join("links")).map_or(true, |mut d| d.next().is_none()), "nothing attached");
     }
 }

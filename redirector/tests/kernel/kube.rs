@@ -1211,8 +1211,9 @@ fn kube_gate_checks_the_attach_cgroup_and_removed_pins_stop_the_agent() {
     assert!(
         err.contains(&format!("pod UID {}: the connecting process", outside.uid))
             && err.contains(&format!(
-                "/kubepods/burstable/pod{}/ctr) is outside the cgroup the agent attaches its programs to ({})",
+                "/kubepods/burstable/pod{}/{}) is outside the cgroup the agent attaches its programs to ({})",
                 outside.uid,
+                container_id(&outside.uid, "redirector-init"),
                 attach.display()
             )),
         "{err}\nagent log:\n{}",

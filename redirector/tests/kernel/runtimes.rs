@@ -49,16 +49,20 @@ fn node_namespace_is_never_programmed() {
     let node_cookie = netns_cookie(&node.path()).unwrap();
     let in_node = Killed(sleeper(&cgroup.path, &node.path()));
     let config = scratch.0.join("config.yaml");
-    let write = |with_pid: bool| {
-        let mut text = format!(
-            "mesh:\n  preset: osm\nworkloads:\n  - name: app\n    netns: {}\n  - name: node-by-path\n    netns: {}\n",
-            topo.app.path().display(),
-            node.path().display()
-        );
-        if with_pid {
+    // The node's namespace by path, or (`by_pid`) by a process in it: one
+    // at a time, as both at once are one namespace listed twice (refused
+    // as such before the node check).
+    let write = |by_pid: bool| {
+        let mut text =
+            format!("mesh:\n  preset: osm\nworkloads:\n  - name: app\n    netns: {}\n", topo.app.path().display());
+        if by_pid {
             text.push_str(&format!("  - name: node-by-pid\n    pid: {}\n", in_node.0.id()));
+        } else {
+            text.push_str(&format!("  - name: node-by-path\n    netns: {}\n", node.path().display()));
         }
-        std::fs::write(&config, text).unwrap();
+        let tmp = config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
     };
     write(false);
     let run = |log: &str, node_netns: Option<&Path>| {
@@ -85,10 +89,12 @@ fn node_namespace_is_never_programmed() {
     );
     before.stop();
 
-    write(true);
     let agent = run("agent.log", Some(&node.path()));
     let log =
-        poll_until(|| agent.log_text(), |l| l.contains("workload `node-by-pid`") && !maps_has(&pins, node_cookie));
+        poll_until(|| agent.log_text(), |l| l.contains("workload `node-by-path`") && !maps_has(&pins, node_cookie));
+    assert!(log.contains("workload `node-by-path`: network namespace"), "{log}");
+    write(true);
+    let log = poll_until(|| agent.log_text(), |l| l.contains("workload `node-by-pid`"));
     for name in ["node-by-path", "node-by-pid"] {
         assert!(
             log.contains(&format!("workload `{name}`: network namespace"))

@@ -67,7 +67,9 @@ fn layout_upgrade_under_load_and_downgrade_refusal() {
     assert!(!retired.exists());
     std::thread::sleep(Duration::from_millis(500));
 
-    // The downgrade: refused, nothing changed, still redirecting.
+    // The downgrade, as a rolling update does it (the newer agent stopped
+    // first): refused, nothing changed, still redirecting.
+    m.agent.stop();
     let out = std::process::Command::new(bin())
         .args(["run", "--config"])
         .arg(&m.config)
@@ -94,6 +96,6 @@ fn layout_upgrade_under_load_and_downgrade_refusal() {
         &c.errors[..c.errors.len().min(10)],
         m.agent.log_text()
     );
-    // The next layout's agent still serves the workload (its own probe).
+    // The next layout's pinned state still serves the workload.
     assert_eq!(m.probe(1000, "192.0.2.10:80").trim(), "proxy 192.0.2.10:80 | peer 192.0.2.10:80");
 }
