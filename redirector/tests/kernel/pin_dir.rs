@@ -100,7 +100,14 @@ fn one_agent_per_pin_dir_and_pins_removed_under_an_agent() {
     let status = exit_status(&mut m.agent);
     let log = m.agent.log_text();
     assert!(status.is_some_and(|s| !s.success()), "agent did not exit with an error ({status:?}):\n{log}");
-    assert!(log.contains(&format!("ERROR redirector::agent: pin directory {} is gone", pins.display())), "{log}");
+    // The agent may look while cleanup is half done: then it names the
+    // pins already gone rather than the directory (seen on a slow VM).
+    assert!(
+        log.contains(&format!("ERROR redirector::agent: pin directory {} is gone", pins.display()))
+            || (log.contains(&format!("ERROR redirector::agent: pins {}/", pins.display()))
+                && log.contains("redirection is OFF for every workload")),
+        "{log}"
+    );
     assert!(!log.contains("redirection stays in force"), "{log}");
     let got = m.probe_until(1000, "192.0.2.10:80", |g| g.starts_with("direct"));
     assert!(got.starts_with("direct 192.0.2.10:80"), "{got}");
