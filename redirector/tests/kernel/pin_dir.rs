@@ -89,6 +89,10 @@ fn one_agent_per_pin_dir_and_pins_removed_under_an_agent() {
     m.agent = AgentProcess::start(bin(), &m.config, &cg, &pins, &m.dir.join("agent2.log")).unwrap();
     m.agent.wait_ready(bin(), &pins, &m.topo.app.path()).unwrap();
     assert!(m.probe(1000, "192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
+    // wait-ready may answer from pins the first agent left while this one
+    // still attaches its last programs: let it finish its start first.
+    let started = poll_until(|| m.agent.log_text(), |l| l.contains("applied:"));
+    assert!(started.contains("applied:"), "{started}");
 
     // `cleanup --force` under the running agent: done, and the agent
     // reports the pin directory gone and exits non-zero.
