@@ -139,11 +139,3 @@ pub(super) fn progress(pin_dir: &Path) -> Vec<Result<String>> {
     }
     out
 }
-
-/// Whether the retired sets of `pin_dir` still redirect new connections
-/// (their connect programs are attached).
-pub fn retired_connect_attached(pin_dir: &Path) -> bool {
-    retired_sets(pin_dir)
-        .iter()
-        .any(|(_, dir)| [prog_names::CONNECT4, prog_names::CONNECT6].iter().any(|p| dir.join("links").join(p).exists()))
-}

@@ -57,7 +57,7 @@ pub use self::{
     fullmap::FullMapWatch,
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,
-    migrate::{retired_connect_attached, retired_sets},
+    migrate::retired_sets,
     node::{NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, cleanup_force, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
