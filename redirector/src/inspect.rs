@@ -167,20 +167,43 @@ pub struct MapFill {
     pub capacity: u32,
 }
 
+/// Reads of the maps `snapshot` makes before it gives up on a
+/// consistent view.
+const SNAPSHOT_ATTEMPTS: u32 = 50;
+
 pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
     let maps = Maps::open(pin_dir)?;
     let meta = maps.meta()?;
-    let ports = maps.port_keys()?;
-    let cidrs = maps.cidr_keys()?;
+    // A running agent may switch a workload to a new policy while this
+    // reads: its list entries are keyed by a policy id that only grows,
+    // so the lists read between two equal reads of the workloads (and
+    // names) are the ones in force for them.
+    let mut attempt = 0;
+    let (workloads_map, names, ports, cidrs, listeners) = loop {
+        let before = (maps.workloads()?, maps.names()?);
+        let ports = maps.port_keys()?;
+        let cidrs = maps.cidr_keys()?;
+        let listeners = maps.listener_keys()?;
+        let after = (maps.workloads()?, maps.names()?);
+        attempt += 1;
+        if before == after || attempt == SNAPSHOT_ATTEMPTS {
+            if before != after {
+                anyhow::bail!(
+                    "{}: the workloads changed during each of {SNAPSHOT_ATTEMPTS} reads (an agent applying \
+                     changes without pause); try again",
+                    pin_dir.display()
+                );
+            }
+            break (after.0, after.1, ports, cidrs, listeners);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let mut paths = BTreeMap::new();
     for p in netns::named_namespaces() {
         if let Ok(c) = netns::netns_cookie(&p) {
             paths.insert(c, p.display().to_string());
         }
     }
-    let names = maps.names()?;
-    let workloads_map = maps.workloads()?;
-    let listeners = maps.listener_keys()?;
     let workloads = workloads_map
         .iter()
         .map(|(cookie, w)| {
