@@ -56,6 +56,17 @@ pub struct WorkloadSpec {
     /// user namespace.
     pub id_maps: Option<IdMaps>,
     pub annotations: WorkloadAnnotations,
+    /// This workload's own mesh settings, in place of the config's
+    /// (Kubernetes: what its mesh's init container asks for, see
+    /// [`crate::k8s::injector`]). None: the config's.
+    pub mesh: Option<MeshSettings>,
+}
+
+impl WorkloadSpec {
+    /// Its policy: its own mesh settings, or `mesh`, with its annotations.
+    pub fn policy(&self, mesh: &MeshSettings) -> crate::Policy {
+        crate::compile(self.mesh.as_ref().unwrap_or(mesh), &self.annotations)
+    }
 }
 
 /// A parsed config file. Workloads whose own entry is bad are listed in
@@ -386,7 +397,14 @@ fn parse_workload(
     if !annotations_ok || r.problems.len() > before {
         return None;
     }
-    Some(WorkloadSpec { name: name?, netns: netns?, proxy_cgroup: proxy_cgroup?, id_maps: None, annotations })
+    Some(WorkloadSpec {
+        name: name?,
+        netns: netns?,
+        proxy_cgroup: proxy_cgroup?,
+        id_maps: None,
+        annotations,
+        mesh: None,
+    })
 }
 
 #[cfg(test)]

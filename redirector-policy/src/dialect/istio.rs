@@ -3,7 +3,7 @@
 //! the mesh's, as istio-injector does.
 use anyhow::Result;
 
-use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use super::{LoopbackMode, PresetDefaults, WorkloadAnnotations};
 use crate::values::{parse_cidr, parse_inclusion, parse_list, parse_port, Inclusion};
 
 /// Istio's pod annotations (traffic.sidecar.istio.io/*).
@@ -38,9 +38,6 @@ pub const DEFAULTS: PresetDefaults = PresetDefaults {
 
 /// The sidecar container istio-injector adds.
 pub const PROXY_CONTAINER: &str = "istio-proxy";
-
-/// istio-injector records what it injected in this annotation.
-pub const INJECTED: Injected = Injected::Annotation("sidecar.istio.io/status", None);
 
 /// Reads one annotation into `out`; keys of other vocabularies are ignored.
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {

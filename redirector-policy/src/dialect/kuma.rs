@@ -2,7 +2,7 @@
 //! and the `traffic.kuma.io/*` pod annotations. Port lists accept ranges.
 use anyhow::Result;
 
-use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use super::{LoopbackMode, PresetDefaults, WorkloadAnnotations};
 use crate::values::{flatten_ranges, parse_cidr, parse_list};
 
 /// Kuma's pod annotations (traffic.kuma.io/*).
@@ -30,9 +30,6 @@ pub const DEFAULTS: PresetDefaults = PresetDefaults {
 
 /// The sidecar container Kuma's injector adds.
 pub const PROXY_CONTAINER: &str = "kuma-sidecar";
-
-/// Kuma's injector marks every injected pod with this annotation.
-pub const INJECTED: Injected = Injected::Annotation("kuma.io/sidecar-injected", Some("true"));
 
 /// Reads one annotation into `out`; keys of other vocabularies are ignored.
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {

@@ -3,7 +3,7 @@
 //! (`4000-4100`) as Linkerd's do.
 use anyhow::Result;
 
-use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use super::{LoopbackMode, PresetDefaults, WorkloadAnnotations};
 use crate::values::{flatten_ranges, parse_cidr, parse_list};
 
 /// Linkerd's pod annotations (config.linkerd.io/*).
@@ -30,9 +30,6 @@ pub const DEFAULTS: PresetDefaults = PresetDefaults {
 
 /// The sidecar container Linkerd's injector adds.
 pub const PROXY_CONTAINER: &str = "linkerd-proxy";
-
-/// Linkerd's injector labels every injected pod with its control plane.
-pub const INJECTED: Injected = Injected::Label("linkerd.io/control-plane-ns");
 
 /// Reads one annotation into `out`; keys of other vocabularies are ignored.
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {

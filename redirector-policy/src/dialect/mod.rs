@@ -19,15 +19,6 @@ pub use kuma::annotations as kuma_annotations;
 pub use linkerd::annotations as linkerd_annotations;
 pub use osm::annotations as osm_annotations;
 
-/// A mark the mesh's injector leaves on every pod it injects: the default
-/// "meshed" rule of the preset, beside its proxy container.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Injected {
-    Label(&'static str),
-    /// Key, and the value it must have (`None`: any).
-    Annotation(&'static str, Option<&'static str>),
-}
-
 /// What happens to a connection whose route is the loopback device
 /// (127.0.0.0/8, ::1, or one of the workload's own addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,17 +119,6 @@ impl Preset {
             Preset::Istio => istio::PROXY_CONTAINER,
             Preset::Linkerd => linkerd::PROXY_CONTAINER,
             Preset::Kuma => kuma::PROXY_CONTAINER,
-        }
-    }
-
-    /// What the preset's injector leaves on a pod it injected (besides the
-    /// proxy container).
-    pub fn injected(self) -> Injected {
-        match self {
-            Preset::Osm => osm::INJECTED,
-            Preset::Istio => istio::INJECTED,
-            Preset::Linkerd => linkerd::INJECTED,
-            Preset::Kuma => kuma::INJECTED,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! MeshConfig's).
 use anyhow::Result;
 
-use super::{Injected, LoopbackMode, PresetDefaults, WorkloadAnnotations};
+use super::{LoopbackMode, PresetDefaults, WorkloadAnnotations};
 use crate::values::{parse_cidr, parse_list, parse_port};
 
 /// OSM's annotation keys (pod scoped lists, merged with the mesh lists).
@@ -29,9 +29,6 @@ pub const DEFAULTS: PresetDefaults = PresetDefaults {
 
 /// The sidecar container osm-injector adds.
 pub const PROXY_CONTAINER: &str = "envoy";
-
-/// osm-injector labels every injected pod with its proxy UUID.
-pub const INJECTED: Injected = Injected::Label("osm-proxy-uuid");
 
 /// Reads one annotation into `out`; keys of other vocabularies are ignored.
 pub(super) fn parse_annotation(k: &str, value: &str, out: &mut WorkloadAnnotations) -> Result<()> {

@@ -1,7 +1,9 @@
 //! Kubernetes planning, pure: the parts of a Pod the agent needs and which
-//! pods are meshed ([`pods`]), the mesh settings from the ConfigMap and
+//! pods are meshed ([`pods`], [`injector`]: the policy their injector
+//! wrote into the init container), the mesh settings from the ConfigMap and
 //! OSM's MeshConfig ([`mesh`]), and from pods + mesh + namespaces + pinned
 //! state to what to program, keep and report ([`plan`]).
+pub mod injector;
 pub mod mesh;
 pub mod plan;
 pub mod pods;

@@ -12,7 +12,10 @@ use crate::{
     annotation_key_warnings, parse_annotations, IdMaps, MeshSettings, NetnsRef, WorkloadAnnotations, WorkloadSpec,
 };
 
-use crate::k8s::pods::{is_meshed, MeshedWhen, PodInfo};
+use crate::k8s::{
+    injector::{decide, Decision},
+    pods::{MeshedWhen, PodInfo},
+};
 
 /// What the planner remembers between passes.
 #[derive(Debug, Default)]
@@ -29,6 +32,8 @@ pub struct PlanState {
     not_found_reported: BTreeSet<String>,
     /// The annotation-key warnings last published for a pod (likewise).
     warned: BTreeMap<String, String>,
+    /// The injector-setting notes last published for a pod (likewise).
+    noted: BTreeMap<String, String>,
 }
 
 impl PlanState {
@@ -112,7 +117,11 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     // A running meshed pod whose namespace is unknown, within its grace.
     let mut holding = false;
     for pod in inp.pods.values() {
-        if !pod.is_live() || !is_meshed(pod, inp.rules) {
+        if !pod.is_live() {
+            continue;
+        }
+        let decision = decide(pod, inp.rules);
+        if let Decision::NotMeshed { .. } = decision {
             continue;
         }
         seen.insert(pod.uid.clone());
@@ -148,7 +157,39 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                 state.warned.insert(pod.uid.clone(), message);
             }
         }
-        let annotations = match parse_annotations(inp.mesh.preset, &pod.annotations) {
+        // What its mesh's init container asks for, or the mesh settings
+        // and its annotations.
+        let (mesh, parsed) = match decision {
+            Decision::Refused { container, tool, problem } => {
+                let why = format!(
+                    "init container {container} ({tool}): {problem}; redirector does not program this pod: its \
+                     iptables init container keeps redirecting it"
+                );
+                if state.reported.get(&pod.uid) != Some(&why) {
+                    out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
+                    state.reported.insert(pod.uid.clone(), why.clone());
+                }
+                out.skipped.push((pod.key(), why));
+                continue;
+            }
+            Decision::Injected { reading, container, tool } => {
+                let mut mesh = reading.mesh;
+                // redirector's own settings, which no mesh tool has.
+                mesh.acceleration = inp.mesh.acceleration;
+                if !reading.notes.is_empty() {
+                    let message = format!("init container {container} ({tool}): {}", reading.notes.join("; "));
+                    if state.noted.get(&pod.uid) != Some(&message) {
+                        out.events.push(event(EventKind::Warning, "InjectorSettingSkipped", message.clone()));
+                        state.noted.insert(pod.uid.clone(), message);
+                    }
+                }
+                state.reported.remove(&pod.uid);
+                (Some(mesh), Ok(reading.annotations))
+            }
+            Decision::Settings { .. } => (None, parse_annotations(inp.mesh.preset, &pod.annotations)),
+            Decision::NotMeshed { .. } => unreachable!("skipped above"),
+        };
+        let annotations = match parsed {
             Ok(a) => {
                 state.last_good.insert(pod.uid.clone(), a.clone());
                 state.reported.remove(&pod.uid);
@@ -176,6 +217,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     proxy_cgroup: inp.proxy_cgroups.get(&pod.uid).cloned(),
                     id_maps: inp.id_maps.get(&pod.uid).cloned(),
                     annotations,
+                    mesh,
                 })
             }
             None if pod.phase == "Running" => {
@@ -203,6 +245,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     state.unresolved_since.retain(|uid, _| unresolved.contains(uid));
     state.not_found_reported.retain(|uid| unresolved.contains(uid));
     state.warned.retain(|uid, _| seen.contains(uid));
+    state.noted.retain(|uid, _| seen.contains(uid));
     if holding {
         out.keep = inp.pinned.clone();
     }
@@ -224,7 +267,7 @@ fn not_found(pod: &PodInfo, inp: &Inputs<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{compile, diff, Desired, Preset};
+    use crate::{compile, diff, Desired};
 
     fn pod(name: &str, annotations: &[(&str, &str)]) -> PodInfo {
         PodInfo {
@@ -239,6 +282,7 @@ mod tests {
             phase: "Running".into(),
             running: BTreeMap::new(),
             container_ids: BTreeSet::new(),
+            ..Default::default()
         }
     }
 
@@ -268,7 +312,7 @@ mod tests {
     #[test]
     fn meshed_pods_with_a_namespace_are_programmed() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let mut plain = pod("plain", &[]);
         plain.labels.clear();
         plain.containers = vec!["app".into()];
@@ -306,7 +350,7 @@ mod tests {
     #[test]
     fn misspelt_annotation_key_is_an_event_once() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let ns = netns(&[("uid-web", 11)]);
         let pinned = BTreeSet::new();
         let mut st = PlanState::default();
@@ -342,7 +386,7 @@ mod tests {
     #[test]
     fn bad_annotation_keeps_last_good_and_reports_once() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let ns = netns(&[("uid-web", 11)]);
         let pinned = BTreeSet::new();
         let mut st = PlanState::default();
@@ -386,7 +430,7 @@ mod tests {
     #[test]
     fn host_network_pods_are_skipped_with_an_event() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let mut h = pod("node-agent", &[]);
         h.host_network = true;
         let all = pods(vec![h]);
@@ -416,7 +460,7 @@ mod tests {
     #[test]
     fn restart_reconcile_marks_and_sweeps() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let all = pods(vec![pod("web", &[]), pod("api", &[(PORTS, "9000")])]);
         // After a restart: cookies 11 and 12 are live pods, 99 a pod deleted
         // while no agent ran.
@@ -505,7 +549,7 @@ mod tests {
     #[test]
     fn proxy_cgroup_only_where_found() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let all = pods(vec![pod("web", &[]), pod("db", &[])]);
         let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
         let cg: BTreeMap<String, PathBuf> =
@@ -538,7 +582,7 @@ mod tests {
     #[test]
     fn unfound_pods_hold_the_sweep_for_the_grace_only() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let mut kata = pod("kata", &[]);
         kata.runtime_class = Some("kata-qemu".into());
         let all = pods(vec![pod("web", &[]), kata]);
@@ -604,7 +648,7 @@ mod tests {
     #[test]
     fn id_maps_only_for_pods_in_a_user_namespace() {
         let mesh = MeshSettings::default();
-        let rules = MeshedWhen::defaults(Preset::Osm);
+        let rules: Vec<MeshedWhen> = vec!["label:osm-proxy-uuid".parse().unwrap()];
         let all = pods(vec![pod("web", &[]), pod("db", &[])]);
         let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
         let map = crate::IdMap::parse("0 524288 65536").unwrap();

@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail, Result};
 #[cfg(feature = "k8s")]
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 
-use crate::{dialect::Injected, Preset};
+use super::injector::InitContainer;
 
 /// What the agent keeps of one pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
     pub namespace: String,
@@ -43,6 +43,12 @@ pub struct PodInfo {
     /// namespace is only ever taken from a process in one of their
     /// cgroups.
     pub container_ids: BTreeSet<String>,
+    /// The regular init containers (not the native sidecars), in order:
+    /// where a mesh's injector writes its iptables command line.
+    pub init_containers: Vec<InitContainer>,
+    /// `status.podIPs`, in order (istio-iptables programs IPv6 only for an
+    /// IPv6 pod or dual-stack).
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl PodInfo {
@@ -86,6 +92,13 @@ impl PodInfo {
             container_ids: all_statuses
                 .filter_map(|c| Some(runtime_container_id(c.container_id.as_deref()?)?.to_string()))
                 .collect(),
+            init_containers: spec.map(init_containers_of).unwrap_or_default(),
+            ips: status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|ip| ip.ip.parse().ok())
+                .collect(),
         })
     }
 
@@ -98,6 +111,60 @@ impl PodInfo {
     pub fn is_live(&self) -> bool {
         !matches!(self.phase.as_str(), "Succeeded" | "Failed")
     }
+}
+
+/// The regular init containers of a pod spec, with the downwardAPI files
+/// each one mounts.
+#[cfg(feature = "k8s")]
+fn init_containers_of(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<InitContainer> {
+    // Volume name → (file path in the volume, field it holds).
+    let downward: BTreeMap<&str, Vec<(&str, &str)>> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| {
+            let items = v.downward_api.as_ref()?.items.as_ref()?;
+            Some((
+                v.name.as_str(),
+                items
+                    .iter()
+                    .filter_map(|i| Some((i.path.as_str(), i.field_ref.as_ref()?.field_path.as_str())))
+                    .collect(),
+            ))
+        })
+        .collect();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() != Some("Always"))
+        .map(|c| InitContainer {
+            name: c.name.clone(),
+            image: c.image.clone().unwrap_or_default(),
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            env: c
+                .env
+                .iter()
+                .flatten()
+                .map(|e| {
+                    (
+                        e.name.clone(),
+                        if e.value_from.is_some() { None } else { Some(e.value.clone().unwrap_or_default()) },
+                    )
+                })
+                .collect(),
+            downward_files: c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .flat_map(|m| {
+                    downward.get(m.name.as_str()).into_iter().flatten().map(move |(path, field)| {
+                        (format!("{}/{}", m.mount_path.trim_end_matches('/'), path), field.to_string())
+                    })
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// The running containers among `statuses` (only those named in `only`,
@@ -113,6 +180,73 @@ fn running_of<'a>(
         .filter(move |c| only.is_none_or(|names| names.contains(&c.name)))
         .filter(|c| c.state.as_ref().is_some_and(|st| st.running.is_some()))
         .filter_map(|c| Some((c.name.clone(), runtime_container_id(c.container_id.as_deref()?)?.to_string())))
+}
+
+/// The pods of a manifest file as `kubectl get pods -o yaml` (a `List`)
+/// or `kubectl apply -f` takes it (YAML or JSON, one or many documents):
+/// Pods, and the pod templates of Deployments, DaemonSets, StatefulSets,
+/// ReplicaSets, Jobs and CronJobs. Each comes with where it was found
+/// (`#DOC kind namespace/name`); an object that is not a pod or a
+/// workload is skipped, a document that does not parse is an error naming
+/// it. A template without a UID, name or namespace gets placeholders
+/// (`default`, the workload's name).
+#[cfg(feature = "k8s")]
+pub fn pods_from_manifests(text: &str) -> Result<Vec<(String, PodInfo)>> {
+    use serde::Deserialize as _;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let v = serde_yaml::Value::deserialize(doc).map_err(|e| anyhow!("document {}: {e}", i + 1))?;
+        let v: serde_json::Value = serde_json::to_value(v).map_err(|e| anyhow!("document {}: {e}", i + 1))?;
+        let items = match v["kind"].as_str() {
+            Some("List" | "PodList" | "DeploymentList" | "DaemonSetList" | "StatefulSetList") => {
+                v["items"].as_array().cloned().unwrap_or_default()
+            }
+            _ => vec![v],
+        };
+        for item in items {
+            let kind = item["kind"].as_str().unwrap_or_default().to_string();
+            let (mut meta, spec) = match kind.as_str() {
+                "Pod" => (item["metadata"].clone(), item["spec"].clone()),
+                "Deployment" | "DaemonSet" | "StatefulSet" | "ReplicaSet" | "Job" => {
+                    (item["spec"]["template"]["metadata"].clone(), item["spec"]["template"]["spec"].clone())
+                }
+                "CronJob" => (
+                    item["spec"]["jobTemplate"]["spec"]["template"]["metadata"].clone(),
+                    item["spec"]["jobTemplate"]["spec"]["template"]["spec"].clone(),
+                ),
+                _ => continue,
+            };
+            if !meta.is_object() {
+                meta = serde_json::json!({});
+            }
+            for key in ["name", "namespace"] {
+                if meta[key].is_null() {
+                    meta[key] = item["metadata"][key].clone();
+                }
+            }
+            if meta["namespace"].is_null() {
+                meta["namespace"] = "default".into();
+            }
+            if meta["uid"].is_null() {
+                meta["uid"] = format!("manifest-{i}").into();
+            }
+            let name = meta["name"].as_str().unwrap_or("(no name)").to_string();
+            let ns = meta["namespace"].as_str().unwrap_or_default().to_string();
+            if meta["name"].is_null() {
+                meta["name"] = name.clone().into();
+            }
+            let mut obj = serde_json::json!({"metadata": meta, "spec": spec});
+            if kind == "Pod" && !item["status"].is_null() {
+                obj["status"] = item["status"].clone();
+            }
+            let where_ = format!("#{} {kind} {ns}/{name}", i + 1);
+            let pod: Pod =
+                serde_json::from_value(obj).map_err(|e| anyhow!("document {}: {kind} {ns}/{name}: {e}", i + 1))?;
+            let info = PodInfo::from_pod(&pod).ok_or_else(|| anyhow!("{where_}: no name"))?;
+            out.push((where_, info));
+        }
+    }
+    Ok(out)
 }
 
 /// The ID in a `containerID` of a container status (`containerd://ID`,
@@ -145,17 +279,6 @@ impl MeshedWhen {
             MeshedWhen::Annotation { key, value } => kv(&pod.annotations, key, value),
             MeshedWhen::Container(name) => pod.containers.iter().any(|c| c == name),
         }
-    }
-
-    /// What the mesh's injector leaves on a pod it injected.
-    pub fn defaults(preset: Preset) -> Vec<MeshedWhen> {
-        // The mark the injector leaves on the pod (e.g. OSM's proxy UUID
-        // label), or the sidecar container it adds.
-        let mark = match preset.injected() {
-            Injected::Label(k) => MeshedWhen::Label { key: k.into(), value: None },
-            Injected::Annotation(k, v) => MeshedWhen::Annotation { key: k.into(), value: v.map(Into::into) },
-        };
-        vec![mark, MeshedWhen::Container(preset.proxy_container().into())]
     }
 }
 
@@ -204,22 +327,7 @@ pub fn is_meshed(pod: &PodInfo, rules: &[MeshedWhen]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub fn pod(name: &str) -> PodInfo {
-        PodInfo {
-            uid: format!("{name}-uid"),
-            namespace: "default".into(),
-            name: name.into(),
-            annotations: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            containers: vec!["app".into()],
-            host_network: false,
-            runtime_class: None,
-            phase: "Running".into(),
-            running: BTreeMap::new(),
-            container_ids: BTreeSet::new(),
-        }
-    }
+    use crate::Preset;
 
     #[test]
     fn rules_parse_and_print() {
@@ -237,23 +345,6 @@ mod tests {
             let e = bad.parse::<MeshedWhen>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
-    }
-
-    #[test]
-    fn defaults_match_what_injectors_leave() {
-        let mut osm = pod("a");
-        assert!(!is_meshed(&osm, &MeshedWhen::defaults(Preset::Osm)));
-        osm.labels.insert("osm-proxy-uuid".into(), "0f1e".into());
-        assert!(is_meshed(&osm, &MeshedWhen::defaults(Preset::Osm)));
-        let mut istio = pod("b");
-        istio.containers.push("istio-proxy".into());
-        assert!(is_meshed(&istio, &MeshedWhen::defaults(Preset::Istio)));
-        assert!(!is_meshed(&istio, &MeshedWhen::defaults(Preset::Osm)));
-        let mut kuma = pod("c");
-        kuma.annotations.insert("kuma.io/sidecar-injected".into(), "false".into());
-        assert!(!is_meshed(&kuma, &MeshedWhen::defaults(Preset::Kuma)));
-        kuma.annotations.insert("kuma.io/sidecar-injected".into(), "true".into());
-        assert!(is_meshed(&kuma, &MeshedWhen::defaults(Preset::Kuma)));
     }
 
     #[test]
@@ -320,10 +411,6 @@ mod tests {
         assert_eq!(runtime_container_id("docker://0a"), Some("0a"));
         for bad in ["", "0a", "containerd://", "containerd://a/b", "containerd://a b"] {
             assert_eq!(runtime_container_id(bad), None, "{bad}");
-        }
-        for preset in [Preset::Osm, Preset::Istio, Preset::Linkerd, Preset::Kuma] {
-            let rules = MeshedWhen::defaults(preset);
-            assert!(rules.contains(&MeshedWhen::Container(preset.proxy_container().into())), "{preset:?}");
         }
     }
 
@@ -430,7 +517,8 @@ mod tests {
 
             let info = PodInfo::from_pod(&pod).unwrap();
             assert!(MeshedWhen::Container(proxy.into()).matches(&info), "{name}: container:{proxy} does not match");
-            assert!(is_meshed(&info, &MeshedWhen::defaults(preset)), "{name}");
+            let d = crate::k8s::injector::decide(&info, &[]);
+            assert!(matches!(d, crate::k8s::injector::Decision::Injected { .. }), "{name}: {d:?}");
             assert!(!info.containers.iter().any(|c| c == iptables_init), "{name}: {iptables_init} counted");
             assert_eq!(info.running.get(proxy), Some(&proxy.replace('-', "")), "{name}: running proxy not seen");
             assert!(!info.running.contains_key(iptables_init), "{name}");

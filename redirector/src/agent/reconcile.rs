@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use log::error;
 
-use redirector_policy::{compile, MeshSettings, NetnsRef, WorkloadSpec};
+use redirector_policy::{MeshSettings, NetnsRef, WorkloadSpec};
 
 use crate::dataplane::{ApplyReport, Dataplane, Desired};
 
@@ -60,7 +60,7 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
     // The workload's own addresses matter only where connections routed
     // through loopback are treated specially (Istio, Kuma, Linkerd); they
     // are re-read on every pass, with the cookies, on one thread.
-    let policies: Vec<_> = workloads.iter().map(|w| compile(mesh, &w.annotations)).collect();
+    let policies: Vec<_> = workloads.iter().map(|w| w.policy(mesh)).collect();
     let namespaces: Vec<(PathBuf, bool)> = workloads
         .iter()
         .zip(&policies)
@@ -235,6 +235,7 @@ mod tests {
             proxy_cgroup: None,
             id_maps: None,
             annotations: WorkloadAnnotations::default(),
+            mesh: None,
         }
     }
 

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use log::{debug, error, info, warn};
 
-use redirector_policy::{compile, load_config, Config};
+use redirector_policy::{load_config, Config};
 
 use super::{
     reconcile::{log_summary, reconcile, AgentState, Reconciled, Wanted},
@@ -350,7 +350,7 @@ pub fn check(opts: &CheckOptions) -> Result<()> {
                         errors.push(Finding { workload: Some(w.name.clone()), problem: doc(message).problem });
                         continue;
                     }
-                    let p = compile(&cfg.mesh, &w.annotations);
+                    let p = w.policy(&cfg.mesh);
                     let sorted = |s: &Option<BTreeSet<u16>>| s.as_ref().map(|s| s.iter().copied().collect::<Vec<_>>());
                     checked.push(Checked {
                         name: w.name.clone(),

@@ -388,9 +388,17 @@ pub(super) fn pod_object(name: &str, phase: &str, annotations: Value) -> Value {
     json!({
         "metadata": {"name": name, "namespace": "shop", "labels": {"osm-proxy-uuid": format!("{name}-proxy")},
                      "annotations": annotations},
-        "spec": {"nodeName": NODE, "containers": [{"name": "app", "image": "app"}, {"name": "envoy", "image": "envoy"}]},
+        "spec": {"nodeName": NODE, "initContainers": [gate_container()],
+                 "containers": [{"name": "app", "image": "app"}, {"name": "envoy", "image": "envoy"}]},
         "status": {"phase": phase}
     })
+}
+
+/// The redirector gate as `deploy/init-container.yaml` has it: what makes
+/// a pod a sidecar workload once its mesh's init container is swapped.
+pub(super) fn gate_container() -> Value {
+    json!({"name": "redirector-init", "image": "redirector",
+           "command": ["redirector", "wait-ready", "--agent-socket=/var/run/redirector/agent.sock", "--timeout=60s"]})
 }
 
 fn set_annotation(api: &FakeApi, pod: &Pod, value: &str) {
@@ -802,10 +810,11 @@ fn kube_agent_without_meshconfig_crd() {
     let mut obj = pod_object("plain", "Pending", json!({}));
     obj["metadata"]["labels"] = json!({});
     obj["spec"]["containers"] = json!([{"name": "app", "image": "app"}]);
+    obj["spec"]["initContainers"] = json!([]);
     let plain = Pod::create_from(&api, &cgroup.path, "ke", obj);
     let out = plain.init_container(&agent.socket);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not meshed"), "status {}, stderr: {err}", out.status);
+    assert!(!out.status.success() && err.contains("not a sidecar workload"), "status {}, stderr: {err}", out.status);
     assert!(!programmed(&pins.path, plain.cookie()));
     check_rbac(&api.served(), false);
     drop(agent);
@@ -859,7 +868,7 @@ pub(super) fn proxy_identified_by_its_cgroup(layout: Layout, tag: &str, native: 
         obj["metadata"]["labels"] = json!({});
         obj["spec"]["containers"] = json!([{"name": "app", "image": "app"}]);
         obj["spec"]["initContainers"] = json!([
-            {"name": "redirector-init", "image": "redirector"},
+            gate_container(),
             {"name": "envoy", "image": "envoy", "restartPolicy": "Always"}
         ]);
     }
@@ -1244,5 +1253,74 @@ fn kube_gate_checks_the_attach_cgroup_and_removed_pins_stop_the_agent() {
         "{log}"
     );
     assert!(!log.contains("redirection stays in force"), "{log}");
+    drop(agent);
+}
+
+/// A pod as its mesh's injector wrote it: the init container's command
+/// line, not the agent's mesh settings, is the policy (istio-iptables'
+/// `-u` and `-o` here, under an agent whose ConfigMap says OSM); a pod
+/// whose init container asks for TPROXY is left to it, with an Event
+/// naming the setting; a gateway (a proxy, no init container) is not a
+/// sidecar workload.
+#[test]
+fn kube_agent_reads_the_meshes_init_containers() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kinit"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let istio = |name: &str, extra: &[&str]| {
+        let mut obj = pod_object(name, "Running", json!({}));
+        obj["metadata"]["labels"] = json!({});
+        let mut args: Vec<&str> = vec![
+            "istio-iptables",
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+        ];
+        args.extend(extra);
+        obj["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2", "args": args}]);
+        obj["spec"]["containers"] =
+            json!([{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxyv2"}]);
+        obj
+    };
+    let mut a = Pod::create_from(&api, &cgroup.path, "kia", istio("a", &["-u", "1337", "-o", "7070"]));
+    a.run_process();
+    // The probes run as UID 1000: this pod's proxy.
+    let mut b = Pod::create_from(&api, &cgroup.path, "kib", istio("b", &["-u", "1000"]));
+    b.run_process();
+    let mut t = Pod::create_from(&api, &cgroup.path, "kit", istio("t", &["-u", "1337", "-m", "TPROXY"]));
+    t.run_process();
+    let mut gw_obj = istio("gw", &[]);
+    gw_obj["spec"]["initContainers"] = json!([]);
+    let mut gw = Pod::create_from(&api, &cgroup.path, "kig", gw_obj);
+    gw.run_process();
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent.log");
+    let got = a.probe_until("192.0.2.10:80", |g| g.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}: {}", agent.proc.log_text());
+    assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "-o 7070 not applied");
+    poll_until(|| programmed(&pins.path, b.cookie()), |p| *p);
+    assert!(b.probe("192.0.2.10:80").starts_with("direct"), "-u 1000: the proxy's own connection was redirected");
+    let events = poll_until(|| api.events(), |e| !events_for(e, "t", "InjectorSettingRefused").is_empty());
+    let refused = events_for(&events, "t", "InjectorSettingRefused");
+    let note = refused.first().map(|e| e["note"].as_str().unwrap_or_default().to_string()).unwrap_or_default();
+    assert!(note.contains("-m \"TPROXY\"") && note.contains("istio-init"), "{note}");
+    assert!(!programmed(&pins.path, t.cookie()), "a TPROXY pod was programmed");
+    assert!(t.probe("192.0.2.10:80").starts_with("direct"));
+    assert!(!programmed(&pins.path, gw.cookie()), "a gateway was programmed");
+    assert!(events_for(&events, "gw", "InjectorSettingRefused").is_empty());
     drop(agent);
 }

@@ -474,11 +474,8 @@ impl Agent {
         true
     }
 
-    fn rules(&self, mesh: &MeshSettings) -> Vec<MeshedWhen> {
-        if self.opts.meshed_when.is_empty() {
-            MeshedWhen::defaults(mesh.preset)
-        } else {
-            self.opts.meshed_when.clone()
-        }
+    /// The explicit opt-in rules (sidecar workloads are found without).
+    fn rules(&self) -> Vec<MeshedWhen> {
+        self.opts.meshed_when.clone()
     }
 }

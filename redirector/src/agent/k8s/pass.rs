@@ -11,9 +11,10 @@ use log::{debug, error, info, warn};
 
 use redirector_policy::{
     k8s::{
+        injector::is_programmed,
         mesh::{ConfigMapSource, MeshSources, Source},
         plan::{plan, EventKind, Inputs},
-        pods::{is_meshed, MeshedWhen, PodInfo},
+        pods::{MeshedWhen, PodInfo},
     },
     IdMaps, MeshSettings,
 };
@@ -127,7 +128,7 @@ impl Agent {
             self.tend_events(None);
             return false;
         };
-        let rules = self.rules(&mesh);
+        let rules = self.rules();
         self.find_namespaces(&rules);
         let netns: BTreeMap<String, (PathBuf, u64)> =
             self.netns.iter().map(|(uid, h)| (uid.clone(), (h.path(), h.cookie))).collect();
@@ -210,7 +211,7 @@ impl Agent {
         let live: BTreeSet<&String> = p.uids.values().collect();
         self.pod_errors
             .retain(|uid, _| live.contains(uid) && p.uids.iter().any(|(n, u)| u == uid && errors.contains_key(n)));
-        let meshed = self.pods.items.values().filter(|x| x.is_live() && is_meshed(x, &rules)).count();
+        let meshed = self.pods.items.values().filter(|x| x.is_live() && is_programmed(x, &rules)).count();
         self.rt.metrics.set_gauge("pods_meshed", "Live pods on this node that carry the sidecar.", meshed as u64);
         self.rt.metrics.set_gauge(
             "pods_programmed",
@@ -285,7 +286,7 @@ impl Agent {
         let mut cache = std::mem::take(&mut self.proxy_cgroups);
         let mut out = BTreeMap::new();
         let mut missing = BTreeSet::new();
-        for p in self.pods.items.values().filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules)) {
+        for p in self.pods.items.values().filter(|p| p.is_live() && !p.host_network && is_programmed(p, rules)) {
             let Some(id) = p.running.get(&name) else { continue };
             let cached = cache.remove(&p.uid).filter(|(cid, path)| cid == id && path.is_dir()).map(|(_, path)| path);
             let found = cached.or_else(|| {
@@ -336,7 +337,7 @@ impl Agent {
             .pods
             .items
             .values()
-            .filter(|p| p.is_live() && !p.host_network && is_meshed(p, rules) && !self.netns.contains_key(&p.uid))
+            .filter(|p| p.is_live() && !p.host_network && is_programmed(p, rules) && !self.netns.contains_key(&p.uid))
             .map(|p| (p.uid.clone(), p.container_ids.clone()))
             .collect();
         if missing.is_empty() {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use tokio::sync::mpsc;
 
-use redirector_policy::k8s::pods::is_meshed;
+use redirector_policy::k8s::injector::{decide, Decision};
 
 use super::{registry::Reply, Agent};
 
@@ -56,7 +56,7 @@ impl Agent {
     /// still missing).
     pub(super) fn answer_waiters(&mut self) {
         let node = self.opts.node_name.clone();
-        let rules = self.mesh.as_ref().map(|m| self.rules(m));
+        let rules = self.mesh.as_ref().map(|_| self.rules());
         let mut waiters = std::mem::take(&mut self.waiters);
         waiters.answer(|uid| match (self.pods.items.get(uid), &rules) {
             _ if !self.synced() => Reply::waiting(self.waiting_for()),
@@ -64,11 +64,14 @@ impl Agent {
                 Reply::waiting(format!("mesh settings invalid: {}", self.mesh_error.clone().unwrap_or_default()))
             }
             (None, _) => Reply::waiting(format!("pod UID {uid} not seen on node {node} yet")),
-            (Some(p), Some(rules)) if !is_meshed(p, rules) => Reply::error(format!(
-                "pod {} is not meshed (rules: {}); remove the redirector init container or fix the rules",
-                p.key(),
-                rules.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
-            )),
+            (Some(p), Some(rules)) if !decide(p, rules).programmed() => Reply::error(match decide(p, rules) {
+                Decision::Refused { container, tool, problem } => format!(
+                    "pod {}: init container {container} ({tool}): {problem}; redirector does not program it",
+                    p.key()
+                ),
+                Decision::NotMeshed { why } => format!("pod {} is not a sidecar workload: {why}", p.key()),
+                _ => unreachable!("programmed"),
+            }),
             (Some(p), _) if p.host_network => {
                 Reply::error(format!("pod {} uses the node's network namespace; it cannot be redirected", p.key()))
             }
