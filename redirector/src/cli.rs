@@ -197,10 +197,29 @@ pub(crate) enum Cmd {
         kube: KubeArgs,
     },
     /// Validate a config file without touching the kernel, reporting every
-    /// error (--log-format json: one JSON object).
+    /// error (--log-format json: one JSON object); or, with --pod, show
+    /// what the Kubernetes agent would do with pods as their mesh's
+    /// injector wrote them.
     Check {
+        #[arg(long, required_unless_present = "pod", conflicts_with = "pod")]
+        config: Option<PathBuf>,
+        /// A Pod or workload manifest as injected (YAML or JSON, one or many
+        /// documents, or `kubectl get pods -o yaml`; `-` for stdin): per
+        /// pod, whether it is a sidecar workload and why, the policy the
+        /// agent would program, and the settings it refuses.
         #[arg(long)]
-        config: PathBuf,
+        pod: Option<PathBuf>,
+        /// With --pod: the agent's `mesh.yaml` preset, for pods whose
+        /// policy comes from the mesh settings and annotations (the
+        /// redirector gate, an opt-in rule, Linkerd CNI, osm-init).
+        #[arg(long, requires = "pod", value_parser = parse_preset)]
+        preset: Option<redirector_policy::Preset>,
+        /// With --pod: the agent's --meshed-when rules.
+        #[arg(long = "meshed-when", requires = "pod")]
+        meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
+        /// One JSON object on stdout (as --log-format json).
+        #[arg(long)]
+        json: bool,
         /// Also resolve each workload on this machine as `run` does (its
         /// namespace or process, its proxy cgroup, one namespace per
         /// workload, the kernel's features); writes nothing. Needs root.
@@ -301,6 +320,10 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is shorter than the minimum of 1ms"));
     }
     Ok(d)
+}
+
+fn parse_preset(s: &str) -> Result<redirector_policy::Preset, String> {
+    redirector_policy::Preset::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

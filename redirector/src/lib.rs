@@ -9,6 +9,7 @@
 //!   core; [`inspect`]: reading the state back;
 //! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features.
 pub mod agent;
+pub mod check_pod;
 pub mod dataplane;
 pub mod error;
 pub mod inspect;

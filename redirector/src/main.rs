@@ -88,7 +88,16 @@ fn real_main(cli: Cli) -> Result<()> {
                 })),
             }
         }
-        Cmd::Check { config, live } => standalone::check(&standalone::CheckOptions { config, live, json }),
+        Cmd::Check { pod: Some(file), preset, meshed_when, json: j, live, .. } => {
+            if live {
+                bail!("option --live: checks a config file's workloads on this machine; --pod reads manifests only");
+            }
+            redirector::check_pod::check_pod(&file, preset, &meshed_when, json || j)
+        }
+        Cmd::Check { config: Some(config), live, json: j, .. } => {
+            standalone::check(&standalone::CheckOptions { config, live, json: json || j })
+        }
+        Cmd::Check { .. } => bail!("check needs --config FILE or --pod FILE"),
         Cmd::WaitReady { agent_socket: Some(socket), pod_uid, timeout, .. } => {
             let uid = pod_uid
                 .ok_or_else(|| anyhow::anyhow!("--agent-socket needs --pod-uid (or POD_UID from the downward API)"))?;
