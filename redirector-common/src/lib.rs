@@ -362,6 +362,11 @@ pub mod counter {
     /// record could not be kept), answered as conntrack does for a
     /// connection it did not NAT: with the socket's own local address.
     pub const ORIG_DST_OWN_ADDRESS: u32 = 23;
+    /// `SO_ORIGINAL_DST` on an inbound connection the kernel answered
+    /// itself: conntrack NATed it (the mesh's own iptables rules in the
+    /// same namespace, before the init container is switched), so its
+    /// answer, not the socket's local address, is the original one.
+    pub const ORIG_DST_CONNTRACK: u32 = 24;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
     /// The last slot: counters added later take the spare slots between
@@ -369,7 +374,7 @@ pub mod counter {
     pub const UPGRADE_TEST_BUILD: u32 = COUNT - 1;
     pub const COUNT: u32 = 32;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 24] = [
+    pub const NAMES: [&str; 25] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -394,6 +399,7 @@ pub mod counter {
         "accel_msg_via_tcp",
         "listener_insert_failed",
         "orig_dst_own_address",
+        "orig_dst_conntrack",
     ];
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::bpf_sock, helpers::generated::bpf_get_netns_cookie, macros::cgroup_sockopt, programs::SockoptContext,
     EbpfContext as _,
 };
-use redirector_common::{counter, is_v4_mapped, v4_mapped, OrigDst, TupleKey, AF_INET, AF_INET6};
+use redirector_common::{counter, is_v4_mapped, orig_flags, v4_mapped, OrigDst, TupleKey, AF_INET, AF_INET6};
 
 use crate::maps::{count, sock_orig, words_to_bytes, IPPROTO_TCP, RDR_ORIG_TUPLE, RDR_WORKLOADS};
 
@@ -38,7 +38,15 @@ fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
     }
     let stored = unsafe { sock_orig(sk, None) };
     if !stored.is_null() {
-        return Some(Answer { orig: unsafe { *stored }, counter: counter::ORIG_DST_SERVED });
+        let orig = unsafe { *stored };
+        // An inbound record is the accepted socket's local address; if
+        // conntrack answered, something NATed the connection before the
+        // socket lookup (the mesh's iptables REDIRECT, still in the pod
+        // while it migrates) and its answer is the original destination.
+        if orig.flags & orig_flags::INBOUND != 0 && kernel_retval == 0 {
+            return Some(Answer { orig, counter: counter::ORIG_DST_CONNTRACK });
+        }
+        return Some(Answer { orig, counter: counter::ORIG_DST_SERVED });
     }
     // Not handed over at accept time (e.g. the proxy runs in another
     // cgroup): look the connection up by its 4-tuple.
@@ -113,7 +121,13 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if so.optname != SO_ORIGINAL_DST || (so.level != SOL_IP && so.level != SOL_IPV6) {
         return;
     }
-    let Answer { orig, counter: served } = match lookup(ctx, so.retval) {
+    let kernel_retval = so.retval;
+    let Answer { orig, counter: served } = match lookup(ctx, kernel_retval) {
+        // The kernel's answer stands.
+        Some(a) if a.counter == counter::ORIG_DST_CONNTRACK => {
+            count(a.counter);
+            return;
+        }
         Some(a) => a,
         None => {
             count(counter::ORIG_DST_MISS);

@@ -6,29 +6,39 @@ use super::*;
 
 #[test]
 fn differential_exclusions_match_osm_init() {
-    differential(
-        EXCLUSIONS,
-        &[
-            case("default (uid 1000)", 1000, "192.0.2.10:80", "proxy 192.0.2.10:80"),
-            case("other uid (root)", 0, "192.0.2.10:8080", "proxy 192.0.2.10:8080"),
-            case("proxy uid 1500", 1500, "192.0.2.10:80", "direct 192.0.2.10:80"),
-            case("mesh excluded CIDR", 1000, "198.51.100.10:80", "direct 198.51.100.10:80"),
-            case("annotation excluded CIDR", 1000, "203.0.113.10:80", "direct 203.0.113.10:80"),
-            case("outside annotation CIDR", 1000, "203.0.113.200:80", "proxy 203.0.113.200:80"),
-            case("mesh excluded port", 1000, "192.0.2.10:6379", "direct 192.0.2.10:6379"),
-            case("annotation excluded port", 1000, "198.51.100.10:7070", "direct"),
-            case("annotation excluded port (2)", 1000, "203.0.113.200:7070", "direct 203.0.113.200:7070"),
-            case("admin port 15000 still redirected", 1000, "192.0.2.10:15000", "proxy 192.0.2.10:15000"),
-            case("127.0.0.1", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
-            case("127.0.0.2 (only /32 exempt)", 1000, "127.0.0.2:8080", "proxy 127.0.0.2:8080"),
-            case("own pod IP", 1000, "198.18.0.1:8080", "proxy 198.18.0.1:8080"),
-            // Not redirected (127.0.0.1): conntrack answers the connection's
-            // own destination, so must redirector.
-            case("the proxy's port itself", 1000, "127.0.0.1:15001", "proxy 127.0.0.1:15001"),
-            Case { proto: Proto::Udp, ..case("UDP untouched", 1000, "192.0.2.10:5353", "direct udp") },
-            Case { from_workload: false, ..case("unlisted netns", 1000, "192.0.2.10:80", "direct 192.0.2.10:80") },
-        ],
-    );
+    differential(EXCLUSIONS, &exclusion_cases());
+}
+
+/// osm-init's rules and redirector in one namespace (the migration path)
+/// answer as osm-init's alone, outbound and inbound.
+#[test]
+fn coexisting_with_osm_init() {
+    differential_with(EXCLUSIONS, &exclusion_cases(), true);
+    inbound_vs_osm_init(true);
+}
+
+/// The cases of [`differential_exclusions_match_osm_init`].
+fn exclusion_cases() -> Vec<Case> {
+    vec![
+        case("default (uid 1000)", 1000, "192.0.2.10:80", "proxy 192.0.2.10:80"),
+        case("other uid (root)", 0, "192.0.2.10:8080", "proxy 192.0.2.10:8080"),
+        case("proxy uid 1500", 1500, "192.0.2.10:80", "direct 192.0.2.10:80"),
+        case("mesh excluded CIDR", 1000, "198.51.100.10:80", "direct 198.51.100.10:80"),
+        case("annotation excluded CIDR", 1000, "203.0.113.10:80", "direct 203.0.113.10:80"),
+        case("outside annotation CIDR", 1000, "203.0.113.200:80", "proxy 203.0.113.200:80"),
+        case("mesh excluded port", 1000, "192.0.2.10:6379", "direct 192.0.2.10:6379"),
+        case("annotation excluded port", 1000, "198.51.100.10:7070", "direct"),
+        case("annotation excluded port (2)", 1000, "203.0.113.200:7070", "direct 203.0.113.200:7070"),
+        case("admin port 15000 still redirected", 1000, "192.0.2.10:15000", "proxy 192.0.2.10:15000"),
+        case("127.0.0.1", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+        case("127.0.0.2 (only /32 exempt)", 1000, "127.0.0.2:8080", "proxy 127.0.0.2:8080"),
+        case("own pod IP", 1000, "198.18.0.1:8080", "proxy 198.18.0.1:8080"),
+        // Not redirected (127.0.0.1): conntrack answers the connection's
+        // own destination, so must redirector.
+        case("the proxy's port itself", 1000, "127.0.0.1:15001", "proxy 127.0.0.1:15001"),
+        Case { proto: Proto::Udp, ..case("UDP untouched", 1000, "192.0.2.10:5353", "direct udp") },
+        Case { from_workload: false, ..case("unlisted netns", 1000, "192.0.2.10:80", "direct 192.0.2.10:80") },
+    ]
 }
 
 #[test]
@@ -55,6 +65,10 @@ workloads:
 
 #[test]
 fn differential_inbound_matches_osm_init() {
+    inbound_vs_osm_init(false);
+}
+
+fn inbound_vs_osm_init(coexisting: bool) {
     if !require_kernel() {
         return;
     }
@@ -69,6 +83,9 @@ fn differential_inbound_matches_osm_init() {
         v.push(Server::proxy(&t.app.path(), "0.0.0.0:15003".parse().unwrap()).unwrap());
         v
     });
+    if coexisting {
+        osm_init_in(&m.topo, INBOUND);
+    }
     let pod = testkit::addrs::POD_IP;
     let cases: &[(&str, u16, bool)] = &[
         ("application port, from the peer", 8080, true),
@@ -135,6 +152,14 @@ fn sidecar_pod(t: &Topology, proxy_uid: u32, outbound: u16, inbound: u16) -> Vec
 /// one namespace, the agent with the same config in another, the same pod
 /// in both; every case must get the same answer from both.
 fn dialect_differential(config: &str, cases: &[Case]) {
+    dialect_differential_with(config, cases, false)
+}
+
+/// With `coexisting`, the agent's namespace also has the mesh's rules: a
+/// pod injected with the iptables init container that redirector programs
+/// as well (the migration path: install redirector, switch the init
+/// container later) must behave as with the rules alone.
+fn dialect_differential_with(config: &str, cases: &[Case], coexisting: bool) {
     if !require_kernel() {
         return;
     }
@@ -147,6 +172,9 @@ fn dialect_differential(config: &str, cases: &[Case]) {
     reference.app.shell(&rules.join(" && ")).expect("the mesh's iptables rules");
     let _ref_servers = sidecar_pod(&reference, uid, out, inb);
     let m = Managed::start_full(Topology::new("db").unwrap(), config, |t| sidecar_pod(t, uid, out, inb), false);
+    if coexisting {
+        m.topo.app.shell(&rules.join(" && ")).expect("the mesh's iptables rules beside redirector");
+    }
     let mut failures = Vec::new();
     for c in cases {
         let dst: std::net::SocketAddr = c.dst.parse().unwrap();
@@ -164,7 +192,8 @@ fn dialect_differential(config: &str, cases: &[Case]) {
     }
     assert!(
         failures.is_empty(),
-        "redirector differs from the {} rules:\n{}\nagent log:\n{}",
+        "redirector{} differs from the {} rules:\n{}\nagent log:\n{}",
+        if coexisting { " beside them" } else { "" },
         cfg.mesh.preset.name(),
         failures.join("\n"),
         m.agent.log_text()
@@ -192,26 +221,28 @@ workloads:
 /// 1337 and the six traffic types of seed 002 walked end to end.
 #[test]
 fn differential_istio_six_traffic_types() {
+    dialect_differential(ISTIO, &differential_istio_six_traffic_types_cases());
+}
+
+/// The cases of [`differential_istio_six_traffic_types`].
+fn differential_istio_six_traffic_types_cases() -> Vec<Case> {
     let pod = testkit::addrs::POD_IP;
     let to_app = format!("inbound {pod}:8080 > direct {pod}:8080");
-    dialect_differential(
-        ISTIO,
-        &[
-            peer_case("1 remote pod -> local pod", format!("{pod}:8080"), &to_app),
-            case("2 local pod -> remote pod", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
-            peer_case("3 prometheus -> pilot-agent 15020", format!("{pod}:15020"), "direct"),
-            peer_case("3' ssh 22 (built into istio-iptables)", format!("{pod}:22"), "direct"),
-            case("4 local pod -> own service", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
-            case("4' local pod -> own pod IP", 1000, format!("{pod}:8080"), &to_app),
-            case("5 envoy -> envoy on localhost", 1337, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
-            case("6 sidecar -> istiod", 1337, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
-            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
-            case("excludeOutboundPorts", 1000, "192.0.2.10:6379", "direct"),
-            case("excludeOutboundIPRanges", 1000, "203.0.113.10:80", "direct"),
-            case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
-            peer_case("excludeInboundPorts", format!("{pod}:7070"), "direct"),
-        ],
-    );
+    vec![
+        peer_case("1 remote pod -> local pod", format!("{pod}:8080"), &to_app),
+        case("2 local pod -> remote pod", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+        peer_case("3 prometheus -> pilot-agent 15020", format!("{pod}:15020"), "direct"),
+        peer_case("3' ssh 22 (built into istio-iptables)", format!("{pod}:22"), "direct"),
+        case("4 local pod -> own service", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
+        case("4' local pod -> own pod IP", 1000, format!("{pod}:8080"), &to_app),
+        case("5 envoy -> envoy on localhost", 1337, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
+        case("6 sidecar -> istiod", 1337, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+        case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+        case("excludeOutboundPorts", 1000, "192.0.2.10:6379", "direct"),
+        case("excludeOutboundIPRanges", 1000, "203.0.113.10:80", "direct"),
+        case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
+        peer_case("excludeInboundPorts", format!("{pod}:7070"), "direct"),
+    ]
 }
 
 const KUMA: &str = r#"
@@ -233,34 +264,31 @@ workloads:
 /// the inbound listener, only kuma-dp's are; inbound sources can be excluded.
 #[test]
 fn differential_kuma() {
+    dialect_differential(KUMA, &differential_kuma_cases());
+}
+
+/// The cases of [`differential_kuma`].
+fn differential_kuma_cases() -> Vec<Case> {
     let pod = testkit::addrs::POD_IP;
     let to_app = format!("inbound {pod}:8080 > direct {pod}:8080");
     let from_excluded = Case {
         src: Some("192.0.2.10:0".parse().unwrap()),
         ..peer_case("exclude-inbound-ips source", format!("{pod}:8080"), "direct")
     };
-    dialect_differential(
-        KUMA,
-        &[
-            peer_case("remote -> pod", format!("{pod}:8080"), &to_app),
-            from_excluded,
-            peer_case("exclude-inbound-ports", format!("{pod}:7070"), "direct"),
-            case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
-            case(
-                "app -> own service (kuma-dp loops to inbound)",
-                1000,
-                SERVICE,
-                format!("outbound {SERVICE} > {to_app}"),
-            ),
-            case("app -> own pod IP (not redirected)", 1000, format!("{pod}:8080"), "direct"),
-            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
-            case("kuma-dp -> localhost", 5678, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
-            case("kuma-dp -> control plane", 5678, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
-            case("exclude-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
-            case("exclude-outbound-ips", 1000, "203.0.113.10:80", "direct"),
-            case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
-        ],
-    );
+    vec![
+        peer_case("remote -> pod", format!("{pod}:8080"), &to_app),
+        from_excluded,
+        peer_case("exclude-inbound-ports", format!("{pod}:7070"), "direct"),
+        case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+        case("app -> own service (kuma-dp loops to inbound)", 1000, SERVICE, format!("outbound {SERVICE} > {to_app}")),
+        case("app -> own pod IP (not redirected)", 1000, format!("{pod}:8080"), "direct"),
+        case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+        case("kuma-dp -> localhost", 5678, "127.0.0.1:15000", "direct 127.0.0.1:15000"),
+        case("kuma-dp -> control plane", 5678, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+        case("exclude-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
+        case("exclude-outbound-ips", 1000, "203.0.113.10:80", "direct"),
+        case("outside the excluded range", 1000, "203.0.113.200:80", "outbound"),
+    ]
 }
 
 const LINKERD: &str = r#"
@@ -279,24 +307,44 @@ workloads:
 /// linkerd` (proxy UID 2102, 4140/4143, every loopback route returned).
 #[test]
 fn differential_linkerd() {
+    dialect_differential(LINKERD, &differential_linkerd_cases());
+}
+
+/// The cases of [`differential_linkerd`].
+fn differential_linkerd_cases() -> Vec<Case> {
     let pod = testkit::addrs::POD_IP;
     let from_skipped = Case {
         src: Some("192.0.2.10:0".parse().unwrap()),
         ..peer_case("skip-subnets source", format!("{pod}:8080"), "direct")
     };
-    dialect_differential(
-        LINKERD,
-        &[
-            peer_case("remote -> pod", format!("{pod}:8080"), format!("inbound {pod}:8080 > direct {pod}:8080")),
-            from_skipped,
-            peer_case("skip-inbound-ports", format!("{pod}:7070"), "direct"),
-            case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
-            case("app -> own pod IP (-o lo RETURN)", 1000, format!("{pod}:8080"), "direct"),
-            case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
-            case("proxy -> remote", 2102, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
-            case("skip-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
-            case("skip-outbound-ports range", 1000, "203.0.113.10:7070", "direct"),
-            case("app -> other port", 1000, "203.0.113.10:80", "outbound"),
-        ],
-    );
+    vec![
+        peer_case("remote -> pod", format!("{pod}:8080"), format!("inbound {pod}:8080 > direct {pod}:8080")),
+        from_skipped,
+        peer_case("skip-inbound-ports", format!("{pod}:7070"), "direct"),
+        case("app -> remote", 1000, "192.0.2.10:80", "outbound 192.0.2.10:80 > direct 192.0.2.10:80"),
+        case("app -> own pod IP (-o lo RETURN)", 1000, format!("{pod}:8080"), "direct"),
+        case("app -> localhost", 1000, "127.0.0.1:8080", "direct 127.0.0.1:8080"),
+        case("proxy -> remote", 2102, "192.0.2.10:15012", "direct 192.0.2.10:15012"),
+        case("skip-outbound-ports", 1000, "192.0.2.10:6379", "direct"),
+        case("skip-outbound-ports range", 1000, "203.0.113.10:7070", "direct"),
+        case("app -> other port", 1000, "203.0.113.10:80", "outbound"),
+    ]
+}
+
+/// Istio, Kuma and Linkerd pods injected with their iptables init container
+/// and programmed by redirector too (the migration path): every traffic
+/// type of the differential suites answers as with the rules alone.
+#[test]
+fn coexisting_with_istio_iptables() {
+    dialect_differential_with(ISTIO, &differential_istio_six_traffic_types_cases(), true);
+}
+
+#[test]
+fn coexisting_with_kuma_rules() {
+    dialect_differential_with(KUMA, &differential_kuma_cases(), true);
+}
+
+#[test]
+fn coexisting_with_linkerd_proxy_init() {
+    dialect_differential_with(LINKERD, &differential_linkerd_cases(), true);
 }

@@ -269,13 +269,18 @@ struct IptablesWorkload {
     _proxy: Server,
 }
 
+/// osm-init's rules for `config` in `topo`'s workload namespace.
+fn osm_init_in(topo: &Topology, config_template: &str) {
+    let cfg = parse_config(&render(config_template, &topo.app.path())).unwrap();
+    assert!(cfg.rejected.is_empty(), "{:?}", cfg.rejected);
+    let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
+    topo.app.shell(&osm_init_script(&policy)).expect("osm-init rules");
+}
+
 impl IptablesWorkload {
     fn start(tag: &str, config_template: &str) -> Self {
         let topo = Topology::new(tag).unwrap();
-        let cfg = parse_config(&render(config_template, &topo.app.path())).unwrap();
-        assert!(cfg.rejected.is_empty(), "{:?}", cfg.rejected);
-        let policy = compile(&cfg.mesh, &cfg.workloads[0].annotations);
-        topo.app.shell(&osm_init_script(&policy)).expect("osm-init rules");
+        osm_init_in(&topo, config_template);
         let proxy = Server::proxy(&topo.app.path(), "127.0.0.1:15001".parse().unwrap()).unwrap();
         Self { topo, _proxy: proxy }
     }
@@ -299,11 +304,20 @@ fn case(name: &'static str, uid: u32, dst: impl Into<String>, expect: impl Into<
 }
 
 fn differential(config: &str, cases: &[Case]) {
+    differential_with(config, cases, false)
+}
+
+/// With `coexisting`, osm-init's rules are in redirector's namespace too
+/// (a pod injected before the switch, programmed by the agent as well).
+fn differential_with(config: &str, cases: &[Case], coexisting: bool) {
     if !require_kernel() {
         return;
     }
     let ipt = IptablesWorkload::start("i", config);
     let bpf = Managed::start("b", config);
+    if coexisting {
+        osm_init_in(&bpf.topo, config);
+    }
     let mut failures = Vec::new();
     for c in cases {
         let dst: SocketAddrV4 = c.dst.parse().unwrap();
