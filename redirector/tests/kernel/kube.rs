@@ -1324,3 +1324,59 @@ fn kube_agent_reads_the_meshes_init_containers() {
     assert!(events_for(&events, "gw", "InjectorSettingRefused").is_empty());
     drop(agent);
 }
+
+/// The meshes' validators, which expect redirection in place when they
+/// run, pass with the gate before them. Istio CNI's `istio-validation`
+/// (istio/istio `tools/istio-iptables/pkg/validation/validator.go`): as
+/// the proxy's UID (1337 in `hello.yaml.cni.injected`) it connects to
+/// 127.0.0.6:15002 and passes once a listener on 127.0.0.1:15001 or
+/// :15006 reads back original port 15002. Linkerd's
+/// `linkerd-network-validator` (linkerd2-proxy-init `validator/`): as
+/// 65534 it connects to `--connect-addr` (1.1.1.1:20001 in the golden;
+/// a documentation address here) and passes once its own listener on
+/// `--listen-addr 0.0.0.0:4140`, the outbound port, gets the connection.
+#[test]
+fn kube_mesh_validators_pass_after_the_gate() {
+    if !require_kernel() {
+        return;
+    }
+    for (preset, validator, probe_uid, listens, dst) in [
+        (
+            "istio",
+            json!({"name": "istio-validation", "image": "proxyv2", "args": [
+                "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
+                "-b", "*", "-d", "15090,15021,15020", "--run-validation", "--skip-rule-apply"]}),
+            1337,
+            "127.0.0.1:15006",
+            "127.0.0.6:15002",
+        ),
+        (
+            "linkerd",
+            json!({"name": "linkerd-network-validator", "image": "proxy-init",
+                   "command": ["/usr/lib/linkerd/linkerd2-network-validator"],
+                   "args": ["--connect-addr", "192.0.2.1:20001", "--listen-addr", "0.0.0.0:4140", "--timeout", "10s"]}),
+            65534,
+            "0.0.0.0:4140",
+            "192.0.2.1:20001",
+        ),
+    ] {
+        let cgroup = TestCgroup::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        let scratch = Scratch(tmpdir(&format!("kval{preset}")));
+        let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+        api.put(&Resource::configmaps(), configmap(&format!("preset: {preset}\n")));
+        let mut obj = pod_object("v", "Running", json!({}));
+        obj["metadata"]["labels"] = json!({});
+        obj["spec"]["initContainers"] = json!([gate_container(), validator]);
+        let mut p = Pod::create_from(&api, &cgroup.path, &format!("kv{}", &preset[..1]), obj);
+        p.run_process();
+        let _listener = Server::proxy(&p.topo.app.path(), listens.parse().unwrap()).unwrap();
+        let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &scratch.0, "agent.log");
+        // The gate returns once the pod is programmed; then the validator.
+        let out = p.init_container(&agent.socket);
+        assert!(out.status.success(), "{preset}: gate: {}", String::from_utf8_lossy(&out.stderr));
+        let got = testkit::probe(&p.topo.app.path(), probe_uid, Proto::Tcp, dst.parse().unwrap()).unwrap();
+        assert!(got.starts_with(&format!("proxy {dst}")), "{preset} validator: {got}: {}", agent.proc.log_text());
+        drop(agent);
+    }
+}

@@ -119,6 +119,16 @@ impl fmt::Display for Problem {
 const MESH_INIT_NAMES: [&str; 6] =
     ["istio-init", "istio-validation", "linkerd-init", "kuma-init", "kuma-validation", "osm-init"];
 
+/// Whether one of the readers takes this init container.
+fn reads(c: &InitContainer) -> bool {
+    let argv = c.argv();
+    istio::tool_args(&argv).is_some()
+        || linkerd::tool_args(c, &argv).is_some()
+        || kuma::tool_args(&argv).is_some()
+        || osm::tool_args(&argv).is_some()
+        || MESH_INIT_NAMES.contains(&c.name.as_str())
+}
+
 /// Whether `argv` runs redirector's gate (`redirector wait-ready …`).
 pub fn is_gate(argv: &[String]) -> bool {
     let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
@@ -145,12 +155,9 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
     if pod.annotations.get("sidecar.istio.io/interceptionMode").map(String::as_str) == Some("NONE") {
         return Decision::NotMeshed { why: "sidecar.istio.io/interceptionMode is NONE (no interception)".into() };
     }
-    for c in &pod.init_containers {
-        let argv = c.argv();
-        if is_gate(&argv) {
-            return Decision::Settings { why: format!("init container {} is the redirector gate", c.name) };
-        }
-    }
+    // The mesh's own init container, or its validator after the gate,
+    // says what the injector decided; the gate alone takes the settings.
+    let gate = pod.init_containers.iter().find(|c| is_gate(&c.argv()));
     for c in &pod.init_containers {
         let argv = c.argv();
         let (tool, read): (&'static str, Option<Result<Reading>>) = if let Some(args) = istio::tool_args(&argv) {
@@ -161,11 +168,19 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
             ("kumactl", Some(kuma::read(c, sub, args, &pod.annotations)))
         } else if let Some(script) = osm::tool_args(&argv) {
             ("osm-init's iptables-restore", Some(osm::read(script)))
-        } else if c.name == "linkerd-network-validator" {
-            return Decision::Settings {
-                why: "Linkerd CNI mode (linkerd-network-validator): the policy from the mesh settings and annotations"
+        } else if c.name == "linkerd-network-validator" || is_gate(&argv) {
+            if is_gate(&argv) && pod.init_containers.iter().any(|o| o.name != c.name && !is_gate(&o.argv()) && reads(o))
+            {
+                // A mesh tool's container after the gate: read that one.
+                continue;
+            }
+            let why = match gate {
+                Some(g) => format!("init container {} is the redirector gate", g.name),
+                None => "Linkerd CNI mode (linkerd-network-validator): the policy from the mesh settings and \
+                         annotations"
                     .into(),
             };
+            return Decision::Settings { why };
         } else if MESH_INIT_NAMES.contains(&c.name.as_str()) {
             ("?", None)
         } else {

@@ -214,7 +214,17 @@ fn meshed_means_a_sidecar_workload() {
         command: s(&["redirector", "wait-ready"]),
         ..Default::default()
     };
-    assert!(matches!(decide(&pod_with(gate), &[]), Decision::Settings { .. }));
+    assert!(matches!(decide(&pod_with(gate.clone()), &[]), Decision::Settings { .. }));
+    // The gate before Istio CNI's validator: the validator's flags are
+    // what the injector decided.
+    let mut both = pod_with(gate);
+    both.init_containers.push(InitContainer {
+        name: "istio-validation".into(),
+        args: s(&["istio-iptables", "-u", "1234", "--run-validation", "--skip-rule-apply"]),
+        ..Default::default()
+    });
+    let r = injected(decide(&both, &[]));
+    assert_eq!(r.mesh.proxy_uid, 1234);
 }
 
 /// Every injected pod of the meshes' own injector goldens
