@@ -29,10 +29,14 @@ struct Rule {
     /// `-o lo`
     out_lo: bool,
     dports: Option<Vec<u16>>,
+    /// `! --dport`
+    dports_negated: bool,
     uid_owner: Option<u32>,
     /// `! --uid-owner`
     uid_negated: bool,
     gid_owner: Option<u32>,
+    /// `! --gid-owner`
+    gid_negated: bool,
     target: Option<Target>,
 }
 
@@ -79,6 +83,12 @@ impl NatTable {
                 Ok(())
             }
             "-A" | "-I" => {
+                // `-I CHAIN 1 …`: the front, as `-I CHAIN …`.
+                let args = match args {
+                    ["1", rest @ ..] if op == "-I" => rest,
+                    [n, ..] if op == "-I" && n.parse::<u32>().is_ok() => bail!("insert at position {n} not modelled"),
+                    a => a,
+                };
                 let rule = parse_rule(args)?;
                 if let Some(Target::Jump(to)) = &rule.target {
                     if !self.chains.contains_key(to) {
@@ -180,7 +190,7 @@ fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
         return false;
     }
     if let Some(ports) = &rule.dports {
-        if !ports.contains(&conn.dst.port()) {
+        if ports.contains(&conn.dst.port()) == rule.dports_negated {
             return false;
         }
     }
@@ -190,7 +200,7 @@ fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
         }
     }
     if let Some(gid) = rule.gid_owner {
-        if conn.gid != gid {
+        if (conn.gid == gid) == rule.gid_negated {
             return false;
         }
     }
@@ -218,6 +228,14 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
                 "--uid-owner" => {
                     r.uid_owner = Some(next(&mut i)?.parse().context("! --uid-owner")?);
                     r.uid_negated = true;
+                }
+                "--gid-owner" => {
+                    r.gid_owner = Some(next(&mut i)?.parse().context("! --gid-owner")?);
+                    r.gid_negated = true;
+                }
+                "--dport" => {
+                    r.dports = Some(vec![next(&mut i)?.parse().context("! --dport")?]);
+                    r.dports_negated = true;
                 }
                 o => bail!("negation of {o} not modelled"),
             },
