@@ -658,3 +658,100 @@ mod istio_goldens {
         }
     }
 }
+
+/// kumactl's own golden rule dumps (`tests/fixtures/upstream/
+/// kuma-iptables`, from kumahq/kuma `app/kumactl/cmd/install/testdata`,
+/// flags as that folder's README lists them; `ifPlaceholder` is the
+/// loopback interface the test stubs out): the policy read from the same
+/// kumactl flags decides as the dump's IPv4 nat table.
+#[test]
+fn kuma_reader_decides_as_kumactls_golden_rules() {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+
+    use crate::{
+        evaluate, evaluate_inbound,
+        oracle::{NatOutcome, NatTable},
+        InboundConn, OutboundConn, Protocol, Verdict,
+    };
+    let pod_ip = Ipv4Addr::new(198, 18, 0, 1);
+    for (file, flags) in [
+        ("install-transparent-proxy.defaults.golden.txt", &["--kuma-dp-user", "root"][..]),
+        (
+            "install-transparent-proxy.overrides.golden.txt",
+            &[
+                "--kuma-dp-user",
+                "root",
+                "--redirect-outbound-port",
+                "12345",
+                "--redirect-inbound-port",
+                "12346",
+                "--exclude-outbound-ports",
+                "2000,2001",
+                "--exclude-inbound-ports",
+                "1000,1001",
+            ],
+        ),
+    ] {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream/kuma-iptables").join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut cmds = Vec::new();
+        let mut in_nat = false;
+        for l in text.lines() {
+            match l {
+                "* nat" => in_nat = true,
+                "COMMIT" if in_nat => break,
+                _ if in_nat && !l.is_empty() => {
+                    cmds.push(format!("iptables -t nat {}", l.replace("ifPlaceholder", "lo")))
+                }
+                _ => {}
+            }
+        }
+        let table = NatTable::from_commands(&cmds).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        let mut argv = vec!["kumactl", "install", "transparent-proxy"];
+        argv.extend(flags);
+        let c = InitContainer { name: "kuma-init".into(), command: s(&argv), ..Default::default() };
+        let r = injected(decide(&pod_with(c), &[]));
+        let p = crate::compile(&r.mesh, &r.annotations).with_local_addresses([IpAddr::V4(pod_ip)]);
+        for dst in [[192, 0, 2, 1], [127, 0, 0, 1], [127, 0, 0, 5], [198, 18, 0, 1]] {
+            for port in [80u16, 2000, 2001, 12345, 15001] {
+                for id in [1000u32, 0] {
+                    for src in [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))] {
+                        let c = OutboundConn {
+                            src,
+                            protocol: Protocol::Tcp,
+                            uid: id,
+                            gid: id,
+                            dst: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(dst), port)),
+                            cgroup: 0,
+                        };
+                        let want = table.output(&c, &p.local_addresses);
+                        let got = evaluate(&p, &c);
+                        let ok = match (want, got) {
+                            (NatOutcome::Redirect(a), Verdict::Redirect(b)) => a.port() == b.port(),
+                            (NatOutcome::Unchanged, Verdict::Pass(_)) => true,
+                            _ => false,
+                        };
+                        assert!(ok, "{file}: {c:?}: iptables {want:?}, policy {got:?}");
+                    }
+                }
+            }
+        }
+        for port in [80u16, 1000, 1001, 15006, 12346] {
+            let dst = SocketAddrV4::new(pod_ip, port);
+            let src = Ipv4Addr::new(192, 0, 2, 9);
+            let want = table.prerouting(src, dst);
+            let got = evaluate_inbound(
+                &p,
+                &InboundConn { dst: SocketAddr::V4(dst), local_client: false, src: IpAddr::V4(src) },
+            );
+            let ok = match (want, got) {
+                (NatOutcome::Redirect(a), Verdict::Redirect(_)) => a.port() == p.inbound_port,
+                (NatOutcome::Unchanged, Verdict::Pass(_)) => true,
+                (NatOutcome::Redirect(a), Verdict::Pass(_)) => port == p.inbound_port && a.port() == port,
+                _ => false,
+            };
+            assert!(ok, "{file}: inbound to {port}: iptables {want:?}, policy {got:?}");
+        }
+    }
+}
