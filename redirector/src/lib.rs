@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod check_pod;
 pub mod dataplane;
+pub mod dropin;
 pub mod error;
 pub mod inspect;
 pub mod logging;

@@ -16,6 +16,17 @@ mod cli;
 use cli::{Cli, Cmd, ProxyIdentityArg};
 
 fn main() {
+    // The image run with a mesh's own init command line (the mesh's knob
+    // swapped only the image): the drop-in gate.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(argv) = redirector::dropin::mesh_argv(&args) {
+        redirector::logging::init(false);
+        if let Err(e) = redirector::dropin::run(&argv) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     let json = cli.log_format == "json";
     redirector::logging::init(json);

@@ -1380,3 +1380,117 @@ fn kube_mesh_validators_pass_after_the_gate() {
         drop(agent);
     }
 }
+
+/// The drop-in gate: the redirector binary run with the mesh's own init
+/// command line (the image swapped through the mesh's knob, the command
+/// kept) exits 1 while the pod is not redirected and 0 once the agent has
+/// programmed it, checking it as Istio's validator does; it needs neither
+/// the agent socket nor a capability beyond switching its probe thread
+/// to the proxy's UID.
+#[test]
+fn kube_drop_in_gate_takes_the_meshes_command_lines() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kdrop"));
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: istio\n"));
+    let istio_args = [
+        "istio-iptables",
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+    let linkerd_cmd = ["/usr/lib/linkerd/linkerd2-proxy-init"];
+    let linkerd_args = [
+        "--incoming-proxy-port",
+        "4143",
+        "--outgoing-proxy-port",
+        "4140",
+        "--proxy-uid",
+        "2102",
+        "--inbound-ports-to-ignore",
+        "4190,4191",
+    ];
+    let pod = |name: &str, init: Value| {
+        let mut obj = pod_object(name, "Running", json!({}));
+        obj["metadata"]["labels"] = json!({});
+        obj["spec"]["initContainers"] = json!([init]);
+        obj
+    };
+    let mut i = Pod::create_from(
+        &api,
+        &cgroup.path,
+        "kdi",
+        pod("i", json!({"name": "istio-init", "image": "redirector", "args": istio_args})),
+    );
+    i.run_process();
+    let mut l = Pod::create_from(
+        &api,
+        &cgroup.path,
+        "kdl",
+        pod("l", json!({"name": "linkerd-init", "image": "redirector", "command": linkerd_cmd, "args": linkerd_args})),
+    );
+    l.run_process();
+    // The image's entrypoint is redirector: Istio's args follow it; Linkerd's
+    // command is a link to it named as proxy-init's binary.
+    let link = scratch.0.join("linkerd2-proxy-init");
+    std::os::unix::fs::symlink(bin(), &link).unwrap();
+    let gate = |p: &Pod, argv: Vec<String>, timeout: &str| {
+        p.cg.command("ip")
+            .args(["netns", "exec", &p.topo.app.name])
+            .args(&argv)
+            .env("REDIRECTOR_GATE_TIMEOUT", timeout)
+            .output()
+            .unwrap()
+    };
+    let istio_argv = || {
+        std::iter::once(bin().display().to_string()).chain(istio_args.iter().map(|s| s.to_string())).collect::<Vec<_>>()
+    };
+    let linkerd_argv = || {
+        std::iter::once(link.display().to_string())
+            .chain(linkerd_args.iter().map(|s| s.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let before = gate(&i, istio_argv(), "2");
+    assert!(!before.status.success(), "ready before any agent: {}", String::from_utf8_lossy(&before.stdout));
+    assert!(
+        String::from_utf8_lossy(&before.stderr).contains("not in force"),
+        "{}",
+        String::from_utf8_lossy(&before.stderr)
+    );
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &scratch.0, "agent.log");
+    poll_until(|| programmed(&pins.path, i.cookie()) && programmed(&pins.path, l.cookie()), |p| *p);
+    for (p, argv) in [(&i, istio_argv()), (&l, linkerd_argv())] {
+        let out = gate(p, argv, "20");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ready"),
+            "{}: {}{}\n{}",
+            p.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            agent.proc.log_text()
+        );
+    }
+    // What the agent refuses, the drop-in refuses at once.
+    let mut tproxy = istio_argv();
+    tproxy.extend(["-m".to_string(), "TPROXY".to_string()]);
+    let out = gate(&i, tproxy, "20");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("TPROXY"));
+    drop(agent);
+}
