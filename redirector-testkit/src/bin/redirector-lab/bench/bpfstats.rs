@@ -70,7 +70,7 @@ fn programs(pin_dir: &Path) -> Result<Vec<(String, u32)>> {
 }
 
 /// (run time ns, run count) by program id.
-type Counts = BTreeMap<u32, (u64, u64)>;
+pub type Counts = BTreeMap<u32, (u64, u64)>;
 
 /// [`Counts`] of the programs `ids`, now.
 fn snapshot(ids: &[u32]) -> Result<Counts> {
@@ -86,7 +86,7 @@ fn snapshot(ids: &[u32]) -> Result<Counts> {
 
 /// Runs `f` with the statistics on and returns what it returned and
 /// (run time ns, run count) of each of `ids` over it.
-fn counted<T>(ids: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)> {
+pub fn counted<T>(ids: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)> {
     let on =
         aya::sys::enable_stats(BpfStats::RunTime).context("turning BPF run-time statistics on (BPF_ENABLE_STATS)")?;
     let before = snapshot(ids)?;
@@ -104,6 +104,46 @@ fn counted<T>(ids: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, Counts)>
     Ok((out, delta))
 }
 
+/// Statistics switched on and off by turns, adding up the programs' run
+/// time and count over the spans they were on.
+pub struct Switch {
+    ids: Vec<u32>,
+    on: Option<(OwnedFd, Counts)>,
+    pub totals: Counts,
+}
+
+impl Switch {
+    pub fn new(ids: Vec<u32>) -> Self {
+        Self { ids, on: None, totals: Counts::new() }
+    }
+
+    /// Statistics on (if off), then a snapshot.
+    pub fn on(&mut self) -> Result<()> {
+        if self.on.is_none() {
+            let fd = aya::sys::enable_stats(BpfStats::RunTime)
+                .context("turning BPF run-time statistics on (BPF_ENABLE_STATS)")?;
+            self.on = Some((fd, snapshot(&self.ids)?));
+        }
+        Ok(())
+    }
+
+    /// A snapshot, then statistics off (if on); adds the span.
+    pub fn off(&mut self) -> Result<()> {
+        if let Some((fd, before)) = self.on.take() {
+            let after = snapshot(&self.ids)?;
+            drop(fd);
+            for id in &self.ids {
+                let (t0, n0) = before.get(id).copied().unwrap_or_default();
+                let (t1, n1) = after.get(id).copied().unwrap_or_default();
+                let e = self.totals.entry(*id).or_default();
+                e.0 += t1.saturating_sub(t0);
+                e.1 += n1.saturating_sub(n0);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The agent's programs' run time and count over several rounds with the
 /// statistics on, and the operations those rounds did.
 pub struct Tally {
@@ -117,17 +157,26 @@ impl Tally {
         Ok(Self { progs: programs(pin_dir)?, totals: BTreeMap::new(), ops: 0 })
     }
 
-    /// Runs `f` (which returns how many operations it did, and a value)
-    /// with the statistics on, adding what the programs did meanwhile.
-    pub fn round<T>(&mut self, f: impl FnOnce() -> Result<(usize, T)>) -> Result<T> {
-        let ids: Vec<u32> = self.progs.iter().map(|(_, id)| *id).collect();
-        let ((ops, out), delta) = counted(&ids, f)?;
+    /// The programs' ids (for [`counted`]).
+    pub fn ids(&self) -> Vec<u32> {
+        self.progs.iter().map(|(_, id)| *id).collect()
+    }
+
+    /// Adds what the programs did over `ops` operations.
+    pub fn add(&mut self, delta: &Counts, ops: usize) {
         self.ops += ops;
         for (id, (t, n)) in delta {
-            let e = self.totals.entry(id).or_default();
+            let e = self.totals.entry(*id).or_default();
             e.0 += t;
             e.1 += n;
         }
+    }
+
+    /// Runs `f` (which returns how many operations it did, and a value)
+    /// with the statistics on, adding what the programs did meanwhile.
+    pub fn round<T>(&mut self, f: impl FnOnce() -> Result<(usize, T)>) -> Result<T> {
+        let ((ops, out), delta) = counted(&self.ids(), f)?;
+        self.add(&delta, ops);
         Ok(out)
     }
 

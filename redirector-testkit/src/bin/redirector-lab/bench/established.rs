@@ -146,6 +146,7 @@ fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64) -> Result<(Vec<Dur
             Pattern::Throughput => throughput(dst, redirected, size, secs).map(|(b, t)| (Vec::new(), b, t)),
         })
     })??
+    .with_context(|| format!("{:?} with {size}-byte messages, {} setup", pattern, s.kind.name()))
 }
 
 /// Connects and reads the proxy's line; `redirected`: it must have read
@@ -198,8 +199,13 @@ fn throughput(dst: SocketAddr, redirected: bool, size: usize, secs: f64) -> Resu
         sent += size as u64;
     }
     s.shutdown(Shutdown::Write)?;
+    // What the proxy has yet to read may be a lot (with sockmap the writes
+    // above queue in its socket, not in ours), and on a busy machine it
+    // may take more than the 5 s of a line: the time until the count is
+    // part of the figure, so wait for it.
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut count = [0u8; 8];
-    s.read_exact(&mut count).context("reading the proxy's byte count")?;
+    s.read_exact(&mut count).with_context(|| format!("reading the proxy's byte count ({sent} bytes sent)"))?;
     let took = t.elapsed().as_secs_f64();
     let read = u64::from_be_bytes(count);
     if read != sent {

@@ -11,8 +11,9 @@
 //! connect to close, softirq processing of loopback and veth included, so
 //! its time is its CPU cost, and a setup's time over `none` is what it
 //! costs per connection). The per-program eBPF cost is counted in pinned
-//! rounds of their own with the kernel's statistics on, next to which the
-//! pinned redirector rounds (statistics off) give what the statistics
+//! redirector rounds of their own that switch the kernel's statistics on
+//! and off every [`STATS_BLOCK`] connections: the blocks with them on give
+//! the count, and against the blocks with them off, what the statistics
 //! themselves cost.
 use std::{
     io::Read as _,
@@ -84,18 +85,18 @@ pub struct BpfCost {
     /// An empty program's time per run with the statistics on (this
     /// scenario, pinned): the part of their cost inside the counted time.
     pub floor: Floor,
-    /// The pinned redirector rounds with the statistics on.
+    /// The connections of those rounds' blocks with the statistics on,
+    /// and of the blocks with them off (in turn, [`STATS_BLOCK`] each).
     pub stats_on: Stats,
-    /// Their p50 connection time over the pinned redirector rounds' with
-    /// the statistics off (alternated with them): the statistics' whole
-    /// cost per connection, inside and outside the counted time, and per
-    /// program run.
+    pub stats_off: Stats,
+    /// p50 on − p50 off: the statistics' whole cost per connection, inside
+    /// and outside the counted time, and per program run.
     pub stats_overhead_per_connection_ns: f64,
     pub stats_overhead_per_run_ns: f64,
-    /// Pinned redirector rounds during which `kernel.bpf_stats_enabled`
-    /// was on although this bench had the statistics off (another process
-    /// held them on): the overhead above is then understated.
-    pub stats_on_elsewhere_rounds: usize,
+    /// Blocks meant to run with the statistics off during which
+    /// `kernel.bpf_stats_enabled` was on (another process held them on);
+    /// left out of `stats_off`.
+    pub stats_on_elsewhere_blocks: usize,
 }
 
 #[derive(Serialize)]
@@ -116,11 +117,15 @@ pub struct Scenario {
     pub bpf: BpfCost,
 }
 
+/// Connections per block of a statistics round: about 20 ms pinned, short
+/// enough that drift hits both kinds of block alike.
+pub const STATS_BLOCK: usize = 1000;
+
 /// The scenarios of one policy size: the three setups are started once,
 /// then each direction runs `plan.rounds` rounds, each of them every setup
 /// idle, every setup pinned, and the redirector pinned with the kernel's
-/// BPF statistics on; then one pinned redirector round with an empty
-/// program beside the agent's (the statistics' floor).
+/// BPF statistics switched on and off by turns; then one pinned redirector
+/// round with an empty program beside the agent's (the statistics' floor).
 pub fn run_size(
     plan: &Plan,
     excl: Exclusions,
@@ -141,8 +146,7 @@ pub fn run_size(
     for &dir in directions {
         let mut idle: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
         let mut pinned: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
-        let mut stats_on = Vec::new();
-        let mut stats_on_elsewhere_rounds = 0;
+        let mut stats = StatsRound::default();
         let mut tally = Tally::new(&agent.pins.path)?;
         let pin = Some(cpus);
         for _ in 0..plan.rounds {
@@ -151,24 +155,25 @@ pub fn run_size(
                 idle[i].extend(hammer_setup(s, dir, plan.secs, None)?);
             }
             for (i, s) in setups.iter().enumerate() {
-                if s.kind == Kind::Redirector && sys::bpf_stats_enabled() == Some(true) {
-                    stats_on_elsewhere_rounds += 1;
-                }
                 pinned[i].extend(hammer_setup(s, dir, plan.secs, pin)?);
             }
-            let v = tally.round(|| hammer_setup(redirector, dir, plan.secs, pin).map(|v| (v.len(), v)))?;
-            stats_on.extend(v);
+            let r = stats_round(redirector, dir, plan.secs, cpus, tally.ids())?;
+            tally.add(&r.counts, r.on.len());
+            stats.on.extend(r.on);
+            stats.off.extend(r.off);
+            stats.elsewhere += r.elsewhere;
         }
         let floor =
             bpfstats::floor(&redirector.cgroup, || hammer_setup(redirector, dir, plan.secs, pin).map(|v| v.len()))?;
         let total = plan.secs * plan.rounds as f64;
         let idle = Regime::new(&mut idle, total);
         let pinned = Regime::new(&mut pinned, total);
-        let stats_on = Stats::from_samples(&mut stats_on, total);
+        let stats_on = Stats::from_samples(&mut stats.on, 0.0);
+        let stats_off = Stats::from_samples(&mut stats.off, 0.0);
         let programs = tally.costs();
         let runs_per_connection: f64 = programs.iter().map(|p| p.runs_per_op).sum();
         let ns_per_connection: f64 = programs.iter().map(|p| p.ns_per_run * p.runs_per_op).sum();
-        let overhead_ns = (stats_on.p50_us - pinned.setups[2].1.p50_us) * 1e3;
+        let overhead_ns = (stats_on.p50_us - stats_off.p50_us) * 1e3;
         let bpf = BpfCost {
             ns_per_connection_less_floor: ns_per_connection - floor.ns_per_run * runs_per_connection,
             stats_overhead_per_connection_ns: overhead_ns,
@@ -178,7 +183,8 @@ pub fn run_size(
             ns_per_connection,
             floor,
             stats_on,
-            stats_on_elsewhere_rounds,
+            stats_off,
+            stats_on_elsewhere_blocks: stats.elsewhere,
         };
         let what = match (excl.cidrs, excl.ports) {
             (0, 0) => "no exclusions".to_string(),
@@ -200,6 +206,7 @@ pub fn run_size(
         println!("{}", newconn_row(&sc, &sc.idle));
         println!("{} (pinned)", newconn_row(&sc, &sc.pinned));
         println!("{}", cost_row(&sc));
+        println!("{}", stats_row(&sc));
         out.push(sc);
     }
     Ok(out)
@@ -212,66 +219,159 @@ pub fn dir_name(d: Direction) -> &'static str {
     }
 }
 
-/// One round of [`hammer`] against one setup, from the right namespace
-/// and inside the setup's cgroup; `cpus`: pinned (client and the setup's
-/// proxy stand-ins on one CPU for the round) or not.
-fn hammer_setup(s: &Setup, dir: Direction, secs: f64, cpus: Option<&Cpus>) -> Result<Vec<Duration>> {
-    let (ns, dst): (PathBuf, SocketAddr) = match (dir, s.kind) {
+/// A setup's client: its namespace and destination for `dir`.
+fn target(s: &Setup, dir: Direction) -> Result<(PathBuf, SocketAddr)> {
+    Ok(match (dir, s.kind) {
         (Direction::Outbound, Kind::None) => (s.topo.app.path(), "127.0.0.1:15001".parse()?),
         (Direction::Outbound, _) => (s.topo.app.path(), "192.0.2.10:80".parse()?),
         (Direction::Inbound, Kind::None) => (s.topo.peer.path(), format!("{POD_IP}:15003").parse()?),
         (Direction::Inbound, _) => (s.topo.peer.path(), format!("{POD_IP}:8080").parse()?),
-    };
+    })
+}
+
+/// Runs `f` as a setup's client: on a thread in the client's namespace
+/// as UID 1000, in the setup's cgroup and, with `cpus`, with that thread
+/// and the setup's proxy stand-ins on one CPU (let go again after).
+fn as_client<T: Send + 'static>(
+    s: &Setup,
+    netns: &Path,
+    cpus: Option<&Cpus>,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let cpu = cpus.map(|c| c.pinned);
     if let Some(c) = cpu {
         for tid in s.proxy_tids() {
             sys::set_affinity(tid, &[c])?;
         }
     }
-    let r = in_cgroup(&s.cgroup, || hammer(&ns, dst, secs, s.kind != Kind::None, cpu));
+    let r = in_cgroup(&s.cgroup, || {
+        testkit::in_netns_as(netns, 1000, move || -> Result<T> {
+            if let Some(c) = cpu {
+                sys::set_affinity(0, &[c])?;
+            }
+            f()
+        })
+    });
     if let Some(c) = cpus {
         for tid in s.proxy_tids() {
             sys::set_affinity(tid, &c.all)?;
         }
     }
-    r?
+    r??
 }
 
-/// Connect, read the proxy's one-line answer, close; for `secs` seconds,
-/// on CPU `cpu` if given. `redirected`: the proxy must also have read an
-/// original destination (with no redirection it has none to read).
-fn hammer(netns: &Path, dst: SocketAddr, secs: f64, redirected: bool, cpu: Option<usize>) -> Result<Vec<Duration>> {
-    let lat = testkit::in_netns_as(netns, 1000, move || -> Result<(Vec<Duration>, usize)> {
-        if let Some(c) = cpu {
-            sys::set_affinity(0, &[c])?;
+/// Connect, read the proxy's one-line answer, close; back to back until
+/// `end` or `max` connections, each one's time; stops at 100 errors.
+/// `redirected`: the proxy must also have read an original destination
+/// (with no redirection it has none to read).
+fn burst(dst: SocketAddr, redirected: bool, end: Instant, max: usize, errors: &mut usize) -> Vec<Duration> {
+    let mut v = Vec::new();
+    let mut buf = [0u8; 128];
+    while v.len() < max && Instant::now() < end && *errors < 100 {
+        let t = Instant::now();
+        let ok = (|| -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let n = s.read(&mut buf)?;
+            // "proxy <original destination>": the proxy read it back.
+            if n == 0 || !buf.starts_with(b"proxy ") || (redirected && buf[..n].windows(3).any(|w| w == b"no-")) {
+                return Err(std::io::Error::other("not answered by the proxy"));
+            }
+            Ok(())
+        })();
+        match ok {
+            Ok(()) => v.push(t.elapsed()),
+            Err(_) => *errors += 1,
         }
-        let mut v = Vec::new();
-        let mut errors = 0usize;
-        let end = Instant::now() + Duration::from_secs_f64(secs);
-        let mut buf = [0u8; 128];
-        while Instant::now() < end && errors < 100 {
-            let t = Instant::now();
-            let ok = (|| -> std::io::Result<()> {
-                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(1))?;
-                s.set_read_timeout(Some(Duration::from_secs(1)))?;
-                let n = s.read(&mut buf)?;
-                // "proxy <original destination>": the proxy read it back.
-                if n == 0 || !buf.starts_with(b"proxy ") || (redirected && buf[..n].windows(3).any(|w| w == b"no-")) {
-                    return Err(std::io::Error::other("not answered by the proxy"));
-                }
-                Ok(())
-            })();
-            match ok {
-                Ok(()) => v.push(t.elapsed()),
-                Err(_) => errors += 1,
+    }
+    v
+}
+
+/// One round of connections against one setup for `secs` seconds, idle or
+/// (with `cpus`) pinned.
+fn hammer_setup(s: &Setup, dir: Direction, secs: f64, cpus: Option<&Cpus>) -> Result<Vec<Duration>> {
+    let (ns, dst) = target(s, dir)?;
+    let redirected = s.kind != Kind::None;
+    as_client(s, &ns, cpus, move || {
+        let mut errors = 0;
+        let v = burst(dst, redirected, Instant::now() + Duration::from_secs_f64(secs), usize::MAX, &mut errors);
+        if errors > 0 {
+            bail!("{errors} connection(s) to {dst} failed");
+        }
+        Ok(v)
+    })
+}
+
+/// What a [`stats_round`] measured.
+#[derive(Default)]
+struct StatsRound {
+    /// Connection times in blocks with the statistics on, and off.
+    on: Vec<Duration>,
+    off: Vec<Duration>,
+    /// The programs' run time and count over the blocks with them on.
+    counts: bpfstats::Counts,
+    /// Blocks to run with them off that found them on (someone else's).
+    elsewhere: usize,
+}
+
+/// A pinned round against the redirector setup whose blocks of
+/// [`STATS_BLOCK`] connections run with the kernel's BPF statistics off
+/// and on by turns, counting the programs `ids` over the blocks with them
+/// on. Switching between blocks (about every 20 ms) pairs the two kinds of
+/// block closely in time, so that what the machine's load does to one it
+/// does to the other. `BPF_ENABLE_STATS` needs root, which the client
+/// thread (UID 1000) is not: a thread of the bench's switches for it, told
+/// over a channel, and the client waits for each switch.
+fn stats_round(s: &Setup, dir: Direction, secs: f64, cpus: &Cpus, ids: Vec<u32>) -> Result<StatsRound> {
+    let (ns, dst) = target(s, dir)?;
+    // The client asks for the statistics on (true) or off (false) and
+    // waits for the answer; it hangs up at the end.
+    let (ask, asked) = std::sync::mpsc::channel::<bool>();
+    let (answer, answered) = std::sync::mpsc::channel::<Result<()>>();
+    let switcher = std::thread::spawn(move || -> Result<bpfstats::Counts> {
+        let mut switch = bpfstats::Switch::new(ids);
+        while let Ok(on) = asked.recv() {
+            let r = if on { switch.on() } else { switch.off() };
+            let failed = r.is_err();
+            let _ = answer.send(r);
+            if failed {
+                break;
             }
         }
-        Ok((v, errors))
-    })??;
-    if lat.1 > 0 {
-        bail!("{} connection(s) to {dst} failed", lat.1);
-    }
-    Ok(lat.0)
+        switch.off()?;
+        Ok(switch.totals)
+    });
+    let client = as_client(s, &ns, Some(cpus), move || {
+        let switch = |on: bool| -> Result<()> {
+            ask.send(on).map_err(|_| anyhow::anyhow!("the statistics switcher is gone"))?;
+            answered.recv().map_err(|_| anyhow::anyhow!("the statistics switcher is gone"))?
+        };
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let (mut on, mut off, mut elsewhere) = (Vec::new(), Vec::new(), 0);
+        let mut errors = 0;
+        let mut now_on = false;
+        while Instant::now() < end && errors == 0 {
+            if now_on {
+                switch(true)?;
+                on.extend(burst(dst, true, end, STATS_BLOCK, &mut errors));
+                switch(false)?;
+            } else if sys::bpf_stats_enabled() == Some(true) {
+                elsewhere += 1;
+                burst(dst, true, end, STATS_BLOCK, &mut errors);
+            } else {
+                off.extend(burst(dst, true, end, STATS_BLOCK, &mut errors));
+            }
+            now_on = !now_on;
+        }
+        if errors > 0 {
+            bail!("{errors} connection(s) to {dst} failed");
+        }
+        Ok((on, off, elsewhere))
+    });
+    // The client has hung up (its closure is gone): the switcher ends.
+    let counts = switcher.join().map_err(|_| anyhow::anyhow!("the statistics switcher panicked"))??;
+    let (on, off, elsewhere) = client?;
+    Ok(StatsRound { on, off, counts, elsewhere })
 }
 
 fn rate_cell(st: &Stats) -> String {
@@ -318,12 +418,12 @@ pub fn stats_row(s: &Scenario) -> String {
         s.name,
         b.runs_per_connection,
         b.floor.ns_per_run,
-        s.pinned.setups[2].1.p50_us,
+        b.stats_off.p50_us,
         b.stats_on.p50_us,
         b.stats_overhead_per_connection_ns,
         b.stats_overhead_per_run_ns,
-        if b.stats_on_elsewhere_rounds > 0 {
-            format!(" (statistics on elsewhere in {} of the off rounds)", b.stats_on_elsewhere_rounds)
+        if b.stats_on_elsewhere_blocks > 0 {
+            format!(" (statistics on elsewhere in {} blocks meant to be off, left out)", b.stats_on_elsewhere_blocks)
         } else {
             String::new()
         }

@@ -249,9 +249,10 @@ impl Report {
             let _ = writeln!(o, "{}", cost_row(s));
         }
         o.push_str(
-            "\n### What the BPF statistics cost\n\nPinned redirector rounds with `BPF_ENABLE_STATS` on, alternated with the same \
-             rounds with it off: the p50 connection time with it off and on, the difference per connection and per program run \
-             (its whole cost, inside and outside the counted time), and the floor (inside only).\n\n",
+            "\n### What the BPF statistics cost\n\nPinned redirector rounds whose blocks of 1,000 connections run with \
+             `BPF_ENABLE_STATS` off and on by turns: the p50 connection time with it off and on, the difference per connection \
+             and per program run (its whole cost, inside and outside the counted time), and the floor (an empty program's \
+             counted time per run: the part inside).\n\n",
         );
         o.push_str(STATS_HEADER);
         for s in &self.scenarios {
@@ -394,7 +395,7 @@ impl Report {
         }
         let mut o = String::from(
             "\n### eBPF cost per program\n\nFrom the kernel's run-time statistics (`run_time_ns / run_cnt`), as counted (the \
-             statistics' floor included): new connections in the pinned rounds with the statistics on, established traffic in one \
+             statistics' floor included): new connections in the pinned blocks with the statistics on, established traffic in one \
              extra round with them on: ns per run (runs per connection, or per transaction).\n\n| scenario |",
         );
         for n in &names {
