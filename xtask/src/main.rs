@@ -31,8 +31,10 @@ enum Task {
     /// A live redirect in throwaway namespaces (needs root).
     Demo,
     /// Benchmark: no redirect vs osm-init iptables vs redirector, side by
-    /// side (new connections, established traffic, control plane, eBPF cost);
-    /// results.json, results.md and PNG plots in target/bench (needs root).
+    /// side (new connections idle and pinned to one CPU, with the cost per
+    /// connection over none; established traffic; control plane; eBPF cost
+    /// with and without the kernel statistics' own); results.json,
+    /// results.md and PNG plots in target/bench (needs root).
     Bench {
         /// A smoke run (two rule-set sizes, short rounds; under 2 minutes).
         #[arg(long)]

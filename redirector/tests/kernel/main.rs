@@ -13,7 +13,8 @@
 //! cgroup, bpffs), [`connections`],
 //! [`coexistence`] (a socket load balancer on a parent cgroup),
 //! [`identity`] (proxy by cgroup), [`original_dst`] (conntrack's answers
-//! for connections nothing redirected), [`full_maps`], [`sockmap`], [`kube`]
+//! for connections nothing redirected, and for a proxy that accepts late),
+//! [`full_maps`], [`sockmap`], [`kube`]
 //! (the Kubernetes agent against a fake API server), [`runtimes`] (the
 //! node's namespace, real runtimes' cgroup layouts), [`kernel_support`],
 //! [`upgrade`] (across a map-layout change).

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     setup::{
-        config, in_cgroup, policy, restore_input, BenchCgroup, Exclusions, Kind, Setup, Spec, TempDir, PROBE_PORT,
+        config, in_cgroup, policy, restore_input, BenchCgroup, Cgroups, Exclusions, Kind, Setup, Spec, TempDir,
+        PROBE_PORT,
     },
     stats::{mib, Stats},
     sys,
@@ -69,12 +70,12 @@ pub fn change_to_in_force(
     changes: usize,
     scale: &[usize],
     scale_changes: usize,
-    cgroup: &Path,
+    cgroups: Cgroups<'_>,
 ) -> Result<ChangeLatency> {
     eprintln!("bench: change-to-in-force, {changes} changes per setup");
     let spec = Spec { agent_poll: "3600s", ..Spec::new(CHANGE_BASE) };
-    let agent_setup = Setup::start(Kind::Redirector, "c0", spec, cgroup)?;
-    let ipt_setup = Setup::start(Kind::Iptables, "c1", spec, cgroup)?;
+    let agent_setup = Setup::start(Kind::Redirector, "c0", spec, cgroups)?;
+    let ipt_setup = Setup::start(Kind::Iptables, "c1", spec, cgroups)?;
     let agent = agent_setup.agent.as_ref().context("the redirector setup has no agent")?;
     let app = agent_setup.topo.app.path();
     let texts = [config(&app, CHANGE_BASE), config(&app, Exclusions { probe_port: true, ..CHANGE_BASE })];
@@ -83,7 +84,7 @@ pub fn change_to_in_force(
         pid: agent.process.child.id() as i32,
         log: agent.process.log.clone(),
         app: app.clone(),
-        cgroup: cgroup.to_owned(),
+        cgroup: agent_setup.cgroup.clone(),
     };
     let mut redirector = flipper.flip(&texts, changes)?.in_force;
     let agent_rss_kib = agent_setup.agent_rss_kib();
@@ -124,25 +125,28 @@ pub fn change_to_in_force(
         let rules = restore_input(&osm_init_commands(&policy(Exclusions { probe_port, ..CHANGE_BASE })?));
         std::fs::write(file, rules).with_context(|| format!("writing {}", file.display()))?;
     }
-    let ipt = testkit::in_netns_as(&ipt_setup.topo.app.path(), 0, move || -> Result<Vec<(Duration, Duration)>> {
-        let mut out = Vec::new();
-        for i in 0..changes {
-            super::interrupted()?;
-            let excluded = i % 2 == 0;
-            let file = &files[usize::from(excluded)];
-            let t = Instant::now();
-            // A child forked here runs in this thread's network namespace.
-            let res = Command::new("iptables-restore").arg(file).output().context("running iptables-restore")?;
-            if !res.status.success() {
-                bail!("iptables-restore {}: {}", file.display(), String::from_utf8_lossy(&res.stderr).trim());
+    let ipt_ns = ipt_setup.topo.app.path();
+    let ipt = in_cgroup(&ipt_setup.cgroup, || {
+        testkit::in_netns_as(&ipt_ns, 0, move || -> Result<Vec<(Duration, Duration)>> {
+            let mut out = Vec::new();
+            for i in 0..changes {
+                super::interrupted()?;
+                let excluded = i % 2 == 0;
+                let file = &files[usize::from(excluded)];
+                let t = Instant::now();
+                // A child forked here runs in this thread's network namespace.
+                let res = Command::new("iptables-restore").arg(file).output().context("running iptables-restore")?;
+                if !res.status.success() {
+                    bail!("iptables-restore {}: {}", file.display(), String::from_utf8_lossy(&res.stderr).trim());
+                }
+                let restored = t.elapsed();
+                wait_for_verdict(excluded, t)?;
+                out.push((restored, t.elapsed()));
+                std::thread::sleep(Duration::from_millis(10));
             }
-            let restored = t.elapsed();
-            wait_for_verdict(excluded, t)?;
-            out.push((restored, t.elapsed()));
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(out)
-    })??;
+            Ok(out)
+        })
+    })???;
     drop(dir);
     let (mut restore, mut in_force): (Vec<Duration>, Vec<Duration>) = ipt.into_iter().unzip();
     Ok(ChangeLatency {
@@ -212,7 +216,7 @@ impl Flipper {
     /// the rest of the previous pass).
     fn flip(&self, texts: &[String; 2], changes: usize) -> Result<Flips> {
         let (me, texts) = (self.clone(), texts.clone());
-        in_cgroup(Some(&self.cgroup), || {
+        in_cgroup(&self.cgroup, || {
             testkit::in_netns_as(&self.app, 0, move || -> Result<Flips> {
                 let (mut in_force, mut pass) = (Vec::new(), Vec::new());
                 let mut log = PassLog::new(&me.log);

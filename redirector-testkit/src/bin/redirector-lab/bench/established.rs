@@ -7,7 +7,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -17,7 +16,7 @@ use serde::Serialize;
 
 use super::{
     bpfstats::{self, ProgCost},
-    setup::{in_cgroup, BenchCgroup, Exclusions, Kind, ProxyMode, Setup, Spec, ESTABLISHED_KINDS as KINDS},
+    setup::{in_cgroup, BenchCgroup, Cgroups, Exclusions, Kind, ProxyMode, Setup, Spec, ESTABLISHED_KINDS as KINDS},
     stats::{ratio, Stats},
     Plan,
 };
@@ -57,7 +56,7 @@ pub struct Established {
     pub bpf_programs_sockmap: Vec<ProgCost>,
 }
 
-pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
+pub fn run(plan: &Plan, cgroups: Cgroups<'_>) -> Result<Vec<Established>> {
     eprintln!("bench: established traffic: starting the four setups");
     let spec = Spec { proxy: ProxyMode::Stream, ..Spec::new(Exclusions::default()) };
     let accel_cgroup = BenchCgroup::new("redirector-bench-accel-")?;
@@ -65,7 +64,7 @@ pub fn run(plan: &Plan, cgroup: &Path) -> Result<Vec<Established>> {
         .iter()
         .enumerate()
         .map(|(i, kind)| {
-            let cg = if *kind == Kind::Sockmap { accel_cgroup.path.as_path() } else { cgroup };
+            let cg = if *kind == Kind::Sockmap { Cgroups { attach: &accel_cgroup.path, ..cgroups } } else { cgroups };
             Setup::start(*kind, &format!("e{i}"), spec, cg)
         })
         .collect::<Result<_>>()?;
@@ -139,15 +138,15 @@ fn measure(plan: &Plan, setups: &[Setup]) -> Result<Vec<Established>> {
 /// seconds.
 fn round(s: &Setup, pattern: Pattern, size: usize, secs: f64) -> Result<(Vec<Duration>, u64, f64)> {
     let dst: SocketAddr = if s.kind == Kind::None { "127.0.0.1:15001" } else { "192.0.2.10:80" }.parse()?;
-    let cg = s.cgroup.as_deref();
     let redirected = s.kind != Kind::None;
     let app = s.topo.app.path();
-    in_cgroup(cg, || {
+    in_cgroup(&s.cgroup, || {
         testkit::in_netns_as(&app, 1000, move || match pattern {
             Pattern::RequestResponse => request_response(dst, redirected, size, secs).map(|v| (v, 0, secs)),
             Pattern::Throughput => throughput(dst, redirected, size, secs).map(|(b, t)| (Vec::new(), b, t)),
         })
     })??
+    .with_context(|| format!("{:?} with {size}-byte messages, {} setup", pattern, s.kind.name()))
 }
 
 /// Connects and reads the proxy's line; `redirected`: it must have read
@@ -200,8 +199,13 @@ fn throughput(dst: SocketAddr, redirected: bool, size: usize, secs: f64) -> Resu
         sent += size as u64;
     }
     s.shutdown(Shutdown::Write)?;
+    // What the proxy has yet to read may be a lot (with sockmap the writes
+    // above queue in its socket, not in ours), and on a busy machine it
+    // may take more than the 5 s of a line: the time until the count is
+    // part of the figure, so wait for it.
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut count = [0u8; 8];
-    s.read_exact(&mut count).context("reading the proxy's byte count")?;
+    s.read_exact(&mut count).with_context(|| format!("reading the proxy's byte count ({sent} bytes sent)"))?;
     let took = t.elapsed().as_secs_f64();
     let read = u64::from_be_bytes(count);
     if read != sent {

@@ -6,8 +6,13 @@
 //! - `iptables`: osm-init's rule set (seed 004) in the workload namespace;
 //! - `redirector`: the agent.
 //!
-//! Scenarios: new connections as the excluded CIDRs and ports grow
-//! ([`newconn`]); the control plane: change-to-in-force latency, full sync
+//! The agents attach to a cgroup of the bench's, where the redirector
+//! setups' proxy stand-ins and clients make their sockets; `none` and
+//! `iptables` make theirs in another, clean one (a sibling: the same
+//! programs inherited from above, none of the agent's).
+//!
+//! Scenarios: new connections as the excluded CIDRs and ports grow, idle
+//! and pinned to one CPU ([`newconn`]); the control plane: change-to-in-force latency, full sync
 //! of many workloads and its memory ([`control`]); established traffic
 //! app ↔ proxy ([`established`]); and each eBPF program's cost per run
 //! ([`bpfstats`]). Each setup has its own namespaces with the same servers;
@@ -32,7 +37,7 @@ mod sys;
 
 pub use control::sync_child;
 use newconn::Direction;
-use setup::{BenchCgroup, Exclusions};
+use setup::{BenchCgroup, Cgroups, Exclusions};
 
 /// How much a run measures.
 pub struct Plan {
@@ -94,6 +99,21 @@ impl Plan {
     }
 }
 
+/// The pinned regime's CPU, and every CPU the bench may use (what a pinned
+/// thread goes back to).
+pub struct Cpus {
+    pub pinned: usize,
+    pub all: Vec<usize>,
+}
+
+impl Cpus {
+    /// The last CPU the process may run on.
+    fn new() -> Result<Self> {
+        let all = sys::allowed_cpus()?;
+        Ok(Self { pinned: *all.last().expect("allowed_cpus is never empty"), all })
+    }
+}
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -119,18 +139,31 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = std::time::Instant::now();
     let load_before = sys::loadavg();
+    let cpus = Cpus::new()?;
     let cgroup = BenchCgroup::new("redirector-bench-")?;
+    let clean = BenchCgroup::new("redirector-bench-clean-")?;
+    let cgroups = Cgroups { attach: &cgroup.path, clean: &clean.path };
+    // Whatever runs for the clean cgroup's sockets (on the agent's hooks)
+    // also runs for the attach cgroup's: it comes from above both.
+    let inherited = setup::effective_programs(&clean.path)?;
+    if !inherited.is_empty() {
+        eprintln!(
+            "bench: WARNING: programs attached above the bench's cgroups run for every setup alike: {}",
+            inherited.join(", ")
+        );
+    }
     let mut scenarios = Vec::new();
     for &n in &plan.cidr_sizes {
         let excl = Exclusions { cidrs: n, ..Default::default() };
-        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound, Direction::Inbound], &cgroup.path)?);
+        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound, Direction::Inbound], cgroups, &cpus)?);
     }
     for &n in &plan.port_sizes {
         let excl = Exclusions { ports: n, ..Default::default() };
-        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], &cgroup.path)?);
+        scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], cgroups, &cpus)?);
     }
-    let established = established::run(&plan, &cgroup.path)?;
-    let change = control::change_to_in_force(plan.changes, &plan.change_scale, plan.scale_changes, &cgroup.path)?;
+    let established = established::run(&plan, cgroups)?;
+    let change = control::change_to_in_force(plan.changes, &plan.change_scale, plan.scale_changes, cgroups)?;
+    drop(clean);
     drop(cgroup);
     let sync = control::syncs(&plan.sync_sizes, plan.max_real_pods)?;
     let agent = plan.agent_sizes.iter().map(|&n| control::agent_at_scale(n)).collect::<Result<Vec<_>>>()?;
@@ -144,6 +177,8 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         wall_seconds: started.elapsed().as_secs_f64(),
         rounds: plan.rounds,
         seconds_per_round: plan.secs,
+        pinned_cpu: cpus.pinned,
+        inherited_programs: inherited,
         targets: report::targets(&scenarios, &established, &control_plane),
         scenarios,
         established,

@@ -1,5 +1,6 @@
 //! PNG plots of a report: connection rate against the number of excluded
-//! CIDRs and ports, and latency CDFs, one line per setup.
+//! CIDRs and ports, idle and pinned to one CPU, and latency CDFs, one line
+//! per setup.
 //!
 //! Text needs a TrueType font, read at run time (DejaVu Sans, Debian's
 //! `fonts-dejavu-core`, which `cargo xtask bootstrap` installs); without
@@ -14,7 +15,7 @@ use plotters::{
 };
 
 use super::{
-    newconn::{Direction, Scenario},
+    newconn::{Direction, Regime, Scenario},
     report::Report,
     stats::Stats,
 };
@@ -58,11 +59,15 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("{e:?}")
 }
 
-/// Three panels: outbound vs CIDRs, inbound vs CIDRs, outbound vs ports.
+/// Picks one regime of a scenario.
+type RegimeOf = fn(&Scenario) -> &Regime;
+
+/// Two rows (idle, pinned) of three panels: outbound vs CIDRs, inbound vs
+/// CIDRs, outbound vs ports.
 fn rate_vs_rules(report: &Report, file: &Path, text: bool) -> Result<()> {
-    let root = BitMapBackend::new(file, (1500, 520)).into_drawing_area();
+    let root = BitMapBackend::new(file, (1500, 1040)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let panels = root.split_evenly((1, 3));
+    let panels = root.split_evenly((2, 3));
     let series = |dir: Direction, ports: bool| -> Vec<(usize, &Scenario)> {
         let mut v: Vec<(usize, &Scenario)> = report
             .scenarios
@@ -74,13 +79,31 @@ fn rate_vs_rules(report: &Report, file: &Path, text: bool) -> Result<()> {
         v.sort_by_key(|(n, _)| *n);
         v
     };
-    let specs = [
-        (series(Direction::Outbound, false), ("outbound new connections/s", "excluded CIDRs")),
-        (series(Direction::Inbound, false), ("inbound new connections/s", "excluded CIDRs")),
-        (series(Direction::Outbound, true), ("outbound new connections/s", "excluded ports")),
-    ];
-    for (area, (points, title)) in panels.iter().zip(specs) {
-        rate_panel(area, &points, title, text)?;
+    let idle: RegimeOf = |s| &s.idle;
+    let pinned: RegimeOf = |s| &s.pinned;
+    let mut specs = Vec::new();
+    for (regime, how) in [(idle, "idle"), (pinned, "pinned to one CPU")] {
+        specs.push((
+            series(Direction::Outbound, false),
+            regime,
+            format!("outbound new connections/s, {how}"),
+            "excluded CIDRs",
+        ));
+        specs.push((
+            series(Direction::Inbound, false),
+            regime,
+            format!("inbound new connections/s, {how}"),
+            "excluded CIDRs",
+        ));
+        specs.push((
+            series(Direction::Outbound, true),
+            regime,
+            format!("outbound new connections/s, {how}"),
+            "excluded ports",
+        ));
+    }
+    for (area, (points, regime, title, x_desc)) in panels.iter().zip(specs) {
+        rate_panel(area, &points, regime, (&title, x_desc), text)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -90,12 +113,16 @@ fn rate_vs_rules(report: &Report, file: &Path, text: bool) -> Result<()> {
 fn rate_panel(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     points: &[(usize, &Scenario)],
+    regime: RegimeOf,
     (title, x_desc): (&str, &str),
     text: bool,
 ) -> Result<()> {
-    let ymax =
-        points.iter().flat_map(|(_, s)| s.setups.iter().map(|(_, st)| st.rate_per_s)).fold(0.0, f64::max).max(1.0)
-            * 1.15;
+    let ymax = points
+        .iter()
+        .flat_map(|(_, s)| regime(s).setups.iter().map(|(_, st)| st.rate_per_s))
+        .fold(0.0, f64::max)
+        .max(1.0)
+        * 1.15;
     let n = points.len().max(1);
     let mut b = ChartBuilder::on(area);
     b.margin(12);
@@ -123,11 +150,11 @@ fn rate_panel(
     mesh.draw().map_err(plot_err)?;
     for (k, color) in COLORS.iter().enumerate() {
         let pts: Vec<(f64, f64)> =
-            points.iter().enumerate().map(|(i, (_, s))| (i as f64, s.setups[k].1.rate_per_s)).collect();
+            points.iter().enumerate().map(|(i, (_, s))| (i as f64, regime(s).setups[k].1.rate_per_s)).collect();
         let style = ShapeStyle::from(color).stroke_width(3);
         let line = chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(plot_err)?;
         if text {
-            let name = points.first().map_or("", |(_, s)| s.setups[k].0.as_str()).to_string();
+            let name = points.first().map_or("", |(_, s)| regime(s).setups[k].0.as_str()).to_string();
             line.label(name).legend(legend_mark(style));
         }
         chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, color.filled()))).map_err(plot_err)?;
@@ -138,13 +165,14 @@ fn rate_panel(
     Ok(())
 }
 
-/// Four panels of latency CDFs (log x): outbound and inbound new
-/// connections without exclusions, outbound at the largest CIDR count,
-/// and the change-to-in-force latencies.
+/// Six panels of latency CDFs (log x): outbound and inbound new
+/// connections without exclusions and outbound at the largest CIDR count,
+/// idle; outbound and inbound without exclusions pinned; and the
+/// change-to-in-force latencies.
 fn latency_cdfs(report: &Report, file: &Path, text: bool) -> Result<()> {
-    let root = BitMapBackend::new(file, (1400, 1000)).into_drawing_area();
+    let root = BitMapBackend::new(file, (1800, 1000)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly((2, 3));
     let first = |dir: Direction| {
         report.scenarios.iter().find(|s| s.direction == dir && s.excluded_cidrs == 0 && s.excluded_ports == 0)
     };
@@ -153,11 +181,13 @@ fn latency_cdfs(report: &Report, file: &Path, text: bool) -> Result<()> {
         .iter()
         .filter(|s| s.direction == Direction::Outbound && s.excluded_ports == 0)
         .max_by_key(|s| s.excluded_cidrs);
-    let named = |s: &Scenario| -> Vec<(String, Stats)> { s.setups.clone() };
     let c = &report.control_plane.change;
     let mut specs: Vec<(String, Vec<(String, Stats)>)> = Vec::new();
     for s in [first(Direction::Outbound), first(Direction::Inbound), largest].into_iter().flatten() {
-        specs.push((format!("{} (latency µs)", s.name), named(s)));
+        specs.push((format!("{}, idle (µs)", s.name), s.idle.setups.clone()));
+    }
+    for s in [first(Direction::Outbound), first(Direction::Inbound)].into_iter().flatten() {
+        specs.push((format!("{}, pinned (µs)", s.name), s.pinned.setups.clone()));
     }
     specs.push((
         "change → in force (µs)".into(),
@@ -251,6 +281,19 @@ mod tests {
         Stats::from_samples(&mut v, 0.05)
     }
 
+    fn regime(p50s: [f64; 3]) -> Regime {
+        Regime {
+            setups: ["none", "iptables", "redirector"]
+                .iter()
+                .zip(p50s)
+                .map(|(n, b)| (n.to_string(), stats(b)))
+                .collect(),
+            ratio_vs_none: 1.0,
+            ratio_vs_iptables: 1.0,
+            cost_over_none_us: Vec::new(),
+        }
+    }
+
     fn report() -> Report {
         let scenario = |dir, excluded_cidrs, excluded_ports| Scenario {
             name: format!("{dir:?} {excluded_cidrs} {excluded_ports}"),
@@ -258,15 +301,10 @@ mod tests {
             excluded_cidrs,
             excluded_ports,
             iptables_exclusion_rules: 0,
-            setups: ["none", "iptables", "redirector"]
-                .iter()
-                .zip([50.0, 90.0, 60.0])
-                .map(|(n, b)| (n.to_string(), stats(b)))
-                .collect(),
-            ratio_vs_none: 1.0,
-            ratio_vs_iptables: 1.0,
+            idle: regime([50.0, 90.0, 60.0]),
+            pinned: regime([15.0, 23.0, 18.0]),
             agent_rss_kib: None,
-            bpf_programs: Vec::new(),
+            bpf: Default::default(),
         };
         Report {
             machine: "test".into(),
@@ -277,6 +315,8 @@ mod tests {
             wall_seconds: 0.0,
             rounds: 1,
             seconds_per_round: 0.05,
+            pinned_cpu: 1,
+            inherited_programs: Vec::new(),
             scenarios: vec![
                 scenario(Direction::Outbound, 0, 0),
                 scenario(Direction::Inbound, 0, 0),

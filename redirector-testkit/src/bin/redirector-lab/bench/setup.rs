@@ -6,6 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -15,6 +16,7 @@ use std::{
 };
 
 use anyhow::{anyhow, Context as _, Result};
+use redirector::sys::bpf::{self, AttachType};
 use redirector_policy::{compile, oracle::osm_init_commands, parse_config, Policy};
 use redirector_testkit::{self as testkit, AgentProcess, PinDir, Topology};
 
@@ -141,6 +143,8 @@ pub struct BenchProxy {
     stop: Arc<AtomicBool>,
     wake: SocketAddr,
     netns: PathBuf,
+    /// The accept loop's thread id, for pinning it to a CPU.
+    pub tid: i32,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -155,7 +159,8 @@ impl BenchProxy {
                 .and_then(|()| std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}")));
             let l = match l {
                 Ok(l) => {
-                    let _ = tx.send(Ok(()));
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tx.send(Ok(unsafe { libc::gettid() }));
                     l
                 }
                 Err(e) => {
@@ -180,9 +185,9 @@ impl BenchProxy {
                 }
             }
         });
-        rx.recv().map_err(|_| anyhow!("proxy thread for {addr} died before binding"))??;
+        let tid = rx.recv().map_err(|_| anyhow!("proxy thread for {addr} died before binding"))??;
         let wake = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port());
-        Ok(Self { stop, wake, netns: netns.to_owned(), thread: Some(thread) })
+        Ok(Self { stop, wake, netns: netns.to_owned(), tid, thread: Some(thread) })
     }
 }
 
@@ -266,35 +271,49 @@ impl Spec {
     }
 }
 
+/// Where a setup's sockets are made: the agents' attach cgroup, and a
+/// clean one for the setups without an agent.
+#[derive(Clone, Copy, Debug)]
+pub struct Cgroups<'a> {
+    pub attach: &'a Path,
+    pub clean: &'a Path,
+}
+
 /// One setup's namespaces, servers and (for redirector) agent.
 pub struct Setup {
     pub kind: Kind,
     // Dropped in this order: the agent stops first, the proxies end while
     // their namespace exists.
     pub agent: Option<Agent>,
-    _servers: Vec<BenchProxy>,
+    servers: Vec<BenchProxy>,
     pub topo: Topology,
-    /// The cgroup the agent's programs are attached to (agent setups).
-    pub cgroup: Option<PathBuf>,
+    /// The cgroup its proxy stand-in and its clients make their sockets
+    /// in: the agent's attach cgroup (agent setups) or the clean one.
+    pub cgroup: PathBuf,
 }
 
 impl Setup {
-    pub fn start(kind: Kind, tag: &str, spec: Spec, cgroup: &Path) -> Result<Self> {
+    pub fn start(kind: Kind, tag: &str, spec: Spec, cgroups: Cgroups<'_>) -> Result<Self> {
         super::interrupted()?;
         let t = Instant::now();
-        let r = Self::start_inner(kind, tag, spec, cgroup)
+        let r = Self::start_inner(kind, tag, spec, cgroups)
             .with_context(|| format!("starting the {} setup ({:?})", kind.name(), spec.excl));
         eprintln!("bench: {} ready in {:.1}s", kind.name(), t.elapsed().as_secs_f64());
         r
     }
 
-    fn start_inner(kind: Kind, tag: &str, spec: Spec, cgroup: &Path) -> Result<Self> {
+    fn start_inner(kind: Kind, tag: &str, spec: Spec, cgroups: Cgroups<'_>) -> Result<Self> {
         let topo = Topology::new(tag)?;
         let app = topo.app.path();
         // The redirector workload's proxy lives in the agent's cgroup, as a
-        // pod's does: its sockets' hooks (sockops, getsockopt) run there.
-        let cg = kind.has_agent().then_some(cgroup);
-        let mut servers = in_cgroup(cg, || -> Result<Vec<BenchProxy>> {
+        // pod's does: its sockets' hooks (sockops, getsockopt) run there. A
+        // socket keeps the cgroup it was made in, and accepted sockets
+        // inherit their listener's (`sk_clone_lock` → `cgroup_sk_clone`),
+        // so the listener made in there is enough. The other setups' proxy
+        // and clients are in a clean cgroup: none of the agent's programs
+        // run for them, and none of whatever the bench was started from.
+        let cgroup = if kind.has_agent() { cgroups.attach } else { cgroups.clean };
+        let mut servers = in_cgroup(cgroup, || -> Result<Vec<BenchProxy>> {
             Ok(vec![
                 BenchProxy::start(&app, "127.0.0.1:15001".parse()?, spec.proxy)?,
                 BenchProxy::start(&app, "0.0.0.0:15003".parse()?, spec.proxy)?,
@@ -316,7 +335,7 @@ impl Setup {
                 let a = AgentProcess::start_polling(
                     &bin,
                     &cfg,
-                    cgroup,
+                    cgroups.attach,
                     &pins.path,
                     &dir.0.join("agent.log"),
                     spec.agent_poll,
@@ -327,7 +346,12 @@ impl Setup {
                 agent = Some(Agent { process: a, pins, config: cfg, _dir: dir });
             }
         }
-        Ok(Self { kind, topo, _servers: servers, agent, cgroup: cg.map(Path::to_owned) })
+        Ok(Self { kind, topo, servers, agent, cgroup: cgroup.to_owned() })
+    }
+
+    /// The threads of its proxy stand-ins (to pin them to a CPU).
+    pub fn proxy_tids(&self) -> Vec<i32> {
+        self.servers.iter().map(|s| s.tid).collect()
     }
 
     /// The agent's resident memory (VmRSS), for redirector setups.
@@ -348,8 +372,11 @@ pub fn load_osm_init(topo: &Topology, excl: Exclusions) -> Result<()> {
     Ok(())
 }
 
-/// A cgroup-v2 directory the agents attach to, removed on drop (the
-/// process joins it only for redirector rounds, see [`in_cgroup`]).
+/// A cgroup-v2 directory directly below the root, removed on drop: the
+/// agents attach to one, the setups without an agent use another (the
+/// process joins each only while it makes sockets for it, see
+/// [`in_cgroup`]). As siblings they inherit the same programs from the
+/// root, so the two differ by the agent's programs alone.
 pub struct BenchCgroup {
     pub path: PathBuf,
 }
@@ -375,10 +402,10 @@ impl Drop for BenchCgroup {
     }
 }
 
-/// The process joins `cgroup` for the redirector rounds (the agent's
-/// programs are attached there) and goes back for the others.
-pub fn in_cgroup<T>(cgroup: Option<&Path>, f: impl FnOnce() -> T) -> Result<T> {
-    let Some(cg) = cgroup else { return Ok(f()) };
+/// Runs `f` with the process in `cg` (the whole process: cgroup v2 moves
+/// all its threads), then moves it back. Sockets made meanwhile stay in
+/// `cg` for good.
+pub fn in_cgroup<T>(cg: &Path, f: impl FnOnce() -> T) -> Result<T> {
     let root = redirector::sys::mounts::cgroup2_root()?;
     let here = std::fs::read_to_string("/proc/self/cgroup")?
         .lines()
@@ -392,6 +419,31 @@ pub fn in_cgroup<T>(cgroup: Option<&Path>, f: impl FnOnce() -> T) -> Result<T> {
         std::fs::write(root.join("cgroup.procs"), &pid).context("leaving the bench cgroup")?;
     }
     Ok(r)
+}
+
+/// The hooks the agent attaches to a cgroup.
+const AGENT_HOOKS: [AttachType; 6] = [
+    AttachType::Inet4Connect,
+    AttachType::Inet6Connect,
+    AttachType::SockOps,
+    AttachType::GetSockopt,
+    AttachType::Inet4Getpeername,
+    AttachType::Inet6Getpeername,
+];
+
+/// The programs that run, on the agent's hooks, for a socket made in
+/// `cgroup` (attached there or above: `BPF_F_QUERY_EFFECTIVE`), as
+/// `hook: name (id)` lines; empty for a clean cgroup.
+pub fn effective_programs(cgroup: &Path) -> Result<Vec<String>> {
+    let dir = std::fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
+    let mut out = Vec::new();
+    for hook in AGENT_HOOKS {
+        for id in bpf::effective_ids(dir.as_fd(), hook)? {
+            let name = bpf::prog_by_id(id).and_then(|p| bpf::prog_name(p.as_fd())).unwrap_or_default();
+            out.push(format!("{hook:?}: {name} ({id})"));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
