@@ -249,3 +249,30 @@ fn warnings_are_cut_on_a_character_boundary() {
     let w = warning(&long);
     assert!(w.len() <= WARNING_LIMIT && w.ends_with('…'), "{}", w.len());
 }
+
+/// osm-init (no upstream goldens exist: the script as osm-injector's
+/// `generateIptablesCommands` writes it, see injector/tests.rs).
+#[test]
+fn osm_init_is_replaced_too() {
+    let script = crate::k8s::injector::tests::osm_script("8080", &["192.0.2.0/24"], "5432", &[], &[]);
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "bookstore", "namespace": "shop", "labels": {"osm-proxy-uuid": "x"}},
+        "spec": {
+            "initContainers": [{
+                "name": "osm-init", "image": "openservicemesh/init:v1.2.0",
+                "command": ["/bin/sh"], "args": ["-c", script],
+                "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}, "privileged": false, "runAsUser": 0},
+            }],
+            "containers": [{"name": "bookstore", "image": "bookstore"}, {"name": "envoy", "image": "envoy"}],
+        },
+    });
+    let (_, patched, outcome) = answer(&pod, &settings());
+    assert!(matches!(outcome, Outcome::Switched { tool: "osm-init's iptables-restore", .. }), "{outcome:?}");
+    assert_eq!(init_names(&patched), [GATE_NAME]);
+    assert!(!patched.to_string().contains("NET_ADMIN"));
+    let policy: Value =
+        serde_json::from_str(patched["metadata"]["annotations"][gated::POLICY].as_str().unwrap()).unwrap();
+    assert_eq!(policy["proxy_uid"], 1500);
+    assert_eq!(policy["outbound_port_exclusions"], json!([5432]));
+}

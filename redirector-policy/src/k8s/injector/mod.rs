@@ -241,4 +241,4 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

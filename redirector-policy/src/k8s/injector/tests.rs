@@ -331,7 +331,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// osm-injector's script for these lists, as `generateIptablesCommands`
 /// (openservicemesh/osm `pkg/injector/iptables.go`) writes it.
-fn osm_script(
+pub(crate) fn osm_script(
     inbound_excl: &str,
     out_excl_cidrs: &[&str],
     out_excl_ports: &str,
