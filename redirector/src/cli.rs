@@ -458,6 +458,13 @@ mod tests {
             Cmd::Cleanup { pin_dir, wait: true, .. } => assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/redirector")),
             _ => panic!("the cleanup DaemonSet does not run `cleanup --wait`"),
         }
+        let dep: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../deploy/webhook/deployment.yaml")).unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_value(dep["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("webhook deployment args {args:?}: {e}"));
+        assert!(matches!(cli.command, Cmd::Webhook { .. }), "the webhook Deployment does not run `webhook`");
     }
 
     #[test]
