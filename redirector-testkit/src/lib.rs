@@ -1,6 +1,7 @@
 //! Test support, never shipped: throwaway network namespaces, a test
 //! cgroup, tiny servers, a demo proxy, a probing client and an agent
-//! process ([`fakeapi`]: a Kubernetes API server stand-in), shared by the
+//! process ([`fakeapi`]: a Kubernetes API server stand-in; [`admission`]:
+//! its side of an admission webhook), shared by the
 //! kernel tests and the `redirector-lab` binary (demo, bench).
 //!
 //! Everything here talks only to loopback or to documentation addresses
@@ -24,6 +25,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use redirector::sys::netns::enter_netns;
 
+pub mod admission;
 pub mod fakeapi;
 
 /// The agent's programs built with the eBPF crate's `upgrade-test`

@@ -2,41 +2,21 @@
 //! pods as their mesh's injector wrote them, before anything is switched:
 //! per pod, whether it is a sidecar workload and why, the policy it would
 //! program, and the settings it refuses. Reads manifests only.
-use std::{collections::BTreeSet, io::Read as _, path::Path};
+use std::{io::Read as _, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use redirector_policy::{
     k8s::{
-        injector::{decide, Decision, Problem},
+        injector::{
+            decide,
+            gated::{policy_json, INJECTED_INIT},
+            Decision, Problem,
+        },
         pods::{pods_from_manifests, MeshedWhen},
     },
-    parse_annotations, MeshSettings, Policy, Preset,
+    parse_annotations, MeshSettings, Preset,
 };
 use serde_json::{json, Value};
-
-/// The policy as `check --pod --json` shows it (documented in
-/// docs/configuration.md; keys are stable).
-fn policy_json(p: &Policy) -> Value {
-    let ports = |s: &BTreeSet<u16>| s.iter().copied().collect::<Vec<_>>();
-    let nets = |s: &BTreeSet<ipnet::IpNet>| {
-        redirector_policy::written_ranges(s.iter().copied()).iter().map(ToString::to_string).collect::<Vec<_>>()
-    };
-    json!({
-        "proxy_uid": p.proxy_uid,
-        "proxy_gid": p.proxy_gid,
-        "outbound_port": p.outbound_port,
-        "inbound_port": p.inbound_port,
-        "inbound": p.inbound,
-        "loopback": p.loopback.name(),
-        "outbound_port_exclusions": ports(&p.outbound_port_exclusion),
-        "outbound_port_inclusions": p.outbound_port_inclusion.as_ref().map(ports),
-        "outbound_ip_range_exclusions": nets(&p.outbound_ip_range_exclusion),
-        "outbound_ip_range_inclusions": p.outbound_ip_range_inclusion.as_ref().map(nets),
-        "inbound_port_exclusions": ports(&p.inbound_port_exclusion),
-        "inbound_port_inclusions": p.inbound_port_inclusion.as_ref().map(ports),
-        "inbound_source_exclusions": nets(&p.inbound_source_exclusion),
-    })
-}
 
 /// One pod's answer.
 fn pod_json(
@@ -60,19 +40,35 @@ fn pod_json(
             v["decision"] = "refused".into();
             v["container"] = container.clone().into();
             v["tool"] = tool.into();
-            v["why"] =
-                format!("init container {container} ({tool}): {problem}; left to its iptables init container").into();
+            let then = match problem {
+                Problem::Unverified(_) => "not programmed: its gate keeps its containers from starting",
+                _ => "left to its iptables init container",
+            };
+            v["why"] = format!("init container {container} ({tool}): {problem}; {then}").into();
             if let Problem::Settings(r) = problem {
                 v["refused"] = r.iter().map(|r| json!({"setting": r.setting, "why": r.why})).collect();
             }
         }
-        Decision::Injected { container, tool, reading } => {
+        Decision::Injected { container, tool, reading, gate } => {
             v["decision"] = "programmed".into();
-            v["source_of_policy"] = "init-container".into();
             v["container"] = container.clone().into();
             v["tool"] = tool.into();
             v["preset"] = reading.preset.name().into();
-            v["why"] = format!("init container {container} runs {tool}: its command line is the policy").into();
+            match gate {
+                None => {
+                    v["source_of_policy"] = "init-container".into();
+                    v["why"] = format!("init container {container} runs {tool}: its command line is the policy").into();
+                }
+                Some(gate) => {
+                    v["source_of_policy"] = "recorded-init-container".into();
+                    v["gate"] = gate.clone().into();
+                    v["why"] = format!(
+                        "init container {gate} is the redirector gate; it replaced {container} ({tool}), recorded in \
+                         {INJECTED_INIT}, whose command line is the policy (the recorded policy checked out)"
+                    )
+                    .into();
+                }
+            }
             v["notes"] = reading.notes.clone().into();
             v["policy"] = policy_json(&redirector_policy::compile(&reading.mesh, &reading.annotations));
         }

@@ -276,6 +276,38 @@ pub(crate) enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Serve the mutating admission webhook over HTTPS (POST /mutate,
+    /// GET /healthz): a meshed pod's iptables init container is replaced by
+    /// the redirector gate, and the policy read from it recorded on the
+    /// pod; every other pod is allowed unchanged. Never denies a pod.
+    Webhook {
+        /// Address to serve on (`[::]` is dual-stack).
+        #[arg(long, default_value = "[::]:9443")]
+        listen: std::net::SocketAddr,
+        /// The serving certificate (PEM, the chain from the leaf); read
+        /// again when the file changes.
+        #[arg(long)]
+        tls_cert_file: PathBuf,
+        /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1); read again when
+        /// the file changes.
+        #[arg(long)]
+        tls_key_file: PathBuf,
+        /// Switch only pods whose init container is this mesh's (default:
+        /// every mesh's); the others are allowed unchanged with a warning.
+        #[arg(long, value_parser = parse_preset)]
+        preset: Option<redirector_policy::Preset>,
+        /// The agent's --meshed-when rules: a pod they match that has no
+        /// mesh init container gets the gate added.
+        #[arg(long = "meshed-when")]
+        meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
+        /// The image of the gate container (this redirector's image).
+        #[arg(long, value_parser = parse_image)]
+        gate_image: String,
+        /// The node directory of the agent's socket (the DaemonSet's
+        /// --agent-socket without `/agent.sock`), mounted into the gate.
+        #[arg(long, default_value = "/var/run/redirector", value_parser = parse_socket_dir)]
+        agent_socket_dir: String,
+    },
     /// Probe the kernel for every hook and helper the data path needs;
     /// exits non-zero if a required one is missing.
     Probe {
@@ -320,6 +352,22 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} is shorter than the minimum of 1ms"));
     }
     Ok(d)
+}
+
+/// A container image reference: not empty, no whitespace.
+fn parse_image(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.chars().any(char::is_whitespace) {
+        return Err(format!("{s:?} is not an image reference (e.g. registry.example/redirector:1.0)"));
+    }
+    Ok(s.to_string())
+}
+
+/// An absolute directory path, as a hostPath and a mountPath take it.
+fn parse_socket_dir(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') || s.contains(':') || s.split('/').any(|c| c == "..") {
+        return Err(format!("{s:?} is not an absolute directory path without \"..\" or \":\""));
+    }
+    Ok(if s.len() > 1 { s.trim_end_matches('/').to_string() } else { s.to_string() })
 }
 
 fn parse_preset(s: &str) -> Result<redirector_policy::Preset, String> {
@@ -410,6 +458,13 @@ mod tests {
             Cmd::Cleanup { pin_dir, wait: true, .. } => assert_eq!(pin_dir, PathBuf::from("/sys/fs/bpf/redirector")),
             _ => panic!("the cleanup DaemonSet does not run `cleanup --wait`"),
         }
+        let dep: serde_yaml::Value =
+            serde_yaml::from_str(include_str!("../../deploy/webhook/deployment.yaml")).unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_value(dep["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("redirector".to_string()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("webhook deployment args {args:?}: {e}"));
+        assert!(matches!(cli.command, Cmd::Webhook { .. }), "the webhook Deployment does not run `webhook`");
     }
 
     #[test]
@@ -446,6 +501,40 @@ mod tests {
             assert!(run(bad).is_err(), "{bad:?} accepted");
         }
         assert!(run(&["--startup-taint", "example.com/agent_not.ready-1"]).is_ok());
+    }
+
+    #[test]
+    fn webhook_flags() {
+        let base = ["redirector", "webhook", "--tls-cert-file", "c", "--tls-key-file", "k", "--gate-image", "r:1"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.command);
+        match parse(&[]).unwrap() {
+            Cmd::Webhook { listen, preset: None, meshed_when, agent_socket_dir, .. } => {
+                assert_eq!(listen, "[::]:9443".parse().unwrap());
+                assert!(meshed_when.is_empty());
+                assert_eq!(agent_socket_dir, "/var/run/redirector");
+            }
+            _ => unreachable!(),
+        }
+        match parse(&["--agent-socket-dir", "/run/r/", "--preset", "istio", "--meshed-when", "label:a"]).unwrap() {
+            Cmd::Webhook { preset: Some(p), agent_socket_dir, meshed_when, .. } => {
+                assert_eq!(
+                    (p, agent_socket_dir.as_str(), meshed_when.len()),
+                    (redirector_policy::Preset::Istio, "/run/r", 1)
+                );
+            }
+            _ => unreachable!(),
+        }
+        for (bad, flag) in [
+            (&["--agent-socket-dir", "run/r"][..], "--agent-socket-dir"),
+            (&["--agent-socket-dir", "/a/../b"], "--agent-socket-dir"),
+            (&["--preset", "nginx"], "--preset"),
+            (&["--gate-image", ""], "--gate-image"),
+            (&["--listen", "9443"], "--listen"),
+        ] {
+            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} accepted")).to_string();
+            assert!(e.contains(flag), "{bad:?}: {e}");
+        }
+        assert!(Cli::try_parse_from(["redirector", "webhook", "--gate-image", "r"]).is_err(), "certificate required");
     }
 
     #[test]

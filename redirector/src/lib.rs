@@ -7,7 +7,9 @@
 //! - [`error`]: the errors callers branch on (full maps, pinned layouts);
 //! - [`agent`]: the standalone and the Kubernetes agent over one reconcile
 //!   core; [`inspect`]: reading the state back;
-//! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features.
+//! - [`sys`]: `bpf(2)`, namespaces, mounts, listeners, kernel features;
+//! - [`webhook`]: `redirector webhook`, the admission webhook's HTTPS
+//!   server (its answers are decided in `redirector-policy`).
 pub mod agent;
 pub mod check_pod;
 pub mod dataplane;
@@ -17,3 +19,4 @@ pub mod inspect;
 pub mod logging;
 pub mod metrics;
 pub mod sys;
+pub mod webhook;

@@ -120,6 +120,20 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("{}", dataplane::wait_ready(ns.as_deref(), &pin_dir, timeout, !no_cgroup_check)?);
             Ok(())
         }
+        Cmd::Webhook { listen, tls_cert_file, tls_key_file, preset, meshed_when, gate_image, agent_socket_dir } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(redirector::webhook::run(redirector::webhook::WebhookOptions {
+                listen,
+                cert_file: tls_cert_file,
+                key_file: tls_key_file,
+                settings: redirector_policy::k8s::admission::Settings {
+                    preset,
+                    rules: meshed_when,
+                    gate_image,
+                    socket_dir: agent_socket_dir,
+                },
+            }))
+        }
         Cmd::Inspect { json, pin_dir } => {
             let s = inspect::snapshot(&pin_dir)?;
             if json {

@@ -186,9 +186,14 @@ impl Metrics {
 /// family's error: say `--metrics-addr=0.0.0.0:PORT` there (no silent
 /// fallback to another address than the one asked for).
 pub fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    bind_for("--metrics-addr", addr)
+}
+
+/// [`bind`] for the address given by `flag` (named in errors).
+pub fn bind_for(flag: &str, addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
     use std::os::fd::AsRawFd as _;
     let socket = if addr.is_ipv6() { tokio::net::TcpSocket::new_v6() } else { tokio::net::TcpSocket::new_v4() };
-    let socket = socket.with_context(|| format!("--metrics-addr={addr}: creating the socket"))?;
+    let socket = socket.with_context(|| format!("{flag}={addr}: creating the socket"))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         let off: libc::c_int = 0;
         // SAFETY: a valid socket descriptor and a c_int option value of the
@@ -204,12 +209,12 @@ pub fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
         };
         if rc != 0 {
             return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("--metrics-addr={addr}: clearing IPV6_V6ONLY"));
+                .with_context(|| format!("{flag}={addr}: clearing IPV6_V6ONLY"));
         }
     }
     socket.set_reuseaddr(true)?;
-    socket.bind(addr).with_context(|| format!("--metrics-addr={addr}: binding the status endpoint"))?;
-    socket.listen(128).with_context(|| format!("--metrics-addr={addr}: listening"))
+    socket.bind(addr).with_context(|| format!("{flag}={addr}: binding"))?;
+    socket.listen(128).with_context(|| format!("{flag}={addr}: listening"))
 }
 
 /// Serves the endpoints on `listener` (bound by the caller, so a bad

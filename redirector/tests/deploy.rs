@@ -19,12 +19,17 @@ fn deploy_dir() -> PathBuf {
 
 /// Every document of every file listed in kustomization.yaml.
 fn documents() -> Vec<(String, serde_yaml::Value)> {
+    documents_in(&deploy_dir())
+}
+
+/// Every document of every file listed in `dir`'s kustomization.yaml.
+fn documents_in(dir: &std::path::Path) -> Vec<(String, serde_yaml::Value)> {
     let k: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("kustomization.yaml")).unwrap()).unwrap();
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap()).unwrap();
     let mut out = Vec::new();
     for file in k["resources"].as_sequence().expect("kustomization lists resources") {
         let file = file.as_str().unwrap();
-        let text = std::fs::read_to_string(deploy_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
             if !v.is_null() {
@@ -324,4 +329,191 @@ fn daemonsets_survive_real_clusters() {
     let (_, c) = agent();
     let addr: std::net::SocketAddr = arg(&c, "metrics-addr").unwrap().parse().unwrap();
     assert!(addr.is_ipv6() && addr.ip().is_unspecified(), "--metrics-addr binds [::] (dual-stack): {addr}");
+}
+
+fn webhook_docs() -> Vec<(String, serde_yaml::Value)> {
+    documents_in(&deploy_dir().join("webhook"))
+}
+
+fn webhook_one<T: serde::de::DeserializeOwned>(kind: &str) -> Vec<T> {
+    webhook_docs()
+        .into_iter()
+        .filter(|(_, v)| v["kind"].as_str() == Some(kind))
+        .map(|(file, v)| serde_yaml::from_value(v).unwrap_or_else(|e| panic!("webhook/{file}: {kind}: {e}")))
+        .collect()
+}
+
+/// deploy/webhook/: the Deployment, its Service, the webhook configuration
+/// and cert-manager's objects agree with each other, with the agent's
+/// DaemonSet and with what the API server does with them (kubernetes'
+/// `MutatingWebhook` fields, cert-manager's `Certificate`, `Issuer` and
+/// CA-injector annotation).
+#[test]
+fn webhook_manifests_fit_together() {
+    use k8s_openapi::api::{
+        admissionregistration::v1::MutatingWebhookConfiguration, apps::v1::Deployment, core::v1::Service,
+        policy::v1::PodDisruptionBudget,
+    };
+    let docs = webhook_docs();
+    let kinds: BTreeSet<&str> = docs.iter().filter_map(|(_, v)| v["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Certificate",
+            "Deployment",
+            "Issuer",
+            "MutatingWebhookConfiguration",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceAccount"
+        ]
+        .into()
+    );
+    for (file, v) in docs.iter().filter(|(_, v)| v["kind"] != "MutatingWebhookConfiguration") {
+        assert_eq!(v["metadata"]["namespace"].as_str(), Some(NS), "webhook/{file}");
+    }
+    // Not part of the agent's install: switching is its own step.
+    assert!(documents().iter().all(|(_, v)| v["metadata"]["name"] != "redirector-webhook"));
+
+    let dep = webhook_one::<Deployment>("Deployment").pop().unwrap();
+    let spec = dep.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = spec.template.spec.as_ref().unwrap();
+    let labels = spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false), "no API access");
+    let sa: ServiceAccount = webhook_one("ServiceAccount").pop().unwrap();
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    assert_eq!(pod.host_network, None);
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert!(sc.capabilities.as_ref().unwrap().add.is_none());
+    assert_eq!((sc.read_only_root_filesystem, sc.allow_privilege_escalation), (Some(true), Some(false)));
+    assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    let args = c.args.as_ref().unwrap();
+    assert_eq!(args[0], "webhook");
+    // The listen port is the container's, the Service's target, probed over HTTPS.
+    let listen: std::net::SocketAddr = arg(c, "listen").unwrap().parse().unwrap();
+    assert!(listen.ip().is_unspecified() && listen.is_ipv6(), "dual-stack: {listen}");
+    let port = &c.ports.as_ref().unwrap()[0];
+    assert_eq!(port.container_port, i32::from(listen.port()));
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!((get.path.as_deref(), get.scheme.as_deref()), (Some("/healthz"), Some("HTTPS")));
+        assert_eq!(serde_json::to_value(&get.port).unwrap().as_str(), port.name.as_deref());
+    }
+    // The certificate files are the cert-manager Secret's.
+    let cert = webhook_docs()
+        .into_iter()
+        .find(|(_, v)| v["kind"] == "Certificate" && v["metadata"]["name"] == "redirector-webhook")
+        .unwrap()
+        .1;
+    let secret = cert["spec"]["secretName"].as_str().unwrap();
+    for (flag, file) in [("tls-cert-file", "tls.crt"), ("tls-key-file", "tls.key")] {
+        let path = arg(c, flag).unwrap();
+        let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| path == format!("{}/{file}", m.mount_path)).unwrap();
+        let v = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == m.name).unwrap();
+        assert_eq!(v.secret.as_ref().unwrap().secret_name.as_deref(), Some(secret), "--{flag}");
+    }
+    // The gate: the agent's image and the directory of its socket.
+    let (_, agent) = agent();
+    assert_eq!(arg(c, "gate-image"), agent.image.as_deref());
+    let sock = arg(&agent, "agent-socket").unwrap();
+    assert_eq!(format!("{}/agent.sock", arg(c, "agent-socket-dir").unwrap()), sock);
+
+    let svc: Service = webhook_one("Service").pop().unwrap();
+    let svc_spec = svc.spec.as_ref().unwrap();
+    assert_eq!(svc_spec.selector.as_ref().unwrap(), spec.selector.match_labels.as_ref().unwrap());
+    let svc_port = &svc_spec.ports.as_ref().unwrap()[0];
+    assert_eq!(serde_json::to_value(&svc_port.target_port).unwrap().as_str(), port.name.as_deref());
+    let pdb: PodDisruptionBudget = webhook_one("PodDisruptionBudget").pop().unwrap();
+    assert_eq!(pdb.spec.as_ref().unwrap().selector.as_ref().unwrap().match_labels, spec.selector.match_labels);
+
+    let mwc: MutatingWebhookConfiguration = webhook_one("MutatingWebhookConfiguration").pop().unwrap();
+    let hooks = mwc.webhooks.as_ref().unwrap();
+    assert_eq!(hooks.len(), 1);
+    let h = &hooks[0];
+    assert_eq!(h.name.split('.').count(), 3, "a fully qualified name: {}", h.name);
+    assert_eq!(h.admission_review_versions, ["v1"], "the only version the webhook answers");
+    assert_eq!(h.failure_policy.as_deref(), Some("Ignore"), "down: pods keep their mesh's init container");
+    assert_eq!(h.reinvocation_policy.as_deref(), Some("IfNeeded"), "after the mesh's injector");
+    assert_eq!(h.side_effects, "None");
+    assert_eq!(h.timeout_seconds, Some(5));
+    assert_eq!(h.match_policy.as_deref(), Some("Equivalent"));
+    let rules = h.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    let r = &rules[0];
+    assert_eq!(
+        (r.operations.as_deref(), r.api_groups.as_deref(), r.resources.as_deref()),
+        (Some(&["CREATE".to_string()][..]), Some(&["".to_string()][..]), Some(&["pods".to_string()][..]))
+    );
+    let to = h.client_config.service.as_ref().unwrap();
+    assert_eq!((Some(to.name.as_str()), to.namespace.as_str()), (svc.metadata.name.as_deref(), NS));
+    assert_eq!((to.path.as_deref(), to.port), (Some("/mutate"), Some(svc_port.port)));
+    // Not the redirector's namespace, nor its own pods.
+    let ns_sel = h.namespace_selector.as_ref().unwrap().match_expressions.as_ref().unwrap();
+    assert!(ns_sel.iter().any(|e| e.key == "kubernetes.io/metadata.name"
+        && e.operator == "NotIn"
+        && e.values.as_ref().is_some_and(|v| v.iter().any(|v| v == NS))));
+    let obj_sel = h.object_selector.as_ref().unwrap().match_expressions.as_ref().unwrap();
+    let excluded =
+        obj_sel.iter().find(|e| e.operator == "NotIn").map(|e| (e.key.clone(), e.values.clone().unwrap())).unwrap();
+    assert!(labels.get(&excluded.0).is_some_and(|v| excluded.1.contains(v)), "the webhook's pods are excluded");
+    // cert-manager: the CA injector reads the serving Certificate; it is
+    // for the Service's name, signed by a CA Issuer made from a
+    // self-signed one.
+    let inject = mwc.metadata.annotations.as_ref().unwrap()["cert-manager.io/inject-ca-from"].clone();
+    assert_eq!(inject, format!("{NS}/{}", cert["metadata"]["name"].as_str().unwrap()));
+    let dns: Vec<&str> = cert["spec"]["dnsNames"].as_sequence().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+    assert!(dns.contains(&format!("{}.{NS}.svc", to.name).as_str()), "{dns:?}");
+    let issuer = |name: &str| {
+        webhook_docs().into_iter().find(|(_, v)| v["kind"] == "Issuer" && v["metadata"]["name"] == name).unwrap().1
+    };
+    let ca_issuer = issuer(cert["spec"]["issuerRef"]["name"].as_str().unwrap());
+    let ca_secret = ca_issuer["spec"]["ca"]["secretName"].as_str().unwrap();
+    let ca_cert = webhook_docs()
+        .into_iter()
+        .find(|(_, v)| v["kind"] == "Certificate" && v["spec"]["secretName"] == ca_secret)
+        .unwrap()
+        .1;
+    assert_eq!(ca_cert["spec"]["isCA"], true);
+    assert!(issuer(ca_cert["spec"]["issuerRef"]["name"].as_str().unwrap())["spec"]["selfSigned"].is_mapping());
+}
+
+/// The gate the webhook writes into a pod is deploy/init-container.yaml's
+/// container (image and resources aside), for the Deployment's flags.
+#[test]
+fn the_webhooks_gate_is_the_init_container_snippet() {
+    use redirector_policy::k8s::admission::{review, Settings};
+    let dep: k8s_openapi::api::apps::v1::Deployment = webhook_one("Deployment").pop().unwrap();
+    let c = &dep.spec.unwrap().template.spec.unwrap().containers[0];
+    let settings = Settings {
+        preset: None,
+        rules: Vec::new(),
+        gate_image: arg(c, "gate-image").unwrap().to_string(),
+        socket_dir: arg(c, "agent-socket-dir").unwrap().to_string(),
+    };
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {
+            "initContainers": [{"name": "istio-init", "image": "proxyv2", "args": ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337"]}],
+            "containers": [{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxyv2"}],
+        },
+    });
+    let body = serde_json::to_vec(&redirector_testkit::admission::pod_create_review("u", "shop", &pod)).unwrap();
+    let (resp, _) = review(&body, &settings).unwrap();
+    let applied = redirector_testkit::admission::apply_response("u", &pod, resp.to_string().as_bytes()).unwrap();
+    let gate: Container = serde_json::from_value(applied.object["spec"]["initContainers"][0].clone()).unwrap();
+    let volume: k8s_openapi::api::core::v1::Volume =
+        serde_json::from_value(applied.object["spec"]["volumes"][0].clone()).unwrap();
+
+    let text = std::fs::read_to_string(deploy_dir().join("init-container.yaml")).unwrap();
+    let snippet: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut want: Container = serde_yaml::from_value(snippet["initContainers"][0].clone()).unwrap();
+    let want_volume: k8s_openapi::api::core::v1::Volume =
+        serde_yaml::from_value(snippet["volumes"][0].clone()).unwrap();
+    want.image = Some(settings.gate_image.clone());
+    assert_eq!(gate, want);
+    assert_eq!(volume, want_volume);
 }

@@ -70,7 +70,8 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages: LLVM 22 for bpf-linker, bpftool for `map dump`,
 /// iptables for the differential tests, iproute2 for namespaces, a
-/// TrueType font for the text of the bench's plots.
+/// TrueType font for the text of the bench's plots, openssl for the
+/// webhook test's certificates.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -80,6 +81,8 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "iproute2",
     "fonts-dejavu-core",
+    // `openssl req` / `openssl x509`: the webhook test's CA and certificates.
+    "openssl",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -276,7 +279,7 @@ fn lint() -> Result<()> {
     // refuses a missing file, a duplicate object or a file from outside its
     // directory, none of which the typed manifest tests see.
     let kubectl = ensure_kubectl()?;
-    for dir in ["deploy", "deploy/uninstall"] {
+    for dir in ["deploy", "deploy/uninstall", "deploy/webhook"] {
         let out = Command::new(&kubectl)
             .current_dir(&root)
             .args(["kustomize", dir])

@@ -13,7 +13,7 @@ use crate::{
 };
 
 use crate::k8s::{
-    injector::{decide, Decision},
+    injector::{decide, Decision, Problem},
     pods::{MeshedWhen, PodInfo},
 };
 
@@ -161,23 +161,30 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
         // and its annotations.
         let (mesh, parsed) = match decision {
             Decision::Refused { container, tool, problem } => {
+                // A gate whose record does not check out holds the pod;
+                // otherwise its mesh's own init container redirects it.
+                let (reason, consequence) = match problem {
+                    Problem::Unverified(_) => ("RecordedPolicyRefused", "its gate keeps its containers from starting"),
+                    _ => ("InjectorSettingRefused", "its iptables init container keeps redirecting it"),
+                };
                 let why = format!(
-                    "init container {container} ({tool}): {problem}; redirector does not program this pod: its \
-                     iptables init container keeps redirecting it"
+                    "init container {container} ({tool}): {problem}; redirector does not program this pod: \
+                     {consequence}"
                 );
                 if state.reported.get(&pod.uid) != Some(&why) {
-                    out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
+                    out.events.push(event(EventKind::Warning, reason, why.clone()));
                     state.reported.insert(pod.uid.clone(), why.clone());
                 }
                 out.skipped.push((pod.key(), why));
                 continue;
             }
-            Decision::Injected { reading, container, tool } => {
+            Decision::Injected { reading, container, tool, gate } => {
                 let mut mesh = reading.mesh;
                 // redirector's own settings, which no mesh tool has.
                 mesh.acceleration = inp.mesh.acceleration;
                 if !reading.notes.is_empty() {
-                    let message = format!("init container {container} ({tool}): {}", reading.notes.join("; "));
+                    let via = gate.map(|g| format!(", replaced by the gate {g}")).unwrap_or_default();
+                    let message = format!("init container {container} ({tool}{via}): {}", reading.notes.join("; "));
                     if state.noted.get(&pod.uid) != Some(&message) {
                         out.events.push(event(EventKind::Warning, "InjectorSettingSkipped", message.clone()));
                         state.noted.insert(pod.uid.clone(), message);
@@ -671,5 +678,82 @@ mod tests {
             p.workloads.iter().map(|w| (w.name.as_str(), w.id_maps.as_ref())).collect();
         assert_eq!(by_name["shop/db"], maps.get("uid-db"));
         assert_eq!(by_name["shop/web"], None);
+    }
+
+    /// A pod `redirector webhook` switched is programmed with the policy
+    /// of the init container it recorded (not the agent's mesh settings),
+    /// once that checks out; a record that does not is a Warning Event
+    /// naming both sides, and the pod is not programmed.
+    #[test]
+    fn gated_pods_are_programmed_from_their_checked_record() {
+        use crate::k8s::injector::{
+            gated::{policy_json, record, INJECTED_INIT, POLICY},
+            InitContainer,
+        };
+        let istio_init = InitContainer {
+            name: "istio-init".into(),
+            args: ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-b", "*", "-d", "15020"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        };
+        let mut before = pod("web", &[]);
+        before.init_containers = vec![istio_init.clone()];
+        let reading = match decide(&before, &[]) {
+            Decision::Injected { reading, .. } => reading,
+            other => panic!("{other:?}"),
+        };
+        let policy = policy_json(&compile(&reading.mesh, &reading.annotations));
+        let gated = |policy: &serde_json::Value| {
+            let mut p = pod("web", &[(POLICY, &policy.to_string()), (INJECTED_INIT, &record(&istio_init))]);
+            p.labels.clear();
+            p.init_containers = vec![InitContainer {
+                name: "redirector-init".into(),
+                command: ["redirector", "wait-ready"].map(String::from).to_vec(),
+                ..Default::default()
+            }];
+            p
+        };
+        let mesh = MeshSettings::default();
+        let ns = netns(&[("uid-web", 11)]);
+        let run = |p: PodInfo, st: &mut PlanState| {
+            plan(
+                &Inputs {
+                    pods: &pods(vec![p]),
+                    mesh: &mesh,
+                    rules: &[],
+                    netns: &ns,
+                    pinned: &BTreeSet::new(),
+                    proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
+                    now: Instant::now(),
+                    unresolved_grace: GRACE,
+                },
+                st,
+            )
+        };
+        let mut st = PlanState::default();
+        let p = run(gated(&policy), &mut st);
+        assert!(p.events.is_empty(), "{:?}", p.events);
+        let w = &p.workloads[0];
+        let programmed = compile(w.mesh.as_ref().expect("the recorded container's settings"), &w.annotations);
+        assert_eq!(policy_json(&programmed), policy);
+        assert_eq!(programmed.proxy_uid, 1337, "istio-init's -u, not the agent's OSM default");
+
+        let mut forged = policy.clone();
+        forged["inbound"] = false.into();
+        let p = run(gated(&forged), &mut st);
+        assert!(p.workloads.is_empty());
+        let ev = &p.events[0];
+        assert_eq!((ev.kind, ev.reason), (EventKind::Warning, "RecordedPolicyRefused"));
+        assert!(
+            ev.message.contains("inbound: recorded false, derived true")
+                && ev.message.contains(POLICY)
+                && ev.message.contains("istio-init")
+                && ev.message.contains("its gate keeps its containers from starting"),
+            "{}",
+            ev.message
+        );
+        assert!(run(gated(&forged), &mut st).events.is_empty(), "published once");
     }
 }

@@ -192,6 +192,21 @@ fn running_of<'a>(
 /// (`default`, the workload's name).
 #[cfg(feature = "k8s")]
 pub fn pods_from_manifests(text: &str) -> Result<Vec<(String, PodInfo)>> {
+    pod_objects_from_manifests(text)?
+        .into_iter()
+        .map(|(where_, obj)| {
+            let pod: Pod = serde_json::from_value(obj).map_err(|e| anyhow!("{where_}: {e}"))?;
+            let info = PodInfo::from_pod(&pod).ok_or_else(|| anyhow!("{where_}: no name"))?;
+            Ok((where_, info))
+        })
+        .collect()
+}
+
+/// The pods of [`pods_from_manifests`] as Pod objects (JSON, `apiVersion`
+/// and `kind` set), as the API server would send them to an admission
+/// webhook.
+#[cfg(feature = "k8s")]
+pub fn pod_objects_from_manifests(text: &str) -> Result<Vec<(String, serde_json::Value)>> {
     use serde::Deserialize as _;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -235,15 +250,11 @@ pub fn pods_from_manifests(text: &str) -> Result<Vec<(String, PodInfo)>> {
             if meta["name"].is_null() {
                 meta["name"] = name.clone().into();
             }
-            let mut obj = serde_json::json!({"metadata": meta, "spec": spec});
+            let mut obj = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec});
             if kind == "Pod" && !item["status"].is_null() {
                 obj["status"] = item["status"].clone();
             }
-            let where_ = format!("#{} {kind} {ns}/{name}", i + 1);
-            let pod: Pod =
-                serde_json::from_value(obj).map_err(|e| anyhow!("document {}: {kind} {ns}/{name}: {e}", i + 1))?;
-            let info = PodInfo::from_pod(&pod).ok_or_else(|| anyhow!("{where_}: no name"))?;
-            out.push((where_, info));
+            out.push((format!("#{} {kind} {ns}/{name}", i + 1), obj));
         }
     }
     Ok(out)

@@ -1325,6 +1325,81 @@ fn kube_agent_reads_the_meshes_init_containers() {
     drop(agent);
 }
 
+/// A pod as `redirector webhook` switched it (the webhook's own answer,
+/// applied as the API server applies it): its gate opens, and it is
+/// programmed with the policy of the init container it recorded
+/// (istio-iptables' `-u 1337 -o 7070`, under an agent whose ConfigMap
+/// says OSM). The same pod with its recorded policy edited is refused at
+/// the gate, with a `RecordedPolicyRefused` Event naming both sides, and
+/// not programmed.
+#[test]
+fn kube_agent_programs_a_switched_pod_from_its_checked_record() {
+    use redirector_policy::k8s::{
+        admission::{review, Settings},
+        injector::gated::POLICY,
+    };
+    use redirector_testkit::admission::{apply_response, pod_create_review};
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kswitch"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    let switched = |name: &str| {
+        let mut obj = pod_object(name, "Pending", json!({}));
+        obj["metadata"]["labels"] = json!({});
+        obj["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2", "args": [
+            "istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-i", "*", "-x", "", "-b", "*",
+            "-d", "15090,15021,15020", "-o", "7070"]}]);
+        obj["spec"]["containers"] =
+            json!([{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxyv2"}]);
+        let settings = Settings {
+            preset: None,
+            rules: Vec::new(),
+            gate_image: "redirector".into(),
+            socket_dir: "/var/run/redirector".into(),
+        };
+        let body = serde_json::to_vec(&pod_create_review("review-1", "shop", &obj)).unwrap();
+        let (resp, _) = review(&body, &settings).unwrap();
+        let applied = apply_response("review-1", &obj, resp.to_string().as_bytes()).unwrap();
+        assert!(applied.patched, "{resp}");
+        applied.object
+    };
+    let mut w = Pod::create_from(&api, &cgroup.path, "ksw", switched("w"));
+    let mut forged_obj = switched("f");
+    let policy = forged_obj["metadata"]["annotations"][POLICY].as_str().unwrap().replace("7070", "7071");
+    forged_obj["metadata"]["annotations"][POLICY] = policy.into();
+    let f = Pod::create_from(&api, &cgroup.path, "ksf", forged_obj);
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent.log");
+
+    let out = w.init_container(&agent.socket);
+    assert!(
+        out.status.success(),
+        "{}{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        agent.proc.log_text()
+    );
+    w.run_process();
+    assert!(w.probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"), "{}", agent.proc.log_text());
+    assert!(w.probe("192.0.2.10:7070").starts_with("direct"), "the recorded -o 7070 not applied");
+
+    let out = f.init_container(&agent.socket);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("outbound_port_exclusions: recorded [7071], derived [7070]"),
+        "{err}"
+    );
+    let events = poll_until(|| api.events(), |e| !events_for(e, "f", "RecordedPolicyRefused").is_empty());
+    let note = events_for(&events, "f", "RecordedPolicyRefused")[0]["note"].as_str().unwrap_or_default().to_string();
+    assert!(note.contains("istio-init") && note.contains(POLICY) && note.contains("recorded [7071]"), "{note}");
+    assert!(!programmed(&pins.path, f.cookie()), "a pod with a forged policy was programmed");
+    drop(agent);
+}
+
 /// The meshes' validators, which expect redirection in place when they
 /// run, pass with the gate before them. Istio CNI's `istio-validation`
 /// (istio/istio `tools/istio-iptables/pkg/validation/validator.go`): as

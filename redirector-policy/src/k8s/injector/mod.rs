@@ -3,7 +3,9 @@
 //! container's command line (istio-iptables, linkerd2-proxy-init, kumactl,
 //! osm-init's iptables-restore script;
 //! their CNI-mode validators carry the same settings), or redirector's own
-//! gate. Pure: a [`PodInfo`] in, a [`Decision`] out.
+//! gate (with the init container `redirector webhook` replaced by it, as
+//! recorded and checked: [`gated`]). Pure: a [`PodInfo`] in, a
+//! [`Decision`] out.
 //!
 //! A pod is a sidecar workload only if it has its mesh's init container
 //! (or validator), the redirector gate, or matches an explicit
@@ -12,6 +14,7 @@
 //! intercept it (`sidecar.istio.io/inject: "false"`,
 //! `sidecar.istio.io/interceptionMode: NONE`).
 mod argv;
+pub mod gated;
 mod istio;
 mod kuma;
 mod linkerd;
@@ -25,17 +28,24 @@ use super::pods::{MeshedWhen, PodInfo};
 use crate::{dialect::Preset, mesh::MeshSettings, WorkloadAnnotations};
 
 /// A regular (run-to-completion) init container, as much of it as the
-/// readers need.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// readers need. As JSON (camelCase keys, unknown keys refused) it is the
+/// record of [`gated::INJECTED_INIT`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InitContainer {
     pub name: String,
+    #[serde(default)]
     pub image: String,
+    #[serde(default)]
     pub command: Vec<String>,
+    #[serde(default)]
     pub args: Vec<String>,
     /// `env`: a literal value, or None for `valueFrom`.
+    #[serde(default)]
     pub env: BTreeMap<String, Option<String>>,
     /// Files of downwardAPI volumes it mounts: absolute path → the field
     /// the file holds (`metadata.annotations['KEY']`).
+    #[serde(default)]
     pub downward_files: BTreeMap<String, String>,
 }
 
@@ -80,8 +90,10 @@ pub struct Reading {
 /// Why a pod is, or is not, programmed.
 #[derive(Clone, Debug)]
 pub enum Decision {
-    /// Its mesh's init container asks for this policy.
-    Injected { container: String, tool: &'static str, reading: Box<Reading> },
+    /// Its mesh's init container asks for this policy; `gate` names the
+    /// redirector gate that replaced it (the container as recorded by
+    /// `redirector webhook`, checked: [`gated`]).
+    Injected { container: String, tool: &'static str, reading: Box<Reading>, gate: Option<String> },
     /// A sidecar workload whose policy comes from the agent's mesh
     /// settings and the pod's annotations: the redirector gate, a mesh's
     /// CNI mode without readable flags (Linkerd's network validator), or
@@ -102,6 +114,9 @@ pub enum Problem {
     /// The command line does not read as the tool reads it (the tool would
     /// fail too), or is not the tool's at all (a user's own `istio-init`).
     Unreadable(String),
+    /// A gated pod whose recorded init container and policy do not check
+    /// out ([`gated`]): it is not programmed, so its gate holds it.
+    Unverified(String),
 }
 
 impl fmt::Display for Problem {
@@ -110,7 +125,7 @@ impl fmt::Display for Problem {
             Problem::Settings(r) => {
                 write!(f, "{}", r.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
             }
-            Problem::Unreadable(e) => f.write_str(e),
+            Problem::Unreadable(e) | Problem::Unverified(e) => f.write_str(e),
         }
     }
 }
@@ -155,6 +170,12 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
     if pod.annotations.get("sidecar.istio.io/interceptionMode").map(String::as_str) == Some("NONE") {
         return Decision::NotMeshed { why: "sidecar.istio.io/interceptionMode is NONE (no interception)".into() };
     }
+    // A pod the webhook switched: its recorded init container, checked.
+    if let Some(gate) = pod.init_containers.iter().position(|c| is_gate(&c.argv())) {
+        if pod.annotations.contains_key(gated::POLICY) || pod.annotations.contains_key(gated::INJECTED_INIT) {
+            return gated::decide_gated(pod, gate, rules);
+        }
+    }
     // The mesh's own init container, or its validator after the gate,
     // says what the injector decided; the gate alone takes the settings.
     let gate = pod.init_containers.iter().find(|c| is_gate(&c.argv()));
@@ -188,7 +209,7 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
         };
         return match read {
             Some(Ok(reading)) if reading.refused.is_empty() => {
-                Decision::Injected { container: c.name.clone(), tool, reading: Box::new(reading) }
+                Decision::Injected { container: c.name.clone(), tool, reading: Box::new(reading), gate: None }
             }
             Some(Ok(reading)) => {
                 Decision::Refused { container: c.name.clone(), tool, problem: Problem::Settings(reading.refused) }
@@ -222,7 +243,7 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
             let container = "(Kuma CNI)".to_string();
             return match kuma::read_cni(cfg) {
                 Ok(reading) if reading.refused.is_empty() => {
-                    Decision::Injected { container, tool: "kuma-cni", reading: Box::new(reading) }
+                    Decision::Injected { container, tool: "kuma-cni", reading: Box::new(reading), gate: None }
                 }
                 Ok(reading) => {
                     Decision::Refused { container, tool: "kuma-cni", problem: Problem::Settings(reading.refused) }
@@ -244,4 +265,4 @@ pub fn decide(pod: &PodInfo, rules: &[MeshedWhen]) -> Decision {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

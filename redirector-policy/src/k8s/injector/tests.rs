@@ -252,6 +252,7 @@ fn the_meshes_own_injector_goldens() {
                         format!("refused: {}", r.iter().map(|r| r.setting.clone()).collect::<Vec<_>>().join(", "))
                     }
                     Decision::Refused { problem: Problem::Unreadable(e), .. } => format!("unreadable: {e}"),
+                    Decision::Refused { problem: Problem::Unverified(e), .. } => format!("unverified: {e}"),
                     Decision::NotMeshed { .. } => "not meshed".into(),
                 };
                 outcomes.insert(format!("{name}#{i}"), what);
@@ -340,7 +341,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 /// osm-injector's script for these lists, as `generateIptablesCommands`
 /// (openservicemesh/osm `pkg/injector/iptables.go`) writes it.
-fn osm_script(
+pub(crate) fn osm_script(
     inbound_excl: &str,
     out_excl_cidrs: &[&str],
     out_excl_ports: &str,
@@ -516,6 +517,155 @@ mod osm_differential {
                 (o, v) => prop_assert!(false, "{script}\n{c:?}: iptables {o:?} but policy {v:?}"),
             }
         }
+    }
+}
+
+mod gated_pods {
+    use super::*;
+    use crate::k8s::injector::gated::{policy_json, record, INJECTED_INIT, POLICY};
+
+    const ISTIO: [&str; 17] = [
+        "istio-iptables",
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+
+    fn gate() -> InitContainer {
+        InitContainer {
+            name: "redirector-init".into(),
+            command: s(&["redirector", "wait-ready", "--agent-socket=/var/run/redirector/agent.sock"]),
+            ..Default::default()
+        }
+    }
+
+    /// What `redirector webhook` makes of a pod with `original`: the gate
+    /// in its place and both annotations.
+    fn switched(original: InitContainer) -> (PodInfo, serde_json::Value) {
+        let before = pod_with(original.clone());
+        let r = injected(decide(&before, &[]));
+        let policy = policy_json(&crate::compile(&r.mesh, &r.annotations));
+        let mut after = pod_with(gate());
+        after.annotations.insert(POLICY.into(), policy.to_string());
+        after.annotations.insert(INJECTED_INIT.into(), record(&original));
+        (after, policy)
+    }
+
+    fn unverified(d: Decision) -> String {
+        match d {
+            Decision::Refused { container, problem: Problem::Unverified(e), .. } => {
+                assert_eq!(container, "redirector-init");
+                e
+            }
+            other => panic!("not refused as unverified: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_recorded_init_container_that_checks_out_is_its_policy() {
+        let (pod, policy) = switched(istio_init(&ISTIO));
+        match decide(&pod, &[]) {
+            Decision::Injected { container, tool, reading, gate } => {
+                assert_eq!(
+                    (container.as_str(), tool, gate.as_deref()),
+                    ("istio-init", "istio-iptables", Some("redirector-init"))
+                );
+                assert_eq!(policy_json(&crate::compile(&reading.mesh, &reading.annotations)), policy);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without the annotations: the gate of deploy/init-container.yaml.
+        assert!(matches!(decide(&pod_with(gate()), &[]), Decision::Settings { .. }));
+    }
+
+    #[test]
+    fn a_record_that_does_not_check_out_is_refused_naming_both() {
+        // The policy edited: proxy UID 0 would exempt root's traffic.
+        let (mut pod, mut policy) = switched(istio_init(&ISTIO));
+        policy["proxy_uid"] = 0.into();
+        pod.annotations.insert(POLICY.into(), policy.to_string());
+        let e = unverified(decide(&pod, &[]));
+        assert!(e.contains("proxy_uid: recorded 0, derived 1337") && e.contains("istio-init"), "{e}");
+
+        // The record edited, the policy left: refused likewise.
+        let (mut pod, _) = switched(istio_init(&ISTIO));
+        let mut other = istio_init(&ISTIO);
+        other.args[6] = "0".into();
+        pod.annotations.insert(INJECTED_INIT.into(), record(&other));
+        let e = unverified(decide(&pod, &[]));
+        assert!(e.contains("proxy_uid: recorded 1337, derived 0"), "{e}");
+
+        // One annotation alone, a record of the gate, a record that does
+        // not parse, a record the readers refuse.
+        let (mut pod, _) = switched(istio_init(&ISTIO));
+        pod.annotations.remove(INJECTED_INIT);
+        assert!(unverified(decide(&pod, &[])).contains("without"));
+        let (mut pod, _) = switched(istio_init(&ISTIO));
+        pod.annotations.remove(POLICY);
+        assert!(unverified(decide(&pod, &[])).contains("without"));
+        let (mut pod, _) = switched(istio_init(&ISTIO));
+        pod.annotations.insert(INJECTED_INIT.into(), record(&gate()));
+        assert!(unverified(decide(&pod, &[])).contains("the redirector gate itself"));
+        pod.annotations.insert(INJECTED_INIT.into(), "{\"name\":\"istio-init\",\"argz\":[]}".into());
+        assert!(unverified(decide(&pod, &[])).contains("unknown field"));
+        pod.annotations.insert(INJECTED_INIT.into(), record(&istio_init(&["istio-iptables", "-m", "TPROXY"])));
+        let e = unverified(decide(&pod, &[]));
+        assert!(e.contains("TPROXY"), "{e}");
+    }
+
+    /// The policy is checked as the webhook read it (no pod address yet)
+    /// and programmed as istio-iptables reads the running pod: an IPv6
+    /// pod's IPv6 is redirected though the record was read as IPv4.
+    #[test]
+    fn checked_as_admitted_programmed_with_the_pods_addresses() {
+        let (mut pod, policy) = switched(istio_init(&ISTIO));
+        assert!(policy["outbound_ip_range_exclusions"].to_string().contains("::/0"));
+        pod.ips = vec!["2001:db8::5".parse().unwrap()];
+        let r = injected(decide(&pod, &[]));
+        let p = crate::compile(&r.mesh, &r.annotations);
+        assert!(!p.outbound_ip_range_exclusion.contains(&"::/0".parse().unwrap()), "as istio-iptables on an IPv6 pod");
+    }
+
+    /// Kuma's config is read from the pod's annotation through the
+    /// recorded downwardAPI file, as kumactl reads it.
+    #[test]
+    fn a_kuma_record_reads_the_config_annotation() {
+        let mut c = InitContainer {
+            name: "kuma-init".into(),
+            command: s(&["/usr/bin/kumactl", "install", "transparent-proxy"]),
+            args: s(&["--config=/tmp/tp/config.yaml"]),
+            ..Default::default()
+        };
+        c.downward_files.insert(
+            "/tmp/tp/config.yaml".into(),
+            "metadata.annotations['traffic.kuma.io/transparent-proxy-config']".into(),
+        );
+        let cfg = "traffic.kuma.io/transparent-proxy-config";
+        let yaml = "kumaDPUser: \"5678\"\nredirect:\n  inbound:\n    port: 15006\n  outbound:\n    port: 15001\n";
+        let mut before = pod_with(c.clone());
+        before.annotations.insert(cfg.into(), yaml.into());
+        let r = injected(decide(&before, &[]));
+        let mut after = pod_with(gate());
+        after.annotations.insert(cfg.into(), yaml.into());
+        after.annotations.insert(POLICY.into(), policy_json(&crate::compile(&r.mesh, &r.annotations)).to_string());
+        after.annotations.insert(INJECTED_INIT.into(), record(&c));
+        assert_eq!(crate::compile(&injected(decide(&after, &[])).mesh, &r.annotations).proxy_uid, 5678);
+        // The config changed after admission: no longer what was recorded.
+        after.annotations.insert(cfg.into(), yaml.replace("5678", "0"));
+        assert!(unverified(decide(&after, &[])).contains("proxy_uid"));
     }
 }
 
