@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use redirector_policy::{
     evaluate,
     k8s::{
-        injector::{decide, Decision, InitContainer},
+        injector::{decide, program_name, Decision, InitContainer},
         pods::PodInfo,
     },
     LoopbackMode, OutboundConn, Policy, Protocol, Verdict,
@@ -37,9 +37,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The mesh command line this process was started with, if it is one.
 pub fn mesh_argv(args: &[String]) -> Option<Vec<String>> {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
     let first = args.first()?;
-    match base(first).as_str() {
+    match program_name(first) {
         "istio-iptables" | "linkerd2-proxy-init" | "proxy-init" | "kumactl" => Some(args.to_vec()),
         _ if args.get(1).is_some_and(|a| a == "istio-iptables") => Some(args[1..].to_vec()),
         _ => None,

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::{
     argv::{self, boolean, value, Flag},
-    InitContainer, Reading, Refusal,
+    program_name, InitContainer, Reading, Refusal,
 };
 use crate::{
     dialect::{LoopbackMode, Preset},
@@ -72,10 +72,9 @@ const ADDITIONAL_ENV: [(&str, &str); 3] =
 /// entrypoint is pilot-agent, so `args: [istio-iptables, …]` alone is
 /// that).
 pub(super) fn tool_args(argv: &[String]) -> Option<&[String]> {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
     match argv {
-        [first, rest @ ..] if base(first) == "istio-iptables" => Some(rest),
-        [first, sub, rest @ ..] if base(first) == "pilot-agent" && sub == "istio-iptables" => Some(rest),
+        [first, rest @ ..] if program_name(first) == "istio-iptables" => Some(rest),
+        [first, sub, rest @ ..] if program_name(first) == "pilot-agent" && sub == "istio-iptables" => Some(rest),
         _ => None,
     }
 }

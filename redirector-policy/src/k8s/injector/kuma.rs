@@ -15,7 +15,7 @@ use serde_yaml::Value;
 
 use super::{
     argv::{self, boolean, value, Flag},
-    InitContainer, Reading, Refusal,
+    program_name, InitContainer, Reading, Refusal,
 };
 use crate::{
     dialect::{LoopbackMode, Preset},
@@ -64,10 +64,9 @@ const FLAGS: [Flag; 35] = [
 
 /// The kumactl subcommand run, and its arguments.
 pub(super) fn tool_args(argv: &[String]) -> Option<(&str, &[String])> {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
     match argv {
         [k, install, sub, rest @ ..]
-            if base(k) == "kumactl"
+            if program_name(k) == "kumactl"
                 && install == "install"
                 && (sub == "transparent-proxy" || sub == "transparent-proxy-validator") =>
         {

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Result};
 
 use super::{
     argv::{self, boolean, value, Flag},
-    InitContainer, Reading, Refusal,
+    program_name, InitContainer, Reading, Refusal,
 };
 use crate::{
     dialect::{LoopbackMode, Preset},
@@ -43,9 +43,10 @@ const FLAGS: [Flag; 18] = [
 /// The binary's name; a `linkerd-init` container without a command runs
 /// the proxy-init image's entrypoint, which is it.
 pub(super) fn tool_args<'a>(c: &'a InitContainer, argv: &'a [String]) -> Option<&'a [String]> {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
     match argv {
-        [first, rest @ ..] if base(first) == "linkerd2-proxy-init" || base(first) == "proxy-init" => Some(rest),
+        [first, rest @ ..] if program_name(first) == "linkerd2-proxy-init" || program_name(first) == "proxy-init" => {
+            Some(rest)
+        }
         _ if c.command.is_empty() && c.name == "linkerd-init" => Some(argv),
         _ => None,
     }

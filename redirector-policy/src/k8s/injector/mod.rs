@@ -134,6 +134,11 @@ impl fmt::Display for Problem {
 const MESH_INIT_NAMES: [&str; 6] =
     ["istio-init", "istio-validation", "linkerd-init", "kuma-init", "kuma-validation", "osm-init"];
 
+/// The name a program is run under (`/usr/bin/kumactl` → `kumactl`).
+pub fn program_name(argv0: &str) -> &str {
+    argv0.rsplit('/').next().unwrap_or(argv0)
+}
+
 /// Whether one of the readers takes this init container.
 fn reads(c: &InitContainer) -> bool {
     let argv = c.argv();
@@ -146,8 +151,7 @@ fn reads(c: &InitContainer) -> bool {
 
 /// Whether `argv` runs redirector's gate (`redirector wait-ready …`).
 pub fn is_gate(argv: &[String]) -> bool {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
-    matches!(argv, [first, sub, ..] if base(first) == "redirector" && sub == "wait-ready")
+    matches!(argv, [first, sub, ..] if program_name(first) == "redirector" && sub == "wait-ready")
 }
 
 impl Decision {

@@ -8,7 +8,7 @@
 //! mean something redirector would not do).
 use anyhow::{anyhow, bail, Result};
 
-use super::{Reading, Refusal};
+use super::{program_name, Reading, Refusal};
 use crate::{
     dialect::{LoopbackMode, Preset},
     mesh::MeshSettings,
@@ -18,9 +18,8 @@ use crate::{
 
 /// The script of `sh -c SCRIPT` when it runs iptables-restore.
 pub(super) fn tool_args(argv: &[String]) -> Option<&str> {
-    let base = |s: &String| s.rsplit('/').next().unwrap_or(s).to_string();
     match argv {
-        [sh, c, script] if matches!(base(sh).as_str(), "sh" | "bash") && c == "-c" => {
+        [sh, c, script] if matches!(program_name(sh), "sh" | "bash") && c == "-c" => {
             script.trim_start().starts_with("iptables-restore").then_some(script.as_str())
         }
         _ => None,
