@@ -29,12 +29,22 @@ struct Answer {
     counter: u32,
 }
 
+/// What becomes of the kernel's answer.
+enum Outcome {
+    /// Overwritten with this.
+    Answer(Answer),
+    /// Left as it is (conntrack NATed the connection), counted so.
+    Kernel(u32),
+    /// Left as it is: nothing known (`orig_dst_miss`).
+    Miss,
+}
+
 #[inline(always)]
-fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
+fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Outcome {
     let so = unsafe { &*ctx.sockopt };
     let sk = unsafe { so.__bindgen_anon_1.sk };
     if sk.is_null() {
-        return None;
+        return Outcome::Miss;
     }
     let stored = unsafe { sock_orig(sk, None) };
     if !stored.is_null() {
@@ -44,9 +54,9 @@ fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
         // socket lookup (the mesh's iptables REDIRECT, still in the pod
         // while it migrates) and its answer is the original destination.
         if orig.flags & orig_flags::INBOUND != 0 && kernel_retval == 0 {
-            return Some(Answer { orig, counter: counter::ORIG_DST_CONNTRACK });
+            return Outcome::Kernel(counter::ORIG_DST_CONNTRACK);
         }
-        return Some(Answer { orig, counter: counter::ORIG_DST_SERVED });
+        return Outcome::Answer(Answer { orig, counter: counter::ORIG_DST_SERVED });
     }
     // Not handed over at accept time (e.g. the proxy runs in another
     // cgroup): look the connection up by its 4-tuple.
@@ -74,12 +84,12 @@ fn lookup(ctx: &SockoptContext, kernel_retval: i32) -> Option<Answer> {
             key.proxy_addr = proxy;
         }
     } else {
-        return None;
+        return Outcome::Miss;
     }
     if let Some(orig) = unsafe { RDR_ORIG_TUPLE.get(&key) } {
-        return Some(Answer { orig: *orig, counter: counter::ORIG_DST_SERVED });
+        return Outcome::Answer(Answer { orig: *orig, counter: counter::ORIG_DST_SERVED });
     }
-    own_address(s, &key, kernel_retval)
+    own_address(s, &key, kernel_retval).map_or(Outcome::Miss, Outcome::Answer)
 }
 
 /// No record: conntrack's answer. `getorigdst` (net/netfilter/
@@ -123,13 +133,12 @@ fn try_getsockopt(ctx: &SockoptContext) {
     }
     let kernel_retval = so.retval;
     let Answer { orig, counter: served } = match lookup(ctx, kernel_retval) {
-        // The kernel's answer stands.
-        Some(a) if a.counter == counter::ORIG_DST_CONNTRACK => {
-            count(a.counter);
+        Outcome::Answer(a) => a,
+        Outcome::Kernel(c) => {
+            count(c);
             return;
         }
-        Some(a) => a,
-        None => {
+        Outcome::Miss => {
             count(counter::ORIG_DST_MISS);
             return;
         }
