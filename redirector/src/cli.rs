@@ -62,9 +62,11 @@ pub(crate) struct KubeArgs {
     /// it on nodes at registration (kubelet --register-with-taints).
     #[arg(long, default_value = "redirector.dev/agent-not-ready", value_parser = parse_taint_key)]
     pub(crate) startup_taint: TaintKey,
-    /// A pod is meshed when any rule matches: label:KEY[=VALUE],
-    /// annotation:KEY[=VALUE] or container:NAME (repeatable; default: what
-    /// the preset's injector leaves on a pod).
+    /// Also program pods that match a rule, as sidecar workloads whose
+    /// policy comes from the mesh settings and annotations:
+    /// label:KEY[=VALUE], annotation:KEY[=VALUE] or container:NAME
+    /// (repeatable; an explicit opt-in: pods with their mesh's init
+    /// container or the gate are found without).
     #[arg(long = "meshed-when")]
     pub(crate) meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
     /// How often running pods whose namespace is unknown are looked for in
@@ -316,6 +318,52 @@ pub(crate) enum Cmd {
     },
 }
 
+/// Flags that the chosen form of a command would not read, given on the
+/// command line: refused, naming the flag, instead of being ignored
+/// (`run --config` takes no Kubernetes flag; `wait-ready --pod-uid` is
+/// only sent to an agent over `--agent-socket`). Values from the
+/// environment (`NODE_NAME`, `POD_NAME`, `POD_UID`, set by the downward
+/// API in every pod of the DaemonSet or the gate) are not refused.
+pub(crate) fn refuse_unread(m: &clap::ArgMatches) -> Result<(), String> {
+    use clap::{parser::ValueSource, Args as _};
+    let given = |m: &clap::ArgMatches, id: &str| {
+        m.try_get_raw(id).ok().flatten().is_some() && m.value_source(id) == Some(ValueSource::CommandLine)
+    };
+    let flag = |id: &str| format!("--{}", id.replace('_', "-"));
+    match m.subcommand() {
+        Some(("run", m)) if m.contains_id("config") && m.value_source("config").is_some() => {
+            let kube = KubeArgs::augment_args(clap::Command::new("run"));
+            let kube_ids: Vec<String> =
+                kube.get_arguments().map(|a| a.get_id().as_str().to_string()).filter(|id| id != "kube").collect();
+            if let Some(id) = kube_ids.into_iter().find(|id| given(m, id)) {
+                return Err(format!(
+                    "option {}: only read with --kube; `run --config` takes its settings from the config file",
+                    flag(&id)
+                ));
+            }
+        }
+        Some(("wait-ready", m)) if m.value_source("agent_socket").is_none() && given(m, "pod_uid") => {
+            return Err("option --pod-uid: only sent to the node agent with --agent-socket; without it,                         wait-ready reads the pinned maps for this network namespace"
+                .into());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Which namespace is the node's, never redirected: `--node-netns`, or
+/// PID 1's. The Kubernetes agent requires PID 1's (the DaemonSet has
+/// `hostPID: true`; its own namespace is a pod's, never the node's); the
+/// standalone agent takes its own where PID 1's cannot be read.
+pub(crate) fn node_netns(kube: bool, given: Option<PathBuf>) -> redirector::dataplane::NodeNetns {
+    use redirector::dataplane::NodeNetns;
+    match (given, kube) {
+        (Some(p), _) => NodeNetns::Path(p),
+        (None, true) => NodeNetns::Pid1,
+        (None, false) => NodeNetns::Pid1OrOwn,
+    }
+}
+
 /// The longest duration any flag takes (`--poll-interval`, `--resync`,
 /// `--timeout`): one day. Longer values are refused when the command line
 /// is parsed: beyond it a timer or a deadline (`Instant + d`) can
@@ -535,6 +583,49 @@ mod tests {
             assert!(e.contains(flag), "{bad:?}: {e}");
         }
         assert!(Cli::try_parse_from(["redirector", "webhook", "--gate-image", "r"]).is_err(), "certificate required");
+    }
+
+    /// A flag the chosen form of the command does not read is refused,
+    /// naming it; the same flags are accepted where they are read.
+    #[test]
+    fn flags_that_would_be_ignored_are_refused() {
+        use clap::CommandFactory;
+        let check = |args: &[&str]| {
+            let m = Cli::command().try_get_matches_from(std::iter::once("redirector").chain(args.iter().copied()));
+            refuse_unread(&m.unwrap_or_else(|e| panic!("{args:?}: {e}")))
+        };
+        for (args, flag) in [
+            (&["run", "--config", "c.yaml", "--proxy-identity", "cgroup"][..], "--proxy-identity"),
+            (&["run", "--config", "c.yaml", "--proxy-container", "envoy"], "--proxy-container"),
+            (&["run", "--config", "c.yaml", "--meshed-when", "label:a"], "--meshed-when"),
+            (&["run", "--config", "c.yaml", "--configmap", "a/b"], "--configmap"),
+            (&["run", "--config", "c.yaml", "--resync", "2s"], "--resync"),
+            (&["run", "--config", "c.yaml", "--node-name", "n"], "--node-name"),
+            (&["run", "--config", "c.yaml", "--agent-socket", "/x"], "--agent-socket"),
+            (&["run", "--config", "c.yaml", "--startup-taint", ""], "--startup-taint"),
+            (&["wait-ready", "--pod-uid", "u"], "--pod-uid"),
+        ] {
+            let e = check(args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+        for ok in [
+            &["run", "--config", "c.yaml", "--poll-interval", "2s"][..],
+            &["run", "--kube", "--node-name", "n", "--proxy-identity", "cgroup", "--resync", "2s"],
+            &["wait-ready", "--agent-socket", "/s", "--pod-uid", "u"],
+            &["wait-ready", "--timeout", "5s"],
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn the_node_namespace_is_pid_1s_and_required_in_kubernetes_mode() {
+        use redirector::dataplane::NodeNetns;
+        assert_eq!(node_netns(true, None), NodeNetns::Pid1, "never the agent's own (a pod's) namespace");
+        assert_eq!(node_netns(false, None), NodeNetns::Pid1OrOwn);
+        for kube in [true, false] {
+            assert_eq!(node_netns(kube, Some("/run/netns/n".into())), NodeNetns::Path("/run/netns/n".into()));
+        }
     }
 
     #[test]

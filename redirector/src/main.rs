@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use redirector::{
     agent::{k8s::ProxyIdentity, standalone},
-    dataplane::{self, NodeNetns},
-    inspect,
+    dataplane, inspect,
     sys::mounts,
 };
 
@@ -27,7 +26,11 @@ fn main() {
         }
         return;
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if let Err(e) = cli::refuse_unread(&matches) {
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let json = cli.log_format == "json";
     redirector::logging::init(json);
     if let Err(e) = real_main(cli) {
@@ -60,7 +63,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     pin_dir,
                     poll_interval,
                     metrics_addr,
-                    node_netns: node_netns.map_or(NodeNetns::Pid1OrOwn, NodeNetns::Path),
+                    node_netns: cli::node_netns(false, node_netns),
                 })),
                 None => rt.block_on(redirector::agent::k8s::run(redirector::agent::k8s::KubeOptions {
                     node_name: kube.node_name.unwrap_or_default(),
@@ -85,7 +88,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     startup_taint: kube.startup_taint.0,
                     meshed_when: kube.meshed_when,
                     proc_root: PathBuf::from("/proc"),
-                    node_netns: node_netns.map_or(NodeNetns::Pid1, NodeNetns::Path),
+                    node_netns: cli::node_netns(true, node_netns),
                     resync: kube.resync,
                     unresolved_grace: kube.unresolved_grace,
                     instance: kube.pod_name,
