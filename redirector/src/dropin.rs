@@ -35,6 +35,18 @@ use redirector_policy::{
 /// overrides it, in seconds).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `REDIRECTOR_GATE_TIMEOUT`: whole seconds, 1 to 86400 (a day, as the
+/// CLI's durations); unset, [`DEFAULT_TIMEOUT`]. Zero would fail every
+/// pod at once and a huge value overflows the deadline: both refused.
+fn gate_timeout(v: Option<&str>) -> Result<Duration> {
+    let Some(v) = v else { return Ok(DEFAULT_TIMEOUT) };
+    match v.trim().parse::<u64>() {
+        Ok(s @ 1..=86_400) => Ok(Duration::from_secs(s)),
+        Ok(_) => Err(anyhow!("REDIRECTOR_GATE_TIMEOUT={v:?}: must be 1 to 86400 seconds")),
+        Err(_) => Err(anyhow!("REDIRECTOR_GATE_TIMEOUT={v:?}: not a whole number of seconds")),
+    }
+}
+
 /// The mesh command line this process was started with, if it is one.
 pub fn mesh_argv(args: &[String]) -> Option<Vec<String>> {
     let first = args.first()?;
@@ -190,12 +202,7 @@ fn original_dst(s: &TcpStream) -> Result<SocketAddrV4> {
 /// Runs the drop-in gate for `argv` (a mesh's init command line).
 pub fn run(argv: &[String]) -> Result<()> {
     let env: BTreeMap<String, Option<String>> = std::env::vars().map(|(k, v)| (k, Some(v))).collect();
-    let timeout = match std::env::var("REDIRECTOR_GATE_TIMEOUT") {
-        Ok(v) => Duration::from_secs(
-            v.parse().map_err(|_| anyhow!("REDIRECTOR_GATE_TIMEOUT={v:?}: not a number of seconds"))?,
-        ),
-        Err(_) => DEFAULT_TIMEOUT,
-    };
+    let timeout = gate_timeout(std::env::var("REDIRECTOR_GATE_TIMEOUT").ok().as_deref())?;
     let policy = policy_of(argv, env)?;
     // SAFETY: getuid cannot fail.
     let own_uid = unsafe { libc::getuid() };
@@ -227,6 +234,18 @@ pub fn run(argv: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_timeout_is_refused_outside_one_second_to_a_day() {
+        assert_eq!(gate_timeout(None).unwrap(), DEFAULT_TIMEOUT);
+        assert_eq!(gate_timeout(Some("90")).unwrap(), Duration::from_secs(90));
+        for (bad, why) in
+            [("0", "1 to 86400"), ("86401", "1 to 86400"), ("-1", "whole number"), ("30s", "whole number")]
+        {
+            let e = gate_timeout(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("REDIRECTOR_GATE_TIMEOUT") && e.contains(bad) && e.contains(why), "{bad}: {e}");
+        }
+    }
 
     fn argv(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
