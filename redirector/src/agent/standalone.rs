@@ -338,7 +338,24 @@ pub fn check(opts: &CheckOptions) -> Result<()> {
                     }
                 }
                 let live = if opts.live {
-                    super::reconcile::resolve(&cfg.mesh, &cfg.workloads).into_iter().map(Some).collect()
+                    // The node's own namespace, which `run` refuses to program.
+                    let node = crate::dataplane::resolve_node_netns(&crate::dataplane::NodeNetns::Pid1OrOwn);
+                    if let Err(e) = &node {
+                        errors.push(doc(format!("{e:#}")));
+                    }
+                    super::reconcile::resolve(&cfg.mesh, &cfg.workloads)
+                        .into_iter()
+                        .map(|found| {
+                            Some(found.and_then(|r| match &node {
+                                Ok((cookie, named)) if r.cookie == *cookie => Err(anyhow::anyhow!(
+                                    "network namespace {} (cookie {cookie}) is the node's own ({named}): `run` \
+                                     refuses to redirect it (the node's connections would go to a proxy)",
+                                    r.netns.display()
+                                )),
+                                _ => Ok(r),
+                            }))
+                        })
+                        .collect()
                 } else {
                     (0..cfg.workloads.len()).map(|_| None).collect::<Vec<_>>()
                 };

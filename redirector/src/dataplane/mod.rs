@@ -58,14 +58,14 @@ pub use self::{
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
     maps::Maps,
     migrate::retired_sets,
-    node::{NodeNetns, NODE_NETNS},
+    node::{resolve as resolve_node_netns, NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, cleanup_force, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
 use self::{
     attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
     maps::open_pinned,
-    node::{refuse_node_namespace, resolve as resolve_node_netns},
+    node::refuse_node_namespace,
     object::{ebpf_object, loader},
     pins::{check_pinned_capacities, remove_pins},
 };
