@@ -171,19 +171,23 @@ pub fn wait_ready(ns: Option<&Path>, pin_dir: &Path, timeout: Duration, check_ca
         None => (crate::sys::netns::current_netns_cookie()?, "this process's network namespace".to_string()),
     };
     let deadline = Instant::now() + timeout;
+    // Whether the caller was found inside the attach cgroup: checked as
+    // soon as the programs are attached (the attach cgroup is read from
+    // the pinned link), without waiting for the workload to be programmed.
+    let mut caller_checked = !check_caller;
     loop {
+        let missing: Vec<&str> = links_pinned(pin_dir).into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
+        if !caller_checked && missing.is_empty() {
+            super::cgroup::check_caller_inside(pin_dir)?;
+            caller_checked = true;
+        }
         let last_err: String = match Maps::open(pin_dir).and_then(|m| m.workload(cookie)) {
             Ok(Some(w)) => {
-                let missing: Vec<&str> =
-                    links_pinned(pin_dir).into_iter().filter(|(_, ok)| !ok).map(|(n, _)| n).collect();
                 // Inbound capture is part of "programmed": without it a
                 // connection could reach the application around the proxy.
                 let inbound_missing = w.flags & redirector_common::flags::IN_ENABLED != 0
                     && !netns_link_pin_path(pin_dir, cookie).exists();
                 if missing.is_empty() && !inbound_missing {
-                    if check_caller {
-                        super::cgroup::check_caller_inside(pin_dir)?;
-                    }
                     return Ok(format!(
                         "ready: {shown} (netns cookie {cookie}) is programmed with policy #{}",
                         w.policy_id
