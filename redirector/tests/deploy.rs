@@ -278,6 +278,19 @@ fn daemonsets_survive_real_clusters() {
             "{name}: nodeSelector kubernetes.io/os=linux"
         );
         assert_ne!(pod.host_network, Some(true), "{name}");
+        // Every taint of a Linux node is tolerated (a node without its
+        // agent fails every gated pod there), so only the nodeSelector
+        // keeps the agent off Windows nodes: no toleration without it,
+        // and none naming a Windows taint.
+        for t in pod.tolerations.iter().flatten() {
+            let blanket = t.operator.as_deref() == Some("Exists") && t.key.is_none();
+            assert!(!blanket || pod.node_selector.is_some(), "{name}: a blanket toleration needs the nodeSelector");
+            assert!(
+                !t.key.as_deref().unwrap_or("").contains("windows")
+                    && !t.value.as_deref().unwrap_or("").to_ascii_lowercase().contains("windows"),
+                "{name}: a toleration of a Windows taint: {t:?}"
+            );
+        }
         // GKE: system-node-critical outside kube-system needs a quota for
         // the class in the namespace (GKE's priority-class admission).
         let class = pod.priority_class_name.as_deref().unwrap();
@@ -327,6 +340,13 @@ fn daemonsets_survive_real_clusters() {
     }
     // IPv6-only clusters: kubelet probes the pod's IPv6 address.
     let (_, c) = agent();
+    // Cilium's socket LB attaches at the cgroup root: the agent's programs
+    // go below it, on the kubelet's pods cgroup, so they run first.
+    assert_eq!(arg(&c, "attach-cgroup"), Some("kubepods"), "the agent attaches below programs at the root");
+    // The shipped DaemonSet serves every preset: an explicit --meshconfig
+    // would be warned about on all but OSM (the default is read only with
+    // preset osm).
+    assert_eq!(arg(&c, "meshconfig"), None, "no --meshconfig in the preset-neutral DaemonSet");
     let addr: std::net::SocketAddr = arg(&c, "metrics-addr").unwrap().parse().unwrap();
     assert!(addr.is_ipv6() && addr.ip().is_unspecified(), "--metrics-addr binds [::] (dual-stack): {addr}");
 }

@@ -677,6 +677,21 @@ fn kube_agent_end_to_end() {
     assert!(ev["series"]["count"].as_i64().unwrap_or(0) >= 2, "not refreshed: {ev:#}\n{}", log(&agent));
     assert!(ev["series"]["lastObservedTime"].is_string(), "{ev:#}");
     assert_eq!(ev["regarding"]["uid"], json!(b.uid), "kubectl describe finds Events by the object's UID");
+    // The API server's --event-ttl expires it while the problem lasts: the
+    // next refresh finds it gone (404) and publishes it again, new name.
+    let expired = ev["metadata"]["name"].as_str().unwrap().to_string();
+    api.delete(&Resource::events(), ev["metadata"]["namespace"].as_str().unwrap(), &expired);
+    let events = poll_until(
+        || api.events(),
+        |e| e.iter().any(|x| eighty(x) && x["metadata"]["name"].as_str() != Some(expired.as_str())),
+    );
+    let renewed = events
+        .iter()
+        .find(|x| eighty(x) && x["metadata"]["name"].as_str() != Some(expired.as_str()))
+        .unwrap_or_else(|| panic!("an expired Event was not published again: {events:#?}\n{}", log(&agent)));
+    assert_eq!(renewed["regarding"]["uid"], json!(b.uid), "{renewed:#}");
+    assert_eq!(renewed["reason"], "InvalidAnnotation", "{renewed:#}");
+    assert!(log(&agent).contains("expired while its problem lasts"), "{}", log(&agent));
     // A note past 1024 bytes of 2-byte characters: cut on a character
     // boundary, and accepted by the server (which refuses 1025 bytes).
     let wide = "é".repeat(700);

@@ -322,4 +322,46 @@ mod tests {
         let e = format!("{:#}", res.unwrap_err());
         assert!(e.contains("refused") && e.contains("is in no pod's cgroup"), "{e}");
     }
+
+    /// A caller in CRI-O's conmon cgroup (in the pod's cgroup but the
+    /// node's network namespace), and a container process in the node's
+    /// namespace, are refused: neither registers the node as a pod.
+    #[test]
+    fn conmon_and_the_node_namespace_are_refused() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP conmon_and_the_node_namespace_are_refused: reading a namespace's cookie needs root");
+            return;
+        }
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let pod =
+            format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", uid.replace('-', "_"));
+        let id = "a".repeat(64);
+        let pid = std::process::id();
+        let root = crate::sys::mounts::cgroup2_root().unwrap();
+        let node = crate::sys::netns::current_netns_cookie().unwrap();
+        for (place, want) in [
+            (format!("crio-conmon-{id}.scope"), "CRI-O's conmon cgroup"),
+            (format!("crio-{id}.scope"), "the node's network namespace"),
+        ] {
+            let proc_root = std::env::temp_dir().join(format!("rdr-proc-{pid}-{}", want.len()));
+            // The process's own namespaces, under a cgroup of the pod.
+            std::fs::create_dir_all(proc_root.join(pid.to_string())).unwrap();
+            std::fs::write(proc_root.join(format!("{pid}/cgroup")), format!("0::/{pod}/{place}\n")).unwrap();
+            let _ = std::fs::remove_file(proc_root.join(format!("{pid}/ns")));
+            std::os::unix::fs::symlink(format!("/proc/{pid}/ns"), proc_root.join(format!("{pid}/ns"))).unwrap();
+            let sock = proc_root.join("agent.sock");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let res = rt.block_on(async {
+                let l = bind(&sock).unwrap();
+                let (tx, _rx) = mpsc::channel(4);
+                tokio::spawn(serve(l, proc_root.clone(), node, root.clone(), tx));
+                let s2 = sock.clone();
+                tokio::task::spawn_blocking(move || wait_ready(&s2, uid, Duration::from_secs(5))).await.unwrap()
+            });
+            let _ = std::fs::remove_dir_all(&proc_root);
+            let e = format!("{:#}", res.unwrap_err());
+            assert!(e.contains(want) && e.contains(uid), "{place}: {e}");
+        }
+    }
 }
