@@ -13,16 +13,17 @@ use crate::{
 };
 
 use crate::k8s::{
-    injector::{decide, Decision, Problem},
+    injector::{decide, is_gate, meshwide::MeshWide, Decision, Problem},
     pods::{MeshedWhen, PodInfo},
 };
 
 /// What the planner remembers between passes.
 #[derive(Debug, Default)]
 pub struct PlanState {
-    /// Each pod's last annotations that parsed (by UID): a pod whose new
-    /// annotations are bad keeps them.
-    last_good: BTreeMap<String, WorkloadAnnotations>,
+    /// Each pod's last settings that read (by UID): a pod whose new
+    /// annotations are bad keeps them (the mesh settings too, where they
+    /// come with the pod's: [`MeshWide`]).
+    last_good: BTreeMap<String, (Option<MeshSettings>, WorkloadAnnotations)>,
     /// The error last reported for a pod, so an Event is published once
     /// per distinct problem, not on every pass.
     reported: BTreeMap<String, String>,
@@ -93,6 +94,10 @@ pub struct Plan {
 pub struct Inputs<'a> {
     pub pods: &'a BTreeMap<String, PodInfo>,
     pub mesh: &'a MeshSettings,
+    /// The mesh's own mesh-wide settings (Istio's injector values,
+    /// Linkerd's `linkerd-config`), for sidecar workloads whose init
+    /// container carries none; used when its preset is `mesh`'s.
+    pub mesh_wide: Option<&'a MeshWide>,
     pub rules: &'a [MeshedWhen],
     /// Pod UID → its network namespace (as a path valid while the agent
     /// holds it) and cookie.
@@ -193,14 +198,73 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                 state.reported.remove(&pod.uid);
                 (Some(mesh), Ok(reading.annotations))
             }
-            Decision::Settings { .. } => (None, parse_annotations(inp.mesh.preset, &pod.annotations)),
+            Decision::Settings { .. } => match inp.mesh_wide.filter(|w| w.preset() == inp.mesh.preset) {
+                None => (None, parse_annotations(inp.mesh.preset, &pod.annotations)),
+                // The init container the mesh's injector would write now,
+                // from its settings and the pod's annotations.
+                Some(wide) => match wide.read(pod) {
+                    Ok(reading) if reading.refused.is_empty() => {
+                        let mut mesh = reading.mesh;
+                        mesh.acceleration = inp.mesh.acceleration;
+                        if !reading.notes.is_empty() {
+                            let message = format!("{}: {}", wide.named(), reading.notes.join("; "));
+                            if state.noted.get(&pod.uid) != Some(&message) {
+                                out.events.push(event(EventKind::Warning, "InjectorSettingSkipped", message.clone()));
+                                state.noted.insert(pod.uid.clone(), message);
+                            }
+                        }
+                        (Some(mesh), Ok(reading.annotations))
+                    }
+                    Ok(reading) => {
+                        let consequence = if pod.init_containers.iter().any(|c| is_gate(&c.argv())) {
+                            "its gate keeps its containers from starting"
+                        } else {
+                            "it is not redirected"
+                        };
+                        let refused = reading.refused.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                        let why = format!(
+                            "the mesh's settings ({}) with the pod's annotations ask for {refused}; redirector does \
+                             not program this pod: {consequence}",
+                            wide.named()
+                        );
+                        if state.reported.get(&pod.uid) != Some(&why) {
+                            out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
+                            state.reported.insert(pod.uid.clone(), why.clone());
+                        }
+                        out.skipped.push((pod.key(), why));
+                        continue;
+                    }
+                    Err(e) => {
+                        // Read without the pod's annotations: if that reads,
+                        // they are the problem (the last good policy stays);
+                        // if not, the pod cannot be read with these settings.
+                        let bare = PodInfo { annotations: BTreeMap::new(), ..pod.clone() };
+                        match wide.read(&bare) {
+                            Ok(r) if r.refused.is_empty() => {
+                                let mut mesh = r.mesh;
+                                mesh.acceleration = inp.mesh.acceleration;
+                                (Some(mesh), Err(e.context(format!("read with {}", wide.named()))))
+                            }
+                            _ => {
+                                let why = format!("{e:#}; redirector does not program this pod");
+                                if state.reported.get(&pod.uid) != Some(&why) {
+                                    out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
+                                    state.reported.insert(pod.uid.clone(), why.clone());
+                                }
+                                out.skipped.push((pod.key(), why));
+                                continue;
+                            }
+                        }
+                    }
+                },
+            },
             Decision::NotMeshed { .. } => unreachable!("skipped above"),
         };
-        let annotations = match parsed {
+        let (mesh, annotations) = match parsed {
             Ok(a) => {
-                state.last_good.insert(pod.uid.clone(), a.clone());
+                state.last_good.insert(pod.uid.clone(), (mesh.clone(), a.clone()));
                 state.reported.remove(&pod.uid);
-                a
+                (mesh, a)
             }
             Err(e) => {
                 let kept = state.last_good.get(&pod.uid).cloned();
@@ -212,7 +276,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     out.events.push(event(EventKind::Warning, "InvalidAnnotation", message.clone()));
                     state.reported.insert(pod.uid.clone(), message);
                 }
-                kept.unwrap_or_default()
+                kept.unwrap_or((mesh, WorkloadAnnotations::default()))
             }
         };
         match inp.netns.get(&pod.uid) {
@@ -334,6 +398,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &BTreeSet::new(),
@@ -367,6 +432,7 @@ mod tests {
                 &Inputs {
                     pods: &all,
                     mesh: &mesh,
+                    mesh_wide: None,
                     rules: &rules,
                     netns: &ns,
                     pinned: &pinned,
@@ -403,6 +469,7 @@ mod tests {
                 &Inputs {
                     pods: &all,
                     mesh: &mesh,
+                    mesh_wide: None,
                     rules: &rules,
                     netns: &ns,
                     pinned: &pinned,
@@ -447,6 +514,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &BTreeSet::new(),
@@ -481,6 +549,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &pinned,
@@ -503,6 +572,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &pinned,
@@ -536,6 +606,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &pinned,
@@ -566,6 +637,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &BTreeSet::new(),
@@ -601,6 +673,7 @@ mod tests {
                 &Inputs {
                     pods: all,
                     mesh: &mesh,
+                    mesh_wide: None,
                     rules: &rules,
                     netns: ns,
                     pinned: &pinned,
@@ -664,6 +737,7 @@ mod tests {
             &Inputs {
                 pods: &all,
                 mesh: &mesh,
+                mesh_wide: None,
                 rules: &rules,
                 netns: &ns,
                 pinned: &BTreeSet::new(),
@@ -721,6 +795,7 @@ mod tests {
                 &Inputs {
                     pods: &pods(vec![p]),
                     mesh: &mesh,
+                    mesh_wide: None,
                     rules: &[],
                     netns: &ns,
                     pinned: &BTreeSet::new(),
@@ -755,5 +830,87 @@ mod tests {
             ev.message
         );
         assert!(run(gated(&forged), &mut st).events.is_empty(), "published once");
+    }
+
+    /// A gated pod whose init container carries no settings takes the
+    /// mesh's own (Istio's injector values) with its annotations, as the
+    /// injector would write them; a change of them reaches it at once; a
+    /// bad annotation keeps the last good policy; a setting redirector
+    /// lacks refuses the pod, saying its gate holds it.
+    #[test]
+    fn gated_pods_take_the_meshs_own_settings_live() {
+        use crate::k8s::injector::{meshwide::MeshWide, InitContainer};
+        let mesh = MeshSettings::for_preset(crate::Preset::Istio);
+        let ns = netns(&[("uid-web", 11)]);
+        let pinned = BTreeSet::new();
+        let gated = |annotations: &[(&str, &str)]| {
+            let mut p = pod("web", annotations);
+            p.labels.clear();
+            p.init_containers = vec![InitContainer {
+                name: "redirector-init".into(),
+                command: ["redirector", "wait-ready"].map(String::from).to_vec(),
+                ..Default::default()
+            }];
+            pods(vec![p])
+        };
+        let values = |excluded: &str| {
+            MeshWide::istio(
+                (
+                    "istio-system/istio-sidecar-injector",
+                    &serde_json::json!({"global": {"proxy": {"excludeOutboundPorts": excluded}}}).to_string(),
+                ),
+                None,
+            )
+            .unwrap()
+        };
+        let run = |all: &BTreeMap<String, PodInfo>, wide: Option<&MeshWide>, st: &mut PlanState| {
+            plan(
+                &Inputs {
+                    pods: all,
+                    mesh: &mesh,
+                    mesh_wide: wide,
+                    rules: &[],
+                    netns: &ns,
+                    pinned: &pinned,
+                    proxy_cgroups: &BTreeMap::new(),
+                    id_maps: &BTreeMap::new(),
+                    now: Instant::now(),
+                    unresolved_grace: GRACE,
+                },
+                st,
+            )
+        };
+        let mut st = PlanState::default();
+        let excluded = |p: &Plan| p.workloads[0].mesh.as_ref().map(|m| m.outbound_port_exclusion.clone());
+        let p = run(&gated(&[]), Some(&values("6379")), &mut st);
+        assert_eq!(excluded(&p), Some(vec![6379]), "{p:?}");
+        // Without the mesh's settings: the agent's, as before.
+        assert_eq!(excluded(&run(&gated(&[]), None, &mut st)), None);
+        // Changed: in force at the next pass, no restart.
+        assert_eq!(excluded(&run(&gated(&[]), Some(&values("6379,3306")), &mut st)), Some(vec![6379, 3306]));
+        // The pod's annotation replaces the value, as Istio's template does.
+        let all = gated(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "5432")]);
+        assert_eq!(excluded(&run(&all, Some(&values("6379")), &mut st)), Some(vec![5432]));
+        // A bad annotation: an Event, the last good policy stays.
+        let bad = gated(&[("traffic.sidecar.istio.io/excludeOutboundPorts", "99999")]);
+        let p = run(&bad, Some(&values("6379")), &mut st);
+        assert_eq!(excluded(&p), Some(vec![5432]), "last good kept");
+        assert!(p.events.iter().any(|e| e.reason == "InvalidAnnotation" && e.message.contains("99999")), "{p:?}");
+        // Never good: the mesh's settings without the bad annotation.
+        let p = run(&bad, Some(&values("6379")), &mut PlanState::default());
+        assert_eq!(excluded(&p), Some(vec![6379]));
+        // TPROXY asked for: refused, the gate holds the pod.
+        let tproxy = gated(&[("sidecar.istio.io/interceptionMode", "TPROXY")]);
+        let p = run(&tproxy, Some(&values("")), &mut st);
+        assert!(p.workloads.is_empty(), "{p:?}");
+        let ev = p.events.iter().find(|e| e.reason == "InjectorSettingRefused").expect("an Event");
+        assert!(ev.message.contains("TPROXY") && ev.message.contains("its gate keeps"), "{}", ev.message);
+        // Another mesh's settings are not used.
+        let linkerd = MeshWide::linkerd(("linkerd/linkerd-config", "{}")).unwrap();
+        assert_eq!(excluded(&run(&gated(&[]), Some(&linkerd), &mut st)), None);
+        // Settings that never read good refuse every such pod.
+        let broken = MeshWide::refusing(crate::Preset::Istio, "values: bad".into());
+        let p = run(&gated(&[]), Some(&broken), &mut PlanState::default());
+        assert!(p.workloads.is_empty() && p.events.iter().any(|e| e.message.contains("values: bad")), "{p:?}");
     }
 }

@@ -18,6 +18,7 @@ pub mod gated;
 mod istio;
 mod kuma;
 mod linkerd;
+pub mod meshwide;
 mod osm;
 
 use std::{collections::BTreeMap, fmt};

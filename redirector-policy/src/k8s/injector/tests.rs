@@ -905,3 +905,22 @@ fn kuma_reader_decides_as_kumactls_golden_rules() {
         }
     }
 }
+
+/// The pods of one mesh's upstream injector fixtures, named by file.
+#[cfg(feature = "k8s")]
+pub(crate) fn corpus_pods(mesh: &str) -> Vec<(String, PodInfo)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream");
+    let mut out = Vec::new();
+    for f in walk(&dir.join(mesh)) {
+        let name = f.strip_prefix(&dir).unwrap().display().to_string();
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, (_, pod)) in crate::k8s::pods::pods_from_manifests(&text)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+            .into_iter()
+            .enumerate()
+        {
+            out.push((format!("{name}#{i}"), pod));
+        }
+    }
+    out
+}
