@@ -48,6 +48,19 @@ pub(crate) struct KubeArgs {
     /// given with another preset, it is warned about]
     #[arg(long, value_parser = parse_object_name)]
     pub(crate) meshconfig: Option<ObjectName>,
+    /// Namespace of the mesh's own settings, read for pods whose init
+    /// container carries none (the gate alone, --meshed-when): with preset
+    /// istio its `istio-sidecar-injector` (`values`) and `istio` (`mesh`)
+    /// ConfigMaps, with preset linkerd its `linkerd-config` (`values`); a
+    /// change reaches such pods at once ("" for none) [default:
+    /// istio-system, linkerd]
+    #[arg(long, value_parser = parse_namespace)]
+    pub(crate) mesh_namespace: Option<String>,
+    /// The Istio revision whose settings are read
+    /// (`istio-sidecar-injector-REV`, `istio-REV`; "" the default
+    /// revision); pods injected by another revision are refused.
+    #[arg(long, default_value = "", value_parser = parse_revision)]
+    pub(crate) istio_revision: String,
     /// API version of the MeshConfig CRD.
     #[arg(long, default_value = "v1alpha2")]
     pub(crate) meshconfig_version: String,
@@ -114,6 +127,27 @@ pub(crate) fn parse_object_name(s: &str) -> Result<ObjectName, String> {
         }
         _ => Err(format!("{s:?} is not NAMESPACE/NAME (or \"\" for none)")),
     }
+}
+
+/// A namespace name (a DNS label), or "".
+pub(crate) fn parse_namespace(s: &str) -> Result<String, String> {
+    let label = s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if s.is_empty() || label {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a namespace name (lower-case letters, digits and '-', at most 63)"))
+    }
+}
+
+/// An Istio revision: a DNS label, or "" for the default revision.
+pub(crate) fn parse_revision(s: &str) -> Result<String, String> {
+    if s == "default" {
+        return Ok(String::new());
+    }
+    parse_namespace(s).map_err(|_| format!("{s:?} is not an Istio revision name (a DNS label)"))
 }
 
 /// The default `--meshconfig`.
@@ -219,6 +253,12 @@ pub(crate) enum Cmd {
         /// With --pod: the agent's --meshed-when rules.
         #[arg(long = "meshed-when", requires = "pod")]
         meshed_when: Vec<redirector_policy::k8s::pods::MeshedWhen>,
+        /// With --pod and --preset istio or linkerd: the mesh's own
+        /// settings as the agent reads them, a file of ConfigMaps (`kubectl
+        /// -n istio-system get cm istio-sidecar-injector istio -o yaml`, or
+        /// `linkerd-config`), for pods whose init container carries none.
+        #[arg(long, requires = "preset")]
+        mesh_settings: Option<PathBuf>,
         /// One JSON object on stdout (as --log-format json).
         #[arg(long)]
         json: bool,
@@ -545,10 +585,19 @@ mod tests {
             &["--startup-taint", "a/b/c"],
             &["--event-refresh", "0s"],
             &["--meshconfig-recheck", "0"],
+            &["--mesh-namespace", "Istio_System"],
+            &["--istio-revision", "a/b"],
         ] {
             assert!(run(bad).is_err(), "{bad:?} accepted");
         }
         assert!(run(&["--startup-taint", "example.com/agent_not.ready-1"]).is_ok());
+        let k = run(&["--mesh-namespace", "", "--istio-revision", "default"]).unwrap();
+        assert_eq!(
+            (k.mesh_namespace.as_deref(), k.istio_revision.as_str()),
+            (Some(""), ""),
+            "\"default\" is the default revision"
+        );
+        assert_eq!(run(&["--istio-revision", "canary"]).unwrap().istio_revision, "canary");
     }
 
     #[test]

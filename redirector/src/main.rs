@@ -2,7 +2,7 @@
 //! into the library.
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{CommandFactory as _, FromArgMatches as _};
 use redirector::{
     agent::{k8s::ProxyIdentity, standalone},
@@ -84,6 +84,8 @@ fn real_main(cli: Cli) -> Result<()> {
                     },
                     meshconfig_version: kube.meshconfig_version,
                     meshconfig_recheck: kube.meshconfig_recheck,
+                    mesh_namespace: kube.mesh_namespace,
+                    istio_revision: kube.istio_revision,
                     event_refresh: kube.event_refresh,
                     startup_taint: kube.startup_taint.0,
                     meshed_when: kube.meshed_when,
@@ -102,11 +104,18 @@ fn real_main(cli: Cli) -> Result<()> {
                 })),
             }
         }
-        Cmd::Check { pod: Some(file), preset, meshed_when, json: j, live, .. } => {
+        Cmd::Check { pod: Some(file), preset, meshed_when, mesh_settings, json: j, live, .. } => {
             if live {
                 bail!("option --live: checks a config file's workloads on this machine; --pod reads manifests only");
             }
-            redirector::check_pod::check_pod(&file, preset, &meshed_when, json || j)
+            let wide = match &mesh_settings {
+                Some(f) => Some(
+                    redirector::check_pod::mesh_settings_file(f, preset)
+                        .with_context(|| format!("option --mesh-settings: value {}", f.display()))?,
+                ),
+                None => None,
+            };
+            redirector::check_pod::check_pod(&file, preset, &meshed_when, wide.as_ref(), json || j)
         }
         Cmd::Check { config: Some(config), live, json: j, .. } => {
             standalone::check(&standalone::CheckOptions { config, live, json: json || j })

@@ -549,10 +549,13 @@ fn check_rbac(served: &[Served], all_needed: bool) {
         }
     }
     assert!(denied.is_empty(), "requests deploy/rbac.yaml does not allow:\n{}", denied.join("\n"));
+    // The mesh's own ConfigMaps are read with presets istio and linkerd
+    // only: `kube_agent_applies_the_meshs_own_settings_live` needs them.
+    let mesh_wide = |r: &PolicyRule| r.resource_names.as_ref().is_some_and(|n| n.iter().any(|n| n == "linkerd-config"));
     let unused: Vec<String> = rules
         .iter()
         .zip(&used)
-        .filter(|(_, u)| !**u)
+        .filter(|((_, r), u)| !**u && !mesh_wide(r))
         .map(|((ns, r), _)| format!("{ns:?} {:?} {:?} {:?}", r.api_groups, r.resources, r.verbs))
         .collect();
     assert!(!all_needed || unused.is_empty(), "rules in deploy/rbac.yaml no request needed:\n{}", unused.join("\n"));
@@ -1582,5 +1585,69 @@ fn kube_drop_in_gate_takes_the_meshes_command_lines() {
     tproxy.extend(["-m".to_string(), "TPROXY".to_string()]);
     let out = gate(&i, tproxy, "20");
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("TPROXY"));
+    drop(agent);
+}
+
+/// A gated pod whose init container carries no settings, under preset
+/// istio: the policy is what Istio's injector values say (read from
+/// `istio-system/istio-sidecar-injector`), a change of them is in force
+/// at once, bad values keep the last good ones with an Event on that
+/// ConfigMap, and every request is allowed by deploy/rbac.yaml.
+#[test]
+fn kube_agent_applies_the_meshs_own_settings_live() {
+    if !require_kernel() {
+        return;
+    }
+    let cgroup = TestCgroup::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let scratch = Scratch(tmpdir("kwide"));
+    let dir = scratch.0.clone();
+    let api = FakeApi::start(&[Resource::pods(), Resource::configmaps()]).unwrap();
+    api.put(&Resource::configmaps(), configmap("preset: istio\n"));
+    let values = |excluded: &str| {
+        json!({"metadata": {"name": "istio-sidecar-injector", "namespace": "istio-system"},
+               "data": {"values": json!({"global": {"proxy": {"includeIPRanges": "*", "excludeIPRanges": "",
+                   "includeInboundPorts": "*", "excludeInboundPorts": "", "excludeOutboundPorts": excluded,
+                   "statusPort": 15020}}, "revision": ""}).to_string(),
+                        "config": "templates: {}"}})
+    };
+    api.put(&Resource::configmaps(), values("7070"));
+    let mut obj = pod_object("g", "Running", json!({}));
+    obj["metadata"]["labels"] = json!({});
+    obj["spec"]["initContainers"] = json!([{"name": "redirector-init", "image": "redirector",
+        "command": ["redirector", "wait-ready", "--agent-socket", "/var/run/redirector/agent.sock"]}]);
+    obj["spec"]["containers"] = json!([{"name": "app", "image": "app"}, {"name": "istio-proxy", "image": "proxyv2"}]);
+    let mut g = Pod::create_from(&api, &cgroup.path, "kwg", obj);
+    g.run_process();
+    let agent = KubeAgent::start(&api, &cgroup.path, &pins.path, &dir, "agent.log");
+    let log = || agent.proc.log_text();
+    let got = g.probe_until("192.0.2.10:80", |x| x.starts_with("proxy"));
+    assert!(got.starts_with("proxy 192.0.2.10:80"), "{got}\n{}", log());
+    assert!(g.probe("192.0.2.10:7070").starts_with("direct"), "the values' excludeOutboundPorts: {}", log());
+    assert!(log().contains("istio-system/istio-sidecar-injector"), "{}", log());
+
+    // Changed: in force without restarting the pod.
+    api.put(&Resource::configmaps(), values("80"));
+    let got = g.probe_until("192.0.2.10:80", |x| x.starts_with("direct"));
+    assert!(got.starts_with("direct"), "a change of the values was not applied live: {got}\n{}", log());
+    assert!(g.probe("192.0.2.10:7070").starts_with("proxy 192.0.2.10:7070"));
+
+    // Bad values: an Event on that ConfigMap, the last good ones stay.
+    let mut bad = values("80");
+    bad["data"]["values"] = json!("{\"global\": {\"proxy\": {\"excludeOutboundPorts\": \"99999\"}}}");
+    let uid = api.put(&Resource::configmaps(), bad)["metadata"]["uid"].clone();
+    let events =
+        poll_until(|| api.events(), |e| !events_for(e, "istio-sidecar-injector", "InvalidMeshConfig").is_empty());
+    let ev = events_for(&events, "istio-sidecar-injector", "InvalidMeshConfig");
+    let note =
+        ev.first().and_then(|e| e["note"].as_str()).unwrap_or_else(|| panic!("{events:#?}\n{}", log())).to_string();
+    assert!(note.contains("99999") && note.contains("keeping the last good"), "{note}");
+    assert_eq!(ev[0]["regarding"]["uid"], uid, "{:#}", ev[0]);
+    assert!(g.probe("192.0.2.10:80").starts_with("direct"), "bad values dropped the last good ones");
+    check_rbac(&api.served(), false);
+    assert!(
+        api.served().iter().any(|r| r.resource == "configmaps" && r.name.as_deref() == Some("istio-sidecar-injector")),
+        "the injector values were not read through the API"
+    );
     drop(agent);
 }

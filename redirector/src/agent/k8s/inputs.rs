@@ -44,6 +44,9 @@ pub(super) enum Input {
     ConfigMap(Box<Result<Event<ConfigMap>, watcher::Error>>),
     /// A watch event of OSM's MeshConfig, or that it is not served.
     MeshConfig(MeshConfigInput),
+    /// A watch event of one of the mesh's own ConfigMaps (its index in
+    /// [`Streams::want_mesh_wide`]'s names; boxed: an object is large).
+    MeshWide(usize, Box<Result<Event<ConfigMap>, watcher::Error>>),
     /// An init container registered its pod (it now waits for the answer).
     Registration(Registration),
     /// The resync tick (`--resync`).
@@ -130,6 +133,9 @@ fn meshconfig_stream(api: Api<DynamicObject>, name: String, recheck: Duration) -
 
 type MeshConfigStream = Pin<Box<dyn Stream<Item = MeshConfigInput> + Send>>;
 
+type MeshWideStream =
+    futures::stream::SelectAll<Pin<Box<dyn Stream<Item = (usize, Result<Event<ConfigMap>, watcher::Error>)> + Send>>>;
+
 /// Where the inputs come from.
 pub(super) struct Streams {
     pods: WatchStream<Pod>,
@@ -137,6 +143,9 @@ pub(super) struct Streams {
     /// Running only while the MeshConfig is wanted ([`Streams::want_meshconfig`]).
     meshconfig: Option<MeshConfigStream>,
     meshconfig_api: Option<(Api<DynamicObject>, String, Duration)>,
+    /// The mesh's own ConfigMaps, while they are wanted.
+    mesh_wide: Option<MeshWideStream>,
+    client: Client,
     registrations: mpsc::Receiver<Registration>,
     tick: tokio::time::Interval,
     signals: Signals,
@@ -176,7 +185,27 @@ impl Streams {
         // of catch-up ticks: each would be another pass, and the watch streams
         // would wait behind them.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self { pods, configmap, meshconfig: None, meshconfig_api, registrations, tick, signals }
+        Self {
+            pods,
+            configmap,
+            meshconfig: None,
+            meshconfig_api,
+            mesh_wide: None,
+            client: client.clone(),
+            registrations,
+            tick,
+            signals,
+        }
+    }
+
+    /// Watches these ConfigMaps of `namespace` (one watcher each, its
+    /// events tagged with the name's index), or none.
+    pub(super) fn want_mesh_wide(&mut self, wanted: Option<(&str, &[String])>) {
+        self.mesh_wide = wanted.map(|(ns, names)| {
+            futures::stream::select_all(names.iter().enumerate().map(|(i, name)| {
+                watch_one(Api::<ConfigMap>::namespaced(self.client.clone(), ns), name).map(move |ev| (i, ev)).boxed()
+            }))
+        });
     }
 
     /// Starts or stops the MeshConfig source; true if that changed.
@@ -204,8 +233,15 @@ impl Streams {
                 None => futures::future::pending().await,
             }
         };
+        let mesh_wide = async {
+            match self.mesh_wide.as_mut() {
+                Some(s) => s.next().await,
+                None => futures::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(ev) = self.pods.next() => Input::Pods(Box::new(ev)),
+            Some((i, ev)) = mesh_wide => Input::MeshWide(i, Box::new(ev)),
             Some(ev) = self.configmap.next() => Input::ConfigMap(Box::new(ev)),
             Some(ev) = meshconfig => Input::MeshConfig(ev),
             Some(reg) = self.registrations.recv() => Input::Registration(reg),

@@ -99,6 +99,13 @@ pub struct KubeOptions {
     pub meshconfig_version: String,
     /// How often a MeshConfig CRD that is not served is looked for again.
     pub meshconfig_recheck: Duration,
+    /// Namespace of the mesh's own settings (Istio's injector values,
+    /// Linkerd's `linkerd-config`), read for pods whose init container
+    /// carries none: None, the preset's (`istio-system`, `linkerd`);
+    /// `Some("")`: not read.
+    pub mesh_namespace: Option<String>,
+    /// The Istio revision whose settings are read ("" the default one).
+    pub istio_revision: String,
     /// How often the Event of a lasting problem is refreshed.
     pub event_refresh: Duration,
     /// The start-up taint removed from the node once ready (None: none).
@@ -155,6 +162,19 @@ struct Agent {
     meshconfig_absent: bool,
     /// Whether the start-up taint's removal was started.
     taint_started: bool,
+    /// The mesh's own ConfigMaps being watched: the preset, the
+    /// namespace, and each (name, key, what was seen).
+    mesh_wide_on: Option<(Preset, String)>,
+    mesh_wide_cms: Vec<(String, &'static str, WatchedKey)>,
+    /// The mesh's own settings as last read good, and the problem of the
+    /// current ones (an Event on their ConfigMap while it lasts).
+    mesh_wide: Option<redirector_policy::k8s::injector::meshwide::MeshWide>,
+    mesh_wide_error: Option<String>,
+    /// Whether their absence was logged (once per change).
+    mesh_wide_absent_logged: bool,
+    /// The preset last warned about with a `--mesh-namespace` it has no
+    /// settings in.
+    mesh_wide_warned: Option<Preset>,
     netns: BTreeMap<String, NetnsHandle>,
     waiters: Waiters,
     plan_state: PlanState,
@@ -179,6 +199,9 @@ struct Agent {
     /// found (reported once each).
     proxy_cgroups_missing: BTreeSet<(String, String)>,
 }
+
+/// A ConfigMap's one key, as seen through a watch.
+type WatchedKey = Watched<Seen<Option<String>>>;
 
 /// An object seen through a watch, with its UID (for the Events about it).
 #[derive(Clone, Debug)]
@@ -255,6 +278,12 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         meshconfig_warned: None,
         meshconfig_absent: false,
         taint_started: false,
+        mesh_wide_on: None,
+        mesh_wide_cms: Vec::new(),
+        mesh_wide: None,
+        mesh_wide_error: None,
+        mesh_wide_absent_logged: false,
+        mesh_wide_warned: None,
         netns: BTreeMap::new(),
         waiters: Waiters::default(),
         plan_state: PlanState::default(),
@@ -309,6 +338,7 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             }
         }
         changed |= agent.gate_meshconfig(&mut streams);
+        changed |= agent.gate_mesh_wide(&mut streams);
         if changed && dirty_since.is_none() {
             dirty_since = Some(Instant::now());
         }
@@ -395,6 +425,24 @@ impl Agent {
                     &self.rt.metrics,
                 )
             }
+            Input::MeshWide(i, ev) => {
+                let ns = self.mesh_wide_on.as_ref().map(|(_, ns)| ns.clone()).unwrap_or_default();
+                let metrics = self.rt.metrics.clone();
+                let Some((name, key, watched)) = self.mesh_wide_cms.get_mut(i) else { return Some(false) };
+                let key: &'static str = key;
+                watched.apply(
+                    &format!("ConfigMap {ns}/{name}"),
+                    *ev,
+                    |c: &ConfigMap| c.name_any(),
+                    |c: &ConfigMap| {
+                        Some(Seen {
+                            uid: c.metadata.uid.clone(),
+                            data: c.data.as_ref().and_then(|d| d.get(key).cloned()),
+                        })
+                    },
+                    &metrics,
+                )
+            }
             Input::Registration(reg) => {
                 self.rt.metrics.registration();
                 self.netns.insert(reg.uid.clone(), reg.netns);
@@ -420,7 +468,10 @@ impl Agent {
     }
 
     fn synced(&self) -> bool {
-        self.pods.synced && self.configmap.synced && self.meshconfig.synced
+        self.pods.synced
+            && self.configmap.synced
+            && self.meshconfig.synced
+            && self.mesh_wide_cms.iter().all(|(_, _, w)| w.synced)
     }
 
     fn waiting_for(&self) -> String {
@@ -433,6 +484,10 @@ impl Agent {
         }
         if !self.meshconfig.synced {
             parts.push(format!("the {MESHCONFIG_KIND}"));
+        }
+        let ns = self.mesh_wide_on.as_ref().map(|(_, ns)| ns.as_str()).unwrap_or_default();
+        for (name, _, _) in self.mesh_wide_cms.iter().filter(|(_, _, w)| !w.synced) {
+            parts.push(format!("ConfigMap {ns}/{name}"));
         }
         format!("waiting for {}", parts.join(", "))
     }
@@ -471,6 +526,57 @@ impl Agent {
         } else {
             self.meshconfig.absent();
         }
+        true
+    }
+
+    /// Watches the mesh's own ConfigMaps while the ConfigMap names preset
+    /// istio or linkerd (unless `--mesh-namespace ""`), in the preset's
+    /// namespace; stops otherwise. A missing or invalid agent ConfigMap
+    /// changes nothing. True if the desired state may have changed.
+    fn gate_mesh_wide(&mut self, streams: &mut Streams) -> bool {
+        use redirector_policy::k8s::injector::meshwide;
+        if !self.configmap.synced {
+            return false;
+        }
+        let Some(preset) = self.mesh_sources().configmap_preset() else { return false };
+        if let Some(ns) = self.opts.mesh_namespace.as_ref().filter(|ns| !ns.is_empty()) {
+            if meshwide::default_namespace(preset).is_none() && self.mesh_wide_warned != Some(preset) {
+                warn!(
+                    target: LOG,
+                    "option --mesh-namespace: value {ns:?}: not read: the preset is {} (the mesh's own settings are read for istio and linkerd)",
+                    preset.name()
+                );
+                self.mesh_wide_warned = Some(preset);
+            }
+        }
+        let ns = match &self.opts.mesh_namespace {
+            Some(ns) if ns.is_empty() => None,
+            Some(ns) => meshwide::default_namespace(preset).map(|_| ns.clone()),
+            None => meshwide::default_namespace(preset).map(str::to_string),
+        };
+        let wanted = ns.map(|ns| (preset, ns));
+        if wanted == self.mesh_wide_on {
+            return false;
+        }
+        let names = match &wanted {
+            Some((p, _)) => meshwide::sources(*p, &self.opts.istio_revision),
+            None => Vec::new(),
+        };
+        let list: Vec<String> = names.iter().map(|(n, _)| n.clone()).collect();
+        streams.want_mesh_wide(wanted.as_ref().map(|(_, ns)| (ns.as_str(), list.as_slice())));
+        if let Some((p, ns)) = &wanted {
+            info!(
+                target: LOG,
+                "preset {}: reading the mesh's own settings from ConfigMaps {} in namespace {ns}, for pods whose init container carries none",
+                p.name(),
+                list.join(", ")
+            );
+        }
+        self.mesh_wide_cms = names.into_iter().map(|(n, k)| (n, k, Watched::new())).collect();
+        self.mesh_wide = None;
+        self.mesh_wide_error = None;
+        self.mesh_wide_absent_logged = false;
+        self.mesh_wide_on = wanted;
         true
     }
 

@@ -11,12 +11,12 @@ use log::{debug, error, info, warn};
 
 use redirector_policy::{
     k8s::{
-        injector::is_programmed,
+        injector::{is_programmed, meshwide::MeshWide},
         mesh::{ConfigMapSource, MeshSources, Source},
         plan::{plan, EventKind, Inputs},
         pods::{MeshedWhen, PodInfo},
     },
-    IdMaps, MeshSettings,
+    IdMaps, MeshSettings, Preset,
 };
 
 use super::{
@@ -33,6 +33,8 @@ const LOG: &str = "redirector::k8s::agent";
 
 /// The Event key of the mesh settings' problem.
 const MESH_KEY: &str = "mesh";
+/// The Event key of the problem of the mesh's own settings.
+const MESH_WIDE_KEY: &str = "mesh-wide";
 
 /// The Event keys of a pod's problems: its annotations (or host network)
 /// and its programming.
@@ -117,6 +119,91 @@ impl Agent {
         self.mesh.clone()
     }
 
+    /// The mesh's own settings (Istio's injector values, Linkerd's
+    /// `linkerd-config`) for pods whose init container carries none; the
+    /// last good ones while the current ones are invalid or their
+    /// ConfigMap was deleted (an Event on it, a WARN); None while they were
+    /// never found (such pods take the agent's settings, said once).
+    pub(super) fn resolve_mesh_wide(&mut self) -> Option<MeshWide> {
+        let (preset, ns) = self.mesh_wide_on.clone()?;
+        let seen = |i: usize| {
+            self.mesh_wide_cms
+                .get(i)
+                .and_then(|(name, key, w)| w.items.get(name).map(|c| (format!("{ns}/{name}"), *key, c.clone())))
+        };
+        let first = self.mesh_wide_cms.first().map(|(n, k, _)| (format!("{ns}/{n}"), *k)).unwrap_or_default();
+        let Some((vname, vkey, values)) = seen(0) else {
+            if !self.mesh_wide_absent_logged {
+                match &self.mesh_wide {
+                    Some(w) => warn!(
+                        target: LOG,
+                        "ConfigMap {}: deleted; keeping the mesh's last good settings ({})",
+                        first.0,
+                        w.named()
+                    ),
+                    None => info!(
+                        target: LOG,
+                        "ConfigMap {}: not found (preset {}): pods whose init container carries no settings take the agent's mesh settings and their annotations",
+                        first.0,
+                        preset.name()
+                    ),
+                }
+                self.mesh_wide_absent_logged = true;
+            }
+            return self.mesh_wide.clone();
+        };
+        self.mesh_wide_absent_logged = false;
+        let read = match (&values.data, preset) {
+            (None, _) => Err(anyhow::anyhow!("ConfigMap {vname}: key `{vkey}` is missing")),
+            (Some(text), Preset::Istio) => {
+                let mesh = seen(1);
+                let mesh_text = mesh.as_ref().and_then(|(n, _, m)| m.data.as_deref().map(|t| (n.as_str(), t)));
+                MeshWide::istio((&vname, text), mesh_text)
+            }
+            (Some(text), _) => MeshWide::linkerd((&vname, text)),
+        };
+        match read {
+            Ok(w) => {
+                if self.mesh_wide_error.take().is_some() {
+                    info!(target: LOG, "{}: valid again", w.named());
+                }
+                if self.mesh_wide.as_ref() != Some(&w) {
+                    info!(target: LOG, "the mesh's own settings read from {}", w.named());
+                }
+                self.mesh_wide = Some(w);
+            }
+            Err(e) => {
+                let text = format!("{e:#}");
+                if self.mesh_wide_error.as_deref() != Some(text.as_str()) {
+                    self.rt.metrics.error("invalid_mesh_config");
+                    let outcome = match &self.mesh_wide {
+                        Some(w) => format!("keeping the last good settings read from {}", w.named()),
+                        None => "pods whose init container carries no settings are not (re)programmed until they are \
+                                 valid"
+                            .to_string(),
+                    };
+                    error!(target: LOG, "{text}; {outcome}");
+                    let reference = mesh_source_ref(&Source::ConfigMap(vname.clone()), "", values.uid.clone());
+                    self.events.publish(
+                        MESH_WIDE_KEY,
+                        EventKind::Warning,
+                        "InvalidMeshConfig",
+                        action::READ_MESH_SETTINGS,
+                        &format!("{text}; {outcome}"),
+                        reference,
+                    );
+                    self.mesh_wide_error = Some(text);
+                }
+                // Never read good: such pods are not programmed from the
+                // agent's settings in the meantime.
+                if self.mesh_wide.is_none() {
+                    return Some(MeshWide::refusing(preset, self.mesh_wide_error.clone().unwrap_or_default()));
+                }
+            }
+        }
+        self.mesh_wide.clone()
+    }
+
     /// One reconcile pass. False if it could not run (no valid mesh
     /// settings yet).
     pub(super) fn pass(&mut self) -> bool {
@@ -143,10 +230,12 @@ impl Agent {
             }
         };
         let proxy_cgroups = self.find_proxy_cgroups(&mesh, &rules);
+        let mesh_wide = self.resolve_mesh_wide();
         let p = plan(
             &Inputs {
                 pods: &self.pods.items,
                 mesh: &mesh,
+                mesh_wide: mesh_wide.as_ref(),
                 rules: &rules,
                 netns: &netns,
                 pinned: &pinned,
@@ -248,8 +337,10 @@ impl Agent {
     /// they were).
     fn tend_events(&self, pods: Option<(&BTreeSet<String>, &BTreeSet<String>)>) {
         let mesh_problem = self.mesh_error.is_some();
+        let mesh_wide_problem = self.mesh_wide_error.is_some();
         self.events.retain(|k| match pods {
             _ if k == MESH_KEY => mesh_problem,
+            _ if k == MESH_WIDE_KEY => mesh_wide_problem,
             Some((plan, apply)) => plan.contains(k) || apply.contains(k),
             None => true,
         });
