@@ -10,6 +10,7 @@ use redirector_policy::{
         injector::{
             decide,
             gated::{policy_json, INJECTED_INIT},
+            meshwide::{self, MeshWide},
             Decision, Problem,
         },
         pods::{pods_from_manifests, MeshedWhen},
@@ -24,6 +25,7 @@ fn pod_json(
     pod: &redirector_policy::k8s::pods::PodInfo,
     preset: Option<Preset>,
     rules: &[MeshedWhen],
+    wide: Option<&MeshWide>,
 ) -> Value {
     let mut v = json!({"source": where_, "namespace": pod.namespace, "name": pod.name, "refused": [], "notes": []});
     if pod.host_network {
@@ -73,13 +75,41 @@ fn pod_json(
             v["policy"] = policy_json(&redirector_policy::compile(&reading.mesh, &reading.annotations));
         }
         Decision::Settings { why } => {
-            v["why"] = why.into();
+            v["why"] = why.clone().into();
             match preset {
                 None => {
                     v["decision"] = "needs-preset".into();
                     v["error"] = "its policy comes from the agent's mesh settings and the pod's annotations: give \
                                   --preset (the agent's mesh.yaml preset)"
                         .into();
+                }
+                Some(preset) if wide.is_some_and(|w| w.preset() == preset) => {
+                    let wide = wide.expect("checked");
+                    match wide.read(pod) {
+                        Ok(r) if r.refused.is_empty() => {
+                            v["decision"] = "programmed".into();
+                            v["source_of_policy"] = "mesh-own-settings".into();
+                            v["preset"] = preset.name().into();
+                            v["settings"] = wide.named().into();
+                            v["notes"] = r.notes.clone().into();
+                            v["policy"] = policy_json(&redirector_policy::compile(&r.mesh, &r.annotations));
+                        }
+                        Ok(r) => {
+                            v["decision"] = "refused".into();
+                            v["why"] = format!(
+                                "{why}; the mesh's settings ({}) with its annotations ask for what redirector \
+                                 cannot do: not programmed",
+                                wide.named()
+                            )
+                            .into();
+                            v["refused"] =
+                                r.refused.iter().map(|r| json!({"setting": r.setting, "why": r.why})).collect();
+                        }
+                        Err(e) => {
+                            v["decision"] = "invalid-annotations".into();
+                            v["error"] = format!("{e:#}").into();
+                        }
+                    }
                 }
                 Some(preset) => match parse_annotations(preset, &pod.annotations) {
                     Ok(a) => {
@@ -157,7 +187,58 @@ fn text(v: &Value) -> String {
     out
 }
 
-pub fn check_pod(file: &Path, preset: Option<Preset>, rules: &[MeshedWhen], json_out: bool) -> Result<()> {
+/// The mesh's own settings from a file of ConfigMaps (`kubectl -n
+/// istio-system get cm istio-sidecar-injector istio -o yaml`, or
+/// `linkerd-config`), for `preset`.
+pub fn mesh_settings_file(file: &Path, preset: Option<Preset>) -> Result<MeshWide> {
+    use serde::Deserialize as _;
+    let Some(preset) = preset else { bail!("option --mesh-settings: needs --preset (istio or linkerd)") };
+    let wanted = meshwide::sources(preset, "");
+    if wanted.is_empty() {
+        bail!("option --mesh-settings: preset {} has no mesh-wide settings redirector reads", preset.name());
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut found: std::collections::BTreeMap<String, (String, serde_yaml::Mapping)> = Default::default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).with_context(|| format!("{}: not YAML", file.display()))?;
+        let items = match v.get("kind").and_then(|k| k.as_str()) {
+            Some("List") | Some("ConfigMapList") => {
+                v.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default()
+            }
+            _ => vec![v],
+        };
+        for item in items.into_iter().filter(|i| i.get("kind").and_then(|k| k.as_str()) == Some("ConfigMap")) {
+            let meta = &item["metadata"];
+            let name = meta["name"].as_str().unwrap_or_default().to_string();
+            let ns = meta["namespace"].as_str().unwrap_or("default");
+            let data = item.get("data").and_then(|d| d.as_mapping()).cloned().unwrap_or_default();
+            found.insert(name, (format!("{ns}/{}", meta["name"].as_str().unwrap_or_default()), data));
+        }
+    }
+    let get = |i: usize| -> Option<(String, String)> {
+        let (name, key) = wanted.get(i)?;
+        let (full, data) = found.get(name)?;
+        Some((full.clone(), data.get(*key)?.as_str()?.to_string()))
+    };
+    let Some((vname, values)) = get(0) else {
+        bail!("{}: no ConfigMap {} with key `{}` (preset {})", file.display(), wanted[0].0, wanted[0].1, preset.name());
+    };
+    match preset {
+        Preset::Istio => {
+            let mesh = get(1);
+            MeshWide::istio((&vname, &values), mesh.as_ref().map(|(n, t)| (n.as_str(), t.as_str())))
+        }
+        _ => MeshWide::linkerd((&vname, &values)),
+    }
+}
+
+pub fn check_pod(
+    file: &Path,
+    preset: Option<Preset>,
+    rules: &[MeshedWhen],
+    wide: Option<&MeshWide>,
+    json_out: bool,
+) -> Result<()> {
     let content = if file == Path::new("-") {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("reading stdin")?;
@@ -169,7 +250,7 @@ pub fn check_pod(file: &Path, preset: Option<Preset>, rules: &[MeshedWhen], json
     if pods.is_empty() {
         bail!("{}: no Pod or workload with a pod template", file.display());
     }
-    let answers: Vec<Value> = pods.iter().map(|(w, p)| pod_json(w, p, preset, rules)).collect();
+    let answers: Vec<Value> = pods.iter().map(|(w, p)| pod_json(w, p, preset, rules, wide)).collect();
     let failed = answers
         .iter()
         .filter(|a| matches!(a["decision"].as_str(), Some("needs-preset" | "invalid-annotations")))

@@ -73,3 +73,59 @@ fn a_gateway_is_not_meshed_and_the_gate_needs_a_preset() {
     let (ok, _, out) = check(&["--pod", env!("CARGO_MANIFEST_DIR")]);
     assert!(!ok && out.contains("reading"), "{out}");
 }
+
+/// A gated pod under preset istio with the mesh's own settings given:
+/// its policy is what Istio's injector values and the pod's annotations
+/// say, as the agent reads them.
+#[test]
+fn a_gated_pod_with_the_meshs_own_settings() {
+    let dir = std::env::temp_dir().join(format!("check-pod-wide-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gated = dir.join("gated.yaml");
+    std::fs::write(
+        &gated,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, annotations: \
+         {traffic.sidecar.istio.io/excludeInboundPorts: \"9090\"}}\nspec:\n  initContainers:\n  - {name: \
+         redirector-init, image: redirector, command: [redirector, wait-ready]}\n  containers: [{name: app, image: \
+         app}]\n",
+    )
+    .unwrap();
+    let settings = dir.join("istio.yaml");
+    let values = serde_json::json!({"global": {"proxy": {"excludeOutboundPorts": "7070", "statusPort": 15020}}});
+    std::fs::write(
+        &settings,
+        format!(
+            "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: \
+             istio-sidecar-injector, namespace: istio-system}}\n  data:\n    values: '{values}'\n- apiVersion: v1\n  \
+             kind: ConfigMap\n  metadata: {{name: istio, namespace: istio-system}}\n  data:\n    mesh: |\n      \
+             proxyListenPort: 15101\n"
+        ),
+    )
+    .unwrap();
+    let (ok, v, out) = check(&[
+        "--pod",
+        gated.to_str().unwrap(),
+        "--preset",
+        "istio",
+        "--mesh-settings",
+        settings.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let p = &v["pods"][0];
+    assert_eq!(p["source_of_policy"], "mesh-own-settings", "{p:#}");
+    assert_eq!(p["policy"]["outbound_port"], 15101, "{p:#}");
+    assert_eq!(p["policy"]["outbound_port_exclusions"], serde_json::json!([7070]), "{p:#}");
+    assert_eq!(p["policy"]["inbound_port_exclusions"], serde_json::json!([9090, 15008, 15020, 15021, 15090]), "{p:#}");
+    // Needs a preset, and names a file without the ConfigMap.
+    let (ok, _, out) = check(&[
+        "--pod",
+        gated.to_str().unwrap(),
+        "--preset",
+        "linkerd",
+        "--mesh-settings",
+        settings.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("linkerd-config"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
