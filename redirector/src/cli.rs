@@ -518,7 +518,7 @@ mod tests {
     /// The command lines in deploy/ are accepted by this CLI.
     #[test]
     fn deploy_command_lines_parse() {
-        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/daemonset.yaml")).unwrap();
+        let ds: serde_yaml::Value = serde_yaml::from_str(include_str!("../../deploy/agent/daemonset.yaml")).unwrap();
         let args: Vec<String> =
             serde_yaml::from_value(ds["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
         // NODE_NAME comes from the downward API at run time.

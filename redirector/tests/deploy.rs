@@ -17,9 +17,9 @@ fn deploy_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// Every document of every file listed in kustomization.yaml.
+/// Every document of every file listed in the agent's kustomization.yaml.
 fn documents() -> Vec<(String, serde_yaml::Value)> {
-    documents_in(&deploy_dir())
+    documents_in(&deploy_dir().join("agent"))
 }
 
 /// Every document of every file listed in `dir`'s kustomization.yaml.
@@ -228,7 +228,7 @@ fn uninstall_daemonset_cleans_up_what_the_agent_pins() {
     assert_eq!(files, ["namespace.yaml", "resourcequota.yaml", "cleanup-daemonset.yaml"]);
     assert_eq!(
         std::fs::read_to_string(dir.join("resourcequota.yaml")).unwrap(),
-        std::fs::read_to_string(deploy_dir().join("resourcequota.yaml")).unwrap(),
+        std::fs::read_to_string(deploy_dir().join("agent/resourcequota.yaml")).unwrap(),
         "the uninstall's quota is the install's (kustomize loads no file outside its directory)"
     );
     let ns: Namespace = serde_yaml::from_str(&std::fs::read_to_string(dir.join("namespace.yaml")).unwrap()).unwrap();
@@ -265,7 +265,7 @@ fn daemonsets_survive_real_clusters() {
     let uninstall: DaemonSet =
         serde_yaml::from_str(&std::fs::read_to_string(deploy_dir().join("uninstall/cleanup-daemonset.yaml")).unwrap())
             .unwrap();
-    let quota_text = std::fs::read_to_string(deploy_dir().join("resourcequota.yaml")).unwrap();
+    let quota_text = std::fs::read_to_string(deploy_dir().join("agent/resourcequota.yaml")).unwrap();
     let quota: ResourceQuota = serde_yaml::from_str(&quota_text).unwrap();
     for ds in [agent().0, uninstall] {
         let name = ds.metadata.name.clone().unwrap();
@@ -536,4 +536,57 @@ fn the_webhooks_gate_is_the_init_container_snippet() {
     want.image = Some(settings.gate_image.clone());
     assert_eq!(gate, want);
     assert_eq!(volume, want_volume);
+}
+
+/// Each preset's overlays, rendered by real kustomize (`cargo xtask test`
+/// installs kubectl and names it in REDIRECTOR_KUBECTL): the agent's
+/// ConfigMap names that preset and resolves, every other object is the
+/// base's unchanged, and its webhook Deployment runs `--preset` of it.
+#[test]
+fn preset_overlays_name_their_mesh() {
+    let Some(kubectl) = std::env::var_os("REDIRECTOR_KUBECTL") else {
+        eprintln!("SKIP preset_overlays_name_their_mesh: REDIRECTOR_KUBECTL is not set (cargo xtask test sets it)");
+        return;
+    };
+    let render = |dir: &str| -> Vec<serde_yaml::Value> {
+        let out = std::process::Command::new(&kubectl).arg("kustomize").arg(deploy_dir().join(dir)).output().unwrap();
+        assert!(out.status.success(), "kubectl kustomize {dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect()
+    };
+    let key = |v: &serde_yaml::Value| {
+        format!("{}/{}", v["kind"].as_str().unwrap_or(""), v["metadata"]["name"].as_str().unwrap_or(""))
+    };
+    let base = render(".");
+    let base_webhook = render("webhook");
+    for preset in redirector_policy::Preset::ALL {
+        let name = preset.name();
+        let objects = render(&format!("presets/{name}"));
+        assert_eq!(objects.len(), base.len(), "{name}: the same objects as deploy/");
+        for o in &objects {
+            let b =
+                base.iter().find(|b| key(b) == key(o)).unwrap_or_else(|| panic!("{name}: {} not in the base", key(o)));
+            if key(o) == "ConfigMap/redirector-config" {
+                let text = o["data"][CONFIGMAP_KEY].as_str().map(str::to_string);
+                let mesh = MeshSources {
+                    configmap: ConfigMapSource::Present("redirector-system/redirector-config".into(), text),
+                    meshconfig: None,
+                }
+                .resolve()
+                .unwrap_or_else(|(_, e)| panic!("{name}: {e:#}"));
+                assert_eq!(mesh.preset, preset, "{name}: mesh.yaml names another preset");
+            } else {
+                assert_eq!(o, b, "{name}: {} differs from the base", key(o));
+            }
+        }
+        let webhook = render(&format!("presets/{name}/webhook"));
+        assert_eq!(webhook.len(), base_webhook.len());
+        let dep = webhook.iter().find(|o| key(o) == "Deployment/redirector-webhook").unwrap();
+        let args: Vec<String> =
+            serde_yaml::from_value(dep["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
+        assert_eq!(
+            args.iter().filter(|a| a.starts_with("--preset")).collect::<Vec<_>>(),
+            vec![&format!("--preset={name}")]
+        );
+    }
 }

@@ -252,9 +252,12 @@ fn test(args: &[String]) -> Result<()> {
     // One cargo invocation: unit and property tests of every crate, then the
     // kernel tests. One thread: the kernel tests move the process between
     // cgroups.
+    // The manifest tests render the kustomizations with real kustomize.
+    let kubectl = ensure_kubectl()?;
     run(Command::new("cargo")
         .current_dir(workspace_root())
         .env("REDIRECTOR_LAYOUT_NEXT_BIN", &layout_next)
+        .env("REDIRECTOR_KUBECTL", &kubectl)
         .args(["test", "--release", "--workspace", "--exclude", "redirector-ebpf"])
         .args(["--lib", "--bins", "--tests", "--"])
         .arg("--test-threads=1")
@@ -279,7 +282,12 @@ fn lint() -> Result<()> {
     // refuses a missing file, a duplicate object or a file from outside its
     // directory, none of which the typed manifest tests see.
     let kubectl = ensure_kubectl()?;
-    for dir in ["deploy", "deploy/uninstall", "deploy/webhook"] {
+    let mut dirs: Vec<String> = ["deploy", "deploy/uninstall", "deploy/webhook"].map(String::from).to_vec();
+    for preset in ["osm", "istio", "linkerd", "kuma"] {
+        dirs.push(format!("deploy/presets/{preset}"));
+        dirs.push(format!("deploy/presets/{preset}/webhook"));
+    }
+    for dir in &dirs {
         let out = Command::new(&kubectl)
             .current_dir(&root)
             .args(["kustomize", dir])

@@ -26,7 +26,7 @@ use super::{bin, poll_until, require_kernel, tmpdir};
 
 pub(super) const NODE: &str = "node-1";
 const PORTS: &str = "openservicemesh.io/outbound-port-exclusion-list";
-const RBAC: &str = include_str!("../../../deploy/rbac.yaml");
+const RBAC: &str = include_str!("../../../deploy/agent/rbac.yaml");
 
 /// How the runtime of a node lays a pod's containers out in cgroup v2 (the
 /// test builds it under its test cgroup). From the upstream sources:
@@ -510,7 +510,7 @@ fn rule_allows(rule: &PolicyRule, r: &Served) -> bool {
             .is_none_or(|names| names.is_empty() || r.name.as_ref().is_some_and(|n| names.contains(n)))
 }
 
-/// deploy/rbac.yaml's rules: (namespace of a Role or None, rule).
+/// deploy/agent/rbac.yaml's rules: (namespace of a Role or None, rule).
 fn rbac_rules() -> Vec<(Option<String>, PolicyRule)> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(RBAC) {
@@ -533,7 +533,7 @@ fn rbac_rules() -> Vec<(Option<String>, PolicyRule)> {
 
 use serde::Deserialize as _;
 
-/// Every request the agent made is allowed by deploy/rbac.yaml, and (with
+/// Every request the agent made is allowed by deploy/agent/rbac.yaml, and (with
 /// `all_needed`) every rule there was needed by some request.
 fn check_rbac(served: &[Served], all_needed: bool) {
     let rules = rbac_rules();
@@ -548,7 +548,7 @@ fn check_rbac(served: &[Served], all_needed: bool) {
             None => denied.push(format!("{} {} ({} {:?})", r.method, r.path, r.verb, r.name)),
         }
     }
-    assert!(denied.is_empty(), "requests deploy/rbac.yaml does not allow:\n{}", denied.join("\n"));
+    assert!(denied.is_empty(), "requests deploy/agent/rbac.yaml does not allow:\n{}", denied.join("\n"));
     // The mesh's own ConfigMaps are read with presets istio and linkerd
     // only: `kube_agent_applies_the_meshs_own_settings_live` needs them.
     let mesh_wide = |r: &PolicyRule| r.resource_names.as_ref().is_some_and(|n| n.iter().any(|n| n == "linkerd-config"));
@@ -558,7 +558,11 @@ fn check_rbac(served: &[Served], all_needed: bool) {
         .filter(|((_, r), u)| !**u && !mesh_wide(r))
         .map(|((ns, r), _)| format!("{ns:?} {:?} {:?} {:?}", r.api_groups, r.resources, r.verbs))
         .collect();
-    assert!(!all_needed || unused.is_empty(), "rules in deploy/rbac.yaml no request needed:\n{}", unused.join("\n"));
+    assert!(
+        !all_needed || unused.is_empty(),
+        "rules in deploy/agent/rbac.yaml no request needed:\n{}",
+        unused.join("\n")
+    );
 }
 
 /// Every list (first lists and relists) is served from the watch cache:
@@ -1592,7 +1596,7 @@ fn kube_drop_in_gate_takes_the_meshes_command_lines() {
 /// istio: the policy is what Istio's injector values say (read from
 /// `istio-system/istio-sidecar-injector`), a change of them is in force
 /// at once, bad values keep the last good ones with an Event on that
-/// ConfigMap, and every request is allowed by deploy/rbac.yaml.
+/// ConfigMap, and every request is allowed by deploy/agent/rbac.yaml.
 #[test]
 fn kube_agent_applies_the_meshs_own_settings_live() {
     if !require_kernel() {
