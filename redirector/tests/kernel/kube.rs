@@ -735,6 +735,16 @@ fn kube_agent_end_to_end() {
     assert_eq!(ev[0]["regarding"]["uid"], cm_uid, "{events:#?}");
     assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "last good mesh settings lost");
     api.put(&Resource::configmaps(), configmap("preset: osm\n"));
+    // A bad MeshConfig: the Event is regarding the MeshConfig, by its UID
+    // and API version; the last good settings stay.
+    let mc = api.put(&Resource::meshconfigs(), meshconfig(&["192.0.2.0/33"]));
+    let events = poll_until(|| api.events(), |e| !events_for(e, "osm-mesh-config", "InvalidMeshConfig").is_empty());
+    let ev = events_for(&events, "osm-mesh-config", "InvalidMeshConfig");
+    assert!(!ev.is_empty() && ev[0]["note"].as_str().unwrap().contains("192.0.2.0/33"), "{events:#?}");
+    assert_eq!(ev[0]["regarding"]["uid"], mc["metadata"]["uid"], "{:#}", ev[0]);
+    assert_eq!(ev[0]["regarding"]["kind"], "MeshConfig", "{:#}", ev[0]);
+    assert_eq!(ev[0]["regarding"]["apiVersion"], "config.openservicemesh.io/v1alpha2", "{:#}", ev[0]);
+    assert!(a.probe("192.0.2.10:7070").starts_with("direct"), "a bad MeshConfig dropped the last good settings");
     api.put(&Resource::meshconfigs(), meshconfig(&[]));
     let got = a.probe_until("192.0.2.10:7070", |g| g.starts_with("proxy"));
     assert!(got.starts_with("proxy 192.0.2.10:7070"), "{}", log(&agent));
