@@ -121,6 +121,11 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
     let mut seen = BTreeSet::new();
     // A running meshed pod whose namespace is unknown, within its grace.
     let mut holding = false;
+    // A mesh tool's settings with redirector's own, which no mesh tool has.
+    let with_ours = |mut m: MeshSettings| {
+        m.acceleration = inp.mesh.acceleration;
+        m
+    };
     for pod in inp.pods.values() {
         if !pod.is_live() {
             continue;
@@ -142,9 +147,8 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
             let why = "the pod uses the node's network namespace (hostNetwork: true); \
                        redirecting it would redirect the node: not programmed"
                 .to_string();
-            if state.reported.get(&pod.uid) != Some(&why) {
+            if newly(&mut state.reported, &pod.uid, &why) {
                 out.events.push(event(EventKind::Warning, "HostNetworkNotRedirected", why.clone()));
-                state.reported.insert(pod.uid.clone(), why.clone());
             }
             out.skipped.push((pod.key(), why));
             continue;
@@ -157,9 +161,8 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
             state.warned.remove(&pod.uid);
         } else {
             let message = warnings.iter().map(|w| w.message.as_str()).collect::<Vec<_>>().join("; ");
-            if state.warned.get(&pod.uid) != Some(&message) {
+            if newly(&mut state.warned, &pod.uid, &message) {
                 out.events.push(event(EventKind::Warning, "MisspeltAnnotation", message.clone()));
-                state.warned.insert(pod.uid.clone(), message);
             }
         }
         // What its mesh's init container asks for, or the mesh settings
@@ -176,23 +179,19 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     "init container {container} ({tool}): {problem}; redirector does not program this pod: \
                      {consequence}"
                 );
-                if state.reported.get(&pod.uid) != Some(&why) {
+                if newly(&mut state.reported, &pod.uid, &why) {
                     out.events.push(event(EventKind::Warning, reason, why.clone()));
-                    state.reported.insert(pod.uid.clone(), why.clone());
                 }
                 out.skipped.push((pod.key(), why));
                 continue;
             }
             Decision::Injected { reading, container, tool, gate } => {
-                let mut mesh = reading.mesh;
-                // redirector's own settings, which no mesh tool has.
-                mesh.acceleration = inp.mesh.acceleration;
+                let mesh = with_ours(reading.mesh);
                 if !reading.notes.is_empty() {
                     let via = gate.map(|g| format!(", replaced by the gate {g}")).unwrap_or_default();
                     let message = format!("init container {container} ({tool}{via}): {}", reading.notes.join("; "));
-                    if state.noted.get(&pod.uid) != Some(&message) {
+                    if newly(&mut state.noted, &pod.uid, &message) {
                         out.events.push(event(EventKind::Warning, "InjectorSettingSkipped", message.clone()));
-                        state.noted.insert(pod.uid.clone(), message);
                     }
                 }
                 state.reported.remove(&pod.uid);
@@ -204,13 +203,11 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                 // from its settings and the pod's annotations.
                 Some(wide) => match wide.read(pod) {
                     Ok(reading) if reading.refused.is_empty() => {
-                        let mut mesh = reading.mesh;
-                        mesh.acceleration = inp.mesh.acceleration;
+                        let mesh = with_ours(reading.mesh);
                         if !reading.notes.is_empty() {
                             let message = format!("{}: {}", wide.named(), reading.notes.join("; "));
-                            if state.noted.get(&pod.uid) != Some(&message) {
+                            if newly(&mut state.noted, &pod.uid, &message) {
                                 out.events.push(event(EventKind::Warning, "InjectorSettingSkipped", message.clone()));
-                                state.noted.insert(pod.uid.clone(), message);
                             }
                         }
                         (Some(mesh), Ok(reading.annotations))
@@ -227,9 +224,8 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                              not program this pod: {consequence}",
                             wide.named()
                         );
-                        if state.reported.get(&pod.uid) != Some(&why) {
+                        if newly(&mut state.reported, &pod.uid, &why) {
                             out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
-                            state.reported.insert(pod.uid.clone(), why.clone());
                         }
                         out.skipped.push((pod.key(), why));
                         continue;
@@ -241,15 +237,12 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                         let bare = PodInfo { annotations: BTreeMap::new(), ..pod.clone() };
                         match wide.read(&bare) {
                             Ok(r) if r.refused.is_empty() => {
-                                let mut mesh = r.mesh;
-                                mesh.acceleration = inp.mesh.acceleration;
-                                (Some(mesh), Err(e.context(format!("read with {}", wide.named()))))
+                                (Some(with_ours(r.mesh)), Err(e.context(format!("read with {}", wide.named()))))
                             }
                             _ => {
                                 let why = format!("{e:#}; redirector does not program this pod");
-                                if state.reported.get(&pod.uid) != Some(&why) {
+                                if newly(&mut state.reported, &pod.uid, &why) {
                                     out.events.push(event(EventKind::Warning, "InjectorSettingRefused", why.clone()));
-                                    state.reported.insert(pod.uid.clone(), why.clone());
                                 }
                                 out.skipped.push((pod.key(), why));
                                 continue;
@@ -272,9 +265,8 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     "{e:#}; keeping {}",
                     if kept.is_some() { "the pod's last good policy" } else { "the mesh-wide policy" }
                 );
-                if state.reported.get(&pod.uid) != Some(&message) {
+                if newly(&mut state.reported, &pod.uid, &message) {
                     out.events.push(event(EventKind::Warning, "InvalidAnnotation", message.clone()));
-                    state.reported.insert(pod.uid.clone(), message);
                 }
                 kept.unwrap_or((mesh, WorkloadAnnotations::default()))
             }
@@ -321,6 +313,16 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
         out.keep = inp.pinned.clone();
     }
     out
+}
+
+/// Records `message` as the one last said about pod `uid`; true when it
+/// differs from that (its Event is published once per distinct message).
+fn newly(said: &mut BTreeMap<String, String>, uid: &str, message: &str) -> bool {
+    if said.get(uid).map(String::as_str) == Some(message) {
+        return false;
+    }
+    said.insert(uid.to_string(), message.to_string());
+    true
 }
 
 /// The message of a pod never found in /proc.
