@@ -106,7 +106,8 @@ pub fn decide<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> Action {
     if policy.flags & (flags::LOCAL_TO_INBOUND | flags::LOCAL_BYPASS) != 0 {
         // "-o lo": the route goes through loopback (127/8, ::1 or one of
         // the workload's own addresses).
-        let to_lo = (dst.is_v4 && a[12] == 127) || *a == LOCALHOST6 || l.cidr_hit(id, cidr_kind::LOCAL_ADDRESS, a);
+        let to_lo =
+            (dst.is_v4 && a[12] == 127) || *a == LOCALHOST6 || l.cidr_hit(policy.local_id, cidr_kind::LOCAL_ADDRESS, a);
         if to_lo && policy.flags & flags::LOCAL_BYPASS != 0 {
             return Action::Pass(Reason::Localhost);
         }
@@ -188,7 +189,9 @@ mod tests {
     use crate::v4_mapped;
 
     /// Rules as plain lists: ports exact, CIDRs as (kind, mapped address,
-    /// prefix bits of the address).
+    /// prefix bits of the address). Every lookup must name the id its kind
+    /// is kept under: the workload's own addresses `local_id`, the lists
+    /// `policy_id` (see `policy`).
     struct Rules<'a> {
         ports: &'a [(u8, u16)],
         cidrs: &'a [(u8, [u8; 16], u32)],
@@ -196,10 +199,13 @@ mod tests {
     }
 
     impl Lookups for Rules<'_> {
-        fn port_rule(&self, _: u32, kind: u8, port: u16) -> bool {
+        fn port_rule(&self, id: u32, kind: u8, port: u16) -> bool {
+            assert_eq!(id, LISTS_ID, "port lists are looked up under policy_id");
             self.ports.contains(&(kind, port))
         }
-        fn cidr_hit(&self, _: u32, kind: u8, addr: &[u8; 16]) -> bool {
+        fn cidr_hit(&self, id: u32, kind: u8, addr: &[u8; 16]) -> bool {
+            let want = if kind == cidr_kind::LOCAL_ADDRESS { LOCAL_ID } else { LISTS_ID };
+            assert_eq!(id, want, "CIDR kind {kind} looked up under the wrong id");
             let a = u128::from_be_bytes(*addr);
             self.cidrs.iter().any(|(k, net, bits)| {
                 let mask = if *bits == 0 { 0 } else { u128::MAX << (128 - bits) };
@@ -211,9 +217,14 @@ mod tests {
         }
     }
 
+    const LISTS_ID: u32 = 1;
+    const LOCAL_ID: u32 = 2;
+
     fn policy(flags: u32) -> WorkloadPolicy {
         WorkloadPolicy {
-            policy_id: 1,
+            policy_id: LISTS_ID,
+            local_id: LOCAL_ID,
+            _pad: 0,
             flags: flags::OUT_ENABLED | flags,
             proxy_uid: 1500,
             proxy_gid: 1500,

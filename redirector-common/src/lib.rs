@@ -20,8 +20,11 @@ pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION;
 pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION + 1;
 /// The layout this source ships (bump it when the layout changes).
 /// (Layout 6 grew `COUNTERS` from 24 to 32 slots, so that a new counter
-/// can take a spare slot without another layout change, and added `NAMES`.)
-const RELEASED_LAYOUT_VERSION: u32 = 6;
+/// can take a spare slot without another layout change, and added `NAMES`.
+/// Layout 7 gave `WorkloadPolicy` a `local_id`: the list entries of one
+/// `policy_id` are shared by every workload whose lists are the same, and a
+/// workload's own addresses are keyed by an id of its own.)
+const RELEASED_LAYOUT_VERSION: u32 = 7;
 
 /// Capacities. The agent reports fill levels against these and refuses an
 /// entry that does not fit instead of letting the kernel evict anything.
@@ -130,9 +133,12 @@ pub mod flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkloadPolicy {
-    /// Generation id that keys this workload's entries in the list maps. A
-    /// policy change writes the lists under a fresh id, then switches this
-    /// value in one update, so a connection never sees half a list.
+    /// Id of the port and CIDR lists in the list maps (every kind but
+    /// `cidr_kind::LOCAL_ADDRESS`). Content-addressed: workloads whose
+    /// lists are the same share one id and one set of entries. A change
+    /// writes the new lists under a fresh id (or finds them already
+    /// written), then switches this value in one update, so a connection
+    /// never sees half a list.
     pub policy_id: u32,
     pub flags: u32,
     pub proxy_uid: u32,
@@ -147,6 +153,10 @@ pub struct WorkloadPolicy {
     pub redirect_ip6: [u8; 16],
     /// cgroup-v2 id of the proxy's cgroup (with `MATCH_PROXY_CGROUP`).
     pub proxy_cgroup_id: u64,
+    /// Id of this workload's own addresses (`cidr_kind::LOCAL_ADDRESS`
+    /// entries), never shared; 0 when it has none in the maps.
+    pub local_id: u32,
+    pub _pad: u32,
 }
 
 /// Kinds of port rules in the `PORTS` map.
@@ -426,7 +436,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<WorkloadPolicy>(), 48);
+        assert_eq!(size_of::<WorkloadPolicy>(), 56);
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<CidrData>(), 24);

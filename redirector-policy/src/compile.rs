@@ -50,6 +50,21 @@ pub struct Policy {
     pub local_addresses: BTreeSet<IpAddr>,
 }
 
+/// The part of a [`Policy`] that the list maps hold under a `policy_id`:
+/// its port and IP-range lists. Workloads whose lists are equal share one
+/// id and one set of entries (their own addresses are apart, see
+/// [`Policy::own_addresses`]); the agent finds them by this key.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Lists<'a> {
+    pub outbound_port_exclusion: &'a BTreeSet<u16>,
+    pub outbound_port_inclusion: &'a Option<BTreeSet<u16>>,
+    pub outbound_ip_range_exclusion: &'a BTreeSet<IpNet>,
+    pub outbound_ip_range_inclusion: &'a Option<BTreeSet<IpNet>>,
+    pub inbound_port_exclusion: &'a BTreeSet<u16>,
+    pub inbound_port_inclusion: &'a Option<BTreeSet<u16>>,
+    pub inbound_source_exclusion: &'a BTreeSet<IpNet>,
+}
+
 pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -102,6 +117,30 @@ pub fn compile(mesh: &MeshSettings, pod: &WorkloadAnnotations) -> Policy {
 }
 
 impl Policy {
+    /// Its lists, the content key of the entries it shares.
+    pub fn lists(&self) -> Lists<'_> {
+        Lists {
+            outbound_port_exclusion: &self.outbound_port_exclusion,
+            outbound_port_inclusion: &self.outbound_port_inclusion,
+            outbound_ip_range_exclusion: &self.outbound_ip_range_exclusion,
+            outbound_ip_range_inclusion: &self.outbound_ip_range_inclusion,
+            inbound_port_exclusion: &self.inbound_port_exclusion,
+            inbound_port_inclusion: &self.inbound_port_inclusion,
+            inbound_source_exclusion: &self.inbound_source_exclusion,
+        }
+    }
+
+    /// The workload's own addresses as the maps need them: only a loopback
+    /// mode with the "-o lo" test looks them up.
+    pub fn own_addresses(&self) -> &BTreeSet<IpAddr> {
+        static NONE: BTreeSet<IpAddr> = BTreeSet::new();
+        if self.loopback == LoopbackMode::Osm {
+            &NONE
+        } else {
+            &self.local_addresses
+        }
+    }
+
     /// The same policy identifying the proxy by its cgroup.
     pub fn with_proxy_cgroup(mut self, cgroup_id: u64) -> Self {
         self.proxy_cgroup = Some(cgroup_id);

@@ -2,6 +2,7 @@
 //! the maps hold exactly the desired state. Pure mark and sweep; the data
 //! plane applies the result.
 use std::{
+    borrow::Borrow,
     collections::{BTreeSet, HashMap},
     path::PathBuf,
 };
@@ -31,16 +32,16 @@ pub struct Ops {
 /// (plus `keep`), given the cookies `pinned` in the workloads map, what
 /// this agent last wrote (`programmed`; empty after a restart, so every
 /// workload is rewritten once) and the namespaces with an sk_lookup link.
-pub fn diff(
+pub fn diff<P: Borrow<Policy>>(
     pinned: &BTreeSet<u64>,
-    programmed: &HashMap<u64, Policy>,
+    programmed: &HashMap<u64, P>,
     inbound_linked: &BTreeSet<u64>,
     desired: &[Desired],
     keep: &BTreeSet<u64>,
 ) -> Ops {
     let mut ops = Ops::default();
     for (i, d) in desired.iter().enumerate() {
-        let in_force = programmed.get(&d.cookie) == Some(&d.policy)
+        let in_force = programmed.get(&d.cookie).map(Borrow::borrow) == Some(&d.policy)
             && pinned.contains(&d.cookie)
             && (!d.policy.inbound || inbound_linked.contains(&d.cookie));
         if in_force {
@@ -129,7 +130,7 @@ mod tests {
         // Nothing programmed by this process yet, everything still pinned
         // by the previous agent, the inbound link included.
         let want = [desired("a", 1, policy(false, 15001)), desired("b", 2, policy(true, 15001))];
-        let ops = diff(&set(&[1, 2, 3]), &HashMap::new(), &set(&[2]), &want, &set(&[]));
+        let ops = diff(&set(&[1, 2, 3]), &HashMap::<u64, Policy>::new(), &set(&[2]), &want, &set(&[]));
         assert_eq!(ops, Ops { program: vec![0, 1], unchanged: vec![], remove: vec![3] });
         // The next pass, having written them, leaves them alone.
         let programmed = HashMap::from([(1, policy(false, 15001)), (2, policy(true, 15001))]);
@@ -157,7 +158,7 @@ mod tests {
 
     #[test]
     fn nothing_desired_and_nothing_kept_removes_everything_pinned() {
-        let ops = diff(&set(&[4, 5]), &HashMap::new(), &set(&[4]), &[], &set(&[]));
+        let ops = diff(&set(&[4, 5]), &HashMap::<u64, Policy>::new(), &set(&[4]), &[], &set(&[]));
         assert_eq!(ops, Ops { program: vec![], unchanged: vec![], remove: vec![4, 5] });
     }
 }

@@ -1,5 +1,7 @@
 //! Encode: the map entries (the kernel ABI of `redirector-common`) that
-//! express one workload's policy under a policy id. Pure.
+//! express one workload's policy under its two ids: its lists under a
+//! `policy_id` that workloads with the same lists share ([`Policy::lists`]),
+//! its own addresses under a `local_id` of its own. Pure.
 use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv6Net};
@@ -10,13 +12,27 @@ use redirector_common::{
 
 use crate::{compile::Policy, dialect::LoopbackMode, mesh::Acceleration, values::canonical_net};
 
-/// The map entries that express one workload's policy under `policy_id`.
+/// The map entries that express one workload's policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapEntries {
     pub workload: WorkloadPolicy,
     pub ports: Vec<PortKey>,
-    /// (prefix length in trie bits, data).
+    /// (prefix length in trie bits, data): the lists' entries under
+    /// `policy_id`, then the workload's own addresses under `local_id`.
     pub cidrs: Vec<(u32, CidrData)>,
+}
+
+impl MapEntries {
+    /// The trie entries of the lists (shared by every workload with the
+    /// same lists), without the workload's own addresses.
+    pub fn list_cidrs(&self) -> impl Iterator<Item = &(u32, CidrData)> {
+        self.cidrs.iter().filter(|(_, d)| d.kind != cidr_kind::LOCAL_ADDRESS)
+    }
+
+    /// The trie entries of the workload's own addresses.
+    pub fn local_cidrs(&self) -> impl Iterator<Item = &(u32, CidrData)> {
+        self.cidrs.iter().filter(|(_, d)| d.kind == cidr_kind::LOCAL_ADDRESS)
+    }
 }
 
 /// A CIDR trie entry; IPv4 in mapped form. An IPv6 range that covers the
@@ -76,7 +92,19 @@ pub fn written_ranges(entries: impl IntoIterator<Item = IpNet>) -> Vec<IpNet> {
     v4.into_iter().chain(v6).collect()
 }
 
+/// The entries of `policy` with one id for both its lists and its own
+/// addresses (what a workload alone in the maps may use).
 pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
+    map_entries_with(policy, policy_id, policy_id)
+}
+
+/// The entries of `policy` with its lists under `policy_id` and its own
+/// addresses under `local_id`. `local_id` is written into the workload
+/// entry only when the policy has own addresses in the maps
+/// ([`Policy::own_addresses`]), 0 otherwise.
+pub fn map_entries_with(policy: &Policy, policy_id: u32, local_id: u32) -> MapEntries {
+    let own = policy.own_addresses();
+    let local_id = if own.is_empty() { 0 } else { local_id };
     let mut f = flags::OUT_ENABLED;
     if policy.outbound_ip_range_inclusion.is_some() {
         f |= flags::OUT_INCLUSION_SET;
@@ -118,6 +146,8 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
         redirect_ip4: u32::from_ne_bytes(policy.redirect_ip4.octets()),
         redirect_ip6: policy.redirect_ip6.octets(),
         proxy_cgroup_id: policy.proxy_cgroup.unwrap_or(0),
+        local_id,
+        _pad: 0,
     };
     let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
     let mut ports: Vec<PortKey> =
@@ -140,10 +170,8 @@ pub fn map_entries(policy: &Policy, policy_id: u32) -> MapEntries {
             cidrs.extend(cidr_entries(policy_id, kind, n));
         }
     }
-    if policy.loopback != LoopbackMode::Osm {
-        for a in &policy.local_addresses {
-            cidrs.push(cidr_entry(policy_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
-        }
+    for a in own {
+        cidrs.push(cidr_entry(local_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));
     }
     // Pieces of two ranges covering the mapped block can coincide.
     let mut seen = std::collections::HashSet::new();

@@ -358,6 +358,32 @@ workloads:
     }
 
     #[test]
+    fn own_addresses_go_under_the_local_id_and_the_lists_under_the_shared_one() {
+        let doc = "mesh:\n  preset: istio\n  outboundIPRangeExclusionList: [\"198.51.100.0/24\"]\nworkloads:\n  - name: app\n    netns: /x\n";
+        let p = policy(doc).with_local_addresses(["192.0.2.5".parse().unwrap()]);
+        let e = map_entries_with(&p, 7, 8);
+        assert_eq!((e.workload.policy_id, e.workload.local_id), (7, 8));
+        assert!(e.ports.iter().all(|k| k.policy_id == 7));
+        assert!(e.list_cidrs().all(|(_, d)| d.policy_id_be == 7u32.to_be_bytes()));
+        let local: Vec<_> = e.local_cidrs().collect();
+        assert_eq!(local.len(), 1);
+        assert_eq!(local[0].1.policy_id_be, 8u32.to_be_bytes());
+        // Istio sends a connection to the pod's own address to the inbound
+        // port: found only under the local id.
+        let c = conn(1000, "192.0.2.5:8080");
+        assert_eq!(evaluate_entries(&e, &c), evaluate(&p, &c));
+        assert_eq!(evaluate(&p, &c), Verdict::Redirect("127.0.0.1:15006".parse().unwrap()));
+        // Two pods with other addresses have the same lists.
+        let q = p.clone().with_local_addresses(["192.0.2.6".parse().unwrap()]);
+        assert_eq!(p.lists(), q.lists());
+        assert_ne!(p, q);
+        // OSM's loopback rule needs no own address: no local id.
+        let osm = policy(DOC).with_local_addresses(["192.0.2.5".parse().unwrap()]);
+        let e = map_entries_with(&osm, 7, 8);
+        assert_eq!((e.workload.local_id, e.local_cidrs().count()), (0, 0));
+    }
+
+    #[test]
     fn map_entries_encode_the_policy() {
         let p = policy(DOC);
         let e = map_entries(&p, 7);

@@ -27,16 +27,17 @@ pub mod located;
 pub mod mesh;
 #[cfg(any(test, feature = "oracle"))]
 pub mod oracle;
+pub mod shared;
 pub mod values;
 
-pub use compile::{compile, Policy};
+pub use compile::{compile, Lists, Policy};
 pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
     annotation_key_warnings, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations,
     parse_annotations, parse_annotations_each, KeyWarning, LoopbackMode, Preset, PresetDefaults, WorkloadAnnotations,
 };
 pub use diff::{diff, Desired, Ops};
-pub use encode::{cidr_entries, cidr_entry, map_entries, written_ranges, MapEntries};
+pub use encode::{cidr_entries, cidr_entry, map_entries, map_entries_with, written_ranges, MapEntries};
 pub use evaluate::{
     evaluate, evaluate_entries, evaluate_inbound, Bypass, InboundConn, OutboundConn, Protocol, Verdict,
 };
@@ -45,4 +46,5 @@ pub use located::{problems_of, Problem, Problems};
 pub use mesh::{
     parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };
+pub use shared::SharedLists;
 pub use values::{canonical_net, parse_cidr, parse_port, Inclusion};

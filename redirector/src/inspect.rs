@@ -36,7 +36,14 @@ pub struct WorkloadView {
     pub name: Option<String>,
     pub netns_cookie: u64,
     pub netns: Option<String>,
+    /// Id of its port and IP-range lists, shared by every workload whose
+    /// lists are the same.
     pub policy_id: u32,
+    /// Workloads naming `policy_id` (this one included).
+    pub lists_shared_by: usize,
+    /// Its own addresses as the maps hold them (looked up by the loopback
+    /// rule of Istio, Kuma and Linkerd; none for OSM's).
+    pub local_addresses: Vec<String>,
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
     /// The proxy is the process in this cgroup (its UID/GID then grant nothing).
@@ -217,9 +224,10 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
             let in_ports = port_list(port_kind::INBOUND_EXCLUDE);
             let inclusion = |flag, kind| (w.flags & flag != 0).then(|| port_list(kind));
             let cidr_list = |kind| {
+                let id = if kind == cidr_kind::LOCAL_ADDRESS { w.local_id } else { w.policy_id };
                 let stored = cidrs
                     .iter()
-                    .filter(|(_, d)| u32::from_be_bytes(d.policy_id_be) == w.policy_id && d.kind == kind)
+                    .filter(|(_, d)| id != 0 && u32::from_be_bytes(d.policy_id_be) == id && d.kind == kind)
                     .filter_map(|(bits, d)| {
                         ipnet::IpNet::new(std::net::Ipv6Addr::from(d.addr).into(), (bits - CIDR_KEY_PREFIX_BITS) as u8)
                             .ok()
@@ -251,6 +259,8 @@ pub fn snapshot(pin_dir: &Path) -> Result<Snapshot> {
                 netns_cookie: *cookie,
                 netns: paths.get(cookie).cloned(),
                 policy_id: w.policy_id,
+                lists_shared_by: workloads_map.values().filter(|o| o.policy_id == w.policy_id).count(),
+                local_addresses: cidr_list(cidr_kind::LOCAL_ADDRESS),
                 proxy_uid: w.proxy_uid,
                 proxy_gid: (w.flags & flags::MATCH_PROXY_GID != 0).then_some(w.proxy_gid),
                 proxy_cgroup_id: (w.flags & flags::MATCH_PROXY_CGROUP != 0).then_some(w.proxy_cgroup_id),
@@ -327,12 +337,19 @@ pub fn render_text(s: &Snapshot) -> String {
     for w in &s.workloads {
         let _ = writeln!(
             o,
-            "  {}: netns cookie {} ({}), policy #{}",
+            "  {}: netns cookie {} ({}), policy #{}{}",
             w.name.as_ref().map_or("workload (no name recorded)".to_string(), |n| format!("workload `{n}`")),
             w.netns_cookie,
             w.netns.as_deref().unwrap_or("no path in /run/netns"),
             w.policy_id,
+            match w.lists_shared_by {
+                0 | 1 => String::new(),
+                n => format!(" (its lists shared by {n} workloads)"),
+            },
         );
+        if !w.local_addresses.is_empty() {
+            let _ = writeln!(o, "    own addresses: {}", w.local_addresses.join(", "));
+        }
         let _ = writeln!(
             o,
             "    proxy {}, outbound -> {}, inbound port {}",
@@ -448,6 +465,8 @@ mod tests {
             netns_cookie: 4097,
             netns: Some("/run/netns/app".into()),
             policy_id: 3,
+            lists_shared_by: 1,
+            local_addresses: vec![],
             proxy_uid: 1337,
             proxy_gid: None,
             proxy_cgroup_id: None,

@@ -542,7 +542,7 @@ mod tests {
         // After a restart: cookies 11 and 12 are live pods, 99 a pod deleted
         // while no agent ran.
         let pinned: BTreeSet<u64> = [11, 12, 99].into();
-        let programmed = Default::default();
+        let programmed = std::collections::HashMap::<u64, crate::Policy>::new();
         let mut st = PlanState::default();
 
         // Only one pod's namespace found so far: nothing may be swept.
@@ -702,7 +702,7 @@ mod tests {
         assert_eq!((e.kind, e.reason, e.name.as_str()), (EventKind::Warning, "NetworkNamespaceNotFound", "kata"));
         assert!(e.message.contains("runtimeClassName kata-qemu") && e.message.contains("60s"), "{}", e.message);
         let d = desired(&p, &mesh, &web_only);
-        let ops = diff(&pinned, &Default::default(), &BTreeSet::new(), &d, &p.keep);
+        let ops = diff(&pinned, &std::collections::HashMap::<u64, crate::Policy>::new(), &BTreeSet::new(), &d, &p.keep);
         assert_eq!(ops.remove, vec![99], "the stale entry is swept past the grace");
         let p = run(&web_only, &all, 61);
         assert!(p.events.is_empty(), "reported once");

@@ -12,8 +12,9 @@ use ipnet::Ipv4Net;
 
 use super::*;
 use crate::{
-    compile, evaluate, evaluate_entries, evaluate_inbound, istio_annotations, map_entries, osm_annotations,
-    parse_annotations, InboundConn, MeshSettings, OutboundConn, Preset, Protocol, Verdict, WorkloadAnnotations,
+    compile, evaluate, evaluate_entries, evaluate_inbound, istio_annotations, map_entries, map_entries_with,
+    osm_annotations, parse_annotations, InboundConn, MeshSettings, OutboundConn, Preset, Protocol, Verdict,
+    WorkloadAnnotations,
 };
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -203,6 +204,9 @@ proptest! {
         let verdict = evaluate(&p, &c);
         same(table.output(&c, &p.local_addresses), verdict)?;
         prop_assert_eq!(evaluate_entries(&map_entries(&p, id), &c), verdict);
+        // The lists under a shared id, the own addresses under another.
+        let local = id.wrapping_add(1).max(1);
+        prop_assert_eq!(evaluate_entries(&map_entries_with(&p, id, local), &c), verdict);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use redirector_common::{
     counter, map_names, CidrData, ListenerKey, Meta, OrigDst, PortKey, SockKey, TupleKey, WorkloadName, WorkloadPolicy,
     LAYOUT_VERSION, MAX_CIDR_RULES, MAX_LISTENERS, MAX_NAME_BYTES, MAX_PORT_RULES, MAX_WORKLOADS,
 };
-use redirector_policy::{map_entries, MapEntries, Policy};
+use redirector_policy::{map_entries_with, MapEntries, Policy};
 
 use crate::error::{MapFull, PinnedLayout};
 
@@ -164,14 +164,19 @@ impl Maps {
         Ok(self.counters.get(&index, 0)?.iter().sum())
     }
 
-    fn alloc_policy_id(&mut self) -> Result<u32> {
+    /// Hands out `n` fresh ids (one write of `META`); the first.
+    fn alloc_ids(&mut self, n: u32) -> Result<u32> {
         let mut meta = self.meta()?;
-        meta.last_policy_id = meta.last_policy_id.wrapping_add(1).max(1);
+        let mut first = meta.last_policy_id.wrapping_add(1).max(1);
+        if first.checked_add(n - 1).is_none() {
+            first = 1;
+        }
+        meta.last_policy_id = first + (n - 1);
         self.meta.set(0, meta, 0).context("writing RDR_META")?;
-        Ok(meta.last_policy_id)
+        Ok(first)
     }
 
-    fn insert_entries(&mut self, e: &MapEntries) -> Result<()> {
+    fn insert_entries(&mut self, e: &Entries) -> Result<()> {
         for (n, key) in e.ports.iter().enumerate() {
             self.ports
                 .insert(key, 1, 0)
@@ -190,7 +195,7 @@ impl Maps {
     /// mid-update), and the names of namespaces that are no workload.
     pub(super) fn sweep(&mut self) -> Result<usize> {
         let workloads = self.workloads()?;
-        let live: BTreeSet<u32> = workloads.values().map(|w| w.policy_id).collect();
+        let live = live_ids(&workloads);
         let mut removed = 0;
         let named = self.names.keys().collect::<Result<Vec<u64>, _>>()?;
         for cookie in named.into_iter().filter(|c| !workloads.contains_key(c)) {
@@ -211,10 +216,9 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Deletes exactly the list entries of a policy that is no longer in
-    /// force (its id switched away or its workload removed); entries
-    /// already gone are fine. The count of entries deleted.
-    pub(super) fn retire(&mut self, e: &MapEntries) -> Result<usize> {
+    /// Deletes exactly these entries (of an id no workload names any
+    /// more); entries already gone are fine. The count deleted.
+    pub(super) fn retire(&mut self, e: &Entries) -> Result<usize> {
         let gone = |r: Result<(), MapError>| -> Result<usize> {
             match r {
                 Ok(()) => Ok(1),
@@ -231,29 +235,53 @@ impl Maps {
         Ok(removed)
     }
 
-    /// Programs one workload's policy make-before-break: its lists go in
-    /// under a fresh policy id, then its `WORKLOADS` entry switches to that
-    /// id in one update. On any failure the new entries are removed and the
-    /// old policy stays in force.
-    pub fn program_workload(&mut self, cookie: u64, policy: &Policy) -> Result<u32> {
-        let id = self.alloc_policy_id()?;
-        let entries = map_entries(policy, id);
-        let result = self.insert_entries(&entries).and_then(|()| {
-            self.workloads
-                .insert(cookie, entries.workload, 0)
-                .map_err(|e| full_or(e, map_names::WORKLOADS, MAX_WORKLOADS, 1))
-        });
-        if let Err(e) = result {
-            // Roll back whatever went in under the new id.
-            for key in &entries.ports {
-                let _ = self.ports.remove(key);
-            }
-            for (bits, data) in &entries.cidrs {
-                let _ = self.cidrs.remove(&Key::new(*bits, *data));
-            }
-            return Err(e);
+    /// Programs one workload's policy make-before-break: its lists under
+    /// `lists` (an id already holding exactly these lists) or, with None,
+    /// under a fresh id they are written to; its own addresses likewise
+    /// under `local`; then its `WORKLOADS` entry switches to those ids in
+    /// one update. On any failure what went in under fresh ids is removed
+    /// and the old policy stays in force.
+    pub fn program_workload(
+        &mut self,
+        cookie: u64,
+        policy: &Policy,
+        lists: Option<u32>,
+        local: Option<u32>,
+    ) -> Result<Written> {
+        let needs_local = !policy.own_addresses().is_empty();
+        let fresh = u32::from(lists.is_none()) + u32::from(needs_local && local.is_none());
+        let first = if fresh > 0 { self.alloc_ids(fresh)? } else { 0 };
+        let lists_id = lists.unwrap_or(first);
+        let local_id = match (needs_local, local) {
+            (false, _) => 0,
+            (true, Some(id)) => id,
+            (true, None) => first + u32::from(lists.is_none()),
+        };
+        let e = map_entries_with(policy, lists_id, local_id);
+        let mut new = Entries::default();
+        if lists.is_none() {
+            new.extend(&Entries::lists(&e));
         }
-        Ok(id)
+        if local.is_none() {
+            new.extend(&Entries::local(&e));
+        }
+        let result = self.insert_entries(&new).and_then(|()| {
+            self.workloads
+                .insert(cookie, e.workload, 0)
+                .map_err(|err| full_or(err, map_names::WORKLOADS, MAX_WORKLOADS, 1))
+        });
+        if let Err(err) = result {
+            // Roll back whatever went in under the fresh ids.
+            let _ = self.retire(&new);
+            return Err(err);
+        }
+        Ok(Written {
+            lists_id,
+            local_id,
+            new_lists: lists.is_none(),
+            new_local: needs_local && local.is_none(),
+            written: new.ports.len() + new.cidrs.len(),
+        })
     }
 
     pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {
@@ -264,6 +292,48 @@ impl Maps {
             self.listeners.remove(&key).or_else(ignore_missing)?;
         }
         Ok(())
+    }
+}
+
+/// The ids pinned workloads name: their lists' and their own addresses'.
+pub(super) fn live_ids(workloads: &BTreeMap<u64, WorkloadPolicy>) -> BTreeSet<u32> {
+    workloads.values().flat_map(|w| [w.policy_id, w.local_id]).filter(|id| *id != 0).collect()
+}
+
+/// What [`Maps::program_workload`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    pub lists_id: u32,
+    /// 0: the policy has no own addresses in the maps.
+    pub local_id: u32,
+    /// The lists went in under a fresh id (none held them yet).
+    pub new_lists: bool,
+    pub new_local: bool,
+    /// List-map entries written.
+    pub written: usize,
+}
+
+/// Entries of the list maps, as written or retired together.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entries {
+    pub ports: Vec<PortKey>,
+    pub cidrs: Vec<(u32, CidrData)>,
+}
+
+impl Entries {
+    /// A policy's list entries (under its `policy_id`), shared.
+    pub fn lists(e: &MapEntries) -> Self {
+        Self { ports: e.ports.clone(), cidrs: e.list_cidrs().copied().collect() }
+    }
+
+    /// A policy's own addresses (under its `local_id`).
+    pub fn local(e: &MapEntries) -> Self {
+        Self { ports: Vec::new(), cidrs: e.local_cidrs().copied().collect() }
+    }
+
+    fn extend(&mut self, other: &Self) {
+        self.ports.extend_from_slice(&other.ports);
+        self.cidrs.extend_from_slice(&other.cidrs);
     }
 }
 

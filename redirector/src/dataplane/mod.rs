@@ -49,14 +49,14 @@ use aya::{
 };
 use redirector_common::{map_names, ListenerKey, Meta, LAYOUT_VERSION};
 pub use redirector_policy::{diff, Desired, Ops};
-use redirector_policy::{map_entries, MapEntries, Policy};
+use redirector_policy::{map_entries_with, Policy, SharedLists};
 
 pub use self::{
     attach::refuse_unavailable_acceleration,
     cgroup::{attached_to, check_caller_inside, other_program_sets, AttachedTo},
     fullmap::FullMapWatch,
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
-    maps::Maps,
+    maps::{Entries, Maps, Written},
     migrate::retired_sets,
     node::{resolve as resolve_node_netns, NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
@@ -80,7 +80,24 @@ pub struct ApplyReport {
     pub removed: usize,
     pub swept: usize,
     pub removed_links: usize,
+    /// List-map entries written (a workload whose lists another one has
+    /// in force writes none of them).
+    pub written: usize,
     pub errors: Vec<(String, anyhow::Error)>,
+}
+
+/// A workload as this agent programmed it: its policy and the ids its
+/// entry names.
+struct InForce {
+    policy: Policy,
+    lists_id: u32,
+    local_id: u32,
+}
+
+impl std::borrow::Borrow<Policy> for InForce {
+    fn borrow(&self) -> &Policy {
+        &self.policy
+    }
 }
 
 /// The agent's data plane: the loaded object, the maps, and what it last
@@ -95,7 +112,11 @@ pub struct Dataplane {
     /// never programmed, and removed if an earlier agent programmed it.
     pub node_cookie: u64,
     node_netns: String,
-    programmed: StdHashMap<u64, Policy>,
+    /// What this agent wrote for each workload, under which ids.
+    programmed: StdHashMap<u64, InForce>,
+    /// The list ids in force and their users (shared by workloads whose
+    /// lists are the same).
+    shared: SharedLists,
     /// The names this agent recorded in `NAMES` (written again only when
     /// they change).
     names: StdHashMap<u64, String>,
@@ -221,6 +242,7 @@ impl Dataplane {
             node_cookie,
             node_netns,
             programmed: StdHashMap::new(),
+            shared: SharedLists::default(),
             names: StdHashMap::new(),
             last_full_sweep: None,
             migration_wait_reported: false,
@@ -320,29 +342,39 @@ impl Dataplane {
             }
         }
         let pinned: BTreeSet<u64> = current.keys().copied().collect();
+        // What this agent recorded holds only where the pinned entry still
+        // names the ids it wrote; anything else (an entry removed or
+        // rewritten by another writer) is forgotten and swept, and an id
+        // no pinned entry names is never reused (its entries may be gone).
+        let stale: Vec<u64> = self
+            .programmed
+            .iter()
+            .filter(|(c, f)| current.get(c).is_none_or(|w| (w.policy_id, w.local_id) != (f.lists_id, f.local_id)))
+            .map(|(c, _)| *c)
+            .collect();
+        let mut whole = !stale.is_empty() || self.last_full_sweep.is_none_or(|t| t.elapsed() >= FULL_SWEEP_EVERY);
+        for c in stale {
+            if let Some(f) = self.programmed.remove(&c) {
+                self.shared.release(&f.policy, f.lists_id);
+            }
+        }
+        self.shared.retain_live(&maps::live_ids(&current));
         let ops = diff(&pinned, &self.programmed, &self.inbound_links(), desired, keep);
         report.unchanged = ops.unchanged.iter().map(|i| desired[*i].name.clone()).collect();
         // The entries a policy put in the list maps follow from the policy
-        // and its id, so a policy this agent wrote (in `programmed`) is
-        // retired exactly; any other (adopted from an earlier agent, or a
-        // failed write) makes the pass sweep the maps whole.
-        let mut whole = self.last_full_sweep.is_none_or(|t| t.elapsed() >= FULL_SWEEP_EVERY);
-        // The entries of the policy pinned for `cookie`, if any; a policy
-        // this agent did not write means a whole sweep.
-        let old_entries = |cookie: u64, programmed: &StdHashMap<u64, Policy>, whole: &mut bool| -> Option<MapEntries> {
-            let id = current.get(&cookie)?.policy_id;
-            let p = programmed.get(&cookie);
-            *whole |= p.is_none();
-            Some(map_entries(p?, id))
-        };
+        // and its ids, so what this agent wrote (in `programmed`) is
+        // retired exactly, a shared list once its last workload leaves it;
+        // any other entry (adopted from an earlier agent, or a failed
+        // write) makes the pass sweep the maps whole.
         let mut retired = Vec::new();
         for cookie in ops.remove {
-            let old = old_entries(cookie, &self.programmed, &mut whole);
             match self.maps.remove_workload(cookie) {
                 Ok(()) => {
-                    self.programmed.remove(&cookie);
+                    match self.programmed.remove(&cookie) {
+                        Some(old) => retired.extend(self.release(old, 0)),
+                        None => whole = true,
+                    }
                     self.names.remove(&cookie);
-                    retired.extend(old);
                     report.removed += 1;
                 }
                 Err(e) => report.errors.push((format!("netns cookie {cookie}"), e)),
@@ -354,18 +386,29 @@ impl Dataplane {
             self.clear_retired(&std::mem::take(&mut retired), whole, &mut report);
         }
         for d in ops.program.iter().map(|i| &desired[*i]) {
-            let old = old_entries(d.cookie, &self.programmed, &mut whole);
-            match self.maps.program_workload(d.cookie, &d.policy) {
-                Ok(_) => {
+            let old = self.programmed.get(&d.cookie);
+            whole |= old.is_none() && pinned.contains(&d.cookie);
+            // Lists another workload already has in force are not written
+            // again; own addresses that did not change keep their id.
+            let lists = self.shared.find(&d.policy);
+            let local = old
+                .filter(|f| f.local_id != 0 && f.policy.own_addresses() == d.policy.own_addresses())
+                .map(|f| f.local_id);
+            match self.maps.program_workload(d.cookie, &d.policy, lists, local) {
+                Ok(w) => {
                     // Switched: the old entries are out of force.
-                    retired.extend(old);
+                    self.shared.acquire(&d.policy, w.lists_id);
+                    let now = InForce { policy: d.policy.clone(), lists_id: w.lists_id, local_id: w.local_id };
+                    if let Some(old) = self.programmed.insert(d.cookie, now) {
+                        retired.extend(self.release(old, w.local_id));
+                    }
+                    report.written += w.written;
                     if let Err(e) = ensure_inbound(&self.pin_dir, d) {
                         report.errors.push((
                             d.name.clone(),
                             e.context(format!("workload `{}`: inbound redirection not attached", d.name)),
                         ));
                     }
-                    self.programmed.insert(d.cookie, d.policy.clone());
                     report.programmed.push(d.name.clone());
                 }
                 Err(e) => {
@@ -462,9 +505,23 @@ impl Dataplane {
         }
     }
 
+    /// A workload left the policy `old`: the entries to delete, namely its
+    /// lists if it was their last user and its own addresses unless their
+    /// id `local_kept` stays in force.
+    fn release(&mut self, old: InForce, local_kept: u32) -> Vec<Entries> {
+        let mut out = Vec::new();
+        if self.shared.release(&old.policy, old.lists_id) {
+            out.push(Entries::lists(&map_entries_with(&old.policy, old.lists_id, 0)));
+        }
+        if old.local_id != 0 && old.local_id != local_kept {
+            out.push(Entries::local(&map_entries_with(&old.policy, 0, old.local_id)));
+        }
+        out
+    }
+
     /// Deletes the entries of retired policies: exactly `retired`, or,
     /// with `whole`, every entry of an id no workload refers to.
-    fn clear_retired(&mut self, retired: &[MapEntries], whole: bool, report: &mut ApplyReport) {
+    fn clear_retired(&mut self, retired: &[Entries], whole: bool, report: &mut ApplyReport) {
         let mut record = |r: Result<usize>| match r {
             Ok(n) => report.swept += n,
             Err(e) => report.errors.push(("sweep".into(), e)),

@@ -180,13 +180,15 @@ fn full_workload_map_refuses_the_new_workload_and_keeps_the_others() {
     assert_eq!(report.removed, 10);
     assert!(report.programmed.contains(&format!("w{b}")), "{:?}", report.programmed);
     assert_eq!(dp.maps.workloads().unwrap().len(), MAX_WORKLOADS as usize - 9);
-    // The policy lists of every workload are intact (one generation each).
-    let ports = dp.maps.port_keys().unwrap().len();
-    assert_eq!(
-        ports,
-        (MAX_WORKLOADS as usize - 9)
-            * dp.maps.port_keys().unwrap().iter().filter(|k| k.policy_id == pinned[&a].policy_id).count()
-    );
+    // The policy lists are intact: every workload has the same lists, so
+    // all name one generation, held once.
+    let pinned = dp.maps.workloads().unwrap();
+    let id = pinned[&a].policy_id;
+    assert!(pinned.values().all(|w| w.policy_id == id), "the workloads name more than one list id");
+    let want = redirector_policy::map_entries(&policy, id).ports.len();
+    assert!(want > 0);
+    assert_eq!(dp.maps.port_keys().unwrap().len(), want);
+    assert!(dp.maps.port_keys().unwrap().iter().all(|k| k.policy_id == id));
     drop(dp);
     redirector::dataplane::cleanup(&pins.path).unwrap();
 }
@@ -349,12 +351,15 @@ fn apply_retires_exactly_what_it_replaced() {
         let pinned = dp.maps.workloads().unwrap();
         let (mut ports, mut cidrs) = (Vec::new(), Vec::new());
         for (c, p) in policies {
-            let e = redirector_policy::map_entries(p, pinned[c].policy_id);
+            let e = redirector_policy::map_entries_with(p, pinned[c].policy_id, pinned[c].local_id);
             ports.extend(e.ports.into_iter().map(|k| (k.policy_id, k.port, k.kind)));
             cidrs.extend(e.cidrs.into_iter().map(|(b, d)| (b, d.policy_id_be, d.kind, d.addr)));
         }
+        // (workloads with the same lists share their entries)
         ports.sort();
+        ports.dedup();
         cidrs.sort();
+        cidrs.dedup();
         (ports, cidrs)
     };
     let actual = |dp: &Dataplane| {
@@ -373,7 +378,7 @@ fn apply_retires_exactly_what_it_replaced() {
 
     // Leftovers of an earlier writer: a generation no workload refers to.
     let orphan = (1u64 << 60) + 9;
-    dp.maps.program_workload(orphan, &p2).unwrap();
+    dp.maps.program_workload(orphan, &p2, None, None).unwrap();
     dp.maps.remove_workload(orphan).unwrap();
     let with_orphan = actual(&dp);
     assert!(with_orphan.0.len() > before.0.len() && with_orphan.1.len() > before.1.len());

@@ -44,6 +44,7 @@ mod lifecycle;
 mod original_dst;
 mod pin_dir;
 mod runtimes;
+mod shared_lists;
 mod sockmap;
 mod upgrade;
 

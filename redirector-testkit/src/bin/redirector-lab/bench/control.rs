@@ -49,6 +49,10 @@ pub struct ChangeLatency {
 
 #[derive(Serialize)]
 pub struct ChangeAtScale {
+    /// What flips: `mesh-wide` (the port in the mesh settings' list, so
+    /// every workload's lists change) or `one workload` (in an annotation
+    /// of the probed workload only).
+    pub change: &'static str,
     /// Workloads in the agent's config: the probed one and the others.
     pub workloads: usize,
     pub changes: usize,
@@ -89,32 +93,45 @@ pub fn change_to_in_force(
     let mut redirector = flipper.flip(&texts, changes)?.in_force;
     let agent_rss_kib = agent_setup.agent_rss_kib();
     let flipper_base_text = texts[0].clone();
+    // The same flip as an annotation of the probed workload alone (the
+    // config's last lines are that workload's; the others come after).
+    let one_workload = [
+        texts[0].clone(),
+        format!(
+            "{}    annotations:\n      openservicemesh.io/outbound-port-exclusion-list: \"{PROBE_PORT}\"\n",
+            texts[0]
+        ),
+    ];
     let mut at_scale = Vec::new();
     for &n in scale {
         super::interrupted()?;
-        eprintln!("bench: change-to-in-force with {n} other workloads, {scale_changes} changes");
         let others = ParkedNamespaces::new(n)?;
-        // Inbound off, as in the sync scenarios: the others have no proxy
-        // listening (and the probe is outbound).
-        let texts =
-            texts.clone().map(|t| t.replacen("mesh:\n", "mesh:\n  inbound: false\n", 1) + &others.workloads_yaml("w"));
-        // Every workload programmed, the probed one redirected, before the
-        // first timed change.
-        flipper.settle(&texts[0])?;
-        let bin = testkit::agent_binary()?;
-        agent
-            .process
-            .wait_programmed(&bin, &agent.pins.path, &others.last_netns())
-            .context("the other workloads programmed")?;
-        let mut f = flipper.flip(&texts, scale_changes)?;
-        at_scale.push(ChangeAtScale {
-            workloads: n + 1,
-            changes: scale_changes,
-            in_force: Stats::from_samples(&mut f.in_force, 0.0),
-            pass: Stats::from_samples(&mut f.pass, 0.0),
-            agent_pass: Stats::from_samples(&mut f.agent_side, 0.0),
-            agent_rss_kib: agent_setup.agent_rss_kib(),
-        });
+        for (change, texts) in [("mesh-wide", &texts), ("one workload", &one_workload)] {
+            eprintln!("bench: change-to-in-force ({change}) with {n} other workloads, {scale_changes} changes");
+            // Inbound off, as in the sync scenarios: the others have no
+            // proxy listening (and the probe is outbound).
+            let texts = texts
+                .clone()
+                .map(|t| t.replacen("mesh:\n", "mesh:\n  inbound: false\n", 1) + &others.workloads_yaml("w"));
+            // Every workload programmed, the probed one redirected, before
+            // the first timed change.
+            flipper.settle(&texts[0])?;
+            let bin = testkit::agent_binary()?;
+            agent
+                .process
+                .wait_programmed(&bin, &agent.pins.path, &others.last_netns())
+                .context("the other workloads programmed")?;
+            let mut f = flipper.flip(&texts, scale_changes)?;
+            at_scale.push(ChangeAtScale {
+                change,
+                workloads: n + 1,
+                changes: scale_changes,
+                in_force: Stats::from_samples(&mut f.in_force, 0.0),
+                pass: Stats::from_samples(&mut f.pass, 0.0),
+                agent_pass: Stats::from_samples(&mut f.agent_side, 0.0),
+                agent_rss_kib: agent_setup.agent_rss_kib(),
+            });
+        }
         // The others out of the config again before their namespaces go.
         flipper.settle(&flipper_base_text)?;
     }
