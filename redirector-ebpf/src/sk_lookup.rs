@@ -38,14 +38,6 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     if l.protocol != IPPROTO_TCP {
         return SK_PASS;
     }
-    let cookie = unsafe { core::ptr::read_volatile(&raw const RDR_SELF_NETNS) };
-    let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
-        Some(p) => *p,
-        None => return SK_PASS,
-    };
-    if policy.flags & flags::IN_ENABLED == 0 {
-        return SK_PASS;
-    }
     let (family, local, remote) = if l.family == u32::from(AF_INET) {
         let a = l.local_ip4.to_ne_bytes();
         let b = l.remote_ip4.to_ne_bytes();
@@ -72,7 +64,17 @@ fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
     } else {
         return SK_PASS;
     };
+    // The cheap test first: a connection between two of the namespace's
+    // own addresses needs no map lookup.
     if is_local_peer(family, &local, &remote) {
+        return SK_PASS;
+    }
+    let cookie = unsafe { core::ptr::read_volatile(&raw const RDR_SELF_NETNS) };
+    let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
+        Some(p) => *p,
+        None => return SK_PASS,
+    };
+    if policy.flags & flags::IN_ENABLED == 0 {
         return SK_PASS;
     }
     if !inbound_redirected(&Maps, &policy, l.local_port as u16) {

@@ -167,9 +167,16 @@ fn passive_established(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
+    // Only a workload's namespace has anything to record: every other
+    // accept on the node stops at this one 8-byte lookup, before the
+    // 48-byte tuple probe. (The proxy shares its application's namespace.)
+    let cookie = netns(ctx);
+    let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
+        Some(p) => *p,
+        None => return,
+    };
     // On an accepted socket local = proxy (or server), remote = client.
     let e = ends(ctx);
-    let cookie = netns(ctx);
     let key = TupleKey {
         netns_cookie: cookie,
         family: e.family,
@@ -189,10 +196,6 @@ fn passive_established(ctx: &SockOpsContext) {
             // Not an outbound redirect: an inbound connection from outside
             // the workload that sk_lookup handed to the proxy keeps the
             // address the client dialed as its local address.
-            let policy = match unsafe { RDR_WORKLOADS.get(&cookie) } {
-                Some(p) => *p,
-                None => return,
-            };
             // (a client dialing the inbound port itself reaches the proxy
             // directly; iptables would report that port, so do we.)
             if policy.flags & flags::IN_ENABLED == 0
