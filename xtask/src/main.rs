@@ -39,6 +39,10 @@ enum Task {
         /// A smoke run (two rule-set sizes, short rounds; under 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only the control plane's change-to-in-force scenario:
+        /// target/bench/changes.{json,md}.
+        #[arg(long, value_parser = ["changes"])]
+        only: Option<String>,
     },
     /// The kernel tests inside qemu VMs on Debian's cloud kernels
     /// (5.10, 6.1, 6.12, newest backport); needs root for apt.
@@ -106,13 +110,16 @@ fn main() -> Result<()> {
             build()?;
             run(Command::new(target_dir().join("release/redirector-lab")).arg("demo"))
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             bootstrap()?;
             build()?;
             let mut cmd = Command::new(target_dir().join("release/redirector-lab"));
             cmd.arg("bench").arg("--out").arg(target_dir().join("bench"));
             if quick {
                 cmd.arg("--quick");
+            }
+            if let Some(only) = only {
+                cmd.arg("--only").arg(only);
             }
             run(&mut cmd)
         }

@@ -25,9 +25,16 @@ fn ns_id(path: &Path) -> Result<NsId> {
     Ok((m.dev(), m.ino()))
 }
 
-/// The agent's own user namespace.
+/// The agent's own user namespace, read once: the agent never changes it
+/// (it enters network namespaces only), and the standalone agent asks for
+/// it once per `pid:` workload on every pass.
 fn own() -> Result<NsId> {
-    ns_id(Path::new("/proc/self/ns/user"))
+    static OWN: std::sync::OnceLock<NsId> = std::sync::OnceLock::new();
+    if let Some(id) = OWN.get() {
+        return Ok(*id);
+    }
+    let id = ns_id(Path::new("/proc/self/ns/user"))?;
+    Ok(*OWN.get_or_init(|| id))
 }
 
 /// The ID maps of process `pid`'s user namespace (under `proc_root`), or

@@ -26,6 +26,10 @@ enum Cmd {
         /// Two sizes, short rounds: a smoke check (under 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only the control plane's change-to-in-force scenario (at the
+        /// plan's scales): changes.json and changes.md in OUT.
+        #[arg(long, value_parser = ["changes"])]
+        only: Option<String>,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
     },
@@ -53,7 +57,8 @@ fn main() {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Demo => demo::run(),
-        Cmd::Bench { quick, out } => bench::run(quick, &out),
+        Cmd::Bench { quick, only: None, out } => bench::run(quick, &out),
+        Cmd::Bench { quick, only: Some(_), out } => bench::run_changes(quick, &out),
         Cmd::BenchSync { workloads, cgroup } => bench::sync_child(workloads, &cgroup),
     }
 }

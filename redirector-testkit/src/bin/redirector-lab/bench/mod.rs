@@ -130,11 +130,46 @@ pub fn interrupted() -> Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool, out: &Path) -> Result<()> {
+fn on_signals() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
+}
+
+/// Only the change-to-in-force scenario (redirector and iptables side by
+/// side, then the agent at the plan's scales): `changes.json` and
+/// `changes.md` in `out`.
+pub fn run_changes(quick: bool, out: &Path) -> Result<()> {
+    on_signals();
+    let plan = Plan::new(quick);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let load_before = sys::loadavg();
+    let cgroup = BenchCgroup::new("redirector-bench-")?;
+    let clean = BenchCgroup::new("redirector-bench-clean-")?;
+    let cgroups = Cgroups { attach: &cgroup.path, clean: &clean.path };
+    let change = control::change_to_in_force(plan.changes, &plan.change_scale, plan.scale_changes, cgroups)?;
+    let json = out.join("changes.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&change)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join("changes.md");
+    let text = format!(
+        "# Change to in force (`redirector-lab bench --only changes`{})\n\nkernel {}, {} cores, load average {:.2} before, \
+         {:.2} after.\n{}",
+        if quick { " --quick" } else { "" },
+        redirector::sys::features::kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_before,
+        sys::loadavg(),
+        report::change_section(&change)
+    );
+    std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("bench: wrote {} and {}", json.display(), md.display());
+    Ok(())
+}
+
+pub fn run(quick: bool, out: &Path) -> Result<()> {
+    on_signals();
     let plan = Plan::new(quick);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let started = std::time::Instant::now();

@@ -294,60 +294,7 @@ impl Report {
             let _ = writeln!(o, "{}", established_row(e));
         }
         o.push_str(&self.bpf_table());
-        let c = &self.control_plane.change;
-        let _ = write!(
-            o,
-            "\n### Change to in force\n\n{} changes per setup ({}); probe connections back to back until the new verdict shows.\n\n\
-             | setup | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
-            c.changes, c.policy
-        );
-        for (what, st) in [
-            ("redirector: SIGHUP → new verdict seen", &c.redirector_in_force),
-            ("iptables: `iptables-restore` of osm-init's whole set, start → exit", &c.iptables_restore),
-            ("iptables: start → new verdict seen", &c.iptables_in_force),
-        ] {
-            let _ = writeln!(
-                o,
-                "| {what} | {} | {} | {} | {} |",
-                ms(st.p50_us),
-                ms(st.p90_us),
-                ms(st.p99_us),
-                ms(st.max_us)
-            );
-        }
-        if let Some(kib) = c.agent_rss_kib {
-            let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
-        }
-        if !c.at_scale.is_empty() {
-            let _ = write!(
-                o,
-                "\nThe same changes while the agent has other workloads in its config (each alone in a network \
-                 namespace, the same mesh settings, inbound off). A *mesh-wide* change flips the port in the mesh-wide \
-                 exclusion list, so every workload's lists change; a *one workload* change flips it in an annotation of the \
-                 probed workload alone. \"in force\" is when the probed workload sees it, \"pass end\" when the agent logs \
-                 the pass, every changed workload reprogrammed.\n\n\
-                 | change | workloads | changes | in force p50 ms | p90 ms | p99 ms | max ms | pass end p50 ms | p99 ms | the agent's log: SIGHUP → pass logged p50 ms | p99 ms | agent VmRSS MiB |\n\
-                 |---|---|---|---|---|---|---|---|---|---|---|---|\n"
-            );
-            for a in &c.at_scale {
-                let _ = writeln!(
-                    o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    a.change,
-                    a.workloads,
-                    a.changes,
-                    ms(a.in_force.p50_us),
-                    ms(a.in_force.p90_us),
-                    ms(a.in_force.p99_us),
-                    ms(a.in_force.max_us),
-                    ms(a.pass.p50_us),
-                    ms(a.pass.p99_us),
-                    ms(a.agent_pass.p50_us),
-                    ms(a.agent_pass.p99_us),
-                    a.agent_rss_kib.map_or("–".into(), mib)
-                );
-            }
-        }
+        o.push_str(&change_section(&self.control_plane.change));
         let rss: Vec<String> = self
             .scenarios
             .iter()
@@ -460,3 +407,57 @@ const COST_HEADER: &str = "| scenario | idle: none p50 µs | iptables +µs | red
 const STATS_HEADER: &str = "| scenario | program runs per connection | floor ns per run | statistics off: p50 µs | on: p50 µs | on − off ns per connection | ns per run |\n|---|---|---|---|---|---|---|\n";
 
 const NEWCONN_HEADER: &str = "| scenario | iptables rules | none conn/s (p50/p99 µs) | iptables conn/s (p50/p99 µs) | redirector conn/s (p50/p99 µs) | redirector/none | redirector/iptables |\n|---|---|---|---|---|---|---|\n";
+
+/// The change-to-in-force section of results.md (also what `bench --only
+/// changes` writes).
+pub fn change_section(c: &ChangeLatency) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "\n### Change to in force\n\n{} changes per setup ({}); probe connections back to back until the new verdict shows.\n\n\
+         | setup | p50 ms | p90 ms | p99 ms | max ms |\n|---|---|---|---|---|\n",
+        c.changes, c.policy
+    );
+    for (what, st) in [
+        ("redirector: SIGHUP → new verdict seen", &c.redirector_in_force),
+        ("iptables: `iptables-restore` of osm-init's whole set, start → exit", &c.iptables_restore),
+        ("iptables: start → new verdict seen", &c.iptables_in_force),
+    ] {
+        let _ =
+            writeln!(o, "| {what} | {} | {} | {} | {} |", ms(st.p50_us), ms(st.p90_us), ms(st.p99_us), ms(st.max_us));
+    }
+    if let Some(kib) = c.agent_rss_kib {
+        let _ = writeln!(o, "\nThe agent (`redirector run`, this one workload) had a VmRSS of {} MiB.", mib(kib));
+    }
+    if !c.at_scale.is_empty() {
+        let _ = write!(
+            o,
+            "\nThe same changes while the agent has other workloads in its config (each alone in a network \
+             namespace, the same mesh settings, inbound off). A *mesh-wide* change flips the port in the mesh-wide \
+             exclusion list, so every workload's lists change; a *one workload* change flips it in an annotation of the \
+             probed workload alone. \"in force\" is when the probed workload sees it, \"pass end\" when the agent logs \
+             the pass, every changed workload reprogrammed.\n\n\
+             | change | workloads | changes | in force p50 ms | p90 ms | p99 ms | max ms | pass end p50 ms | p99 ms | the agent's log: SIGHUP → pass logged p50 ms | p99 ms | agent VmRSS MiB |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        );
+        for a in &c.at_scale {
+            let _ = writeln!(
+                o,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                a.change,
+                a.workloads,
+                a.changes,
+                ms(a.in_force.p50_us),
+                ms(a.in_force.p90_us),
+                ms(a.in_force.p99_us),
+                ms(a.in_force.max_us),
+                ms(a.pass.p50_us),
+                ms(a.pass.p99_us),
+                ms(a.agent_pass.p50_us),
+                ms(a.agent_pass.p99_us),
+                a.agent_rss_kib.map_or("–".into(), mib)
+            );
+        }
+    }
+    o
+}
