@@ -278,8 +278,6 @@ impl Maps {
         Ok(Written {
             lists_id,
             local_id,
-            new_lists: lists.is_none(),
-            new_local: needs_local && local.is_none(),
             written: new.ports.len() + new.cidrs.len(),
         })
     }
@@ -306,9 +304,6 @@ pub struct Written {
     pub lists_id: u32,
     /// 0: the policy has no own addresses in the maps.
     pub local_id: u32,
-    /// The lists went in under a fresh id (none held them yet).
-    pub new_lists: bool,
-    pub new_local: bool,
     /// List-map entries written.
     pub written: usize,
 }

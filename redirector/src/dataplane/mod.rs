@@ -56,7 +56,7 @@ pub use self::{
     cgroup::{attached_to, check_caller_inside, other_program_sets, AttachedTo},
     fullmap::FullMapWatch,
     lock::{read_owner, Owner, PinDirInUse, PinLock, Wanted, OWNER},
-    maps::{Entries, Maps, Written},
+    maps::{Entries, Maps},
     migrate::retired_sets,
     node::{resolve as resolve_node_netns, NodeNetns, NODE_NETNS},
     object::{EBPF_OBJECT_ENV, PROGRAMS},
