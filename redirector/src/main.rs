@@ -56,6 +56,12 @@ fn real_main(cli: Cli) -> Result<()> {
             // and the watch connections, the registry socket and the status
             // endpoints keep being served on the other one meanwhile.
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            // Each workload's namespace held between passes is a file
+            // descriptor (redirector::sys::nscache).
+            match redirector::sys::nscache::raise_nofile_limit() {
+                Ok(n) => log::debug!("RLIMIT_NOFILE soft limit {n}"),
+                Err(e) => log::warn!("{e:#}: fewer workloads' namespaces can be held between passes"),
+            }
             match config {
                 Some(config) => rt.block_on(standalone::run(standalone::RunOptions {
                     config,
@@ -134,6 +140,12 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Cmd::Webhook { listen, tls_cert_file, tls_key_file, preset, meshed_when, gate_image, agent_socket_dir } => {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            // Each workload's namespace held between passes is a file
+            // descriptor (redirector::sys::nscache).
+            match redirector::sys::nscache::raise_nofile_limit() {
+                Ok(n) => log::debug!("RLIMIT_NOFILE soft limit {n}"),
+                Err(e) => log::warn!("{e:#}: fewer workloads' namespaces can be held between passes"),
+            }
             rt.block_on(redirector::webhook::run(redirector::webhook::WebhookOptions {
                 listen,
                 cert_file: tls_cert_file,

@@ -23,6 +23,20 @@ const LOG: &str = "redirector::agent";
 #[derive(Default)]
 pub struct AgentState {
     cookies: BTreeMap<String, u64>,
+    /// The workloads' namespaces held between passes: a pass answers a
+    /// namespace whose path still names it from here.
+    namespaces: crate::sys::nscache::NsCache,
+    /// How many namespaces the last pass had no room to hold (logged when
+    /// it changes).
+    overflow: usize,
+}
+
+impl AgentState {
+    /// Lets go of the held namespaces whose path no longer names them (on
+    /// each tick of the agent: a deleted namespace is not kept alive).
+    pub fn release_gone_namespaces(&mut self) -> usize {
+        self.namespaces.release_gone()
+    }
 }
 
 /// What one pass is asked for, by either source.
@@ -56,17 +70,21 @@ pub struct Resolved {
 /// namespace, are one namespace, and one policy would silently replace the
 /// other's). One answer per workload, in order; each error names the
 /// workload, the key and the value.
-pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::Result<Resolved>> {
+pub fn resolve(
+    mesh: &MeshSettings,
+    workloads: &[WorkloadSpec],
+    cache: &mut crate::sys::nscache::NsCache,
+) -> Vec<anyhow::Result<Resolved>> {
     // The workload's own addresses matter only where connections routed
     // through loopback are treated specially (Istio, Kuma, Linkerd); they
-    // are re-read on every pass, with the cookies, on one thread.
+    // are read with the cookies, and again when they change (`cache`).
     let policies: Vec<_> = workloads.iter().map(|w| w.policy(mesh)).collect();
     let namespaces: Vec<(PathBuf, bool)> = workloads
         .iter()
         .zip(&policies)
         .map(|(w, p)| (w.netns.path(), p.loopback != redirector_policy::LoopbackMode::Osm))
         .collect();
-    let facts = crate::sys::netns::survey(&namespaces);
+    let facts = cache.survey(&namespaces);
     // Cookie → the first workload found in that namespace.
     let mut taken: BTreeMap<u64, (&str, &NetnsRef)> = BTreeMap::new();
     let mut out = Vec::with_capacity(workloads.len());
@@ -93,7 +111,7 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
                 };
                 why.context(format!("workload `{}`: key `{key}`: value {value}: network namespace not usable", w.name))
             })
-            .and_then(|fact| {
+            .and_then(|mut fact| {
                 if let Some((other, where_)) = taken.get(&fact.cookie) {
                     anyhow::bail!(
                         "workload `{}`: key `{key}`: value {value}: the same network namespace (netns cookie {}) as \
@@ -104,7 +122,7 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
                 }
                 taken.insert(fact.cookie, (w.name.as_str(), &w.netns));
                 let mut policy = policy;
-                if let Some(addresses) = fact.addresses {
+                if let Some(addresses) = fact.addresses.take() {
                     policy = policy.with_local_addresses(addresses);
                 }
                 if let Some(cg) = &w.proxy_cgroup {
@@ -114,7 +132,7 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
                 }
                 // The proxy's IDs as the data path sees them: translated
                 // through the workload's user namespace, if it has its own.
-                let policy = user_namespace(w)
+                let policy = user_namespace(w, &fact, cache)
                     .and_then(|maps| match maps {
                         Some(m) => policy.in_user_namespace(&m),
                         None => Ok(policy),
@@ -132,11 +150,15 @@ pub fn resolve(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<anyhow::R
 /// The ID maps of a workload's user namespace when it is not the agent's:
 /// those its source knows (Kubernetes), or those of its `pid:` process; a
 /// `netns:` workload's namespace must belong to the agent's own.
-fn user_namespace(w: &WorkloadSpec) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
+fn user_namespace(
+    w: &WorkloadSpec,
+    netns: &crate::sys::nscache::NetnsFacts,
+    cache: &mut crate::sys::nscache::NsCache,
+) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
     match (&w.id_maps, &w.netns) {
         (Some(m), _) => Ok(Some(m.clone())),
-        (None, NetnsRef::Pid(pid)) => crate::sys::userns::id_maps_of_pid(std::path::Path::new("/proc"), *pid),
-        (None, NetnsRef::Path(p)) => crate::sys::userns::require_netns_in_own_user_ns(p).map(|()| None),
+        (None, NetnsRef::Pid(pid)) => cache.id_maps_of_pid(std::path::Path::new("/proc"), *pid, netns),
+        (None, NetnsRef::Path(p)) => crate::sys::userns::require_owner_is_own(p, &netns.owner).map(|()| None),
     }
 }
 
@@ -162,7 +184,22 @@ pub fn reconcile(dp: &mut Dataplane, wanted: &Wanted, state: &mut AgentState) ->
         failed.push((name.clone(), anyhow::anyhow!("{err:#}")));
     }
     let mut desired = Vec::new();
-    for (w, found) in wanted.workloads.iter().zip(resolve(wanted.mesh, wanted.workloads)) {
+    let found = resolve(wanted.mesh, wanted.workloads, &mut state.namespaces);
+    let overflow = state.namespaces.overflow();
+    if overflow != state.overflow {
+        if overflow > 0 {
+            log::warn!(
+                target: LOG,
+                "{overflow} workloads' network namespaces are entered again on every pass: RLIMIT_NOFILE leaves \
+                 room to hold {} (raise the agent's hard limit for faster passes)",
+                state.namespaces.room()
+            );
+        } else {
+            log::info!(target: LOG, "every workload's network namespace is held between passes again");
+        }
+        state.overflow = overflow;
+    }
+    for (w, found) in wanted.workloads.iter().zip(found) {
         match found {
             Ok(r) => desired.push(Desired { name: w.name.clone(), cookie: r.cookie, netns: r.netns, policy: r.policy }),
             Err(e) => {
@@ -262,7 +299,8 @@ mod tests {
             workload("missing", NetnsRef::Path("/run/netns/redirector-no-such-ns".into())),
             cg,
         ];
-        let got: Vec<Result<u64, String>> = resolve(&MeshSettings::default(), &list)
+        let mut cache = crate::sys::nscache::NsCache::default();
+        let got: Vec<Result<u64, String>> = resolve(&MeshSettings::default(), &list, &mut cache)
             .into_iter()
             .map(|r| r.map(|r| r.cookie).map_err(|e| format!("{e:#}")))
             .collect();
@@ -289,7 +327,7 @@ mod tests {
         // The same namespace again, but refused first for being listed twice.
         let e = got[5].as_ref().unwrap_err();
         assert!(e.contains("workload `cg`") && e.contains("the same network namespace"), "{e}");
-        let alone = resolve(&MeshSettings::default(), &list[5..]);
+        let alone = resolve(&MeshSettings::default(), &list[5..], &mut cache);
         let e = format!("{:#}", alone[0].as_ref().err().unwrap());
         assert!(e.contains("key `proxyCgroup`: value /sys/fs/cgroup/redirector-no-such-cgroup"), "{e}");
     }

@@ -128,6 +128,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             return Err(rt.pins_gone(e));
         }
         dp.drain_retired();
+        state.release_gone_namespaces();
         if rt.check_full_maps(&dp.maps) && !retry.due() {
             // A listener the data path could not register is registered
             // by a pass (from /proc) once there is room: keep retrying.
@@ -343,7 +344,7 @@ pub fn check(opts: &CheckOptions) -> Result<()> {
                     if let Err(e) = &node {
                         errors.push(doc(format!("{e:#}")));
                     }
-                    super::reconcile::resolve(&cfg.mesh, &cfg.workloads)
+                    super::reconcile::resolve(&cfg.mesh, &cfg.workloads, &mut Default::default())
                         .into_iter()
                         .map(|found| {
                             Some(found.and_then(|r| match &node {

@@ -275,11 +275,7 @@ impl Maps {
             let _ = self.retire(&new);
             return Err(err);
         }
-        Ok(Written {
-            lists_id,
-            local_id,
-            written: new.ports.len() + new.cidrs.len(),
-        })
+        Ok(Written { lists_id, local_id, written: new.ports.len() + new.cidrs.len() })
     }
 
     pub fn remove_workload(&mut self, cookie: u64) -> Result<()> {

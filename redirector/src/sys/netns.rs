@@ -3,7 +3,7 @@
 //! rest of the process stays where it is).
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -36,22 +36,35 @@ pub fn enter_netns(file: &File) -> Result<()> {
 
 /// The cookie of the calling thread's current network namespace.
 pub fn current_netns_cookie() -> Result<u64> {
-    // SAFETY: plain syscalls; the fd is closed before returning.
-    unsafe {
+    // SAFETY: plain syscall; the fd is owned (and closed) at once.
+    let sock = unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("socket()");
         }
-        let mut cookie: u64 = 0;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        let rc = libc::getsockopt(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if rc != 0 {
-            return Err(err).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
-        }
-        Ok(cookie)
+        OwnedFd::from_raw_fd(fd)
+    };
+    socket_netns_cookie(&sock)
+}
+
+/// The cookie of the network namespace a socket belongs to.
+pub fn socket_netns_cookie(sock: &OwnedFd) -> Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 we own, on a socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
     }
+    Ok(cookie)
 }
 
 /// The cookie of the network namespace at `path` (`/run/netns/NAME` or
@@ -68,46 +81,9 @@ pub fn named_namespaces() -> Vec<PathBuf> {
     out
 }
 
-/// What [`survey`] reads in one namespace.
-#[derive(Debug)]
-pub struct NetnsFacts {
-    pub cookie: u64,
-    /// Its interfaces' addresses, when they were asked for.
-    pub addresses: Option<Vec<std::net::IpAddr>>,
-}
-
-/// For each (namespace path, whether its addresses are wanted): its cookie
-/// and addresses, or why they could not be read. All are read on one
-/// thread that enters each namespace in turn: an agent pass asks this of
-/// every workload, and a thread per namespace costs far more than the
-/// `setns` (on a busy machine, joining 1,000 threads took 60 times as long
-/// as the 1,000 `setns` calls).
-pub fn survey(wanted: &[(PathBuf, bool)]) -> Vec<Result<NetnsFacts>> {
-    if wanted.is_empty() {
-        return Vec::new();
-    }
-    let wanted = wanted.to_vec();
-    let n = wanted.len();
-    std::thread::spawn(move || {
-        wanted
-            .iter()
-            .map(|(path, addresses)| {
-                let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-                enter_netns(&file).with_context(|| format!("entering network namespace {}", path.display()))?;
-                Ok(NetnsFacts {
-                    cookie: current_netns_cookie()?,
-                    addresses: if *addresses { Some(addresses_here()?) } else { None },
-                })
-            })
-            .collect()
-    })
-    .join()
-    .unwrap_or_else(|_| (0..n).map(|_| Err(anyhow!("thread inside network namespaces panicked"))).collect())
-}
-
 /// The addresses configured on the interfaces of the calling thread's
 /// namespace (what "routed through lo" means for a workload there).
-fn addresses_here() -> Result<Vec<std::net::IpAddr>> {
+pub(crate) fn addresses_here() -> Result<Vec<std::net::IpAddr>> {
     {
         let mut out = Vec::new();
         let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -155,16 +131,20 @@ mod tests {
             return;
         }
         let own = PathBuf::from("/proc/self/ns/net");
-        let facts = survey(&[(own.clone(), true), (PathBuf::from("/nonexistent/ns"), true), (own, false)]);
-        assert_eq!(facts.len(), 3);
-        let cookie = current_netns_cookie().unwrap();
-        let first = facts[0].as_ref().unwrap();
-        assert_eq!(first.cookie, cookie);
-        assert!(first.addresses.as_ref().unwrap().contains(&std::net::IpAddr::from([127, 0, 0, 1])));
-        let e = format!("{:#}", facts[1].as_ref().unwrap_err());
-        assert!(e.contains("/nonexistent/ns"), "{e}");
-        let third = facts[2].as_ref().unwrap();
-        assert_eq!((third.cookie, third.addresses.is_none()), (cookie, true));
-        assert!(survey(&[]).is_empty());
+        for room in [0, 8] {
+            let mut cache = crate::sys::nscache::NsCache::with_room(room);
+            let facts =
+                cache.survey(&[(own.clone(), true), (PathBuf::from("/nonexistent/ns"), true), (own.clone(), false)]);
+            assert_eq!(facts.len(), 3);
+            let cookie = current_netns_cookie().unwrap();
+            let first = facts[0].as_ref().unwrap();
+            assert_eq!(first.cookie, cookie);
+            assert!(first.addresses.as_ref().unwrap().contains(&std::net::IpAddr::from([127, 0, 0, 1])));
+            let e = format!("{:#}", facts[1].as_ref().unwrap_err());
+            assert!(e.contains("/nonexistent/ns"), "{e}");
+            let third = facts[2].as_ref().unwrap();
+            assert_eq!((third.cookie, third.addresses.is_none()), (cookie, true));
+            assert!(cache.survey(&[]).is_empty());
+        }
     }
 }

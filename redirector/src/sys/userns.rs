@@ -17,8 +17,7 @@ use redirector_policy::{IdMap, IdMaps};
 /// descriptor of the user namespace that owns a namespace.
 const NS_GET_USERNS: libc::c_ulong = 0xb701;
 
-/// A namespace's identity: the device and inode of its nsfs file.
-type NsId = (u64, u64);
+use super::nscache::NsId;
 
 fn ns_id(path: &Path) -> Result<NsId> {
     let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
@@ -41,9 +40,16 @@ fn own() -> Result<NsId> {
 /// None if that is the agent's own (its IDs are the ones the data path
 /// sees).
 pub fn id_maps_of_pid(proc_root: &Path, pid: u32) -> Result<Option<IdMaps>> {
+    id_maps_of_pid_with_ns(proc_root, pid).map(|(_, maps)| maps)
+}
+
+/// [`id_maps_of_pid`], with the identity of the user namespace they are
+/// of.
+pub fn id_maps_of_pid_with_ns(proc_root: &Path, pid: u32) -> Result<(NsId, Option<IdMaps>)> {
     let dir = proc_root.join(pid.to_string());
-    if ns_id(&dir.join("ns/user"))? == own()? {
-        return Ok(None);
+    let userns = ns_id(&dir.join("ns/user"))?;
+    if userns == own()? {
+        return Ok((userns, None));
     }
     require_initial_user_ns()?;
     let read = |name: &str| -> Result<IdMap> {
@@ -51,7 +57,7 @@ pub fn id_maps_of_pid(proc_root: &Path, pid: u32) -> Result<Option<IdMaps>> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         IdMap::parse(&text).with_context(|| format!("{}", path.display()))
     };
-    Ok(Some(IdMaps { uid: read("uid_map")?, gid: read("gid_map")? }))
+    Ok((userns, Some(IdMaps { uid: read("uid_map")?, gid: read("gid_map")? })))
 }
 
 /// Fails unless the network namespace at `path` belongs to the agent's own
@@ -59,26 +65,40 @@ pub fn id_maps_of_pid(proc_root: &Path, pid: u32) -> Result<Option<IdMaps>> {
 /// translated without a process of it.
 pub fn require_netns_in_own_user_ns(path: &Path) -> Result<()> {
     let ns = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-    // SAFETY: an ioctl on a valid fd; it returns a new fd or -1.
-    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS as _) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
-            format!("asking the user namespace of network namespace {} (NS_GET_USERNS)", path.display())
-        });
-    }
-    // SAFETY: the ioctl returned a new fd that nothing else owns.
-    let owner = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let m = owner.metadata().context("reading the owning user namespace")?;
-    if (m.dev(), m.ino()) != own()? {
+    let owner = owner_of(&ns)
+        .with_context(|| format!("asking the user namespace of network namespace {}", path.display()))
+        .map_err(|e| format!("{e:#}"));
+    require_owner_is_own(path, &owner)
+}
+
+/// The check of [`require_netns_in_own_user_ns`] on the owner a survey
+/// read (`Err`: why it could not be asked).
+pub fn require_owner_is_own(path: &Path, owner: &Result<NsId, String>) -> Result<()> {
+    let owner = owner.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if *owner != own()? {
         bail!(
             "network namespace {} belongs to a user namespace other than the agent's (inode {}): the proxy's UID \
              there is not the one the kernel reports; give `pid:` of a process of the workload instead, whose \
              uid_map and gid_map translate proxyUID and proxyGID",
             path.display(),
-            m.ino()
+            owner.1
         );
     }
     Ok(())
+}
+
+/// The user namespace that owns the namespace behind `ns`
+/// (`NS_GET_USERNS`).
+pub fn owner_of(ns: &File) -> Result<NsId> {
+    // SAFETY: an ioctl on a valid fd; it returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_USERNS as _) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("NS_GET_USERNS");
+    }
+    // SAFETY: the ioctl returned a new fd that nothing else owns.
+    let owner = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let m = owner.metadata().context("reading the owning user namespace")?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// The agent must be in the initial user namespace for outside IDs it

@@ -310,6 +310,9 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
             let _ = std::fs::remove_file(&agent.opts.socket);
             return Err(agent.rt.pins_gone(e));
         }
+        // A pod's namespace deleted is let go of here, at the latest at the
+        // next resync tick, not kept alive until its pod is gone.
+        agent.agent_state.release_gone_namespaces();
         if let Some(since) = dirty_since {
             if agent.synced() {
                 // The pass is synchronous (map writes, netns threads); the
