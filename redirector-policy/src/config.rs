@@ -3,7 +3,7 @@
 //! preset's vocabulary. Nothing here touches the kernel; every error names
 //! the input, the value and the reason.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     path::{Path, PathBuf},
 };
@@ -67,6 +67,34 @@ impl WorkloadSpec {
     pub fn policy(&self, mesh: &MeshSettings) -> crate::Policy {
         crate::compile(self.mesh.as_ref().unwrap_or(mesh), &self.annotations)
     }
+}
+
+/// How many different mesh settings one set of annotations is compiled
+/// with before [`policies`] stops keeping the results (a scan past that
+/// would cost more than compiling).
+const KEPT_MESHES_PER_ANNOTATIONS: usize = 8;
+
+/// Each workload's [`WorkloadSpec::policy`], in order, compiling each
+/// distinct pair of mesh settings and annotations once: on a node most
+/// workloads have the same (an agent pass of 10,000 workloads otherwise
+/// compiles the same policy 10,000 times).
+pub fn policies(mesh: &MeshSettings, workloads: &[WorkloadSpec]) -> Vec<crate::Policy> {
+    let mut kept: HashMap<&WorkloadAnnotations, Vec<(&MeshSettings, crate::Policy)>> = HashMap::new();
+    workloads
+        .iter()
+        .map(|w| {
+            let m = w.mesh.as_ref().unwrap_or(mesh);
+            let same = kept.entry(&w.annotations).or_default();
+            if let Some((_, p)) = same.iter().find(|(k, _)| std::ptr::eq(*k, m) || *k == m) {
+                return p.clone();
+            }
+            let p = crate::compile(m, &w.annotations);
+            if same.len() < KEPT_MESHES_PER_ANNOTATIONS {
+                same.push((m, p.clone()));
+            }
+            p
+        })
+        .collect()
 }
 
 /// A parsed config file. Workloads whose own entry is bad are listed in
@@ -177,7 +205,7 @@ pub fn parse_config(text: &str) -> Result<Config> {
     let mut warnings = Vec::new();
     // Names and namespaces taken so far (a config lists thousands).
     let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut namespaces: std::collections::HashMap<NetnsRef, usize> = std::collections::HashMap::new();
+    let mut namespaces: HashMap<NetnsRef, usize> = HashMap::new();
     for (index, value) in items.into_iter().enumerate() {
         let base = index_path("workloads", index);
         let fallback_name = value
@@ -411,6 +439,38 @@ fn parse_workload(
 pub(crate) mod tests {
     use super::*;
     use crate::{values::*, *};
+
+    /// `policies` gives each workload what its own `policy` gives, with
+    /// shared and distinct annotations, its own mesh settings equal to the
+    /// config's or not, and more meshes per annotations than it keeps.
+    #[test]
+    fn policies_are_each_workloads_own() {
+        let cfg = parse_config(EXAMPLE).unwrap();
+        let base = cfg.workloads[0].clone();
+        let mut list = Vec::new();
+        for i in 0..40u16 {
+            let mut w = base.clone();
+            w.name = format!("w{i}");
+            if i % 3 == 0 {
+                w.annotations = WorkloadAnnotations::default();
+            }
+            if i % 5 == 0 {
+                w.annotations.outbound_port_exclusion.push(1000 + i);
+            }
+            if i % 2 == 0 {
+                let mut m = cfg.mesh.clone();
+                if i % 4 == 0 {
+                    m.outbound_port_exclusion.push(2000 + i);
+                }
+                w.mesh = Some(m);
+            }
+            list.push(w);
+        }
+        let got = policies(&cfg.mesh, &list);
+        let want: Vec<_> = list.iter().map(|w| w.policy(&cfg.mesh)).collect();
+        assert_eq!(got, want);
+        assert!(policies(&cfg.mesh, &[]).is_empty());
+    }
 
     /// A document with `workloads: []` added if it has none.
     pub(crate) fn with_workloads(doc: &str) -> String {

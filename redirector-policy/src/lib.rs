@@ -31,7 +31,7 @@ pub mod shared;
 pub mod values;
 
 pub use compile::{compile, Lists, Policy};
-pub use config::{load_config, parse_config, Config, NetnsRef, WorkloadSpec};
+pub use config::{load_config, parse_config, policies, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
     annotation_key_warnings, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations,
     parse_annotations, parse_annotations_each, KeyWarning, LoopbackMode, Preset, PresetDefaults, WorkloadAnnotations,

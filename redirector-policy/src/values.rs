@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use ipnet::{IpNet, Ipv4Net};
 
 /// A pod-level include setting that replaces the mesh's (Istio `*`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Inclusion<T> {
     All,
     Only(Vec<T>),

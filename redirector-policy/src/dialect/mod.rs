@@ -126,7 +126,7 @@ impl Preset {
 /// Pod-scoped settings from annotations. Exclusion lists (and OSM's
 /// inclusion list) are merged with the mesh's; Istio's `include*` settings
 /// replace the mesh's, as istio-injector does.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct WorkloadAnnotations {
     pub outbound_port_exclusion: Vec<u16>,
     pub outbound_ip_range_exclusion: Vec<IpNet>,

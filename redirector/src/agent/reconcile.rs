@@ -78,7 +78,7 @@ pub fn resolve(
     // The workload's own addresses matter only where connections routed
     // through loopback are treated specially (Istio, Kuma, Linkerd); they
     // are read with the cookies, and again when they change (`cache`).
-    let policies: Vec<_> = workloads.iter().map(|w| w.policy(mesh)).collect();
+    let policies = redirector_policy::policies(mesh, workloads);
     let namespaces: Vec<(PathBuf, bool)> = workloads
         .iter()
         .zip(&policies)
@@ -93,7 +93,8 @@ pub fn resolve(
             NetnsRef::Path(_) => "netns",
             NetnsRef::Pid(_) => "pid",
         };
-        let value = match &w.netns {
+        // Formatted only for an error.
+        let value = || match &w.netns {
             NetnsRef::Path(p) => p.display().to_string(),
             NetnsRef::Pid(pid) => pid.to_string(),
         };
@@ -109,7 +110,11 @@ pub fn resolve(
                     ),
                     _ => e,
                 };
-                why.context(format!("workload `{}`: key `{key}`: value {value}: network namespace not usable", w.name))
+                why.context(format!(
+                    "workload `{}`: key `{key}`: value {}: network namespace not usable",
+                    w.name,
+                    value()
+                ))
             })
             .and_then(|mut fact| {
                 if let Some((other, where_)) = taken.get(&fact.cookie) {
@@ -117,7 +122,8 @@ pub fn resolve(
                         "workload `{}`: key `{key}`: value {value}: the same network namespace (netns cookie {}) as \
                          workload `{other}` ({where_}); a namespace has one policy: list it once",
                         w.name,
-                        fact.cookie
+                        fact.cookie,
+                        value = value()
                     );
                 }
                 taken.insert(fact.cookie, (w.name.as_str(), &w.netns));
@@ -132,7 +138,7 @@ pub fn resolve(
                 }
                 // The proxy's IDs as the data path sees them: translated
                 // through the workload's user namespace, if it has its own.
-                let policy = user_namespace(w, &fact, cache)
+                let policy = user_namespace(w, &path, &fact, cache)
                     .and_then(|maps| match maps {
                         Some(m) => policy.in_user_namespace(&m),
                         None => Ok(policy),
@@ -152,12 +158,13 @@ pub fn resolve(
 /// `netns:` workload's namespace must belong to the agent's own.
 fn user_namespace(
     w: &WorkloadSpec,
+    path: &std::path::Path,
     netns: &crate::sys::nscache::NetnsFacts,
     cache: &mut crate::sys::nscache::NsCache,
 ) -> anyhow::Result<Option<redirector_policy::IdMaps>> {
     match (&w.id_maps, &w.netns) {
         (Some(m), _) => Ok(Some(m.clone())),
-        (None, NetnsRef::Pid(pid)) => cache.id_maps_of_pid(std::path::Path::new("/proc"), *pid, netns),
+        (None, NetnsRef::Pid(pid)) => cache.id_maps_of_pid(std::path::Path::new("/proc"), *pid, path, netns),
         (None, NetnsRef::Path(p)) => crate::sys::userns::require_owner_is_own(p, &netns.owner).map(|()| None),
     }
 }

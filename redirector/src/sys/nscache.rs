@@ -27,6 +27,7 @@
 //! as before, which [`NsCache::overflow`] reports.
 use std::{
     collections::{BTreeMap, HashMap},
+    ffi::OsString,
     fs::File,
     net::IpAddr,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
@@ -96,12 +97,12 @@ impl Held {
 
 /// See the module's documentation.
 pub struct NsCache {
-    held: BTreeMap<PathBuf, Held>,
+    held: BTreeMap<OsString, Held>,
     room: usize,
     overflow: usize,
     /// Where the next [`NsCache::release_gone`] starts (None: the first
     /// path).
-    release_from: Option<PathBuf>,
+    release_from: Option<OsString>,
     /// The ID maps of a `pid:` workload's user namespace (None: the
     /// agent's own), by pid and the held namespace it was read with: kept
     /// only where that user namespace is the agent's or the one owning
@@ -166,12 +167,13 @@ impl NsCache {
     }
 
     /// The ID maps of process `pid`'s user namespace, its network
-    /// namespace being `netns` (held): from the cache, or read (under
+    /// namespace being `netns` (held under `path`): from the cache, or read (under
     /// `proc_root`) and kept when they can be (see `id_maps`).
     pub fn id_maps_of_pid(
         &mut self,
         proc_root: &Path,
         pid: u32,
+        path: &Path,
         netns: &NetnsFacts,
     ) -> Result<Option<redirector_policy::IdMaps>> {
         let key = (pid, netns.id);
@@ -179,7 +181,7 @@ impl NsCache {
             return Ok(m.clone());
         }
         let (userns, maps) = super::userns::id_maps_of_pid_with_ns(proc_root, pid)?;
-        let held = self.held.values().any(|h| h.id == netns.id);
+        let held = self.held.get(path.as_os_str()).is_some_and(|h| h.id == netns.id);
         if held && (maps.is_none() || netns.owner.as_ref().is_ok_and(|o| *o == userns)) {
             self.id_maps.insert(key, maps.clone());
         }
@@ -222,7 +224,7 @@ impl NsCache {
         }
         use std::ops::Bound;
         let from = self.release_from.take().map_or(Bound::Unbounded, Bound::Included);
-        let mut checked: Vec<PathBuf> = self
+        let mut checked: Vec<OsString> = self
             .held
             .range((from, Bound::Unbounded))
             .take(RELEASE_CHECKS_PER_CALL + 1)
@@ -232,7 +234,7 @@ impl NsCache {
         self.release_from = if checked.len() > RELEASE_CHECKS_PER_CALL { checked.pop() } else { None };
         let mut gone = 0;
         for path in checked {
-            if self.held.get(&path).is_some_and(|h| stat_id(&path) != Some(h.id)) {
+            if self.held.get(&path).is_some_and(|h| stat_id(Path::new(&path)) != Some(h.id)) {
                 self.held.remove(&path);
                 gone += 1;
             }
@@ -251,10 +253,10 @@ impl NsCache {
     pub fn survey(&mut self, wanted: &[(PathBuf, bool)]) -> Vec<Result<NetnsFacts>> {
         let mut out: Vec<Option<Result<NetnsFacts>>> = (0..wanted.len()).map(|_| None).collect();
         let mut misses: Vec<(usize, PathBuf, bool)> = Vec::new();
-        let asked: std::collections::HashSet<&Path> = wanted.iter().map(|(p, _)| p.as_path()).collect();
-        self.held.retain(|p, _| asked.contains(p.as_path()));
+        let asked: std::collections::HashSet<&std::ffi::OsStr> = wanted.iter().map(|(p, _)| p.as_os_str()).collect();
+        self.held.retain(|p, _| asked.contains(p.as_os_str()));
         for (i, (path, addresses)) in wanted.iter().enumerate() {
-            if let Some(h) = self.held.get(path) {
+            if let Some(h) = self.held.get(path.as_os_str()) {
                 let same = stat_id(path) == Some(h.id);
                 let fresh = !*addresses || (h.facts.addresses.is_some() && !h.addresses_changed());
                 if same && fresh {
@@ -265,7 +267,7 @@ impl NsCache {
                     out[i] = Some(Ok(facts));
                     continue;
                 }
-                self.held.remove(path);
+                self.held.remove(path.as_os_str());
             }
             misses.push((i, path.clone(), *addresses));
         }
@@ -288,7 +290,7 @@ impl NsCache {
                             match held {
                                 Some((id, sock)) if room > 0 => {
                                     room -= 1;
-                                    self.held.insert(path, Held { id, sock, facts: facts.clone() });
+                                    self.held.insert(path.into_os_string(), Held { id, sock, facts: facts.clone() });
                                 }
                                 _ => self.overflow += 1,
                             }
@@ -523,10 +525,11 @@ mod tests {
         for room in [8, 0] {
             let mut cache = NsCache::with_room(room);
             let facts = cache.survey(&[(dir.join("ns/net"), false)]).pop().unwrap().unwrap();
-            let maps = cache.id_maps_of_pid(Path::new("/proc"), pid, &facts).unwrap().unwrap();
+            let net = dir.join("ns/net");
+            let maps = cache.id_maps_of_pid(Path::new("/proc"), pid, &net, &facts).unwrap().unwrap();
             assert_eq!(maps.uid.to_outside(1337), Some(525625));
             // A /proc with nothing in it: only a kept answer can come back.
-            let again = cache.id_maps_of_pid(nowhere, pid, &facts);
+            let again = cache.id_maps_of_pid(nowhere, pid, &net, &facts);
             if room > 0 {
                 assert_eq!(again.unwrap(), Some(maps));
             } else {
