@@ -504,23 +504,9 @@ mod tests {
             eprintln!("SKIP id_maps_are_kept_with_the_held_namespace: writing another process's uid_map needs root");
             return;
         }
-        use std::os::unix::process::CommandExt as _;
-        let mut c = Command::new("sleep");
-        c.arg("30");
-        // SAFETY: unshare is async-signal-safe.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = c.spawn().unwrap();
+        let mut child = super::super::userns::child_in_own_user_ns();
         let pid = child.id();
         let dir = PathBuf::from(format!("/proc/{pid}"));
-        std::fs::write(dir.join("uid_map"), "0 524288 65536\n").unwrap();
-        std::fs::write(dir.join("gid_map"), "0 589824 65536\n").unwrap();
         let nowhere = Path::new("/nonexistent-proc");
         for room in [8, 0] {
             let mut cache = NsCache::with_room(room);

@@ -115,6 +115,30 @@ fn require_initial_user_ns() -> Result<()> {
     Ok(())
 }
 
+/// A `sleep 30` in a user and network namespace of its own, its ID maps
+/// written by this process as a runtime does: UID 0-65535 inside are
+/// 524288-589823 outside, GID 0-65535 are 589824-655359. Needs root.
+#[cfg(test)]
+pub(crate) fn child_in_own_user_ns() -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let mut c = std::process::Command::new("sleep");
+    c.arg("30");
+    // SAFETY: unshare is async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = c.spawn().unwrap();
+    let dir = Path::new("/proc").join(child.id().to_string());
+    std::fs::write(dir.join("uid_map"), "0 524288 65536\n").unwrap();
+    std::fs::write(dir.join("gid_map"), "0 589824 65536\n").unwrap();
+    child
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,22 +156,8 @@ mod tests {
             eprintln!("SKIP own_and_child_user_namespaces (child part): writing another process's uid_map needs root");
             return;
         }
-        use std::os::unix::process::CommandExt as _;
-        let mut c = std::process::Command::new("sleep");
-        c.arg("30");
-        // SAFETY: unshare is async-signal-safe.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = c.spawn().unwrap();
+        let mut child = child_in_own_user_ns();
         let dir = Path::new("/proc").join(child.id().to_string());
-        std::fs::write(dir.join("uid_map"), "0 524288 65536\n").unwrap();
-        std::fs::write(dir.join("gid_map"), "0 589824 65536\n").unwrap();
         let maps = id_maps_of_pid(Path::new("/proc"), child.id()).unwrap().unwrap();
         assert_eq!((maps.uid.to_outside(1337), maps.gid.to_outside(1337)), (Some(525625), Some(591161)));
         let e = require_netns_in_own_user_ns(&dir.join("ns/net")).unwrap_err().to_string();
