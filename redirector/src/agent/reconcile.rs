@@ -37,6 +37,22 @@ impl AgentState {
     pub fn release_gone_namespaces(&mut self) -> usize {
         self.namespaces.release_gone()
     }
+
+    /// Publishes how many namespaces are held, and how many of the last
+    /// pass's could not be for want of file descriptors.
+    pub fn publish_namespaces(&self, metrics: &crate::metrics::Metrics) {
+        metrics.set_gauge(
+            "namespaces_held",
+            "Workloads' network namespaces the agent holds between passes (one file descriptor each).",
+            self.namespaces.len() as u64,
+        );
+        metrics.set_gauge(
+            "namespaces_unheld",
+            "Workloads' network namespaces of the last pass that RLIMIT_NOFILE left no room to hold: entered again \
+             on every pass.",
+            self.overflow as u64,
+        );
+    }
 }
 
 /// What one pass is asked for, by either source.

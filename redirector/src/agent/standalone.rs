@@ -79,6 +79,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Wanted { mesh: &cfg.mesh, workloads: &cfg.workloads, rejected: &cfg.rejected, keep: &BTreeSet::new() };
         let Reconciled { report, kept_last_good } = reconcile(dp, &wanted, state);
         metrics.observe_sync(started.elapsed());
+        state.publish_namespaces(&metrics);
         let new_errors = log.pass(&report);
         for _ in 0..new_errors {
             metrics.error("apply");
@@ -128,7 +129,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             return Err(rt.pins_gone(e));
         }
         dp.drain_retired();
-        state.release_gone_namespaces();
+        if state.release_gone_namespaces() > 0 {
+            state.publish_namespaces(&rt.metrics);
+        }
         if rt.check_full_maps(&dp.maps) && !retry.due() {
             // A listener the data path could not register is registered
             // by a pass (from /proc) once there is room: keep retrying.

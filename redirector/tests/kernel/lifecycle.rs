@@ -640,7 +640,14 @@ fn truncated_config_keeps_the_last_good_one_in_force() {
     };
     let metrics = || status_get(status, "/metrics").1;
     assert!(probe("192.0.2.10:80").starts_with("proxy 192.0.2.10:80"));
-    assert_eq!(metric(&metrics(), "redirector_config_valid"), Some(1));
+    let m = metrics();
+    assert_eq!(metric(&m, "redirector_config_valid"), Some(1));
+    // The workload's namespace is held between passes, with room to spare.
+    assert_eq!(
+        (metric(&m, "redirector_namespaces_held"), metric(&m, "redirector_namespaces_unheld")),
+        (Some(1), Some(0)),
+        "{m}"
+    );
 
     // `: > cfg`: truncated in place.
     std::fs::File::create(&config).unwrap();
@@ -696,6 +703,9 @@ fn truncated_config_keeps_the_last_good_one_in_force() {
     write_atomically(&config, "workloads: []\n");
     let got = poll_until(|| probe("192.0.2.10:80"), |g| g.starts_with("direct"));
     assert!(got.starts_with("direct 192.0.2.10:80"), "{got}\n{}", agent.log_text());
+    // And no longer holds its namespace.
+    let m = poll_until(metrics, |m| metric(m, "redirector_namespaces_held") == Some(0));
+    assert_eq!(metric(&m, "redirector_namespaces_held"), Some(0), "{m}");
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

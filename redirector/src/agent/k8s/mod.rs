@@ -312,7 +312,9 @@ pub async fn run(opts: KubeOptions) -> Result<()> {
         }
         // A pod's namespace deleted is let go of here, at the latest at the
         // next resync tick, not kept alive until its pod is gone.
-        agent.agent_state.release_gone_namespaces();
+        if agent.agent_state.release_gone_namespaces() > 0 {
+            agent.agent_state.publish_namespaces(&agent.rt.metrics);
+        }
         if let Some(since) = dirty_since {
             if agent.synced() {
                 // The pass is synchronous (map writes, netns threads); the

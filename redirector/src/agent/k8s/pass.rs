@@ -265,6 +265,7 @@ impl Agent {
         }
         let wanted = Wanted { mesh: &mesh, workloads: &p.workloads, rejected: &[], keep: &p.keep };
         let report = reconcile(&mut self.dp, &wanted, &mut self.agent_state).report;
+        self.agent_state.publish_namespaces(&self.rt.metrics);
         log_report(&report);
         self.ready_pods.clear();
         self.failed_pods.clear();
