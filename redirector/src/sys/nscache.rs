@@ -62,8 +62,8 @@ pub struct NetnsFacts {
 }
 
 struct Held {
-    id: NsId,
     sock: OwnedFd,
+    /// What was read when it was entered; `facts.id` is its identity.
     facts: NetnsFacts,
 }
 
@@ -156,7 +156,7 @@ pub fn raise_nofile_limit() -> Result<u64> {
 }
 
 fn stat_id(path: &Path) -> Option<NsId> {
-    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    super::userns::ns_id(path).ok()
 }
 
 impl NsCache {
@@ -181,7 +181,7 @@ impl NsCache {
             return Ok(m.clone());
         }
         let (userns, maps) = super::userns::id_maps_of_pid_with_ns(proc_root, pid)?;
-        let held = self.held.get(path.as_os_str()).is_some_and(|h| h.id == netns.id);
+        let held = self.held.get(path.as_os_str()).is_some_and(|h| h.facts.id == netns.id);
         if held && (maps.is_none() || netns.owner.as_ref().is_ok_and(|o| *o == userns)) {
             self.id_maps.insert(key, maps.clone());
         }
@@ -234,7 +234,7 @@ impl NsCache {
         self.release_from = if checked.len() > RELEASE_CHECKS_PER_CALL { checked.pop() } else { None };
         let mut gone = 0;
         for path in checked {
-            if self.held.get(&path).is_some_and(|h| stat_id(Path::new(&path)) != Some(h.id)) {
+            if self.held.get(&path).is_some_and(|h| stat_id(Path::new(&path)) != Some(h.facts.id)) {
                 self.held.remove(&path);
                 gone += 1;
             }
@@ -257,7 +257,7 @@ impl NsCache {
         self.held.retain(|p, _| asked.contains(p.as_os_str()));
         for (i, (path, addresses)) in wanted.iter().enumerate() {
             if let Some(h) = self.held.get(path.as_os_str()) {
-                let same = stat_id(path) == Some(h.id);
+                let same = stat_id(path) == Some(h.facts.id);
                 let fresh = !*addresses || (h.facts.addresses.is_some() && !h.addresses_changed());
                 if same && fresh {
                     let mut facts = h.facts.clone();
@@ -271,15 +271,18 @@ impl NsCache {
             }
             misses.push((i, path.clone(), *addresses));
         }
-        let mut room = self.room.saturating_sub(self.held.len());
         self.overflow = 0;
         if !misses.is_empty() {
-            let keep = room.min(misses.len());
+            // The first `keep` misses are held, the rest read and let go.
+            let keep = self.room.saturating_sub(self.held.len()).min(misses.len());
             let entered = std::thread::spawn(move || {
                 misses
                     .into_iter()
                     .enumerate()
-                    .map(|(k, (i, path, addresses))| (i, path.clone(), enter_and_read(&path, addresses, k < keep)))
+                    .map(|(k, (i, path, addresses))| {
+                        let r = enter_and_read(&path, addresses, k < keep);
+                        (i, path, r)
+                    })
                     .collect::<Vec<_>>()
             })
             .join();
@@ -288,11 +291,10 @@ impl NsCache {
                     for (i, path, r) in entered {
                         out[i] = Some(r.map(|(facts, held)| {
                             match held {
-                                Some((id, sock)) if room > 0 => {
-                                    room -= 1;
-                                    self.held.insert(path.into_os_string(), Held { id, sock, facts: facts.clone() });
+                                Some(sock) => {
+                                    self.held.insert(path.into_os_string(), Held { sock, facts: facts.clone() });
                                 }
-                                _ => self.overflow += 1,
+                                None => self.overflow += 1,
                             }
                             facts
                         }));
@@ -305,17 +307,17 @@ impl NsCache {
                 }
             }
         }
-        let held: std::collections::HashSet<NsId> = self.held.values().map(|h| h.id).collect();
+        let held: std::collections::HashSet<NsId> = self.held.values().map(|h| h.facts.id).collect();
         self.id_maps.retain(|(_, id), _| held.contains(id));
         out.into_iter().map(|o| o.unwrap_or_else(|| Err(anyhow::anyhow!("namespace not surveyed")))).collect()
     }
 }
 
 /// Enters the namespace at `path` (on the calling thread, which stays
-/// there) and reads its facts; with `hold`, also returns its identity and
-/// the socket that keeps it alive (subscribed to its address changes when
+/// there) and reads its facts; with `hold`, also returns the socket that
+/// keeps it alive (subscribed to its address changes when
 /// its addresses are wanted), or None if no descriptor was left for it.
-fn enter_and_read(path: &Path, addresses: bool, hold: bool) -> Result<(NetnsFacts, Option<(NsId, OwnedFd)>)> {
+fn enter_and_read(path: &Path, addresses: bool, hold: bool) -> Result<(NetnsFacts, Option<OwnedFd>)> {
     let file = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
     super::netns::enter_netns(&file).with_context(|| format!("entering network namespace {}", path.display()))?;
     let m = file.metadata().with_context(|| format!("reading network namespace {}", path.display()))?;
@@ -337,7 +339,7 @@ fn enter_and_read(path: &Path, addresses: bool, hold: bool) -> Result<(NetnsFact
     };
     let addresses = if addresses { Some(super::netns::addresses_here()?) } else { None };
     let facts = NetnsFacts { id, cookie, addresses, owner };
-    Ok((facts, sock.map(|s| (id, s))))
+    Ok((facts, sock))
 }
 
 /// A `NETLINK_ROUTE` socket of the calling thread's namespace, bound to

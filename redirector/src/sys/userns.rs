@@ -19,7 +19,7 @@ const NS_GET_USERNS: libc::c_ulong = 0xb701;
 
 use super::nscache::NsId;
 
-fn ns_id(path: &Path) -> Result<NsId> {
+pub(crate) fn ns_id(path: &Path) -> Result<NsId> {
     let m = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     Ok((m.dev(), m.ino()))
 }
@@ -60,19 +60,10 @@ pub fn id_maps_of_pid_with_ns(proc_root: &Path, pid: u32) -> Result<(NsId, Optio
     Ok((userns, Some(IdMaps { uid: read("uid_map")?, gid: read("gid_map")? })))
 }
 
-/// Fails unless the network namespace at `path` belongs to the agent's own
-/// user namespace: the proxy's IDs in a namespace of another one cannot be
+/// Fails unless `owner`, the user namespace a survey found owning the
+/// network namespace at `path` (`Err`: why it could not be asked), is the
+/// agent's own: the proxy's IDs in a namespace of another one cannot be
 /// translated without a process of it.
-pub fn require_netns_in_own_user_ns(path: &Path) -> Result<()> {
-    let ns = File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-    let owner = owner_of(&ns)
-        .with_context(|| format!("asking the user namespace of network namespace {}", path.display()))
-        .map_err(|e| format!("{e:#}"));
-    require_owner_is_own(path, &owner)
-}
-
-/// The check of [`require_netns_in_own_user_ns`] on the owner a survey
-/// read (`Err`: why it could not be asked).
 pub fn require_owner_is_own(path: &Path, owner: &Result<NsId, String>) -> Result<()> {
     let owner = owner.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
     if *owner != own()? {
@@ -142,6 +133,12 @@ pub(crate) fn child_in_own_user_ns() -> std::process::Child {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check a survey makes of a `netns:` workload's namespace.
+    fn require_netns_in_own_user_ns(path: &Path) -> Result<()> {
+        let ns = File::open(path).unwrap();
+        require_owner_is_own(path, &owner_of(&ns).map_err(|e| format!("{e:#}")))
+    }
 
     /// This process's own namespaces: no maps, and its network namespace
     /// belongs to its user namespace. A user namespace of its own is read
