@@ -67,6 +67,8 @@ pub enum Action {
     Outbound,
     /// To the proxy's inbound listener (Istio: a call back to the pod itself).
     Inbound,
+    /// To the proxy's DNS listener (`dns_port`): DNS capture.
+    Dns,
 }
 
 impl Action {
@@ -82,7 +84,7 @@ impl Action {
             Action::Pass(Reason::Proxy) => Some(counter::BYPASS_PROXY_UID),
             Action::Pass(Reason::NotIncluded) => Some(counter::BYPASS_NOT_INCLUDED),
             Action::Inbound => Some(counter::LOCAL_TO_INBOUND),
-            Action::Outbound => None,
+            Action::Outbound | Action::Dns => None,
         }
     }
 }
@@ -97,6 +99,14 @@ pub fn decide<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> Action {
     if l.port_rule(id, port_kind::OUTBOUND_EXCLUDE, dst.port) {
         return Action::Pass(Reason::ExcludedPort);
     }
+    let dns = policy.flags & flags::DNS_CAPTURE != 0 && dst.port == DNS_PORT;
+    let istio_dns = dns && policy.flags & flags::DNS_ISTIO_ORDER != 0;
+    // kumactl: TCP port 53 is not captured, and only the proxy's goes on.
+    if dns && !istio_dns && !l.is_proxy(policy) {
+        return Action::Pass(Reason::NotIncluded);
+    }
+    // istio-iptables' loopback rules leave TCP port 53 to its DNS chain.
+    let lo_skips_dns = istio_dns;
     // Kuma checks its IP exclusions before the loopback rules, Istio and
     // OSM after them; either way the trie is looked up once.
     let exclusions_first = policy.flags & flags::LOCAL_PROXY_ONLY != 0;
@@ -106,23 +116,25 @@ pub fn decide<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> Action {
     if policy.flags & (flags::LOCAL_TO_INBOUND | flags::LOCAL_BYPASS) != 0 {
         // "-o lo": the route goes through loopback (127/8, ::1 or one of
         // the workload's own addresses).
-        let to_lo =
-            (dst.is_v4 && a[12] == 127) || *a == LOCALHOST6 || l.cidr_hit(policy.local_id, cidr_kind::LOCAL_ADDRESS, a);
+        let to_lo = through_lo(l, policy, dst);
         if to_lo && policy.flags & flags::LOCAL_BYPASS != 0 {
             return Action::Pass(Reason::Localhost);
         }
         if to_lo && dst.from_passthrough {
             return Action::Pass(Reason::Localhost);
         }
-        if to_lo && policy.flags & flags::LOCAL_PROXY_ONLY != 0 && !l.is_proxy(policy) {
+        if to_lo && !lo_skips_dns && policy.flags & flags::LOCAL_PROXY_ONLY != 0 && !l.is_proxy(policy) {
             return Action::Pass(Reason::Localhost);
         }
-        if to_lo && !localhost {
+        if to_lo && !lo_skips_dns && !localhost {
             return Action::Inbound;
         }
     }
     if l.is_proxy(policy) {
         return Action::Pass(Reason::Proxy);
+    }
+    if istio_dns && is_dns_server(l, policy, dst) {
+        return Action::Dns;
     }
     if localhost {
         return Action::Pass(Reason::Localhost);
@@ -137,6 +149,50 @@ pub fn decide<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> Action {
         return Action::Pass(Reason::NotIncluded);
     }
     Action::Outbound
+}
+
+/// DNS's port.
+pub const DNS_PORT: u16 = 53;
+
+/// "-o lo": the route to `dst` goes through loopback (127/8, ::1 or one of
+/// the workload's own addresses).
+#[inline(always)]
+fn through_lo<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> bool {
+    let a = &dst.addr;
+    (dst.is_v4 && a[12] == 127) || *a == LOCALHOST6 || l.cidr_hit(policy.local_id, cidr_kind::LOCAL_ADDRESS, a)
+}
+
+/// DNS capture takes `dst` (port 53 known): it is one of the workload's
+/// nameservers (capture-all is the range `0.0.0.0/0`, and `::/0`).
+#[inline(always)]
+fn is_dns_server<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> bool {
+    l.cidr_hit(policy.policy_id, cidr_kind::DNS_SERVER, &dst.addr)
+}
+
+/// What sendmsg4/6 and connect4/6 do with a UDP datagram (or connected UDP
+/// socket) to `dst` under `policy`: `Action::Dns` or a pass. Nothing but
+/// port 53 is ever touched. The proxy's own queries go out as they are;
+/// with `DNS_ISTIO_ORDER` a socket bound to 127.0.0.6 sending through lo
+/// returns first (istio-iptables' `-o lo -s 127.0.0.6/32 -j RETURN`
+/// matches every protocol). No port or CIDR exclusion applies: in both
+/// meshes' rules the DNS redirect comes before them (istio-iptables'
+/// exclusions are `-p tcp` or after `ISTIO_OUTPUT_DNS`; Kuma inserts its
+/// UDP rules at the head of OUTPUT).
+#[inline(always)]
+pub fn decide_udp<L: Lookups>(l: &L, policy: &WorkloadPolicy, dst: &Dst) -> Action {
+    if policy.flags & flags::DNS_CAPTURE == 0 || dst.port != DNS_PORT {
+        return Action::Pass(Reason::NotIncluded);
+    }
+    if policy.flags & flags::DNS_ISTIO_ORDER != 0 && dst.from_passthrough && through_lo(l, policy, dst) {
+        return Action::Pass(Reason::Localhost);
+    }
+    if l.is_proxy(policy) {
+        return Action::Pass(Reason::Proxy);
+    }
+    if !is_dns_server(l, policy, dst) {
+        return Action::Pass(Reason::NotIncluded);
+    }
+    Action::Dns
 }
 
 /// Whether an inbound connection to `port` goes to the proxy (osm-init's
@@ -224,6 +280,7 @@ mod tests {
         WorkloadPolicy {
             policy_id: LISTS_ID,
             local_id: LOCAL_ID,
+            dns_port: 15053,
             _pad: 0,
             flags: flags::OUT_ENABLED | flags,
             proxy_uid: 1500,
@@ -292,6 +349,62 @@ mod tests {
         assert_eq!(decide(&r, &linkerd, &to_self), Action::Pass(Reason::Localhost));
         assert_eq!(decide(&r, &linkerd, &v4([127, 0, 0, 2], 80)), Action::Pass(Reason::Localhost));
         assert_eq!(decide(&r, &linkerd, &v4([10, 0, 0, 6], 80)), Action::Outbound);
+    }
+
+    /// istio-iptables with `--redirect-dns` and nameserver 127.0.0.53
+    /// (its `dns-uid-gid` golden), and Kuma's order.
+    #[test]
+    fn dns_capture() {
+        let own = [
+            (cidr_kind::LOCAL_ADDRESS, v4_mapped([10, 0, 0, 5]), 128),
+            (cidr_kind::DNS_SERVER, v4_mapped([127, 0, 0, 53]), 128),
+            (cidr_kind::DNS_SERVER, v4_mapped([198, 51, 100, 53]), 128),
+            (cidr_kind::OUTBOUND_EXCLUDE, v4_mapped([198, 51, 100, 0]), 96 + 24),
+        ];
+        let app = Rules { ports: &[], cidrs: &own, proxy: false };
+        let proxy = Rules { proxy: true, ..app };
+        let base = flags::LOCAL_TO_INBOUND | flags::LOCAL_PROXY_ONLY;
+        let istio = policy(base | flags::DNS_CAPTURE | flags::DNS_ISTIO_ORDER);
+        // UDP: only port 53 of a nameserver, never the proxy's own, and
+        // before the CIDR exclusions.
+        assert_eq!(decide_udp(&app, &istio, &v4([198, 51, 100, 53], 53)), Action::Dns);
+        assert_eq!(decide_udp(&app, &istio, &v4([127, 0, 0, 53], 53)), Action::Dns);
+        assert_eq!(decide_udp(&app, &istio, &v4([198, 51, 100, 54], 53)), Action::Pass(Reason::NotIncluded));
+        assert_eq!(decide_udp(&app, &istio, &v4([198, 51, 100, 53], 5353)), Action::Pass(Reason::NotIncluded));
+        assert_eq!(decide_udp(&proxy, &istio, &v4([198, 51, 100, 53], 53)), Action::Pass(Reason::Proxy));
+        let passthrough = Dst { from_passthrough: true, ..v4([127, 0, 0, 53], 53) };
+        assert_eq!(decide_udp(&app, &istio, &passthrough), Action::Pass(Reason::Localhost));
+        // TCP: the loopback rules skip port 53.
+        assert_eq!(decide(&app, &istio, &v4([127, 0, 0, 53], 53)), Action::Dns);
+        assert_eq!(decide(&app, &istio, &v4([127, 0, 0, 53], 80)), Action::Pass(Reason::Localhost));
+        assert_eq!(decide(&app, &istio, &v4([127, 0, 0, 1], 53)), Action::Pass(Reason::Localhost));
+        // ... so a loopback port 53 that is no nameserver goes to the
+        // outbound listener, as ISTIO_REDIRECT takes it.
+        assert_eq!(decide(&app, &istio, &v4([127, 0, 0, 5], 53)), Action::Outbound);
+        assert_eq!(decide(&proxy, &istio, &v4([10, 0, 0, 5], 53)), Action::Pass(Reason::Proxy));
+        assert_eq!(decide(&proxy, &istio, &v4([10, 0, 0, 5], 80)), Action::Inbound);
+        // An excluded port comes first.
+        let excl = [(port_kind::OUTBOUND_EXCLUDE, 53)];
+        let r = Rules { ports: &excl, ..app };
+        assert_eq!(decide(&r, &istio, &v4([198, 51, 100, 53], 53)), Action::Pass(Reason::ExcludedPort));
+        // Capture-all: every IPv4 address.
+        let any = [(cidr_kind::DNS_SERVER, v4_mapped([0, 0, 0, 0]), 96)];
+        let r = Rules { cidrs: &any, ..app };
+        assert_eq!(decide_udp(&r, &istio, &v4([203, 0, 113, 1], 53)), Action::Dns);
+        assert_eq!(decide(&r, &istio, &v4([203, 0, 113, 1], 53)), Action::Dns);
+        // Kuma: TCP port 53 is not captured, the application's goes out
+        // as it is, the proxy's as any of its connections.
+        let kuma = policy(base | flags::DNS_CAPTURE);
+        assert_eq!(decide(&app, &kuma, &v4([127, 0, 0, 53], 53)), Action::Pass(Reason::NotIncluded));
+        assert_eq!(decide(&app, &kuma, &v4([192, 0, 2, 53], 53)), Action::Pass(Reason::NotIncluded));
+        assert_eq!(decide(&app, &kuma, &v4([192, 0, 2, 53], 80)), Action::Outbound);
+        assert_eq!(decide(&proxy, &kuma, &v4([10, 0, 0, 5], 53)), Action::Inbound);
+        assert_eq!(decide(&proxy, &kuma, &v4([192, 0, 2, 53], 53)), Action::Pass(Reason::Proxy));
+        assert_eq!(decide_udp(&app, &kuma, &v4([198, 51, 100, 53], 53)), Action::Dns);
+        assert_eq!(decide_udp(&app, &kuma, &passthrough), Action::Dns);
+        // Off: nothing.
+        assert_eq!(decide_udp(&app, &policy(base), &v4([198, 51, 100, 53], 53)), Action::Pass(Reason::NotIncluded));
+        assert_eq!(decide(&app, &policy(base), &v4([192, 0, 2, 53], 53)), Action::Outbound);
     }
 
     #[test]

@@ -23,7 +23,10 @@ pub const LAYOUT_VERSION: u32 = RELEASED_LAYOUT_VERSION + 1;
 /// can take a spare slot without another layout change, and added `NAMES`.
 /// Layout 7 gave `WorkloadPolicy` a `local_id`: the list entries of one
 /// `policy_id` are shared by every workload whose lists are the same, and a
-/// workload's own addresses are keyed by an id of its own.)
+/// workload's own addresses are keyed by an id of its own. DNS capture
+/// kept layout 7: `dns_port` took the half of `WorkloadPolicy`'s padding
+/// that every earlier agent wrote as 0, which with no `flags::DNS_CAPTURE`
+/// means no capture, and its servers are a new `cidr_kind` in `CIDRS`.)
 const RELEASED_LAYOUT_VERSION: u32 = 7;
 
 /// Capacities. The agent reports fill levels against these and refuses an
@@ -80,6 +83,13 @@ pub mod prog_names {
     /// Attached to each workload's network namespace (not to the cgroup).
     pub const SK_LOOKUP: &str = "rdr_sk_lookup";
     pub const SOCKOPS: &str = "rdr_sockops";
+    /// DNS capture (unconnected UDP): attached only while a workload asks
+    /// for it.
+    pub const SENDMSG4: &str = "rdr_sendmsg4";
+    pub const SENDMSG6: &str = "rdr_sendmsg6";
+    /// DNS capture: the reply shows the nameserver the application asked.
+    pub const RECVMSG4: &str = "rdr_recvmsg4";
+    pub const RECVMSG6: &str = "rdr_recvmsg6";
     pub const GETSOCKOPT: &str = "rdr_getsockopt";
     /// Attached to the `ACCEL_SOCKETS` sockhash (not to the cgroup).
     pub const SK_MSG: &str = "rdr_sk_msg";
@@ -126,6 +136,21 @@ pub mod flags {
     /// proxy connections go into `ACCEL_SOCKETS`, and `sk_msg` moves their
     /// bytes from one socket to the other without the loopback TCP stack.
     pub const ACCEL_SOCKMAP: u32 = 1 << 11;
+    /// DNS capture (istio-iptables' `--redirect-dns`, Kuma's
+    /// `--redirect-dns`): UDP (and with `DNS_ISTIO_ORDER` TCP) to port 53
+    /// of one of the workload's nameservers (`cidr_kind::DNS_SERVER`) go
+    /// to the proxy's DNS listener, `dns_port`, unless the proxy sends them.
+    pub const DNS_CAPTURE: u32 = 1 << 12;
+    /// With `DNS_CAPTURE`: DNS is decided where istio-iptables puts its
+    /// `ISTIO_OUTPUT_DNS` chain, after the `-o lo -s 127.0.0.6 -j RETURN`
+    /// that every protocol passes through, TCP port 53 included (its
+    /// loopback rules skip TCP port 53: `! --dport 53`, `! --dports
+    /// 53,15008`, so such a connection through lo goes on to the DNS
+    /// rules). Without it, kumactl's order: UDP port 53 is decided first in
+    /// OUTPUT, and TCP port 53 is not captured: everyone's but the proxy's
+    /// goes out untouched (`-A OUTPUT -p tcp --dport 53 -m owner !
+    /// --uid-owner UID -j RETURN`).
+    pub const DNS_ISTIO_ORDER: u32 = 1 << 13;
 }
 
 /// Value of the `WORKLOADS` map, keyed by the workload's network namespace
@@ -156,7 +181,9 @@ pub struct WorkloadPolicy {
     /// Id of this workload's own addresses (`cidr_kind::LOCAL_ADDRESS`
     /// entries), never shared; 0 when it has none in the maps.
     pub local_id: u32,
-    pub _pad: u32,
+    /// The proxy's DNS listener port (host order), with `DNS_CAPTURE`.
+    pub dns_port: u16,
+    pub _pad: u16,
 }
 
 /// Kinds of port rules in the `PORTS` map.
@@ -186,6 +213,10 @@ pub mod cidr_kind {
     /// Inbound connections *from* these sources are not redirected
     /// (Linkerd's `--subnets-to-ignore`, Kuma's `exclude-inbound-ips`).
     pub const INBOUND_SOURCE_EXCLUDE: u8 = 4;
+    /// A nameserver of the workload (its resolv.conf's `nameserver`
+    /// lines), or a range of them (`0.0.0.0/0` for `--capture-all-dns`):
+    /// DNS to it is captured (`flags::DNS_CAPTURE`).
+    pub const DNS_SERVER: u8 = 5;
 }
 
 /// Data part of the CIDR LPM trie key, for both families. IPv4 addresses and
@@ -253,6 +284,12 @@ pub mod orig_flags {
     /// TCP for the rest of the connection, or bytes could be reordered
     /// (the receiver reads redirected bytes before queued TCP ones).
     pub const MSG_VIA_TCP: u32 = 16;
+    /// A UDP socket whose datagrams to a nameserver went to the proxy's
+    /// DNS listener: recvmsg shows the listener's replies as coming from
+    /// this record's address, the nameserver the application asked. The
+    /// record is in the socket's own family (an IPv4-mapped nameserver on
+    /// an AF_INET6 socket stays mapped).
+    pub const DNS: u32 = 32;
 }
 
 /// The destination an application dialed before it was redirected.
@@ -377,6 +414,12 @@ pub mod counter {
     /// same namespace, before the init container is switched), so its
     /// answer, not the socket's local address, is the original one.
     pub const ORIG_DST_CONNTRACK: u32 = 24;
+    /// DNS capture: a UDP datagram, connected UDP socket or TCP connection
+    /// to port 53 sent to the proxy's DNS listener.
+    pub const DNS_REDIRECTED: u32 = 25;
+    /// DNS capture: a reply from the proxy's DNS listener shown to the
+    /// application as coming from the nameserver it asked.
+    pub const DNS_REPLY_RESTORED: u32 = 26;
     /// Counted only by the `upgrade-test` build of connect4/6, the changed
     /// programs the restart test upgrades to (never by a release build).
     /// The last slot: counters added later take the spare slots between
@@ -384,7 +427,7 @@ pub mod counter {
     pub const UPGRADE_TEST_BUILD: u32 = COUNT - 1;
     pub const COUNT: u32 = 32;
     /// Names for `redirector inspect`, indexed like the constants above.
-    pub const NAMES: [&str; 25] = [
+    pub const NAMES: [&str; 27] = [
         "redirected",
         "bypass_proxy_uid",
         "bypass_localhost",
@@ -410,6 +453,8 @@ pub mod counter {
         "listener_insert_failed",
         "orig_dst_own_address",
         "orig_dst_conntrack",
+        "dns_redirected",
+        "dns_reply_restored",
     ];
 }
 

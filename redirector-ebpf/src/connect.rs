@@ -1,6 +1,7 @@
 //! What connect4 and connect6 share: the workload's policy, the decision,
 //! the `OrigDst` record on the socket and the counters. A [`Family`] reads
-//! the destination and writes the proxy's address.
+//! the destination and writes the proxy's address. A UDP socket's connect
+//! goes to DNS capture (`dns`), as sendmsg4/6 do.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::bpf_get_netns_cookie,
@@ -15,7 +16,7 @@ use redirector_common::{
 
 use crate::{
     lookups::Maps,
-    maps::{count, sock_orig, IPPROTO_TCP, RDR_WORKLOADS},
+    maps::{count, sock_orig, IPPROTO_TCP, IPPROTO_UDP, RDR_WORKLOADS},
 };
 
 /// The address-family half of a connect hook.
@@ -33,6 +34,9 @@ pub fn connect<F: Family>(ctx: &SockAddrContext) {
     count(counter::UPGRADE_TEST_BUILD);
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.protocol != IPPROTO_TCP {
+        if sa.protocol == IPPROTO_UDP {
+            crate::dns::capture::<F>(ctx);
+        }
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -56,6 +60,7 @@ pub fn connect<F: Family>(ctx: &SockAddrContext) {
         Action::Pass(_) => return,
         Action::Outbound => policy.outbound_port,
         Action::Inbound => policy.inbound_port,
+        Action::Dns => policy.dns_port,
     };
     orig.flags = orig_flags::APP_SIDE | orig_accel_flag(&policy);
     let slot = unsafe { sock_orig(sk, Some(&mut orig)) };
@@ -69,5 +74,5 @@ pub fn connect<F: Family>(ctx: &SockAddrContext) {
     unsafe { *slot = orig };
     F::redirect(sa, &policy, &dst);
     sa.user_port = u32::from(port.to_be());
-    count(counter::REDIRECTED);
+    count(if action == Action::Dns { counter::DNS_REDIRECTED } else { counter::REDIRECTED });
 }

@@ -19,7 +19,7 @@ pub fn rdr_connect4(ctx: SockAddrContext) -> i32 {
     1
 }
 
-struct V4;
+pub struct V4;
 
 impl Family for V4 {
     #[inline(always)]

@@ -22,7 +22,7 @@ pub fn rdr_connect6(ctx: SockAddrContext) -> i32 {
     1
 }
 
-struct V6;
+pub struct V6;
 
 impl Family for V6 {
     #[inline(always)]

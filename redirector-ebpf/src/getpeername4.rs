@@ -10,7 +10,7 @@ pub fn rdr_getpeername4(ctx: SockAddrContext) -> i32 {
     getpeername::<V4>(&ctx)
 }
 
-struct V4;
+pub struct V4;
 
 impl PeerFamily for V4 {
     #[inline(always)]

@@ -13,7 +13,7 @@ pub fn rdr_getpeername6(ctx: SockAddrContext) -> i32 {
     getpeername::<V6>(&ctx)
 }
 
-struct V6;
+pub struct V6;
 
 impl PeerFamily for V6 {
     #[inline(always)]

@@ -79,6 +79,7 @@ pub unsafe fn sock_orig(sk: *mut bpf_sock, init: Option<&mut OrigDst>) -> *mut O
 }
 
 pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
 
 /// Address words as the kernel hands them (network order in each `u32`)
 /// to bytes.

@@ -48,6 +48,66 @@ pub struct Policy {
     /// The workload's own addresses (the "-o lo" test of `LoopbackMode`);
     /// filled in by the agent from the network namespace.
     pub local_addresses: BTreeSet<IpAddr>,
+    /// DNS capture, when asked for.
+    pub dns: Option<DnsCapture>,
+}
+
+/// DNS capture: UDP and TCP to port 53 of the workload's nameservers go
+/// to the proxy's DNS listener (istio-iptables' `--redirect-dns`, Kuma's
+/// `--redirect-dns`), all of port 53 with [`DnsServers::All`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DnsCapture {
+    /// The proxy's DNS listener (15053 for Istio and Kuma).
+    pub port: u16,
+    pub servers: DnsServers,
+    /// istio-iptables' order of the DNS rules (see
+    /// `redirector_common::flags::DNS_ISTIO_ORDER`); Kuma's otherwise.
+    pub istio_order: bool,
+    /// IPv6 nameservers too (istio-iptables programs ip6tables only for
+    /// an IPv6 or dual-stack pod; else IPv6 DNS is left alone).
+    pub ipv6: bool,
+}
+
+/// Which destinations DNS capture takes (on port 53).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DnsServers {
+    /// Every address (`--capture-all-dns`, `--redirect-all-dns-traffic`).
+    All,
+    /// The workload's nameservers, as its resolv.conf lists them: filled
+    /// in by the agent (`Listed` once read).
+    ResolvConf,
+    /// These nameservers (IPv4-mapped ones as IPv4).
+    Listed(BTreeSet<IpAddr>),
+}
+
+impl DnsCapture {
+    /// Whether port 53 of `ip` (IPv4-mapped as IPv4) is captured.
+    pub fn takes(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        (ip.is_ipv4() || self.ipv6)
+            && match &self.servers {
+                DnsServers::All => true,
+                DnsServers::Listed(s) => s.contains(&ip),
+                DnsServers::ResolvConf => false,
+            }
+    }
+
+    /// The ranges the maps hold for it: each nameserver of a family it
+    /// captures, or the whole of each family for `All`.
+    pub fn ranges(&self) -> Vec<IpNet> {
+        let family = |ip: &IpAddr| ip.is_ipv4() || self.ipv6;
+        match &self.servers {
+            DnsServers::All => {
+                let mut v = vec![IpNet::V4(Default::default())];
+                if self.ipv6 {
+                    v.push(IpNet::V6(Default::default()));
+                }
+                v
+            }
+            DnsServers::Listed(s) => s.iter().filter(|ip| family(ip)).map(|ip| IpNet::from(*ip)).collect(),
+            DnsServers::ResolvConf => Vec::new(),
+        }
+    }
 }
 
 /// The part of a [`Policy`] that the list maps hold under a `policy_id`:
@@ -63,6 +123,9 @@ pub struct Lists<'a> {
     pub inbound_port_exclusion: &'a BTreeSet<u16>,
     pub inbound_port_inclusion: &'a Option<BTreeSet<u16>>,
     pub inbound_source_exclusion: &'a BTreeSet<IpNet>,
+    /// The nameservers DNS capture takes (in the list maps), and whether
+    /// IPv6 ones count.
+    pub dns_servers: Option<(&'a DnsServers, bool)>,
 }
 
 pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
@@ -113,6 +176,16 @@ pub fn compile(mesh: &MeshSettings, pod: &WorkloadAnnotations) -> Policy {
         inbound_port_inclusion: over(&pod.inbound_port_inclusion, &mesh.inbound_port_inclusion),
         inbound_source_exclusion: union_nets(&mesh.inbound_source_exclusion, &pod.inbound_source_exclusion),
         local_addresses: BTreeSet::new(),
+        dns: mesh.dns.as_ref().map(|d| DnsCapture {
+            port: d.port,
+            servers: match (&d.servers, d.capture_all) {
+                (_, true) => DnsServers::All,
+                (Some(listed), false) => DnsServers::Listed(listed.iter().copied().map(canonical_ip).collect()),
+                (None, false) => DnsServers::ResolvConf,
+            },
+            istio_order: mesh.preset == crate::Preset::Istio,
+            ipv6: d.ipv6,
+        }),
     }
 }
 
@@ -127,7 +200,23 @@ impl Policy {
             inbound_port_exclusion: &self.inbound_port_exclusion,
             inbound_port_inclusion: &self.inbound_port_inclusion,
             inbound_source_exclusion: &self.inbound_source_exclusion,
+            dns_servers: self.dns.as_ref().map(|d| (&d.servers, d.ipv6)),
         }
+    }
+
+    /// Whether the agent must read the workload's resolv.conf for its
+    /// nameservers.
+    pub fn needs_resolv_conf(&self) -> bool {
+        matches!(self.dns, Some(DnsCapture { servers: DnsServers::ResolvConf, .. }))
+    }
+
+    /// The same policy knowing the workload's nameservers (from its
+    /// resolv.conf); changes nothing unless it asked for them.
+    pub fn with_nameservers(mut self, servers: impl IntoIterator<Item = IpAddr>) -> Self {
+        if let Some(d) = self.dns.as_mut().filter(|d| d.servers == DnsServers::ResolvConf) {
+            d.servers = DnsServers::Listed(servers.into_iter().map(canonical_ip).collect());
+        }
+        self
     }
 
     /// The workload's own addresses as the maps need them: only a loopback

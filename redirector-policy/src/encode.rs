@@ -10,7 +10,12 @@ use redirector_common::{
     V4_MAPPED_PREFIX_BITS,
 };
 
-use crate::{compile::Policy, dialect::LoopbackMode, mesh::Acceleration, values::canonical_net};
+use crate::{
+    compile::{DnsCapture, Policy},
+    dialect::LoopbackMode,
+    mesh::Acceleration,
+    values::canonical_net,
+};
 
 /// The map entries that express one workload's policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +135,12 @@ pub fn map_entries_with(policy: &Policy, policy_id: u32, local_id: u32) -> MapEn
     if policy.acceleration == Acceleration::Sockmap {
         f |= flags::ACCEL_SOCKMAP;
     }
+    if let Some(d) = &policy.dns {
+        f |= flags::DNS_CAPTURE;
+        if d.istio_order {
+            f |= flags::DNS_ISTIO_ORDER;
+        }
+    }
     match policy.loopback {
         LoopbackMode::Osm => {}
         LoopbackMode::ToInbound => f |= flags::LOCAL_TO_INBOUND,
@@ -147,6 +158,7 @@ pub fn map_entries_with(policy: &Policy, policy_id: u32, local_id: u32) -> MapEn
         redirect_ip6: policy.redirect_ip6.octets(),
         proxy_cgroup_id: policy.proxy_cgroup.unwrap_or(0),
         local_id,
+        dns_port: policy.dns.as_ref().map_or(0, |d| d.port),
         _pad: 0,
     };
     let port = |kind: u8| move |p: &u16| PortKey { policy_id, port: *p, kind, _pad: 0 };
@@ -169,6 +181,9 @@ pub fn map_entries_with(policy: &Policy, policy_id: u32, local_id: u32) -> MapEn
         for n in list.into_iter().flatten() {
             cidrs.extend(cidr_entries(policy_id, kind, n));
         }
+    }
+    for n in policy.dns.iter().flat_map(DnsCapture::ranges) {
+        cidrs.extend(cidr_entries(policy_id, cidr_kind::DNS_SERVER, &n));
     }
     for a in own {
         cidrs.push(cidr_entry(local_id, cidr_kind::LOCAL_ADDRESS, &IpNet::from(*a)));

@@ -9,8 +9,8 @@ use std::{
 
 use ipnet::IpNet;
 use redirector_common::{
-    decide::{decide, is_proxy_with, Action, Dst, Lookups, Reason},
-    v4_mapped, CidrData, PortKey, WorkloadPolicy,
+    decide::{decide, decide_udp, is_proxy_with, Action, Dst, Lookups, Reason, DNS_PORT},
+    flags, v4_mapped, CidrData, PortKey, WorkloadPolicy,
 };
 
 use crate::{
@@ -79,15 +79,18 @@ fn in_nets(nets: &BTreeSet<IpNet>, ip: IpAddr) -> bool {
 /// What connect4/connect6 do with `conn` under `policy` (same order of
 /// checks). The redirect target keeps the socket's family: an AF_INET6
 /// socket dialing an IPv4-mapped address is sent to ::ffff:127.0.0.1.
+///
+/// With DNS capture, UDP to port 53 of a nameserver goes to the DNS
+/// listener, decided before every exclusion (only the proxy's own queries,
+/// and with istio-iptables' order a socket bound to 127.0.0.6 sending
+/// through lo, go out as they are). TCP port 53: with istio-iptables'
+/// order captured right after the proxy test (its loopback rules leave it
+/// alone); with kumactl's, never captured, and only the proxy's goes on
+/// through the chain.
 pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
-    if conn.protocol != Protocol::Tcp {
-        return Verdict::Pass(Bypass::NotTcp);
-    }
     let (ip, port, is_v4) = effective(conn.dst);
-    let localhost = ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST);
-    if policy.outbound_port_exclusion.contains(&port) {
-        return Verdict::Pass(Bypass::ExcludedPort);
-    }
+    let dns = policy.dns.as_ref().filter(|_| port == DNS_PORT);
+    let dns_server = dns.is_some_and(|d| d.takes(ip));
     let target = |p: u16| -> SocketAddr {
         match conn.dst {
             SocketAddr::V4(_) => SocketAddr::new(policy.redirect_ip4.into(), p),
@@ -103,18 +106,41 @@ pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
         Some(id) => conn.cgroup == id,
         None => conn.uid == policy.proxy_uid || policy.proxy_gid == Some(conn.gid),
     };
+    let from_passthrough = conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)));
+    if conn.protocol != Protocol::Tcp {
+        let Some(d) = dns else { return Verdict::Pass(Bypass::NotTcp) };
+        if d.istio_order && from_passthrough && to_lo {
+            return Verdict::Pass(Bypass::Localhost);
+        }
+        if is_proxy {
+            return Verdict::Pass(Bypass::ProxyUid);
+        }
+        if !dns_server {
+            return Verdict::Pass(Bypass::NotIncluded);
+        }
+        return Verdict::Redirect(target(d.port));
+    }
+    let localhost = ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if policy.outbound_port_exclusion.contains(&port) {
+        return Verdict::Pass(Bypass::ExcludedPort);
+    }
+    // kumactl: TCP port 53 is not captured, and only the proxy's goes on.
+    if dns.is_some_and(|d| !d.istio_order) && !is_proxy {
+        return Verdict::Pass(Bypass::NotIncluded);
+    }
+    let lo_skips_dns = dns.is_some_and(|d| d.istio_order);
     if policy.loopback == LoopbackMode::ProxyToInbound && in_nets(&policy.outbound_ip_range_exclusion, ip) {
         return Verdict::Pass(Bypass::ExcludedCidr);
     }
     match policy.loopback {
         LoopbackMode::ToInbound | LoopbackMode::ProxyToInbound if to_lo => {
-            if conn.src.map(canonical_ip) == Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6))) {
+            if from_passthrough {
                 return Verdict::Pass(Bypass::Localhost);
             }
-            if policy.loopback == LoopbackMode::ProxyToInbound && !is_proxy {
+            if policy.loopback == LoopbackMode::ProxyToInbound && !is_proxy && !lo_skips_dns {
                 return Verdict::Pass(Bypass::Localhost);
             }
-            if !localhost {
+            if !localhost && !lo_skips_dns {
                 return Verdict::Redirect(target(policy.inbound_port));
             }
         }
@@ -123,6 +149,9 @@ pub fn evaluate(policy: &Policy, conn: &OutboundConn) -> Verdict {
     }
     if is_proxy {
         return Verdict::Pass(Bypass::ProxyUid);
+    }
+    if let (Some(d), true) = (dns, dns_server && lo_skips_dns) {
+        return Verdict::Redirect(target(d.port));
     }
     if localhost {
         return Verdict::Pass(Bypass::Localhost);
@@ -210,9 +239,6 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
         }
     }
     let w = &e.workload;
-    if conn.protocol != Protocol::Tcp {
-        return Verdict::Pass(Bypass::NotTcp);
-    }
     let (ip, port, is_v4) = effective(conn.dst);
     let addr = match ip {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
@@ -227,7 +253,17 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
             SocketAddr::V6(_) => SocketAddr::new(Ipv6Addr::from(w.redirect_ip6).into(), p),
         }
     };
-    match decide(&Entries { e, conn }, w, &Dst { addr, is_v4, port, from_passthrough }) {
+    let dst = Dst { addr, is_v4, port, from_passthrough };
+    let action = match conn.protocol {
+        Protocol::Tcp => decide(&Entries { e, conn }, w, &dst),
+        Protocol::Udp => match decide_udp(&Entries { e, conn }, w, &dst) {
+            Action::Pass(Reason::NotIncluded) if w.flags & flags::DNS_CAPTURE == 0 || port != DNS_PORT => {
+                return Verdict::Pass(Bypass::NotTcp)
+            }
+            a => a,
+        },
+    };
+    match action {
         Action::Pass(Reason::ExcludedPort) => Verdict::Pass(Bypass::ExcludedPort),
         Action::Pass(Reason::ExcludedCidr) => Verdict::Pass(Bypass::ExcludedCidr),
         Action::Pass(Reason::Localhost) => Verdict::Pass(Bypass::Localhost),
@@ -235,6 +271,7 @@ pub fn evaluate_entries(e: &MapEntries, conn: &OutboundConn) -> Verdict {
         Action::Pass(Reason::NotIncluded) => Verdict::Pass(Bypass::NotIncluded),
         Action::Outbound => Verdict::Redirect(target(w.outbound_port)),
         Action::Inbound => Verdict::Redirect(target(w.inbound_port)),
+        Action::Dns => Verdict::Redirect(target(w.dns_port)),
     }
 }
 

@@ -30,7 +30,7 @@ pub mod oracle;
 pub mod shared;
 pub mod values;
 
-pub use compile::{compile, Lists, Policy};
+pub use compile::{compile, DnsCapture, DnsServers, Lists, Policy};
 pub use config::{load_config, parse_config, policies, Config, NetnsRef, WorkloadSpec};
 pub use dialect::{
     annotation_key_warnings, istio_annotations, kuma_annotations, linkerd_annotations, osm_annotations,
@@ -44,7 +44,8 @@ pub use evaluate::{
 pub use idmap::{IdMap, IdMaps};
 pub use located::{problems_of, Problem, Problems};
 pub use mesh::{
-    parse_mesh_document, Acceleration, MeshSettings, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+    parse_mesh_document, Acceleration, DnsSettings, MeshSettings, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
 };
 pub use shared::SharedLists;
 pub use values::{canonical_net, parse_cidr, parse_port, Inclusion};

@@ -73,6 +73,38 @@ pub struct MeshSettings {
     pub inbound_source_exclusion: Vec<IpNet>,
     /// None (or empty): every port (Istio's `-b *`).
     pub inbound_port_inclusion: Option<Vec<u16>>,
+    /// DNS capture; None: off.
+    pub dns: Option<DnsSettings>,
+}
+
+/// The mesh's DNS capture settings (`dnsCapture`, `dnsPort`,
+/// `dnsCaptureAll`, `dnsServers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// The proxy's DNS listener.
+    pub port: u16,
+    /// Port 53 of every address, not only the nameservers.
+    pub capture_all: bool,
+    /// The nameservers; None: each workload's resolv.conf.
+    pub servers: Option<Vec<std::net::IpAddr>>,
+    /// IPv6 nameservers too (false: istio-iptables without ip6tables).
+    pub ipv6: bool,
+}
+
+/// The DNS listener of Istio's agent and of kuma-dp (istio-iptables'
+/// `DNSCapturePort`, Kuma's `DefaultConfig().Redirect.DNS.Port`).
+pub const DEFAULT_DNS_PORT: u16 = 15053;
+
+impl DnsSettings {
+    /// Capture of the nameservers in resolv.conf, on `port`.
+    pub fn resolv_conf(port: u16) -> Self {
+        Self { port, capture_all: false, servers: None, ipv6: true }
+    }
+
+    /// The same, IPv4 nameservers only.
+    pub fn v4_only(self) -> Self {
+        Self { ipv6: false, ..self }
+    }
 }
 
 impl MeshSettings {
@@ -95,6 +127,7 @@ impl MeshSettings {
             inbound_port_exclusion: d.port_exclusions.to_vec(),
             inbound_source_exclusion: Vec::new(),
             inbound_port_inclusion: None,
+            dns: None,
         }
     }
 }
@@ -106,7 +139,7 @@ impl Default for MeshSettings {
 }
 
 /// The keys of the `mesh` mapping (and of `mesh.yaml`).
-pub const MESH_KEYS: [&str; 15] = [
+pub const MESH_KEYS: [&str; 19] = [
     "preset",
     "loopback",
     "acceleration",
@@ -122,6 +155,10 @@ pub const MESH_KEYS: [&str; 15] = [
     "inboundSourceIPRangeExclusionList",
     "outboundPortInclusionList",
     "inboundPortInclusionList",
+    "dnsCapture",
+    "dnsCaptureAll",
+    "dnsPort",
+    "dnsServers",
 ];
 
 /// Parses a mesh-wide settings document: the `mesh` mapping of the config
@@ -333,6 +370,7 @@ pub(crate) fn mesh_from_value(v: serde_yaml::Value, r: &mut Reader<'_>, base: &s
             None
         }
     };
+    let dns = dns_settings(r, base, &doc, [outbound_port, inbound_port]);
     if r.problems.len() > before {
         return None;
     }
@@ -357,7 +395,105 @@ pub(crate) fn mesh_from_value(v: serde_yaml::Value, r: &mut Reader<'_>, base: &s
         inbound_port_exclusion: inbound_port_exclusion?.unwrap_or(d.inbound_port_exclusion),
         outbound_port_inclusion: nonempty(outbound_port_inclusion?),
         inbound_port_inclusion: nonempty(inbound_port_inclusion?),
+        dns: dns?,
     })
+}
+
+/// `dnsCapture` and the keys that shape it. Each of `dnsCaptureAll`,
+/// `dnsPort` and `dnsServers` without `dnsCapture: true` is an error (it
+/// would change nothing), and so is `dnsServers` with `dnsCaptureAll`.
+fn dns_settings(
+    r: &mut Reader<'_>,
+    base: &str,
+    doc: &serde_yaml::Mapping,
+    listeners: [Option<u16>; 2],
+) -> Option<Option<DnsSettings>> {
+    use serde_yaml::Value;
+    let path = |key: &str| key_path(base, key);
+    let get = |key: &str| doc.get(key).filter(|v| !v.is_null());
+    let boolean = |r: &mut Reader<'_>, key: &str| -> Option<bool> {
+        match get(key) {
+            None => Some(false),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(v) => {
+                r.at_value(
+                    &path(key),
+                    format!("value {} is {}, expected true or false", located::shown(v), located::kind(v)),
+                );
+                None
+            }
+        }
+    };
+    let on = boolean(r, "dnsCapture")?;
+    let all = boolean(r, "dnsCaptureAll")?;
+    let port = match get("dnsPort") {
+        None => DEFAULT_DNS_PORT,
+        Some(v) => integer(v).and_then(port_from_int).map_err(|e| r.at_value(&path("dnsPort"), e)).ok()?,
+    };
+    let servers = match get("dnsServers") {
+        None => None,
+        Some(Value::Sequence(items)) => {
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                match item.as_str().map(|s| s.trim().parse::<std::net::IpAddr>()) {
+                    Some(Ok(a)) => out.push(a),
+                    _ => {
+                        r.at_value(
+                            &index_path(&path("dnsServers"), i),
+                            format!(
+                                "value {} is {}, expected a nameserver's IP address (e.g. \"192.0.2.53\")",
+                                located::shown(item),
+                                located::kind(item)
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+            Some(out)
+        }
+        Some(v) => {
+            r.at_value(
+                &path("dnsServers"),
+                format!("value {} is {}, expected a list of IP addresses", located::shown(v), located::kind(v)),
+            );
+            return None;
+        }
+    };
+    if !on {
+        for (key, given) in [
+            ("dnsCaptureAll", get("dnsCaptureAll").is_some()),
+            ("dnsPort", get("dnsPort").is_some()),
+            ("dnsServers", servers.is_some()),
+        ] {
+            if given {
+                r.at_value(&path(key), format!("`{key}` has no effect unless `dnsCapture: true`"));
+            }
+        }
+        return Some(None);
+    }
+    if all && servers.is_some() {
+        r.at_value(
+            &path("dnsServers"),
+            "`dnsServers` has no effect with `dnsCaptureAll: true` (port 53 of every address is captured)".to_string(),
+        );
+        return None;
+    }
+    if servers.as_ref().is_some_and(Vec::is_empty) {
+        r.at_value(
+            &path("dnsServers"),
+            "an empty list captures nothing; leave `dnsServers` out to use each workload's resolv.conf".to_string(),
+        );
+        return None;
+    }
+    if listeners.contains(&Some(port)) {
+        r.at_value(
+            &path("dnsPort"),
+            format!("value {port} is also one of the proxy's TCP listeners (`outboundPort`, `inboundPort`)"),
+        );
+        return None;
+    }
+    Some(Some(DnsSettings { port, capture_all: all, servers, ipv6: true }))
 }
 
 /// An integer value (as i128, so that no number is too large to name).
@@ -395,5 +531,38 @@ pub(crate) fn untagged(v: serde_yaml::Value) -> serde_yaml::Value {
         Value::Sequence(s) => Value::Sequence(s.into_iter().map(untagged).collect()),
         Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, v)| (untagged(k), untagged(v))).collect()),
         v => v,
+    }
+}
+
+#[cfg(test)]
+mod dns_tests {
+    use super::*;
+
+    fn mesh(doc: &str) -> Result<MeshSettings> {
+        parse_mesh_document(Some(doc), &[])
+    }
+
+    #[test]
+    fn dns_keys_are_read_and_checked() {
+        assert_eq!(mesh("preset: istio\n").unwrap().dns, None);
+        let m = mesh("preset: istio\ndnsCapture: true\n").unwrap();
+        assert_eq!(m.dns, Some(DnsSettings::resolv_conf(DEFAULT_DNS_PORT)));
+        let m = mesh("dnsCapture: true\ndnsPort: 25053\ndnsServers: [\"192.0.2.53\", \"2001:db8::53\"]\n").unwrap();
+        let d = m.dns.unwrap();
+        assert_eq!((d.port, d.capture_all, d.servers.unwrap().len()), (25053, false, 2));
+        assert!(mesh("dnsCapture: true\ndnsCaptureAll: true\n").unwrap().dns.unwrap().capture_all);
+        for (doc, want) in [
+            ("dnsPort: 25053\n", "`dnsPort` has no effect unless `dnsCapture: true`"),
+            ("dnsCaptureAll: true\n", "`dnsCaptureAll` has no effect"),
+            ("dnsCapture: yes please\n", "expected true or false"),
+            ("dnsCapture: true\ndnsServers: [\"192.0.2.0/24\"]\n", "expected a nameserver's IP address"),
+            ("dnsCapture: true\ndnsServers: []\n", "an empty list captures nothing"),
+            ("dnsCapture: true\ndnsCaptureAll: true\ndnsServers: [\"192.0.2.53\"]\n", "no effect with `dnsCaptureAll"),
+            ("dnsCapture: true\ndnsPort: 15001\n", "also one of the proxy's TCP listeners"),
+            ("dnsCapture: true\ndnsPort: 0\n", "dnsPort"),
+        ] {
+            let e = format!("{:#}", mesh(doc).unwrap_err());
+            assert!(e.contains(want), "{doc:?}: {e}");
+        }
     }
 }

@@ -21,7 +21,8 @@ enum Target {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Rule {
-    tcp_only: bool,
+    /// `-p tcp` / `-p udp`
+    protocol: Option<Protocol>,
     dst: Option<Ipv4Net>,
     /// `! -d`
     dst_negated: bool,
@@ -83,11 +84,11 @@ impl NatTable {
                 Ok(())
             }
             "-A" | "-I" => {
-                // `-I CHAIN 1 …`: the front, as `-I CHAIN …`.
-                let args = match args {
-                    ["1", rest @ ..] if op == "-I" => rest,
-                    [n, ..] if op == "-I" && n.parse::<u32>().is_ok() => bail!("insert at position {n} not modelled"),
-                    a => a,
+                // `-I CHAIN N …`: before the Nth rule (1: the front, as
+                // `-I CHAIN …`); iptables refuses a position past the end + 1.
+                let (position, args) = match args {
+                    [n, rest @ ..] if op == "-I" && n.parse::<usize>().is_ok() => (n.parse::<usize>()?, rest),
+                    a => (1, a),
                 };
                 let rule = parse_rule(args)?;
                 if let Some(Target::Jump(to)) = &rule.target {
@@ -98,8 +99,10 @@ impl NatTable {
                 let rules = self.chains.get_mut(&chain).ok_or_else(|| anyhow!("no chain {chain}"))?;
                 if op == "-A" {
                     rules.push(rule);
+                } else if position == 0 || position > rules.len() + 1 {
+                    bail!("index of insertion too big (chain {chain} has {} rules)", rules.len());
                 } else {
-                    rules.insert(0, rule);
+                    rules.insert(position - 1, rule);
                 }
                 Ok(())
             }
@@ -154,7 +157,7 @@ enum Walk {
 }
 
 fn matches(rule: &Rule, conn: &OutboundConn, local: &BTreeSet<IpAddr>) -> bool {
-    if rule.tcp_only && conn.protocol != Protocol::Tcp {
+    if rule.protocol.is_some_and(|p| p != conn.protocol) {
         return false;
     }
     let dst = match conn.dst.ip() {
@@ -217,7 +220,8 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
     while i < args.len() {
         match args[i] {
             "-p" => match next(&mut i)? {
-                "tcp" => r.tcp_only = true,
+                "tcp" => r.protocol = Some(Protocol::Tcp),
+                "udp" => r.protocol = Some(Protocol::Udp),
                 p => bail!("protocol {p} not modelled"),
             },
             "!" => match next(&mut i)? {
@@ -235,6 +239,11 @@ fn parse_rule(args: &[&str]) -> Result<Rule> {
                 }
                 "--dport" => {
                     r.dports = Some(vec![next(&mut i)?.parse().context("! --dport")?]);
+                    r.dports_negated = true;
+                }
+                "--dports" => {
+                    r.dports =
+                        Some(next(&mut i)?.split(',').map(|p| p.parse().context("! --dports")).collect::<Result<_>>()?);
                     r.dports_negated = true;
                 }
                 o => bail!("negation of {o} not modelled"),

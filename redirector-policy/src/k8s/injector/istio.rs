@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     dialect::{LoopbackMode, Preset},
-    mesh::MeshSettings,
+    mesh::{DnsSettings, MeshSettings, DEFAULT_DNS_PORT},
     values::{parse_cidr, parse_port, Inclusion},
     WorkloadAnnotations,
 };
@@ -141,12 +141,6 @@ pub(super) fn read(c: &InitContainer, args: &[String], pod_ips: &[IpAddr]) -> Re
             refuse(given.written(long), why);
         }
     }
-    if is_true("redirect-dns") {
-        refuse(
-            given.written("redirect-dns"),
-            "DNS capture (UDP and TCP port 53 to the agent's DNS proxy) is not implemented yet",
-        );
-    }
     if is_true("native-nftables") || is_true("cleanup-only") || is_true("dry-run") {
         for long in ["native-nftables", "cleanup-only", "dry-run"].into_iter().filter(|l| is_true(l)) {
             refuse(given.written(long), "the init container is not asked to program redirection as usual");
@@ -261,6 +255,24 @@ pub(super) fn read(c: &InitContainer, args: &[String], pod_ips: &[IpAddr]) -> Re
     // ip6tables is programmed only for dual-stack or an IPv6 pod
     // (`getLocalIP`): otherwise IPv6 is left alone.
     let v6 = is_true("dual-stack") || pod_ips.first().is_some_and(|ip| ip.is_ipv6());
+    // --redirect-dns (env ISTIO_META_DNS_CAPTURE): UDP and TCP port 53 to
+    // the nameservers of the pod's resolv.conf (istio-iptables reads
+    // them there, `HandleDNSUDP`), or to any address with
+    // --capture-all-dns, go to pilot-agent's DNS proxy on 15053
+    // (`DNSCapturePort`); --capture-all-dns alone does nothing.
+    if is_true("redirect-dns") {
+        mesh.dns = Some(DnsSettings {
+            capture_all: is_true("capture-all-dns"),
+            ipv6: v6,
+            ..DnsSettings::resolv_conf(DEFAULT_DNS_PORT)
+        });
+    } else if is_true("capture-all-dns") {
+        notes.push(format!(
+            "{} without {}: istio-iptables captures no DNS, neither does redirector",
+            given.written("capture-all-dns"),
+            given.written("redirect-dns")
+        ));
+    }
     if !v6 {
         let all6 = parse_cidr("::/0").expect("a CIDR");
         mesh.outbound_ip_range_exclusion.push(all6);

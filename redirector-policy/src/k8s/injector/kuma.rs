@@ -91,6 +91,11 @@ struct Tp {
     inbound_ips: Vec<String>,
     outbound_ips: Vec<String>,
     ipv4_only: bool,
+    /// `redirect.dns`: enabled, captureAll, port (`DefaultConfig`: off,
+    /// capture all, 15053).
+    dns: bool,
+    dns_capture_all: bool,
+    dns_port: u16,
 }
 
 impl Default for Tp {
@@ -108,6 +113,9 @@ impl Default for Tp {
             inbound_ips: Vec::new(),
             outbound_ips: Vec::new(),
             ipv4_only: false,
+            dns: false,
+            dns_capture_all: true,
+            dns_port: crate::mesh::DEFAULT_DNS_PORT,
         }
     }
 }
@@ -191,9 +199,20 @@ pub(super) fn read(
         Some("dualstack") => tp.ipv4_only = false,
         Some(other) => bail!("--ip-family-mode {other:?}: valid values are dualstack and ipv4"),
     }
+    // The legacy DNS flags: --redirect-dns only to resolv.conf's
+    // nameservers, --redirect-all-dns-traffic to any address.
+    if get("redirect-dns") == Some("true") {
+        tp.dns = true;
+        tp.dns_capture_all = false;
+    }
+    if get("redirect-all-dns-traffic") == Some("true") {
+        tp.dns = true;
+        tp.dns_capture_all = true;
+    }
+    if let Some(p) = port("redirect-dns-port")? {
+        tp.dns_port = p;
+    }
     for (long, why) in [
-        ("redirect-dns", "DNS capture is not implemented yet"),
-        ("redirect-all-dns-traffic", "DNS capture is not implemented yet"),
         ("drop-invalid-packets", "dropping packets conntrack sees as INVALID needs iptables"),
         ("dry-run", "the init container is not asked to program redirection"),
         ("store-firewalld", "storing rules in firewalld is an iptables matter"),
@@ -240,6 +259,16 @@ fn finish(tp: Tp, refused: Vec<Refusal>) -> Result<Reading> {
         let all6 = parse_cidr("::/0").expect("a CIDR");
         mesh.outbound_ip_range_exclusion.push(all6);
         mesh.inbound_source_exclusion.push(all6);
+    }
+    if tp.dns {
+        if tp.dns_port == 0 {
+            bail!("redirect.dns.port: 0 with DNS redirection enabled: kuma-dp's DNS listener needs a port");
+        }
+        mesh.dns = Some(crate::mesh::DnsSettings {
+            capture_all: tp.dns_capture_all,
+            ipv6: !tp.ipv4_only,
+            ..crate::mesh::DnsSettings::resolv_conf(tp.dns_port)
+        });
     }
     let mut a = WorkloadAnnotations::default();
     if !tp.outbound {
@@ -332,12 +361,21 @@ fn apply_config(text: &str, tp: &mut Tp, refuse: &mut impl FnMut(String, &str)) 
                             }
                             // Where kumactl puts its jump rule: no rule here.
                             ("inbound" | "outbound", "insertRedirectInsteadOfAppend") => {}
-                            ("dns", "enabled") => {
-                                if b(&key, fv)? {
-                                    refuse(key, "DNS capture is not implemented yet");
+                            ("dns", "enabled") => tp.dns = b(&key, fv)?,
+                            ("dns", "captureAll") => tp.dns_capture_all = b(&key, fv)?,
+                            // The injector writes 0 with DNS off.
+                            ("dns", "port") if s(fv).as_deref() == Some("0") => tp.dns_port = 0,
+                            ("dns", "port") => tp.dns_port = port(&key, fv)?,
+                            ("dns", "resolvConfigPath") => {
+                                if s(fv).as_deref() != Some("/etc/resolv.conf") {
+                                    refuse(key, "only the pod's /etc/resolv.conf is read for its nameservers");
                                 }
                             }
-                            ("dns", "captureAll" | "port" | "resolvConfigPath" | "skipConntrackZoneSplit") => {}
+                            // Conntrack zones keep iptables' NAT of DNS
+                            // apart; no NAT here, nothing to split.
+                            ("dns", "skipConntrackZoneSplit") => {
+                                b(&key, fv)?;
+                            }
                             ("vnet", "networks") => {
                                 if !strings(&key, fv)?.is_empty() {
                                     refuse(key, "virtual networks (vnet) are not implemented");

@@ -444,8 +444,8 @@ mod tests {
         assert!(r.mesh.outbound_ip_range_exclusion.contains(&"198.51.100.0/24".parse().unwrap()));
         assert!(!r.mesh.outbound_ip_range_exclusion.contains(&"203.0.113.0/24".parse().unwrap()));
         assert_eq!(r.mesh.inbound_port_exclusion, vec![15090, 15021]);
-        // TPROXY from the mesh's defaultConfig, DNS capture from its
-        // proxyMetadata, KubeVirt from the pod: refused, named.
+        // TPROXY from the mesh's defaultConfig, KubeVirt from the pod:
+        // refused, named; DNS capture from its proxyMetadata: honoured.
         let wide = MeshWide::istio(
             (VALUES, &values),
             Some((
@@ -457,7 +457,7 @@ mod tests {
         let r = wide.read(&pod(&[("traffic.sidecar.istio.io/kubevirtInterfaces", "net1")])).unwrap();
         let settings: Vec<&str> = r.refused.iter().map(|x| x.setting.as_str()).collect();
         assert!(settings.iter().any(|s| s.contains("TPROXY")), "{settings:?}");
-        assert!(settings.iter().any(|s| s.contains("ISTIO_META_DNS_CAPTURE")), "{settings:?}");
+        assert_eq!(r.mesh.dns, Some(crate::mesh::DnsSettings::resolv_conf(15053).v4_only()));
         assert!(settings.iter().any(|s| s.contains("net1")), "{settings:?}");
         // proxy.istio.io/config on the pod over the mesh's default.
         let r = wide
@@ -467,6 +467,7 @@ mod tests {
             )]))
             .unwrap();
         assert!(r.refused.is_empty(), "{:?}", r.refused);
+        assert_eq!(r.mesh.dns, None, "the pod's proxyMetadata over the mesh's");
         // Another revision's pod is not read with these settings.
         let mut p = pod(&[]);
         p.labels.insert("istio.io/rev".into(), "canary".into());

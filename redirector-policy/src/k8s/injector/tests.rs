@@ -86,14 +86,42 @@ fn istio_defaults_and_lists_as_istio_iptables_reads_them() {
     assert!(matches!(d, Decision::Refused { .. }), "{d:?}");
 }
 
+/// istio-iptables' DNS flags (and the env the injector's proxyMetadata
+/// sets): capture of resolv.conf's nameservers on 15053, of every address
+/// with --capture-all-dns, IPv6 only for a dual-stack (or IPv6) pod.
+#[test]
+fn istio_dns_capture_is_honoured() {
+    use crate::{DnsCapture, DnsServers};
+    let dns = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut c = istio_init(args);
+        if let Some((k, v)) = env {
+            c.env.insert(k.into(), Some(v.into()));
+        }
+        let r = injected(decide(&pod_with(c), &[]));
+        crate::compile(&r.mesh, &r.annotations).dns
+    };
+    let listed = DnsCapture { port: 15053, servers: DnsServers::ResolvConf, istio_order: true, ipv6: false };
+    assert_eq!(dns(&["istio-iptables", "--redirect-dns"], None), Some(listed.clone()));
+    assert_eq!(dns(&["istio-iptables"], Some(("ISTIO_META_DNS_CAPTURE", "true"))), Some(listed.clone()));
+    assert_eq!(dns(&["istio-iptables"], Some(("ISTIO_META_DNS_CAPTURE", "false"))), None);
+    // The flag over the env.
+    assert_eq!(dns(&["istio-iptables", "--redirect-dns=false"], Some(("ISTIO_META_DNS_CAPTURE", "true"))), None);
+    assert_eq!(
+        dns(&["istio-iptables", "--redirect-dns", "--capture-all-dns", "--dual-stack"], None),
+        Some(DnsCapture { servers: DnsServers::All, ipv6: true, ..listed })
+    );
+    // --capture-all-dns alone captures nothing, as istio-iptables.
+    let r = injected(decide(&pod_with(istio_init(&["istio-iptables", "--capture-all-dns"])), &[]));
+    assert_eq!(r.mesh.dns, None);
+    assert!(r.notes.iter().any(|n| n.contains("--capture-all-dns")), "{:?}", r.notes);
+}
+
 #[test]
 fn what_istio_asks_that_redirector_refuses() {
     for (args, env, setting) in [
         (&["istio-iptables", "-m", "TPROXY"][..], None, "-m \"TPROXY\""),
         (&["istio-iptables", "-k", "net1"], None, "-k \"net1\""),
-        (&["istio-iptables", "--redirect-dns"], None, "--redirect-dns"),
         (&["istio-iptables", "-u", "1,2"], None, "-u"),
-        (&["istio-iptables"], Some(("ISTIO_META_DNS_CAPTURE", "true")), "env ISTIO_META_DNS_CAPTURE=true"),
         (&["istio-iptables"], Some(("ISTIO_OUTBOUND_OWNER_GROUPS", "java")), "ISTIO_OUTBOUND_OWNER_GROUPS"),
         (&["istio-iptables", "-i", "127.0.0.1/24"], None, "loopback"),
     ] {
@@ -185,9 +213,27 @@ fn kuma_config_from_the_annotation_and_flags_over_it() {
     assert_eq!(p.outbound_port_exclusion, [1236].into(), "the flag over the file");
     assert!(p.outbound_ip_range_exclusion.contains(&"203.0.113.1/32".parse().unwrap()));
     assert!(p.outbound_ip_range_exclusion.contains(&"::/0".parse().unwrap()), "ipFamilyMode: ipv4");
-    // DNS on: refused; an unknown key: refused as unreadable.
+    assert_eq!(p.dns, None, "Kuma's default: DNS off");
+    // DNS on: every address (captureAll's default) on kuma-dp's 15053,
+    // IPv4 only (ipFamilyMode: ipv4); captureAll false: resolv.conf's
+    // nameservers; another resolv.conf: refused. An unknown key: refused
+    // as unreadable.
     let cfg = "traffic.kuma.io/transparent-proxy-config";
-    pod.annotations.insert(cfg.into(), "redirect:\n  dns:\n    enabled: true\n".into());
+    let dns_of = |pod: &PodInfo| {
+        let r = injected(decide(pod, &[]));
+        crate::compile(&r.mesh, &r.annotations).dns.expect("DNS capture")
+    };
+    pod.annotations.insert(cfg.into(), "ipFamilyMode: ipv4\nredirect:\n  dns:\n    enabled: true\n".into());
+    let d = dns_of(&pod);
+    assert_eq!((d.port, &d.servers, d.istio_order, d.ipv6), (15053, &crate::DnsServers::All, false, false));
+    pod.annotations
+        .insert(cfg.into(), "redirect:\n  dns:\n    enabled: true\n    captureAll: false\n    port: 25053\n".into());
+    let d = dns_of(&pod);
+    assert_eq!((d.port, &d.servers, d.ipv6), (25053, &crate::DnsServers::ResolvConf, true));
+    pod.annotations.insert(cfg.into(), "redirect:\n  dns:\n    enabled: true\n    port: 0\n".into());
+    assert!(matches!(decide(&pod, &[]), Decision::Refused { problem: Problem::Unreadable(_), .. }));
+    pod.annotations
+        .insert(cfg.into(), "redirect:\n  dns:\n    enabled: true\n    resolvConfigPath: /etc/other.conf\n".into());
     assert!(matches!(decide(&pod, &[]), Decision::Refused { problem: Problem::Settings(_), .. }));
     pod.annotations.insert(cfg.into(), "redirect:\n  inbound:\n    excludePortz: [1]\n".into());
     match decide(&pod, &[]) {
@@ -294,7 +340,7 @@ fn the_meshes_own_injector_goldens() {
     expect("inject_tap_deployment.input.yml", "injected linkerd2-proxy-init");
     expect("inject_emojivoto_deployment_no_init_container.golden.yml", "settings: Linkerd CNI mode");
     expect("inject_emojivoto_deployment.input.yml", "not meshed");
-    // Kuma: the annotation's config; DNS asked for (refused); its own eBPF.
+    // Kuma: the annotation's config; DNS asked for (honoured); its own eBPF.
     expect("kuma/pkg__plugins__runtime__k8s__webhooks__injector__testdata__inject.01.golden.yaml", "injected kumactl");
     expect("kuma/pkg__plugins__runtime__k8s__webhooks__injector__testdata__inject.34.golden.yaml", "injected kumactl");
     expect(
@@ -303,7 +349,7 @@ fn the_meshes_own_injector_goldens() {
     );
     expect(
         "kuma/tag-2.12.0/pkg__plugins__runtime__k8s__webhooks__injector__testdata__inject.23.golden.yaml",
-        "refused: --redirect-all-dns-traffic",
+        "injected kumactl",
     );
     expect(
         "kuma/tag-2.12.0/pkg__plugins__runtime__k8s__webhooks__injector__testdata__inject.30.golden.yaml",
@@ -784,6 +830,84 @@ mod istio_goldens {
         }
     }
 
+    /// The DNS goldens (`--redirect-dns`, nameserver 127.0.0.53; proxy
+    /// UIDs 3,4 and GIDs 1,2, which redirector refuses as a list): the
+    /// policy of `-u 3 -g 1` decides every connection of the application,
+    /// of UID 3 and of GID 1, TCP and UDP, as the dump's nat table does.
+    /// Left out, as documented: the proxy's own TCP through lo to 15008
+    /// (above), and TCP through lo from a process with the proxy's GID but
+    /// not its UID: istio-iptables returns it at the UID's loopback rule
+    /// (`-o lo ! --uid-owner 3 -j RETURN`, ahead of every GID rule), and
+    /// would send it to the inbound listener at port 53 if that were not
+    /// so (its GID rule, unlike the UID one, does not skip 53); redirector
+    /// takes the GID for the proxy's.
+    #[test]
+    fn the_policy_decides_dns_as_the_golden_rules() {
+        for (file, extra, ipv6) in [
+            ("dns-uid-gid.golden", &["--redirect-dns", "--dual-stack"][..], true),
+            ("ip-range.golden", &["--redirect-dns", "-x", "1.1.0.0/16", "-i", "9.9.0.0/16"], false),
+        ] {
+            let mut args: Vec<&str> = BASE.iter().copied().filter(|a| !["1337"].contains(a)).collect();
+            // BASE's -u 1337 -g 1337, as the golden's first IDs.
+            let at = args.iter().position(|a| *a == "-u").unwrap();
+            args.insert(at + 1, "3");
+            let at = args.iter().position(|a| *a == "-g").unwrap();
+            args.insert(at + 1, "1");
+            args.extend(extra);
+            let r = injected(decide(&pod_with(istio_init(&args)), &[]));
+            let p = crate::compile(&r.mesh, &r.annotations)
+                .with_local_addresses([IpAddr::V4(POD_IP)])
+                .with_nameservers(["127.0.0.53".parse().unwrap(), "::127.0.0.53".parse().unwrap()]);
+            let dns = p.dns.clone().expect("DNS capture");
+            assert_eq!((dns.port, dns.istio_order, dns.ipv6), (15053, true, ipv6), "{file}");
+            let table =
+                NatTable::from_commands(&nat_commands(&golden(file))).unwrap_or_else(|e| panic!("{file}: {e:#}"));
+            let local: BTreeSet<IpAddr> = p.local_addresses.clone();
+            let (mut checked, mut to_dns) = (0, 0);
+            for dst in [[127, 0, 0, 53], [127, 0, 0, 1], [127, 0, 0, 5], [198, 18, 0, 1], [1, 1, 2, 3], [9, 9, 0, 1]] {
+                for port in [53u16, 80, 15008] {
+                    for (uid, gid) in [(1000u32, 1000u32), (3, 3), (1000, 1), (0, 0)] {
+                        for protocol in [Protocol::Tcp, Protocol::Udp] {
+                            for src in [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))] {
+                                let c = OutboundConn {
+                                    src,
+                                    protocol,
+                                    uid,
+                                    gid,
+                                    dst: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(dst), port)),
+                                    cgroup: 0,
+                                };
+                                let through_lo = c.dst.ip().is_loopback() || local.contains(&c.dst.ip());
+                                let not_127_0_0_1 = c.dst.ip() != IpAddr::from([127, 0, 0, 1]);
+                                let tcp_lo = protocol == Protocol::Tcp && through_lo && not_127_0_0_1;
+                                if tcp_lo && port == 15008 && (uid == 3 || gid == 1) {
+                                    continue;
+                                }
+                                if tcp_lo && uid != 3 && gid == 1 {
+                                    continue;
+                                }
+                                let want = table.output(&c, &local);
+                                let got = evaluate(&p, &c);
+                                let ok = match (want, got) {
+                                    (NatOutcome::Redirect(a), Verdict::Redirect(b)) => a.port() == b.port(),
+                                    (NatOutcome::Unchanged, Verdict::Pass(_)) => true,
+                                    _ => false,
+                                };
+                                assert!(ok, "{file}: {c:?}: iptables {want:?}, policy {got:?}");
+                                // The encoded entries decide the same.
+                                let e = crate::map_entries_with(&p, 7, 8);
+                                assert_eq!(crate::evaluate_entries(&e, &c), got, "{file}: {c:?}: entries");
+                                checked += 1;
+                                to_dns += usize::from(matches!(got, Verdict::Redirect(a) if a.port() == 15053));
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(checked > 250 && to_dns >= 4, "{file}: {checked} checked, {to_dns} to the DNS listener");
+        }
+    }
+
     #[test]
     fn the_golden_cases_redirector_refuses() {
         for (file, extra, env) in [
@@ -794,6 +918,8 @@ mod istio_goldens {
             ("loopback-outbound-iprange.golden", &["-i", "127.1.2.3/32"], None),
             ("host-ipv4-loopback-cidr.golden", &[], Some(("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "127.0.0.1/8"))),
             ("outbound-owner-groups.golden", &[], Some(("ISTIO_OUTBOUND_OWNER_GROUPS", "java,202"))),
+            // (refused for its two UIDs and GIDs; its DNS rules are
+            // checked above with one of each)
             ("dns-uid-gid.golden", &["--redirect-dns", "-u", "3,4", "-g", "1,2"], None),
         ] {
             assert!(!golden(file).is_empty());
@@ -841,6 +967,10 @@ fn kuma_reader_decides_as_kumactls_golden_rules() {
                 "1000,1001",
             ],
         ),
+        (
+            "install-transparent-proxy.dns.no-conntrack.golden.txt",
+            &["--kuma-dp-user", "0", "--redirect-all-dns-traffic", "--redirect-dns-port", "12345"],
+        ),
     ] {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream/kuma-iptables").join(file);
@@ -851,9 +981,13 @@ fn kuma_reader_decides_as_kumactls_golden_rules() {
             match l {
                 "* nat" => in_nat = true,
                 "COMMIT" if in_nat => break,
-                _ if in_nat && !l.is_empty() => {
-                    cmds.push(format!("iptables -t nat {}", l.replace("ifPlaceholder", "lo")))
-                }
+                // The test's normalisations: `-o lo` for the interface,
+                // and the proxy's own DNS query's jump target (RETURN:
+                // the proxy's query goes out as it is).
+                _ if in_nat && !l.is_empty() => cmds.push(format!(
+                    "iptables -t nat {}",
+                    l.replace("ifPlaceholder", "lo").replace("dnsJumpTargetPlaceholder", "RETURN")
+                )),
                 _ => {}
             }
         }
@@ -863,13 +997,18 @@ fn kuma_reader_decides_as_kumactls_golden_rules() {
         let c = InitContainer { name: "kuma-init".into(), command: s(&argv), ..Default::default() };
         let r = injected(decide(&pod_with(c), &[]));
         let p = crate::compile(&r.mesh, &r.annotations).with_local_addresses([IpAddr::V4(pod_ip)]);
-        for dst in [[192, 0, 2, 1], [127, 0, 0, 1], [127, 0, 0, 5], [198, 18, 0, 1]] {
-            for port in [80u16, 2000, 2001, 12345, 15001] {
-                for id in [1000u32, 0] {
-                    for src in [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))] {
+        let p = p.with_nameservers(["192.0.2.53".parse().unwrap()]);
+        for dst in [[192, 0, 2, 1], [127, 0, 0, 1], [127, 0, 0, 5], [198, 18, 0, 1], [192, 0, 2, 53]] {
+            for port in [80u16, 2000, 2001, 12345, 15001, 53] {
+                for (id, protocol, src) in [1000u32, 0].into_iter().flat_map(|id| {
+                    [Protocol::Tcp, Protocol::Udp].into_iter().flat_map(move |pr| {
+                        [None, Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))].map(move |src| (id, pr, src))
+                    })
+                }) {
+                    {
                         let c = OutboundConn {
                             src,
-                            protocol: Protocol::Tcp,
+                            protocol,
                             uid: id,
                             gid: id,
                             dst: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(dst), port)),
