@@ -6,6 +6,8 @@
 //!
 //! Everything here talks only to loopback or to documentation addresses
 //! inside namespaces it created, and removes what it created on drop.
+pub mod dns;
+
 use std::{
     fs::File,
     io::{Read as _, Write as _},
@@ -221,7 +223,7 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(
+    pub(crate) fn start(
         netns: &Path,
         bind: impl FnOnce() -> Result<Box<dyn FnMut() -> bool + Send>> + Send + 'static,
     ) -> Result<Self> {

@@ -87,6 +87,8 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     // `openssl req` / `openssl x509`: the webhook test's CA and certificates.
     "openssl",
+    // `dig`: the DNS-capture kernel test's real resolver (with glibc's `getent`).
+    "bind9-dnsutils",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -147,6 +147,11 @@ pub fn resolve(
                 if let Some(addresses) = fact.addresses.take() {
                     policy = policy.with_local_addresses(addresses);
                 }
+                if policy.needs_resolv_conf() {
+                    let servers = crate::sys::resolv::nameservers_of(&w.netns)
+                        .with_context(|| format!("workload `{}`: DNS capture: the workload's nameservers", w.name))?;
+                    policy = policy.with_nameservers(servers);
+                }
                 if let Some(cg) = &w.proxy_cgroup {
                     policy = policy.with_proxy_cgroup(crate::sys::mounts::cgroup_id(cg).with_context(|| {
                         format!("workload `{}`: key `proxyCgroup`: value {}", w.name, cg.display())

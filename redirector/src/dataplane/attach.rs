@@ -12,7 +12,7 @@ use aya::{
 use redirector_common::{map_names, prog_names};
 
 use super::{
-    object::{ebpf_object, loader, PROGRAMS},
+    object::{ebpf_object, loader, DNS_PROGRAMS, PROGRAMS},
     pins::{link_pin_path, netns_link_pin_path},
     Desired,
 };
@@ -22,8 +22,39 @@ use crate::sys::bpf::{self, AttachType};
 /// each replacing the link a previous agent pinned for it only once the
 /// new one is attached (never a moment with nothing attached).
 pub(super) fn attach_cgroup_programs(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    attach_programs(ebpf, pin_dir, cgroup, &PROGRAMS)
+}
+
+/// Attaches DNS capture's programs (`DNS_PROGRAMS`) as
+/// [`attach_cgroup_programs`] does the others, replacing what a previous
+/// agent pinned. Loaded once per agent (aya keeps the loaded program).
+pub(super) fn attach_dns_programs(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path) -> Result<()> {
+    attach_programs(ebpf, pin_dir, cgroup, &DNS_PROGRAMS)
+}
+
+/// Whether DNS capture's links are pinned (all of them).
+pub(super) fn dns_programs_pinned(pin_dir: &Path) -> bool {
+    DNS_PROGRAMS.iter().all(|(name, _)| link_pin_path(pin_dir, name).symlink_metadata().is_ok())
+}
+
+/// Unpins DNS capture's links, which detaches them (no workload asks for
+/// it any more). Missing pins are no error.
+pub(super) fn detach_dns_programs(pin_dir: &Path) -> Result<()> {
+    for (name, _) in DNS_PROGRAMS {
+        let pin = link_pin_path(pin_dir, name);
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", pin.display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn attach_programs(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &Path, programs: &[(&str, AttachType)]) -> Result<()> {
     let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup directory {}", cgroup.display()))?;
-    for (name, ty) in PROGRAMS {
+    for &(name, ty) in programs {
         let prog = ebpf.program_mut(name).ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
         let fd = match ty {
             AttachType::SockOps => {
@@ -39,9 +70,15 @@ pub(super) fn attach_cgroup_programs(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &P
             AttachType::Inet4Connect
             | AttachType::Inet4Getpeername
             | AttachType::Inet6Connect
-            | AttachType::Inet6Getpeername => {
+            | AttachType::Inet6Getpeername
+            | AttachType::Udp4Sendmsg
+            | AttachType::Udp6Sendmsg
+            | AttachType::Udp4Recvmsg
+            | AttachType::Udp6Recvmsg => {
                 let p: &mut CgroupSockAddr = prog.try_into()?;
-                p.load().with_context(|| format!("loading program {name}"))?;
+                if p.fd().is_err() {
+                    p.load().with_context(|| format!("loading program {name}"))?;
+                }
                 p.fd()?.as_fd().try_clone_to_owned()?
             }
             AttachType::SkLookup => bail!("{name} is attached per network namespace"),

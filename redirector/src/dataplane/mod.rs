@@ -59,11 +59,14 @@ pub use self::{
     maps::{Entries, Maps},
     migrate::retired_sets,
     node::{resolve as resolve_node_netns, NodeNetns, NODE_NETNS},
-    object::{EBPF_OBJECT_ENV, PROGRAMS},
+    object::{DNS_PROGRAMS, EBPF_OBJECT_ENV, PROGRAMS},
     pins::{cleanup, cleanup_force, link_pin_path, links_pinned, netns_link_pin_path, wait_ready, CAPACITIES},
 };
 use self::{
-    attach::{attach_cgroup_programs, attach_sk_msg, ensure_inbound},
+    attach::{
+        attach_cgroup_programs, attach_dns_programs, attach_sk_msg, detach_dns_programs, dns_programs_pinned,
+        ensure_inbound,
+    },
     maps::open_pinned,
     node::refuse_node_namespace,
     object::{ebpf_object, loader},
@@ -130,7 +133,10 @@ pub struct Dataplane {
     older_layouts_may_retire: bool,
     /// The pin directory's lock, held as long as this data plane lives.
     lock: PinLock,
-    _ebpf: Ebpf,
+    /// The cgroup the programs are attached to (DNS capture's are attached
+    /// there and detached as workloads ask for it).
+    cgroup: PathBuf,
+    ebpf: Ebpf,
 }
 
 /// How often a pass that could retire entries exactly sweeps the list maps
@@ -229,6 +235,11 @@ impl Dataplane {
             log::warn!("sockmap acceleration unavailable (workloads asking for it are refused): {why}");
         }
         attach_cgroup_programs(&mut ebpf, pin_dir, cgroup)?;
+        // DNS capture's links a previous agent left: this agent's programs
+        // replace them (its first pass detaches them if no workload asks).
+        if dns_programs_pinned(pin_dir) {
+            attach_dns_programs(&mut ebpf, pin_dir, cgroup)?;
+        }
         let mut maps = Maps::take(&mut ebpf)?;
         let meta = maps.meta()?;
         if meta.layout_version == 0 {
@@ -248,7 +259,8 @@ impl Dataplane {
             migration_wait_reported: false,
             older_layouts_may_retire: false,
             lock,
-            _ebpf: ebpf,
+            cgroup: cgroup.to_owned(),
+            ebpf,
         })
     }
 
@@ -301,6 +313,17 @@ impl Dataplane {
         // A workload asking for an acceleration this kernel cannot do is
         // refused (its last good policy stays), never silently slowed.
         let (desired, refused) = refuse_unavailable_acceleration(desired, self.accel_unavailable.as_deref());
+        let mut keep = keep.clone();
+        for (d, e) in refused {
+            keep.insert(d.cookie);
+            report.errors.push((d.name.clone(), e));
+        }
+        let (desired, keep) = (&desired[..], &keep);
+        // DNS capture's programs go on before a workload asking for it is
+        // programmed; if they cannot, those workloads keep their last
+        // good policy (never capture half-done: queries redirected with no
+        // reply shown from the nameserver).
+        let (desired, refused) = self.ensure_dns_attached(desired);
         let mut keep = keep.clone();
         for (d, e) in refused {
             keep.insert(d.cookie);
@@ -439,6 +462,14 @@ impl Dataplane {
             }
         }
         self.retire_older_layouts(desired, keep, &report);
+        // With no workload in force asking for DNS capture, nothing of it
+        // stays attached.
+        if !self.programmed.values().any(|f| f.policy.dns.is_some()) && dns_programs_pinned(&self.pin_dir) {
+            match detach_dns_programs(&self.pin_dir) {
+                Ok(()) => report.removed_links += DNS_PROGRAMS.len(),
+                Err(e) => report.errors.push(("DNS capture".into(), e.context("detaching its programs"))),
+            }
+        }
         // sk_lookup links of workloads that are gone (or no longer inbound).
         let inbound: BTreeSet<u64> =
             desired.iter().filter(|d| d.policy.inbound).map(|d| d.cookie).chain(keep.iter().copied()).collect();
@@ -455,6 +486,36 @@ impl Dataplane {
             }
         }
         report
+    }
+
+    /// Attaches DNS capture's programs when a workload of `desired` asks
+    /// for it and they are not attached; the workloads asking for it that
+    /// cannot have it are returned refused, with the reason.
+    fn ensure_dns_attached(&mut self, desired: &[Desired]) -> (Vec<Desired>, Vec<(Desired, anyhow::Error)>) {
+        let wants = |d: &&Desired| d.policy.dns.is_some();
+        if !desired.iter().any(|d| wants(&d)) || dns_programs_pinned(&self.pin_dir) {
+            return (desired.to_vec(), Vec::new());
+        }
+        match attach_dns_programs(&mut self.ebpf, &self.pin_dir, &self.cgroup) {
+            Ok(()) => (desired.to_vec(), Vec::new()),
+            Err(e) => {
+                let why = format!("{e:#}");
+                // Whatever was attached goes again.
+                let _ = detach_dns_programs(&self.pin_dir);
+                let (asking, rest): (Vec<Desired>, Vec<Desired>) = desired.iter().cloned().partition(|d| wants(&d));
+                let refused = asking
+                    .into_iter()
+                    .map(|d| {
+                        let e = anyhow::anyhow!(
+                            "workload `{}`: DNS capture's programs (cgroup sendmsg4/6, recvmsg4/6) could not be                              attached: {why}; policy not applied, previous policy kept",
+                            d.name
+                        );
+                        (d, e)
+                    })
+                    .collect();
+                (rest, refused)
+            }
+        }
     }
 
     /// Moves a layout migration on (see `migrate`) once this layout's maps

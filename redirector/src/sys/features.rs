@@ -31,6 +31,10 @@ const INET6_CONNECT: u32 = 11;
 const GETSOCKOPT: u32 = 21;
 const INET4_GETPEERNAME: u32 = 29;
 const INET6_GETPEERNAME: u32 = 30;
+const UDP4_SENDMSG: u32 = 14;
+const UDP6_SENDMSG: u32 = 15;
+const UDP4_RECVMSG: u32 = 19;
+const UDP6_RECVMSG: u32 = 20;
 const ATTACH_SK_LOOKUP: u32 = 36;
 // helper ids
 const GET_NETNS_COOKIE: i32 = 122;
@@ -183,6 +187,26 @@ pub fn probe() -> Vec<Feature> {
         feature(SOCKMAP_FEATURES[3], "5.15", false, try_load(SK_MSG, SK_MSG_VERDICT, Some(GET_NETNS_COOKIE))),
         // In 5.15 at the latest (its netns-cookie selftest uses both).
         feature(SOCKMAP_FEATURES[4], "5.15", false, try_load(SK_MSG, SK_MSG_VERDICT, Some(SK_STORAGE_GET))),
+        // Optional: only DNS capture (`mesh.dnsCapture`) needs these; the
+        // programs are attached only while a workload asks for it.
+        feature(
+            "cgroup/sendmsg4 and sendmsg6 programs with bpf_get_netns_cookie (DNS capture)",
+            "5.7",
+            false,
+            both(
+                try_load(CGROUP_SOCK_ADDR, UDP4_SENDMSG, Some(GET_NETNS_COOKIE)),
+                try_load(CGROUP_SOCK_ADDR, UDP6_SENDMSG, Some(GET_NETNS_COOKIE)),
+            ),
+        ),
+        feature(
+            "cgroup/recvmsg4 and recvmsg6 programs with bpf_get_netns_cookie (DNS capture)",
+            "5.7",
+            false,
+            both(
+                try_load(CGROUP_SOCK_ADDR, UDP4_RECVMSG, Some(GET_NETNS_COOKIE)),
+                try_load(CGROUP_SOCK_ADDR, UDP6_RECVMSG, Some(GET_NETNS_COOKIE)),
+            ),
+        ),
         feature(
             "kernel BTF (/sys/kernel/btf/vmlinux)",
             "5.4",

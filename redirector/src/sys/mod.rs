@@ -4,7 +4,8 @@
 //! between passes ([`nscache`]), the cgroup2 and bpffs
 //! mounts ([`mounts`]), the kubelet's pods cgroup ([`kubepods`]), a
 //! proxy's pre-existing listeners read from a namespace's socket tables
-//! ([`listeners`]), user namespaces and their ID maps ([`userns`]), and
+//! ([`listeners`]), a workload's nameservers ([`resolv`]), user namespaces
+//! and their ID maps ([`userns`]), and
 //! what the running kernel supports ([`features`], `redirector probe`).
 pub mod bpf;
 pub mod cgroup;
@@ -14,4 +15,5 @@ pub mod listeners;
 pub mod mounts;
 pub mod netns;
 pub mod nscache;
+pub mod resolv;
 pub mod userns;

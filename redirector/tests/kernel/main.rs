@@ -35,6 +35,7 @@ use redirector_testkit::{self as testkit, AgentProcess, PinDir, Proto, Server, T
 mod coexistence;
 mod connections;
 mod differential;
+mod dns;
 mod dual_stack;
 mod full_maps;
 mod identity;
