@@ -83,8 +83,11 @@ pub mod prog_names {
     /// Attached to each workload's network namespace (not to the cgroup).
     pub const SK_LOOKUP: &str = "rdr_sk_lookup";
     pub const SOCKOPS: &str = "rdr_sockops";
-    /// DNS capture (unconnected UDP): attached only while a workload asks
-    /// for it.
+    /// DNS capture (connected UDP): attached only while a workload asks
+    /// for it, beside `CONNECT4`/`CONNECT6`.
+    pub const DNS_CONNECT4: &str = "rdr_dns_connect4";
+    pub const DNS_CONNECT6: &str = "rdr_dns_connect6";
+    /// DNS capture (unconnected UDP), likewise.
     pub const SENDMSG4: &str = "rdr_sendmsg4";
     pub const SENDMSG6: &str = "rdr_sendmsg6";
     /// DNS capture: the reply shows the nameserver the application asked.

@@ -1,7 +1,7 @@
 //! What connect4 and connect6 share: the workload's policy, the decision,
 //! the `OrigDst` record on the socket and the counters. A [`Family`] reads
 //! the destination and writes the proxy's address. A UDP socket's connect
-//! goes to DNS capture (`dns`), as sendmsg4/6 do.
+//! is DNS capture's (`dns_connect4/6`, attached only while asked for).
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::generated::bpf_get_netns_cookie,
@@ -16,7 +16,7 @@ use redirector_common::{
 
 use crate::{
     lookups::Maps,
-    maps::{count, sock_orig, IPPROTO_TCP, IPPROTO_UDP, RDR_WORKLOADS},
+    maps::{count, sock_orig, IPPROTO_TCP, RDR_WORKLOADS},
 };
 
 /// The address-family half of a connect hook.
@@ -33,10 +33,10 @@ pub fn connect<F: Family>(ctx: &SockAddrContext) {
     #[cfg(feature = "upgrade-test")]
     count(counter::UPGRADE_TEST_BUILD);
     let sa = unsafe { &mut *ctx.sock_addr };
+    // UDP (DNS capture) has programs of its own, `dns_connect4/6`: its
+    // stack would not fit beside this path's in one frame (the verifier's
+    // 512 bytes for a call chain).
     if sa.protocol != IPPROTO_TCP {
-        if sa.protocol == IPPROTO_UDP {
-            crate::dns::capture::<F>(ctx);
-        }
         return;
     }
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };

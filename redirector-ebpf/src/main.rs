@@ -1,8 +1,8 @@
 //! eBPF side of redirector: one module per hook, maps in `maps`; the
 //! connect and getpeername hooks share a core per pair (`connect`,
 //! `getpeername`), the decision chain is `redirector_common::decide` over
-//! `lookups`; DNS capture (UDP) is `dns`, shared by connect4/6, sendmsg4/6
-//! and recvmsg4/6.
+//! `lookups`; DNS capture (UDP) is `dns`, shared by dns_connect4/6,
+//! sendmsg4/6 and recvmsg4/6.
 #![no_std]
 #![no_main]
 
@@ -10,6 +10,8 @@ mod connect;
 mod connect4;
 mod connect6;
 mod dns;
+mod dns_connect4;
+mod dns_connect6;
 mod getpeername;
 mod getpeername4;
 mod getpeername6;

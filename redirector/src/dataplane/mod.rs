@@ -507,7 +507,7 @@ impl Dataplane {
                     .into_iter()
                     .map(|d| {
                         let e = anyhow::anyhow!(
-                            "workload `{}`: DNS capture's programs (cgroup sendmsg4/6, recvmsg4/6) could not be                              attached: {why}; policy not applied, previous policy kept",
+                            "workload `{}`: DNS capture's programs (cgroup connect4/6 for UDP, sendmsg4/6, recvmsg4/6) could not be                              attached: {why}; policy not applied, previous policy kept",
                             d.name
                         );
                         (d, e)

@@ -64,9 +64,11 @@ pub const PROGRAMS: [(&str, AttachType); 6] = [
 /// DNS capture's programs: attached to the cgroup only while a workload
 /// asks for it (with DNS capture off, nothing of it is attached), each
 /// through a pinned link like the others.
-pub const DNS_PROGRAMS: [(&str, AttachType); 4] = [
+pub const DNS_PROGRAMS: [(&str, AttachType); 6] = [
     (prog_names::RECVMSG4, AttachType::Udp4Recvmsg),
     (prog_names::RECVMSG6, AttachType::Udp6Recvmsg),
+    (prog_names::DNS_CONNECT4, AttachType::Inet4Connect),
+    (prog_names::DNS_CONNECT6, AttachType::Inet6Connect),
     (prog_names::SENDMSG4, AttachType::Udp4Sendmsg),
     (prog_names::SENDMSG6, AttachType::Udp6Sendmsg),
 ];
