@@ -55,6 +55,11 @@ pub struct WorkloadSpec {
     /// and requires a `netns:` workload's namespace to belong to its own
     /// user namespace.
     pub id_maps: Option<IdMaps>,
+    /// The workload's nameservers, when its source knows them (Kubernetes:
+    /// read from the resolv.conf of the process its namespace was taken
+    /// from). None: the agent reads the resolv.conf the workload sees,
+    /// when DNS capture needs it.
+    pub nameservers: Option<Vec<std::net::IpAddr>>,
     pub annotations: WorkloadAnnotations,
     /// This workload's own mesh settings, in place of the config's
     /// (Kubernetes: what its mesh's init container asks for, see
@@ -430,6 +435,7 @@ fn parse_workload(
         netns: netns?,
         proxy_cgroup: proxy_cgroup?,
         id_maps: None,
+        nameservers: None,
         annotations,
         mesh: None,
     })

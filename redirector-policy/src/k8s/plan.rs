@@ -110,6 +110,9 @@ pub struct Inputs<'a> {
     /// Pod UID → the ID maps of its user namespace, for pods not in the
     /// agent's (`hostUsers: false`).
     pub id_maps: &'a BTreeMap<String, IdMaps>,
+    /// Pod UID → its nameservers (its resolv.conf's, read when its
+    /// namespace was found).
+    pub nameservers: &'a BTreeMap<String, Vec<std::net::IpAddr>>,
     pub now: Instant,
     /// How long a running meshed pod whose namespace is not found holds
     /// the sweep back (`--unresolved-grace`).
@@ -279,6 +282,7 @@ pub fn plan(inp: &Inputs<'_>, state: &mut PlanState) -> Plan {
                     netns: NetnsRef::Path(path.clone()),
                     proxy_cgroup: inp.proxy_cgroups.get(&pod.uid).cloned(),
                     id_maps: inp.id_maps.get(&pod.uid).cloned(),
+                    nameservers: inp.nameservers.get(&pod.uid).cloned(),
                     annotations,
                     mesh,
                 })
@@ -406,6 +410,7 @@ mod tests {
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -440,6 +445,7 @@ mod tests {
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
                     id_maps: &BTreeMap::new(),
+                    nameservers: &BTreeMap::new(),
                     now: Instant::now(),
                     unresolved_grace: GRACE,
                 },
@@ -477,6 +483,7 @@ mod tests {
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
                     id_maps: &BTreeMap::new(),
+                    nameservers: &BTreeMap::new(),
                     now: Instant::now(),
                     unresolved_grace: GRACE,
                 },
@@ -522,6 +529,7 @@ mod tests {
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -557,6 +565,7 @@ mod tests {
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -580,6 +589,7 @@ mod tests {
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -614,6 +624,7 @@ mod tests {
                 pinned: &pinned,
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -645,6 +656,7 @@ mod tests {
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &cg,
                 id_maps: &BTreeMap::new(),
+                nameservers: &BTreeMap::new(),
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -681,6 +693,7 @@ mod tests {
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
                     id_maps: &BTreeMap::new(),
+                    nameservers: &BTreeMap::new(),
                     now: t0 + Duration::from_secs(at),
                     unresolved_grace: GRACE,
                 },
@@ -735,6 +748,8 @@ mod tests {
         let ns = netns(&[("uid-web", 11), ("uid-db", 12)]);
         let map = crate::IdMap::parse("0 524288 65536").unwrap();
         let maps: BTreeMap<String, IdMaps> = [("uid-db".to_string(), IdMaps { uid: map.clone(), gid: map })].into();
+        let servers: BTreeMap<String, Vec<std::net::IpAddr>> =
+            [("uid-web".to_string(), vec!["192.0.2.53".parse().unwrap()])].into();
         let p = plan(
             &Inputs {
                 pods: &all,
@@ -745,6 +760,7 @@ mod tests {
                 pinned: &BTreeSet::new(),
                 proxy_cgroups: &BTreeMap::new(),
                 id_maps: &maps,
+                nameservers: &servers,
                 now: Instant::now(),
                 unresolved_grace: GRACE,
             },
@@ -754,6 +770,11 @@ mod tests {
             p.workloads.iter().map(|w| (w.name.as_str(), w.id_maps.as_ref())).collect();
         assert_eq!(by_name["shop/db"], maps.get("uid-db"));
         assert_eq!(by_name["shop/web"], None);
+        // The nameservers found with a pod's namespace go with it.
+        let ns_of: BTreeMap<&str, Option<&Vec<std::net::IpAddr>>> =
+            p.workloads.iter().map(|w| (w.name.as_str(), w.nameservers.as_ref())).collect();
+        assert_eq!(ns_of["shop/web"], servers.get("uid-web"));
+        assert_eq!(ns_of["shop/db"], None);
     }
 
     /// A pod `redirector webhook` switched is programmed with the policy
@@ -803,6 +824,7 @@ mod tests {
                     pinned: &BTreeSet::new(),
                     proxy_cgroups: &BTreeMap::new(),
                     id_maps: &BTreeMap::new(),
+                    nameservers: &BTreeMap::new(),
                     now: Instant::now(),
                     unresolved_grace: GRACE,
                 },
@@ -876,6 +898,7 @@ mod tests {
                     pinned: &pinned,
                     proxy_cgroups: &BTreeMap::new(),
                     id_maps: &BTreeMap::new(),
+                    nameservers: &BTreeMap::new(),
                     now: Instant::now(),
                     unresolved_grace: GRACE,
                 },

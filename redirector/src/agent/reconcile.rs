@@ -299,6 +299,7 @@ mod tests {
             netns,
             proxy_cgroup: None,
             id_maps: None,
+            nameservers: None,
             annotations: WorkloadAnnotations::default(),
             mesh: None,
         }

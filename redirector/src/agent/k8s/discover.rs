@@ -167,6 +167,10 @@ pub struct NetnsHandle {
     /// agent's (a pod with `hostUsers: false`); read once, as the maps of
     /// a user namespace never change once written.
     pub id_maps: Option<redirector_policy::IdMaps>,
+    /// The nameservers of that process's resolv.conf (what DNS capture
+    /// takes), read once: a pod's resolv.conf is written when its sandbox
+    /// is made and bind-mounted into each container. Err: why not.
+    pub nameservers: std::result::Result<Vec<std::net::IpAddr>, String>,
 }
 
 impl NetnsHandle {
@@ -178,7 +182,11 @@ impl NetnsHandle {
         let cookie = crate::sys::netns::netns_cookie(&fd_path(&file))?;
         let id_maps = crate::sys::userns::id_maps_of_pid(proc_root, pid)
             .with_context(|| format!("the user namespace of process {pid}"))?;
-        Ok(Self { file, cookie, source: path, id_maps })
+        let conf = proc_root.join(pid.to_string()).join("root/etc/resolv.conf");
+        let nameservers = std::fs::read_to_string(&conf)
+            .map(|t| crate::sys::resolv::nameservers(&t))
+            .map_err(|e| format!("reading {}: {e}", conf.display()));
+        Ok(Self { file, cookie, source: path, id_maps, nameservers })
     }
 
     /// A path that names this namespace for as long as the handle lives

@@ -221,6 +221,8 @@ impl Agent {
             self.netns.iter().map(|(uid, h)| (uid.clone(), (h.path(), h.cookie))).collect();
         let id_maps: BTreeMap<String, IdMaps> =
             self.netns.iter().filter_map(|(uid, h)| Some((uid.clone(), h.id_maps.clone()?))).collect();
+        let nameservers: BTreeMap<String, Vec<std::net::IpAddr>> =
+            self.netns.iter().filter_map(|(uid, h)| Some((uid.clone(), h.nameservers.clone().ok()?))).collect();
         let pinned: BTreeSet<u64> = match self.dp.maps.workloads() {
             Ok(w) => w.keys().copied().collect(),
             Err(e) => {
@@ -241,6 +243,7 @@ impl Agent {
                 pinned: &pinned,
                 proxy_cgroups: &proxy_cgroups,
                 id_maps: &id_maps,
+                nameservers: &nameservers,
                 now: Instant::now(),
                 unresolved_grace: self.opts.unresolved_grace,
             },
