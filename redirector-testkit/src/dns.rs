@@ -142,9 +142,9 @@ pub fn query(netns: &Path, uid: u32, server: SocketAddr, via: Via) -> Result<Rep
                 u.set_read_timeout(timeout)?;
                 if via == Via::UdpConnected {
                     u.connect(server)?;
-                    u.send(&tests_query())?;
+                    u.send(&example_query())?;
                 } else {
-                    u.send_to(&tests_query(), server)?;
+                    u.send_to(&example_query(), server)?;
                 }
                 let mut buf = [0u8; 1500];
                 let (n, from) = u.recv_from(&mut buf).context("no reply")?;
@@ -157,15 +157,36 @@ pub fn query(netns: &Path, uid: u32, server: SocketAddr, via: Via) -> Result<Rep
             Via::Tcp => {
                 let mut s = std::net::TcpStream::connect_timeout(&server, Duration::from_secs(3))?;
                 s.set_read_timeout(timeout)?;
-                let q = tests_query();
+                let q = example_query();
                 let mut msg = (q.len() as u16).to_be_bytes().to_vec();
                 msg.extend_from_slice(&q);
+                // Asked before anything can end the connection; only
+                // needed (and only an error) if a DNS reply came.
+                let peer = s.peer_addr();
                 s.write_all(&msg)?;
-                let mut len = [0u8; 2];
-                s.read_exact(&mut len).context("no reply")?;
-                let mut r = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                s.read_exact(&mut r)?;
-                (r, s.peer_addr()?)
+                // Read until the peer is done, however it ends the
+                // connection: a listener that is no DNS server (the
+                // outbound proxy) closes with the query unread, and
+                // whether the reader then sees EOF or ECONNRESET is a
+                // race between its reads and the RST. What it sent is not.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    if got.len() >= 2 && got.len() >= 2 + usize::from(u16::from_be_bytes([got[0], got[1]])) {
+                        break;
+                    }
+                }
+                let want = if got.len() >= 2 { 2 + usize::from(u16::from_be_bytes([got[0], got[1]])) } else { 2 };
+                anyhow::ensure!(
+                    got.len() >= want,
+                    "no DNS reply over TCP; the peer sent {:?}",
+                    String::from_utf8_lossy(&got).trim()
+                );
+                (got[2..want].to_vec(), peer?)
             }
         };
         anyhow::ensure!(bytes.len() >= 16 && bytes[6..8] == [0, 1], "no answer in {bytes:?}");
@@ -174,8 +195,33 @@ pub fn query(netns: &Path, uid: u32, server: SocketAddr, via: Via) -> Result<Rep
     })?
 }
 
+/// istio-iptables' outbound rules with DNS capture (`--redirect-dns`,
+/// REDIRECT mode, no inbound capture) for proxy UID/GID `proxy` and one
+/// nameserver, as one shell line: the nat lines of its `dns-uid-gid`
+/// golden (the owner RETURNs, `ISTIO_OUTPUT_DNS` for TCP and UDP), then
+/// its localhost RETURN and the outbound REDIRECT to 15001.
+pub fn istio_dns_rules(nameserver: &str, proxy: u32) -> String {
+    [
+        "-N ISTIO_OUTPUT".to_string(),
+        "-N ISTIO_OUTPUT_DNS".into(),
+        "-A OUTPUT -j ISTIO_OUTPUT".into(),
+        "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN".into(),
+        format!("-A ISTIO_OUTPUT -m owner --uid-owner {proxy} -j RETURN"),
+        format!("-A ISTIO_OUTPUT -m owner --gid-owner {proxy} -j RETURN"),
+        "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS".into(),
+        format!("-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d {nameserver}/32 -j REDIRECT --to-ports 15053"),
+        format!("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d {nameserver}/32 -j REDIRECT --to-port 15053"),
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN".into(),
+        "-A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001".into(),
+    ]
+    .iter()
+    .map(|r| format!("iptables -t nat {r}"))
+    .collect::<Vec<_>>()
+    .join(" && ")
+}
+
 /// `example.test A`, recursion desired.
-fn tests_query() -> Vec<u8> {
+pub fn example_query() -> Vec<u8> {
     let mut q = vec![0x51, 0x7e, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in ["example", "test"] {
         q.push(label.len() as u8);

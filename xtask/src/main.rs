@@ -39,9 +39,10 @@ enum Task {
         /// A smoke run (two rule-set sizes, short rounds; under 2 minutes).
         #[arg(long)]
         quick: bool,
-        /// Only the control plane's change-to-in-force scenario:
-        /// target/bench/changes.{json,md}.
-        #[arg(long, value_parser = ["changes"])]
+        /// Only one scenario: `changes`, the control plane's change to in
+        /// force (target/bench/changes.{json,md}); `dns`, DNS capture's
+        /// queries per second (target/bench/dns.{json,md}).
+        #[arg(long, value_parser = ["changes", "dns"])]
         only: Option<String>,
     },
     /// The kernel tests inside qemu VMs on Debian's cloud kernels

@@ -26,9 +26,11 @@ enum Cmd {
         /// Two sizes, short rounds: a smoke check (under 2 minutes).
         #[arg(long)]
         quick: bool,
-        /// Only the control plane's change-to-in-force scenario (at the
-        /// plan's scales): changes.json and changes.md in OUT.
-        #[arg(long, value_parser = ["changes"])]
+        /// Only one scenario: `changes`, the control plane's change to in
+        /// force (at the plan's scales: changes.json and changes.md in
+        /// OUT); `dns`, DNS capture's queries per second (dns.json and
+        /// dns.md).
+        #[arg(long, value_parser = ["changes", "dns"])]
         only: Option<String>,
         #[arg(long, default_value = "target/bench")]
         out: PathBuf,
@@ -58,6 +60,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Demo => demo::run(),
         Cmd::Bench { quick, only: None, out } => bench::run(quick, &out),
+        Cmd::Bench { quick, only: Some(o), out } if o == "dns" => bench::run_dns(quick, &out),
         Cmd::Bench { quick, only: Some(_), out } => bench::run_changes(quick, &out),
         Cmd::BenchSync { workloads, cgroup } => bench::sync_child(workloads, &cgroup),
     }

@@ -14,7 +14,8 @@
 //! Scenarios: new connections as the excluded CIDRs and ports grow, idle
 //! and pinned to one CPU ([`newconn`]); the control plane: change-to-in-force latency, full sync
 //! of many workloads and its memory ([`control`]); established traffic
-//! app ↔ proxy ([`established`]); and each eBPF program's cost per run
+//! app ↔ proxy ([`established`]); DNS capture's UDP queries per second
+//! ([`dns`]); and each eBPF program's cost per run
 //! ([`bpfstats`]). Each setup has its own namespaces with the same servers;
 //! clients are single-threaded and bounded in time. Only loopback, veth and
 //! documentation addresses inside our own namespaces are used.
@@ -27,6 +28,7 @@ use anyhow::{bail, Context as _, Result};
 
 mod bpfstats;
 mod control;
+mod dns;
 mod established;
 mod newconn;
 mod plot;
@@ -168,6 +170,36 @@ pub fn run_changes(quick: bool, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Only DNS capture's queries per second: dns.json and dns.md in `out`.
+pub fn run_dns(quick: bool, out: &Path) -> Result<()> {
+    on_signals();
+    let plan = Plan::new(quick);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let load_before = sys::loadavg();
+    let cgroup = BenchCgroup::new("redirector-bench-")?;
+    let clean = BenchCgroup::new("redirector-bench-clean-")?;
+    let rates = dns::run(&plan, Cgroups { attach: &cgroup.path, clean: &clean.path })?;
+    let json = out.join("dns.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&rates)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = out.join("dns.md");
+    let text = format!(
+        "# DNS capture (`redirector-lab bench --only dns`{})\n\nkernel {}, {} cores, {} alternating rounds of {} s per setup, \
+         load average {:.2} before, {:.2} after.\n{}",
+        if quick { " --quick" } else { "" },
+        redirector::sys::features::kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        plan.rounds,
+        plan.secs,
+        load_before,
+        sys::loadavg(),
+        dns::section(&rates)
+    );
+    std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
+    eprintln!("bench: wrote {} and {}", json.display(), md.display());
+    Ok(())
+}
+
 pub fn run(quick: bool, out: &Path) -> Result<()> {
     on_signals();
     let plan = Plan::new(quick);
@@ -197,6 +229,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         scenarios.extend(newconn::run_size(&plan, excl, &[Direction::Outbound], cgroups, &cpus)?);
     }
     let established = established::run(&plan, cgroups)?;
+    let dns = dns::run(&plan, cgroups)?;
     let change = control::change_to_in_force(plan.changes, &plan.change_scale, plan.scale_changes, cgroups)?;
     drop(clean);
     drop(cgroup);
@@ -217,6 +250,7 @@ pub fn run(quick: bool, out: &Path) -> Result<()> {
         targets: report::targets(&scenarios, &established, &control_plane),
         scenarios,
         established,
+        dns,
         control_plane,
     };
     let plots = plot::write_all(&report, out)?;

@@ -317,6 +317,7 @@ mod tests {
             seconds_per_round: 0.05,
             pinned_cpu: 1,
             inherited_programs: Vec::new(),
+            dns: Vec::new(),
             scenarios: vec![
                 scenario(Direction::Outbound, 0, 0),
                 scenario(Direction::Inbound, 0, 0),

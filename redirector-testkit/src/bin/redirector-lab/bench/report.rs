@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::{
     bpfstats::ProgCost,
     control::{sync_row, AgentScale, ChangeLatency, Sync},
+    dns::{section as dns_section, DnsRates},
     established::{established_row, Established, Pattern},
     newconn::{cost_row, newconn_row, stats_row, Direction, Scenario},
     stats::{mib, ms},
@@ -41,6 +42,8 @@ pub struct Report {
     pub inherited_programs: Vec<String>,
     pub scenarios: Vec<Scenario>,
     pub established: Vec<Established>,
+    /// DNS capture: UDP queries per second.
+    pub dns: Vec<DnsRates>,
     pub control_plane: ControlPlane,
     /// The goals (not assertions), each with what this run measured.
     pub targets: Vec<Target>,
@@ -294,6 +297,9 @@ impl Report {
             let _ = writeln!(o, "{}", established_row(e));
         }
         o.push_str(&self.bpf_table());
+        if !self.dns.is_empty() {
+            o.push_str(&dns_section(&self.dns));
+        }
         o.push_str(&change_section(&self.control_plane.change));
         let rss: Vec<String> = self
             .scenarios
