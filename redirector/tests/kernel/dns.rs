@@ -34,20 +34,6 @@ workloads:
     netns: {netns}
 "#;
 
-/// istio-iptables' outbound rules with DNS capture for proxy UID/GID 1337
-/// and nameserver 198.51.100.53 (the golden's nat lines, REDIRECT mode,
-/// without inbound capture).
-const ISTIO_DNS_RULES: &str = "iptables -t nat -N ISTIO_OUTPUT && iptables -t nat -N ISTIO_OUTPUT_DNS && \
-     iptables -t nat -A OUTPUT -j ISTIO_OUTPUT && \
-     iptables -t nat -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN && \
-     iptables -t nat -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN && \
-     iptables -t nat -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN && \
-     iptables -t nat -A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS && \
-     iptables -t nat -A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 198.51.100.53/32 -j REDIRECT --to-ports 15053 && \
-     iptables -t nat -A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 198.51.100.53/32 -j REDIRECT --to-port 15053 && \
-     iptables -t nat -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN && \
-     iptables -t nat -A ISTIO_OUTPUT -p tcp -j REDIRECT --to-ports 15001";
-
 /// The DNS servers of a workload: the stand-in on the proxy's port, the
 /// real ones on the peer's side; and its resolv.conf.
 fn dns_servers(topo: &Topology) -> Vec<Server> {
@@ -141,7 +127,7 @@ fn dns_capture_answers_as_istio_iptables_does() {
     let ipt = Topology::new("di").unwrap();
     let _ipt_resolv = ResolvConf(resolv_dir(&ipt));
     let _ipt_servers = dns_servers(&ipt);
-    ipt.app.shell(ISTIO_DNS_RULES).expect("istio-iptables' DNS rules");
+    ipt.app.shell(&redirector_testkit::dns::istio_dns_rules(NAMESERVER, 1337)).expect("istio-iptables' DNS rules");
     let topo = Topology::new("db").unwrap();
     let _resolv = ResolvConf(resolv_dir(&topo));
     let bpf = Managed::start_full(topo, CONFIG, dns_servers, false);
@@ -168,10 +154,11 @@ fn dns_capture_answers_as_istio_iptables_does() {
             "captured, shown from the nameserver"
         );
         // Not in resolv.conf: UDP direct, TCP to the outbound listener as
-        // any other TCP (whose answer is no DNS message).
+        // any other TCP (the stand-in answers "proxy <original dst>").
         let other = format!("app {via} to {OTHER_SERVER}:53: ");
         if via == "Tcp" {
-            assert!(line(&other).contains("error"), "{}", line(&other));
+            let to_outbound = format!("no DNS reply over TCP; the peer sent \"proxy {OTHER_SERVER}:53");
+            assert!(line(&other).contains(&to_outbound), "{}", line(&other));
         } else {
             assert_eq!(*line(&other), format!("{other}A {FROM_REAL} from {OTHER_SERVER}:53"), "not listed: direct");
         }
@@ -194,8 +181,9 @@ fn dns_capture_answers_as_istio_iptables_does() {
     // and detached once none does: with the option off nothing of it is
     // attached, and the application's queries go to the nameserver.
     let links = |names: &[&str]| names.iter().filter(|n| bpf.pins.path.join("links").join(n).exists()).count();
-    let dns_links = ["rdr_sendmsg4", "rdr_sendmsg6", "rdr_recvmsg4", "rdr_recvmsg6"];
-    assert_eq!(links(&dns_links), 4);
+    let dns_links =
+        ["rdr_dns_connect4", "rdr_dns_connect6", "rdr_sendmsg4", "rdr_sendmsg6", "rdr_recvmsg4", "rdr_recvmsg6"];
+    assert_eq!(links(&dns_links), 6);
     bpf.write_config(&CONFIG.replace("  dnsCapture: true\n", ""));
     let gone = super::poll_until(|| links(&dns_links), |n| *n == 0);
     assert_eq!(gone, 0, "DNS links still pinned with DNS capture off:\n{}", bpf.agent.log_text());
@@ -206,4 +194,57 @@ fn dns_capture_answers_as_istio_iptables_does() {
     );
     assert_eq!(got, Some(FROM_REAL), "DNS capture off: the nameserver answers");
     assert_eq!(links(&["rdr_connect4", "rdr_sockops"]), 2, "the rest stays attached");
+}
+
+/// IPv6 nameservers, and IPv4 ones asked from an AF_INET6 socket
+/// (IPv4-mapped): captured as their own family (the IPv4-mapped one as the
+/// IPv4 address it carries, to `::ffff:127.0.0.1`), the reply shown from
+/// the address asked; the proxy's own queries go out.
+#[test]
+fn dns_capture_ipv6_and_v4_mapped() {
+    if !require_kernel() {
+        return;
+    }
+    const NAMESERVER6: &str = "2001:db8:53::53";
+    let topo = Topology::new("d6").unwrap();
+    let (link, plink) = (topo.app_link.clone(), topo.peer_link.clone());
+    topo.app.exec(&["ip", "addr", "add", "2001:db8::1/64", "dev", link.trim(), "nodad"]).unwrap();
+    topo.app.exec(&["ip", "-6", "route", "add", "default", "via", "2001:db8::2"]).unwrap();
+    topo.peer.exec(&["ip", "addr", "add", "2001:db8::2/64", "dev", plink.trim(), "nodad"]).unwrap();
+    topo.peer.exec(&["ip", "addr", "add", &format!("{NAMESERVER6}/128"), "dev", "lo"]).unwrap();
+    let _resolv = ResolvConf(resolv_dir(&topo));
+    let m = Managed::start_full(
+        topo,
+        CONFIG,
+        |t| {
+            let mut servers = dns_servers(t);
+            let (u, tcp) = Server::dns(&t.app.path(), "[::1]:15053".parse().unwrap(), FROM_PROXY).unwrap();
+            servers.extend([u, tcp]);
+            let (u, tcp) =
+                Server::dns(&t.peer.path(), format!("[{NAMESERVER6}]:53").parse().unwrap(), FROM_REAL).unwrap();
+            servers.extend([u, tcp]);
+            std::fs::write(
+                resolv_dir(t).join("resolv.conf"),
+                format!("nameserver {NAMESERVER}\nnameserver {NAMESERVER6}\n"),
+            )
+            .unwrap();
+            servers
+        },
+        false,
+    );
+    let ns = m.topo.app.path();
+    let ask = |uid: u32, to: &str, via: Via| {
+        let to: SocketAddr = to.parse().unwrap();
+        query(&ns, uid, to, via).map_or_else(|e| format!("error: {e:#}"), |r| r.to_string())
+    };
+    let v6 = format!("[{NAMESERVER6}]:53");
+    let mapped = format!("[::ffff:{NAMESERVER}]:53");
+    for via in [Via::Udp, Via::UdpConnected, Via::Tcp] {
+        assert_eq!(ask(1000, &v6, via), format!("A {FROM_PROXY} from {v6}"), "{via:?}\n{}", m.agent.log_text());
+        assert_eq!(ask(1337, &v6, via), format!("A {FROM_REAL} from {v6}"), "the proxy's own, {via:?}");
+        assert_eq!(ask(1000, &mapped, via), format!("A {FROM_PROXY} from {mapped}"), "IPv4-mapped, {via:?}");
+    }
+    // An IPv6 address resolv.conf does not list is left alone.
+    let other6 = "[2001:db8:53::54]:53";
+    assert!(ask(1000, other6, Via::UdpConnected).starts_with("error"), "not listed: direct (nothing there)");
 }
